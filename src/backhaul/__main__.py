@@ -1,0 +1,5 @@
+import sys
+
+from backhaul.cli import main
+
+sys.exit(main())

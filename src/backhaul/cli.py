@@ -1,0 +1,83 @@
+"""The ``backhaul`` command: argparse front end. Each handler lives with the part it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from backhaul.errors import BackhaulError
+
+
+def _handler(path: str):
+    """Resolve ``module:function`` lazily so `backhaul admin` does not import uvloop and friends."""
+    module, _, name = path.partition(":")
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backhaul", description="Outbound-only private network connector and relay.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    service = commands.add_parser("service", help="the relay service").add_subparsers(dest="action", required=True)
+    p = service.add_parser("init", help="create the CA, service certificate, admin token and store")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--name", action="append", default=[], help="host name or IP the service is reached at (repeat)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("backhaul.control.init:service_init"))
+    p = service.add_parser("run", help="run the relay")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
+    p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
+
+    connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)
+    p = connector.add_parser("register", help="enroll this machine as a connector")
+    p.add_argument("--service", required=True, help="https://HOST:PORT of the relay")
+    p.add_argument("--token", required=True, help="enrollment token from `backhaul admin token create`")
+    p.add_argument("--ca-sha256", required=True, help="SHA-256 of the service CA certificate (from `service init`)")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--name", default=None)
+    p.set_defaults(func=_handler("backhaul.connector.enroll:register"))
+    p = connector.add_parser("run", help="run the connector")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--tunnels", type=int, default=4, help="tunnels per connector (default 4)")
+    p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
+    p = connector.add_parser("status", help="show this connector's state")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("backhaul.connector.service:connector_status"))
+
+    demo = commands.add_parser("demo", help="the whole system on loopback, one command")
+    demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    demo.set_defaults(func=_handler("backhaul.demo:demo"))
+
+    admin = commands.add_parser("admin", help="administer the relay service")
+    importlib.import_module("backhaul.admin.commands").add_parser(admin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``backhaul`` script."""
+    args = build_parser().parse_args(argv)
+    from backhaul.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except BackhaulError as exc:
+        print(f"backhaul: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

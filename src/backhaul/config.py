@@ -1,0 +1,56 @@
+"""Settings of every part, as frozen dataclasses passed in; defaults live here and only here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowControl:
+    """Windows and buffer limits of one tunnel; the flow-control defaults in one place.
+
+    A receiver never buffers more than ``stream_window`` bytes for one stream nor more
+    than ``tunnel_window`` bytes for all streams of one tunnel; a sender never has more
+    than that in flight. ``stream_window`` is large enough that one stream is not held
+    back by the multiplexer on a fast path (it must cover bandwidth x event-loop delay).
+    """
+
+    stream_window: int = 4 * 1024 * 1024
+    tunnel_window: int = 64 * 1024 * 1024
+    #: Credit is returned once this fraction of a window has been consumed, so WINDOW
+    #: frames are batched instead of one per DATA frame.
+    window_update_ratio: float = 0.25
+    #: Largest DATA payload this side sends; at most constants.MAX_PAYLOAD.
+    max_frame_payload: int = 256 * 1024
+    #: Streams one tunnel may hold open at once; OPENs beyond get REFUSED_STREAM.
+    max_streams: int = 32768
+    #: Socket read size for user and target sockets (BufferedProtocol buffer).
+    read_size: int = 256 * 1024
+    #: Transport write-buffer limits; above ``write_high`` the producer is paused.
+    write_high: int = 1024 * 1024
+    write_low: int = 256 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Keepalive:
+    """Dead-peer detection on a tunnel."""
+
+    #: A PING is sent after this many seconds without receiving anything.
+    interval: float = 10.0
+    #: The tunnel is dead when nothing at all arrives for this long after a PING.
+    timeout: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Reconnect schedule of a connector: exponential with full jitter, forever."""
+
+    initial: float = 0.2
+    maximum: float = 30.0
+    factor: float = 2.0
+
+
+def default_workers() -> int:
+    """One worker process per core."""
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,27 @@
+"""Exceptions with a reason a person can act on."""
+
+from __future__ import annotations
+
+
+class BackhaulError(Exception):
+    """Base of every error backhaul reports to a user; the message says what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(BackhaulError):
+    """A setting, file or argument is wrong or missing."""
+
+    exit_code = 2
+
+
+class EnrollmentError(BackhaulError):
+    """Registration of a connector was refused."""
+
+
+class ServiceError(BackhaulError):
+    """The relay service refused or failed a request."""
+
+
+class CertificateError(BackhaulError):
+    """A certificate is missing, expired, revoked or does not match the pinned CA."""

@@ -1,0 +1,1 @@
+"""The tunnel protocol: constants, frame codec, multiplexer. No I/O here."""

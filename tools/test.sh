@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite twice: with the Cython extension (which must be
+# there) and with the pure-Python twin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/bootstrap.sh
+echo "== test suite, Cython codec"
+BACKHAUL_REQUIRE_EXT=1 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+echo "== test suite, pure-Python codec"
+BACKHAUL_PURE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -m "not bench_only" "$@"
