@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Compare backhaul's full path with reference relays, side by side, in one run; print one table.
+
+Paths: direct to the backend, haproxy (mode tcp), OpenSSH ``ssh -R`` (aes128-gcm,
+TCP_NODELAY), and backhaul (user -> relay app port -> TLS tunnel -> connector -> backend).
+Small requests: ``wrk -t1 -c64 -dNs --latency`` against nginx serving a 100-byte body with
+keep-alive. Bulk: ``iperf3 -c 127.0.0.1 -t N -P 1`` and ``-P 8``. Measurements of the
+different paths are interleaved and repeated; the median of the repeats is reported.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402  (bench/ is not a package; the line above makes it importable)
+from peers import BenchError, Route  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PATH_KEYS = ("direct", "haproxy", "ssh", "backhaul")
+PROGRAMS = ("nginx", "haproxy", "iperf3", "wrk", "ssh", "sshd", "ssh-keygen")
+
+#: The targets of BASELINES.md for backhaul's full path.
+TARGET_RPS = 30_000
+TARGET_P99_MS = 5.0
+#: "aiming at OpenSSH -R with TCP_NODELAY (~0.85x a single haproxy hop)".
+AIM_HAPROXY_RATIO = 0.85
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of each wrk run (default 5)")
+    parser.add_argument(
+        "--iperf-duration", type=float, default=None, help="seconds of each iperf3 run (default: --duration)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median is shown")
+    parser.add_argument(
+        "--only",
+        default=",".join(PATH_KEYS),
+        help=f"comma-separated paths to measure, of {','.join(PATH_KEYS)} (default: all)",
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write every result to this JSON file")
+    parser.add_argument(
+        "--backhaul", default=str(REPO / ".venv" / "bin" / "backhaul"), help="the backhaul command to drive"
+    )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="relay and connector worker counts to measure, comma-separated; 1 is always included "
+        "(so --workers 2 reports both 1 and 2)",
+    )
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
+    args = parser.parse_args(argv)
+    if args.iperf_duration is None:
+        args.iperf_duration = args.duration
+    if args.duration < 1 or args.iperf_duration < 1:
+        parser.error("--duration and --iperf-duration must be at least 1 second")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(only) - set(PATH_KEYS))
+    if unknown or not only:
+        parser.error(f"--only takes a comma-separated list of {', '.join(PATH_KEYS)}; got {args.only!r}")
+    args.only = [k for k in PATH_KEYS if k in only]
+    try:
+        workers = {int(w) for w in args.workers.split(",") if w.strip()}
+    except ValueError:
+        parser.error(f"--workers takes comma-separated positive integers; got {args.workers!r}")
+    if any(w < 1 for w in workers):
+        parser.error("--workers values must be at least 1")
+    args.workers = sorted(workers | {1})
+    return args
+
+
+def ensure_programs() -> None:
+    """Install the benchmark's programs with tools/bench-deps.sh when any is missing."""
+    missing = [p for p in PROGRAMS if peers.find_program(p) is None]
+    if not missing:
+        return
+    print(f"missing {', '.join(missing)}: running tools/bench-deps.sh", file=sys.stderr)
+    subprocess.run(["bash", str(REPO / "tools" / "bench-deps.sh")], check=True)
+    still = [p for p in PROGRAMS if peers.find_program(p) is None]
+    if still:
+        raise BenchError(f"tools/bench-deps.sh ran but {', '.join(still)} still cannot be found")
+
+
+def _to_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not match:
+        raise BenchError(f"cannot read wrk latency {text!r}")
+    return float(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> dict:
+    """req/s, p50/p99 in ms, request and error counts from ``wrk --latency`` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    requests = re.search(r"^\s*(\d+) requests in", output, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    if not (rps and requests and p50 and p99):
+        raise BenchError(f"cannot read wrk output:\n{output}")
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if sock:
+        errors += sum(int(g) for g in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": _to_ms(p50.group(1)),
+        "p99_ms": _to_ms(p99.group(1)),
+        "requests": int(requests.group(1)),
+        "errors": errors,
+    }
+
+
+def run_wrk(port: int, duration: float, connections: int) -> dict:
+    """One ``wrk -t1 -cC -dNs --latency`` run against nginx through ``port``."""
+    argv = [
+        peers.find_program("wrk"),
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        f"http://127.0.0.1:{port}/",
+    ]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk through port {port} did not finish") from exc
+    if done.returncode != 0:
+        raise BenchError(f"wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
+    result = parse_wrk(done.stdout)
+    if result["requests"] == 0:
+        raise BenchError("wrk completed no request")
+    return result
+
+
+def run_iperf(port: int, duration: float, parallel: int, backend: peers.Backend) -> dict:
+    """One ``iperf3 -c -t N -P n -J`` run through ``port``; Gbit/s received by the server."""
+    argv = [
+        peers.find_program("iperf3"),
+        "-c", "127.0.0.1",
+        "-p", str(port),
+        "-t", f"{duration:g}",
+        "-P", str(parallel),
+        "--connect-timeout", "5000",
+        "-J",
+    ]
+    try:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"iperf3 through port {port} did not finish") from exc
+        try:
+            report = json.loads(done.stdout)
+        except ValueError as exc:
+            raise BenchError(f"iperf3 printed no JSON (status {done.returncode}): {done.stderr.strip()}") from exc
+        if "error" in report or done.returncode != 0:
+            raise BenchError(f"iperf3: {report.get('error', f'exit status {done.returncode}')}")
+        return {"gbps": report["end"]["sum_received"]["bits_per_second"] / 1e9}
+    except BenchError:
+        # A test that broke half-way can leave the single-test iperf3 server stuck; give
+        # the remaining measurements a fresh one on the same port.
+        backend.start_iperf()
+        raise
+
+
+def warm_up(route: Route, backend: peers.Backend) -> None:
+    """One small iperf3 transfer through the path, retried until the bulk port works too."""
+    deadline = time.monotonic() + peers.READY_TIMEOUT
+
+    def transfer() -> None:
+        argv = [peers.find_program("iperf3"), "-c", "127.0.0.1", "-p", str(route.iperf_port), "-n", "4M", "-J"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        if done.returncode != 0:
+            backend.start_iperf()
+            raise BenchError(f"iperf3 warm-up through {route.key}: {done.stdout.strip()[-300:]}")
+
+    peers.wait_until(f"{route.key} bulk port", transfer, deadline, list(route.roles.values()))
+
+
+def start_routes(procs: peers.Processes, backend: peers.Backend, args) -> tuple[list[Route], dict[str, str]]:
+    """Start every selected path; a path that fails to start is reported, not fatal."""
+    routes, failed = [], {}
+    starters = []
+    for key in args.only:
+        if key == "direct":
+            starters.append(("direct", backend.direct))
+        elif key == "haproxy":
+            starters.append(("haproxy", lambda: peers.start_haproxy(procs, backend)))
+        elif key == "ssh":
+            starters.append(("ssh", lambda: peers.start_ssh_tunnel(procs, backend)))
+        else:
+            for workers in args.workers:
+                starters.append(
+                    (f"backhaul-w{workers}", lambda w=workers: peers.start_backhaul(procs, backend, args.backhaul, w))
+                )
+    for key, start in starters:
+        try:
+            route = start()
+            warm_up(route, backend)
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            failed[key] = str(exc)
+            print(f"[{key}] could not be set up: {exc}", file=sys.stderr)
+            continue
+        routes.append(route)
+        print(f"[{key}] ready", file=sys.stderr)
+    return routes, failed
+
+
+def measure(routes: list[Route], backend: peers.Backend, args) -> dict[str, dict[str, list]]:
+    """All measurements, interleaved across paths, ``--repeat`` times. key -> test -> results."""
+    tests = [
+        ("wrk", lambda port: run_wrk(port, args.duration, args.connections)),
+        ("bulk1", lambda port: run_iperf(port, args.iperf_duration, 1, backend)),
+        ("bulk8", lambda port: run_iperf(port, args.iperf_duration, 8, backend)),
+    ]
+    results: dict[str, dict[str, list]] = {r.key: {t: [] for t, _ in tests} for r in routes}
+    for rep in range(args.repeat):
+        for test, run in tests:
+            # Rotate the order each repeat so no path always runs first (or right after another).
+            shift = rep % len(routes)
+            for route in routes[shift:] + routes[:shift]:
+                port = route.http_port if test == "wrk" else route.iperf_port
+                try:
+                    outcome = run(port)
+                except BenchError as exc:
+                    outcome = {"error": str(exc)}
+                    print(f"[{route.key}] {test} run {rep + 1} failed: {exc}", file=sys.stderr)
+                results[route.key][test].append(outcome)
+                print(f"[{route.key}] {test} run {rep + 1}: {_brief(outcome)}", file=sys.stderr)
+    return results
+
+
+def _brief(outcome: dict) -> str:
+    if "error" in outcome:
+        return "error"
+    if "rps" in outcome:
+        return f"{outcome['rps']:,.0f} req/s, p50 {outcome['p50_ms']:.2f} ms, p99 {outcome['p99_ms']:.2f} ms"
+    return f"{outcome['gbps']:.2f} Gbit/s"
+
+
+def summarize(results: dict[str, dict[str, list]]) -> dict[str, dict]:
+    """Median of the successful runs of each measurement; None where every run failed."""
+    summary = {}
+    for key, tests in results.items():
+        row: dict = {}
+        wrk_ok = [r for r in tests["wrk"] if "error" not in r]
+        for field in ("rps", "p50_ms", "p99_ms"):
+            row[field] = statistics.median(r[field] for r in wrk_ok) if wrk_ok else None
+        row["wrk_errors"] = sum(r["errors"] for r in wrk_ok)
+        for test in ("bulk1", "bulk8"):
+            ok = [r["gbps"] for r in tests[test] if "error" not in r]
+            row[test] = statistics.median(ok) if ok else None
+        row["failed_runs"] = sum(1 for runs in tests.values() for r in runs if "error" in r)
+        summary[key] = row
+    return summary
+
+
+def _one_line(reason: str) -> str:
+    """The first line of an error, and its last (a server log's last word) when they differ."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no reason given)"
+    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _ratio(value, base) -> str:
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}×"
+
+
+def render(routes: list[Route], summary: dict, rss: dict, failed: dict, args) -> str:
+    """The one table, ratios vs direct, memory, and the BASELINES target lines."""
+    lines = [
+        f"backhaul comparison on {platform.node()} ({len(os.sched_getaffinity(0))} cores), "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; median of {args.repeat} interleaved run(s)",
+        f"small requests: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency, nginx 100-byte body, "
+        f"keep-alive; bulk: iperf3 -t {args.iperf_duration:g} -P 1 / -P 8",
+        "",
+        "| path | req/s | p50 ms | p99 ms | bulk 1 stream Gbit/s | bulk 8 streams Gbit/s "
+        "| req/s vs direct | 1 stream vs direct | 8 streams vs direct |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    direct = summary.get("direct", {})
+    for route in routes:
+        row = summary[route.key]
+        notes = []
+        if row["wrk_errors"]:
+            notes.append(f"{row['wrk_errors']} wrk errors")
+        if row["failed_runs"]:
+            notes.append(f"{row['failed_runs']} failed runs")
+        label = route.label + (f" ({'; '.join(notes)})" if notes else "")
+        lines.append(
+            f"| {label} | {_fmt(row['rps'], ',.0f')} | {_fmt(row['p50_ms'], '.2f')} | {_fmt(row['p99_ms'], '.2f')} "
+            f"| {_fmt(row['bulk1'], '.2f')} | {_fmt(row['bulk8'], '.2f')} "
+            f"| {_ratio(row['rps'], direct.get('rps'))} | {_ratio(row['bulk1'], direct.get('bulk1'))} "
+            f"| {_ratio(row['bulk8'], direct.get('bulk8'))} |"
+        )
+    for key, reason in failed.items():
+        lines.append(f"| {key}: not measured — {_one_line(reason)} | — | — | — | — | — | — | — | — |")
+    lines += ["", "memory after the run (VmRSS of each process tree, from /proc):"]
+    for route in routes:
+        if rss.get(route.key):
+            parts = [
+                f"{role} {v['rss_kib'] / 1024:.1f} MiB ({v['processes']} process{'es' if v['processes'] != 1 else ''})"
+                for role, v in rss[route.key].items()
+            ]
+            lines.append(f"  {route.key}: " + ", ".join(parts))
+    lines += ["", "targets for backhaul's full path (shared/BASELINES.md), measured beside the peers above:"]
+    ssh = summary.get("ssh", {})
+    haproxy = summary.get("haproxy", {})
+    backhaul_keys = [r.key for r in routes if r.key.startswith("backhaul")]
+    if not backhaul_keys:
+        lines.append("  (backhaul's path was not measured)")
+    for key in backhaul_keys:
+        row = summary[key]
+        lines.append(f"  {key}:")
+        lines.append("    " + _verdict(
+            f"bulk, one stream >= ssh -R aes128-gcm: {_fmt(row['bulk1'], '.2f')} vs {_fmt(ssh.get('bulk1'), '.2f')} Gbit/s"
+            f" ({_ratio(row['bulk1'], ssh.get('bulk1'))})",
+            None if row["bulk1"] is None or ssh.get("bulk1") is None else row["bulk1"] >= ssh["bulk1"],
+        ))
+        lines.append("    " + _verdict(
+            f"small requests >= {TARGET_RPS:,} req/s (v2ray reverse): {_fmt(row['rps'], ',.0f')} req/s",
+            None if row["rps"] is None else row["rps"] >= TARGET_RPS,
+        ))
+        lines.append("    " + _verdict(
+            f"aim: ssh -R with TCP_NODELAY, {_fmt(ssh.get('rps'), ',.0f')} req/s here "
+            f"({_ratio(row['rps'], ssh.get('rps'))}); {AIM_HAPROXY_RATIO}× haproxy = "
+            f"{_fmt(haproxy['rps'] * AIM_HAPROXY_RATIO if haproxy.get('rps') else None, ',.0f')} req/s",
+            None if row["rps"] is None or ssh.get("rps") is None else row["rps"] >= ssh["rps"],
+            labels=("reached", "not yet"),
+        ))
+        lines.append("    " + _verdict(
+            f"p99 at {args.connections} connections < {TARGET_P99_MS:g} ms: {_fmt(row['p99_ms'], '.2f')} ms",
+            None if row["p99_ms"] is None else row["p99_ms"] < TARGET_P99_MS,
+        ))
+    return "\n".join(lines)
+
+
+def _verdict(text: str, ok: bool | None, labels: tuple[str, str] = ("PASS", "FAIL")) -> str:
+    mark = "n/a" if ok is None else labels[0] if ok else labels[1]
+    return f"[{mark}] {text}"
+
+
+def _raise_system_exit(signum, _frame) -> None:
+    # Turn SIGTERM/SIGHUP into an exception so the finally clause stops every server.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; 0 when every selected path was measured without a failed run."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    signal.signal(signal.SIGHUP, _raise_system_exit)
+    ensure_programs()
+    workdir = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
+    procs = peers.Processes(workdir)
+    atexit.register(procs.stop_all)
+    ok = False
+    try:
+        backend = peers.Backend(procs, args.nginx_workers)
+        backend.start()
+        routes, failed = start_routes(procs, backend, args)
+        if not routes:
+            raise BenchError("no path could be set up: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in failed.items()))
+        started = time.time()
+        results = measure(routes, backend, args)
+        rss = {route.key: route.rss() for route in routes if route.roles}
+        summary = summarize(results)
+        print(render(routes, summary, rss, failed, args))
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "started": started,
+                        "host": platform.node(),
+                        "cores": len(os.sched_getaffinity(0)),
+                        "settings": {
+                            "duration": args.duration,
+                            "iperf_duration": args.iperf_duration,
+                            "repeat": args.repeat,
+                            "connections": args.connections,
+                            "nginx_workers": args.nginx_workers,
+                            "workers": args.workers,
+                            "backhaul": args.backhaul,
+                        },
+                        "paths": {r.key: r.label for r in routes},
+                        "median": summary,
+                        "runs": results,
+                        "rss": rss,
+                        "not_measured": failed,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        problems = list(failed) + [k for k, row in summary.items() if row["failed_runs"]]
+        if problems:
+            print(f"compare: not every path was measured cleanly ({', '.join(problems)}); "
+                  f"see the messages above and the logs in {workdir}", file=sys.stderr)
+            return 1
+        ok = True
+        return 0
+    except BenchError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        print(f"compare: logs kept in {workdir}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

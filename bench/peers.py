@@ -1,0 +1,571 @@
+"""The servers bench/compare.py measures through: a backend (nginx + iperf3) and the paths to it.
+
+Every server listens on 127.0.0.1 only, on a port found free by binding port 0, runs in a
+temporary directory, lives in its own process group, and is stopped by ``Processes.stop_all``.
+Readiness is always checked by connecting (TCP, HTTP or the SSH banner), never by sleeping
+a fixed time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+#: The response body nginx serves for the request/response test.
+BODY = b"x" * 99 + b"\n"
+#: How long a server may take to become ready before the benchmark gives up on it.
+READY_TIMEOUT = 30.0
+#: Extra places to look for daemons (sshd lives in /usr/sbin, not on a user's PATH).
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+class BenchError(Exception):
+    """A server could not be started or a measurement could not be taken; the message says why."""
+
+
+def find_program(name: str) -> str | None:
+    """Absolute path of a program on PATH or in an sbin directory, or None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in SBIN_DIRS:
+        candidate = Path(directory, name)
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask for SIGKILL if the benchmark itself is killed -9."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _children_map() -> dict[int, list[int]]:
+    """Parent pid -> child pids, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; fields follow the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its living descendants."""
+    children = _children_map()
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of one process in KiB (VmRSS), 0 if it is gone."""
+    try:
+        for line in Path("/proc", str(pid), "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclasses.dataclass
+class Managed:
+    """One started server: its process (leader of its own process group) and its log."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's output, for error messages."""
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:]) or "(empty log)"
+
+    def check_alive(self) -> None:
+        """Raise BenchError (with its log) if the server has exited."""
+        code = self.proc.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited with status {code}; its log ends:\n{self.log_tail()}")
+
+    def rss(self) -> dict:
+        """Total RSS of the server's process tree and how many processes it has."""
+        pids = process_tree(self.proc.pid) if self.proc.poll() is None else []
+        return {"rss_kib": sum(rss_kib(p) for p in pids), "processes": len(pids)}
+
+
+class Processes:
+    """Owns every server the benchmark starts and stops them all, newest first."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Managed] = []
+
+    def start(self, name: str, argv: list[str], *, cwd: Path | None = None, stdin_pipe: bool = False) -> Managed:
+        """Start ``argv`` in a new session (so its own process group), output to a log file."""
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd or self.workdir,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        managed = Managed(name, proc, log)
+        self.started.append(managed)
+        return managed
+
+    def stop(self, managed: Managed, timeout: float = 5.0) -> None:
+        """SIGTERM the server's process group and any descendant that left it, then SIGKILL."""
+        proc = managed.proc
+        if proc.poll() is None:
+            tree = process_tree(proc.pid)
+            self._signal(proc.pid, tree, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            stragglers = [p for p in tree if Path("/proc", str(p)).exists()]
+            self._signal(proc.pid, stragglers, signal.SIGKILL)
+            proc.wait(timeout)
+        else:
+            # The leader is gone but children (nginx workers, sshd sessions) may remain.
+            self._signal(proc.pid, [], signal.SIGKILL)
+        if proc.stdin:
+            proc.stdin.close()
+        if managed in self.started:
+            self.started.remove(managed)
+
+    @staticmethod
+    def _signal(pgid: int, pids: list[int], sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        # Some servers move children into sessions of their own (sshd does); reach them by pid.
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop_all(self) -> None:
+        """Stop every server still running, newest first; never raises for one that is gone."""
+        errors = []
+        for managed in reversed(list(self.started)):
+            try:
+                self.stop(managed)
+            except Exception as exc:  # keep stopping the others, then report
+                errors.append(f"{managed.name}: {exc}")
+        if errors:
+            raise BenchError("could not stop: " + "; ".join(errors))
+
+
+def wait_until(what: str, probe, deadline: float, watched: list[Managed]) -> object:
+    """Call ``probe`` until it returns without raising OSError/BenchError, or fail at ``deadline``."""
+    last: Exception | None = None
+    delay = 0.01
+    while True:
+        for managed in watched:
+            managed.check_alive()
+        try:
+            return probe()
+        except (OSError, BenchError, http.client.HTTPException) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {m.name} log:\n{m.log_tail()}" for m in watched)
+            raise BenchError(f"{what} not ready after {READY_TIMEOUT:.0f} s (last error: {last})\n{logs}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def probe_tcp(port: int) -> None:
+    """Connect to 127.0.0.1:port and close."""
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def probe_http(port: int) -> None:
+    """One GET / through 127.0.0.1:port; raise BenchError unless it returns the benchmark body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200 or body != BODY:
+        raise BenchError(f"GET / on port {port} answered {response.status} with {len(body)} bytes")
+
+
+def probe_ssh_banner(port: int) -> None:
+    """Connect to an SSH server and read its version banner."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        if not sock.recv(64).startswith(b"SSH-"):
+            raise BenchError(f"port {port} does not speak SSH")
+
+
+@dataclasses.dataclass
+class Route:
+    """A way to reach the backend: ports for HTTP (nginx) and bulk (iperf3), and its processes."""
+
+    key: str
+    label: str
+    http_port: int
+    iperf_port: int
+    #: Role name ("relay", "connector", "haproxy", ...) -> the process whose tree is measured.
+    roles: dict[str, Managed] = dataclasses.field(default_factory=dict)
+
+    def rss(self) -> dict:
+        """RSS of each role's process tree, read from /proc now."""
+        return {role: managed.rss() for role, managed in self.roles.items()}
+
+
+class Backend:
+    """nginx serving the 100-byte body, and a persistent iperf3 server."""
+
+    def __init__(self, procs: Processes, nginx_workers: str) -> None:
+        self.procs = procs
+        self.nginx_workers = nginx_workers
+        self.nginx_port = free_port()
+        self.iperf_port = free_port()
+        self.iperf: Managed | None = None
+
+    def start(self) -> None:
+        """Start nginx and iperf3 and wait until both accept connections."""
+        nginx = self._start_nginx()
+        self.start_iperf()
+        deadline = time.monotonic() + READY_TIMEOUT
+        wait_until("nginx", lambda: probe_http(self.nginx_port), deadline, [nginx])
+
+    def _start_nginx(self) -> Managed:
+        root = self.procs.workdir / "nginx"
+        root.mkdir()
+        # When started as root nginx drops its workers to "nobody", who cannot enter the
+        # private temp dir; keep them as the current user instead.
+        user = f"user {_user_name()};" if os.geteuid() == 0 else ""
+        body = BODY.decode().replace("\n", "\\n")
+        conf = root / "nginx.conf"
+        conf.write_text(
+            f"""daemon off;
+master_process on;
+worker_processes {self.nginx_workers};
+{user}
+pid {root}/nginx.pid;
+error_log {root}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    server {{
+        listen 127.0.0.1:{self.nginx_port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}
+    }}
+}}
+"""
+        )
+        nginx = find_program("nginx")
+        return self.procs.start("nginx", [nginx, "-p", f"{root}/", "-c", str(conf), "-e", f"{root}/error.log"])
+
+    def start_iperf(self) -> None:
+        """(Re)start the iperf3 server on its port and wait until it listens."""
+        if self.iperf is not None:
+            self.procs.stop(self.iperf)
+        self.iperf = self.procs.start(
+            "iperf3-server", [find_program("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)]
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        # A bare connect makes the server log one aborted test and carry on listening.
+        wait_until("iperf3 server", lambda: probe_tcp(self.iperf_port), deadline, [self.iperf])
+
+    def direct(self) -> Route:
+        """The path straight to the backend."""
+        return Route("direct", "direct to the backend", self.nginx_port, self.iperf_port)
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def start_haproxy(procs: Processes, backend: Backend) -> Route:
+    """haproxy in TCP mode, one thread, one frontend per backend port."""
+    root = procs.workdir / "haproxy"
+    root.mkdir()
+    http_port, iperf_port = free_port(), free_port()
+    conf = root / "haproxy.cfg"
+    conf.write_text(
+        f"""global
+    nbthread 1
+    # Low enough for any file-descriptor limit; the benchmark opens fewer than 100 connections.
+    maxconn 2000
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+
+frontend http_in
+    bind 127.0.0.1:{http_port}
+    default_backend http_out
+backend http_out
+    server nginx 127.0.0.1:{backend.nginx_port}
+
+frontend iperf_in
+    bind 127.0.0.1:{iperf_port}
+    default_backend iperf_out
+backend iperf_out
+    server iperf3 127.0.0.1:{backend.iperf_port}
+"""
+    )
+    haproxy = procs.start("haproxy", [find_program("haproxy"), "-db", "-f", str(conf)], cwd=root)
+    deadline = time.monotonic() + READY_TIMEOUT
+    wait_until("haproxy", lambda: probe_http(http_port), deadline, [haproxy])
+    return Route("haproxy", "haproxy, mode tcp (one hop, no TLS)", http_port, iperf_port, {"haproxy": haproxy})
+
+
+def start_ssh_tunnel(procs: Processes, backend: Backend) -> Route:
+    """An sshd of our own on loopback and an ``ssh -R`` client forwarding both backend ports.
+
+    The user side is sshd's forwarded listener (the "relay"); the ssh client is the
+    "connector". ``-tt`` with a remote command allocates a tty, which makes both ends set
+    TCP_NODELAY on the SSH connection (without it the tunnel stalls on Nagle).
+    """
+    root = procs.workdir / "ssh"
+    root.mkdir(mode=0o700)
+    keygen = find_program("ssh-keygen")
+    for key in ("host_key", "user_key"):
+        subprocess.run(
+            [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "backhaul-bench", "-f", str(root / key)],
+            check=True,
+            capture_output=True,
+        )
+    (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
+    sshd_port, http_port, iperf_port = free_port(), free_port(), free_port()
+    (root / "known_hosts").write_text(f"[127.0.0.1]:{sshd_port} {(root / 'host_key.pub').read_text()}")
+    if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+        # sshd run as root insists on its privilege-separation directory, which the
+        # openssh-server package normally creates at boot (tmpfiles.d).
+        Path("/run/sshd").mkdir(mode=0o755)
+    conf = root / "sshd_config"
+    conf.write_text(
+        f"""ListenAddress 127.0.0.1:{sshd_port}
+HostKey {root}/host_key
+PidFile {root}/sshd.pid
+AuthorizedKeysFile {root}/authorized_keys
+StrictModes no
+UsePAM no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding remote
+GatewayPorts no
+X11Forwarding no
+PermitTTY yes
+PermitUserRC no
+PrintMotd no
+PrintLastLog no
+UseDNS no
+Ciphers aes128-gcm@openssh.com
+Compression no
+LogLevel ERROR
+"""
+    )
+    sshd = procs.start("sshd", [find_program("sshd"), "-D", "-e", "-f", str(conf)], cwd=root)
+    deadline = time.monotonic() + READY_TIMEOUT
+    wait_until("sshd", lambda: probe_ssh_banner(sshd_port), deadline, [sshd])
+    client = procs.start(
+        "ssh-client",
+        [
+            find_program("ssh"),
+            "-F", "/dev/null",
+            "-tt",
+            "-i", str(root / "user_key"),
+            "-p", str(sshd_port),
+            "-l", _user_name(),
+            "-c", "aes128-gcm@openssh.com",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={root}/known_hosts",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", "Compression=no",
+            "-o", "ControlMaster=no",
+            "-o", "ForwardAgent=no",
+            "-o", "ForwardX11=no",
+            "-o", "ConnectTimeout=10",
+            "-o", "LogLevel=ERROR",
+            "-R", f"127.0.0.1:{http_port}:127.0.0.1:{backend.nginx_port}",
+            "-R", f"127.0.0.1:{iperf_port}:127.0.0.1:{backend.iperf_port}",
+            "127.0.0.1",
+            "sleep 2147483647",
+        ],
+        cwd=root,
+        # A tty session with stdin held open: EOF on stdin would end the remote command.
+        stdin_pipe=True,
+    )
+    wait_until("ssh -R tunnel", lambda: probe_http(http_port), deadline, [sshd, client])
+    return Route(
+        "ssh",
+        "OpenSSH ssh -R aes128-gcm, TCP_NODELAY (-tt)",
+        http_port,
+        iperf_port,
+        {"sshd": sshd, "ssh": client},
+    )
+
+
+def _run_cli(argv: list[str], what: str, timeout: float = 60.0) -> str:
+    """Run one backhaul command to completion; its stdout, or BenchError with its stderr."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what}: `{' '.join(argv)}` did not finish in {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip() or "(no output)").splitlines()[-1]
+        raise BenchError(f"{what}: `{' '.join(argv)}` exited with {done.returncode}: {reason}")
+    return done.stdout
+
+
+def _json_of(text: str, what: str) -> dict:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BenchError(f"{what}: expected JSON, got {text[:200]!r}") from exc
+
+
+def probe_health(port: int, cafile: Path) -> None:
+    """GET /v1/health of the relay's control API over TLS, verified against the service CA."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(["http/1.1"])
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=3, context=context)
+    try:
+        conn.request("GET", "/v1/health")
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise BenchError(f"/v1/health answered {response.status}")
+
+
+def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: int) -> Route:
+    """backhaul's full path, set up exactly as a user would through the CLI.
+
+    user -> relay TCP app port -> TLS tunnel -> connector -> backend.
+    """
+    root = procs.workdir / f"backhaul-w{workers}"
+    root.mkdir()
+    svc, conn = root / "svc", root / "conn"
+    listen_port, http_port, iperf_port = free_port(), free_port(), free_port()
+    service_url = f"https://127.0.0.1:{listen_port}"
+    init = _json_of(
+        _run_cli(
+            [backhaul, "service", "init", "--data-dir", str(svc), "--name", "127.0.0.1", "--json"],
+            "service init",
+        ),
+        "service init",
+    )
+    if "ca_sha256" not in init:
+        raise BenchError(f"service init --json printed no ca_sha256: {init}")
+    relay = procs.start(
+        f"backhaul-relay-w{workers}",
+        [
+            backhaul, "service", "run",
+            "--data-dir", str(svc),
+            "--listen", f"127.0.0.1:{listen_port}",
+            "--workers", str(workers),
+        ],
+        cwd=root,
+    )
+    deadline = time.monotonic() + READY_TIMEOUT
+    wait_until("backhaul relay /v1/health", lambda: probe_health(listen_port, svc / "ca.pem"), deadline, [relay])
+    admin = [backhaul, "admin", "--service", service_url, "--data-dir", str(svc), "--json"]
+    token = _json_of(_run_cli(admin + ["token", "create"], "token create"), "token create").get("token")
+    if not token:
+        raise BenchError("token create --json printed no token")
+    _run_cli(
+        [
+            backhaul, "connector", "register",
+            "--service", service_url,
+            "--token", token,
+            "--ca-sha256", init["ca_sha256"],
+            "--state-dir", str(conn),
+            "--name", f"bench-w{workers}",
+        ],
+        "connector register",
+    )
+    for app, port, target in (
+        ("bench-nginx", http_port, backend.nginx_port),
+        ("bench-iperf3", iperf_port, backend.iperf_port),
+    ):
+        _run_cli(
+            admin + ["app", "publish", app, "--group", "default", "--tcp", str(port), "--target", f"127.0.0.1:{target}"],
+            f"app publish {app}",
+        )
+    connector = procs.start(
+        f"backhaul-connector-w{workers}",
+        [backhaul, "connector", "run", "--state-dir", str(conn), "--workers", str(workers)],
+        cwd=root,
+    )
+    deadline = time.monotonic() + READY_TIMEOUT
+    # With several relay workers the kernel spreads user connections over them, and each
+    # worker relays only through its own tunnels: require a run of fresh connections to work.
+    wait_until(
+        "backhaul app bench-nginx",
+        lambda: [probe_http(http_port) for _ in range(8 * workers)],
+        deadline,
+        [relay, connector],
+    )
+    return Route(
+        f"backhaul-w{workers}",
+        f"backhaul full path, {workers} worker{'s' if workers > 1 else ''}",
+        http_port,
+        iperf_port,
+        {"relay": relay, "connector": connector},
+    )
