@@ -1,0 +1,1 @@
+../../../src/backhaul/protocol/_framing_py.py
