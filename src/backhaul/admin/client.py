@@ -1,0 +1,115 @@
+"""The admin API client: where the service is, how to trust it, and one call to it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from backhaul import tlsconfig
+from backhaul.errors import CertificateError, ConfigError, ServiceError
+
+DEFAULT_SERVICE = "https://127.0.0.1:8443"
+#: Seconds an admin call may take, connection included.
+REQUEST_TIMEOUT = 30.0
+#: Largest answer read from the service.
+MAX_RESPONSE = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminTarget:
+    """The service to administer, the admin token, and the CA it must present."""
+
+    service_url: str
+    token: str
+    ca: bytes | Path
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"admin token file {path} is missing; pass --token-file or --data-dir of the service") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read admin token file {path}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"admin token file {path} is empty")
+    return token
+
+
+def resolve_target(
+    *,
+    service: str | None,
+    token_file: str | None,
+    data_dir: str | None,
+    ca_file: str | None = None,
+    environ: os._Environ | dict[str, str] = os.environ,
+) -> AdminTarget:
+    """Service URL and token: flags, then BACKHAUL_SERVICE / BACKHAUL_TOKEN, then --data-dir.
+    The CA: --ca, then BACKHAUL_CA (a path), then --data-dir/ca.pem."""
+    url = service or environ.get("BACKHAUL_SERVICE") or DEFAULT_SERVICE
+    if not url.startswith("https://"):
+        raise ConfigError(f"the service URL {url!r} must start with https://, e.g. {DEFAULT_SERVICE}")
+    if token_file:
+        token = _read_token(Path(token_file))
+    elif environ.get("BACKHAUL_TOKEN"):
+        token = environ["BACKHAUL_TOKEN"].strip()
+    elif data_dir:
+        token = _read_token(Path(data_dir) / "admin.token")
+    else:
+        raise ConfigError("no admin token: pass --token-file FILE or --data-dir DIR, or set BACKHAUL_TOKEN")
+    ca_path = ca_file or environ.get("BACKHAUL_CA") or (str(Path(data_dir) / "ca.pem") if data_dir else None)
+    if not ca_path:
+        raise ConfigError("no service CA to trust: pass --data-dir DIR or --ca FILE, or set BACKHAUL_CA to the service's ca.pem")
+    if not Path(ca_path).is_file():
+        raise ConfigError(f"the service CA {ca_path} is missing; pass the service's ca.pem")
+    return AdminTarget(service_url=url.rstrip("/"), token=token, ca=Path(ca_path))
+
+
+async def _call(target: AdminTarget, method: str, path: str, body: Any) -> Any:
+    ctx = tlsconfig.admin_context(target.ca)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    headers = {"Authorization": f"Bearer {target.token}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = orjson.dumps(body)
+    url = target.service_url + path
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
+            async with session.request(method, url, data=data, headers=headers) as resp:
+                raw = await resp.content.read(MAX_RESPONSE + 1)
+                status = resp.status
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise CertificateError(
+            f"the service at {target.service_url} did not present a certificate from the expected CA ({exc.certificate_error}); "
+            "check --service and the CA file"
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise ServiceError(
+            f"cannot reach the service at {target.service_url} ({exc.strerror or exc}); check --service and that `backhaul service run` is up"
+        ) from exc
+    except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ServiceError(f"the request to {target.service_url} failed ({exc.__class__.__name__}: {exc}); try again") from exc
+    if len(raw) > MAX_RESPONSE:
+        raise ServiceError(f"the service's answer is larger than {MAX_RESPONSE} bytes")
+    try:
+        decoded = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise ServiceError(f"the service answered HTTP {status} with something that is not JSON; is {url} a backhaul relay?") from exc
+    if status >= 400:
+        if isinstance(decoded, dict) and "detail" in decoded:
+            raise ServiceError(f"{decoded['detail']} ({decoded.get('error', status)})")
+        raise ServiceError(f"the service answered HTTP {status}")
+    return decoded
+
+
+def call(target: AdminTarget, method: str, path: str, body: Any = None) -> Any:
+    """One admin API call; the decoded JSON answer, or ServiceError with the API's detail."""
+    return asyncio.run(_call(target, method, path, body))

@@ -1,0 +1,205 @@
+"""`backhaul admin`: groups, enrollment tokens, apps and connectors, through the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.parse
+from typing import Any, Callable
+
+import orjson
+
+from backhaul.admin.client import AdminTarget, call, resolve_target
+from backhaul.admin.tables import table, when
+
+#: CPU percentage above which `connector list` warns (the service flags it as cpu_warning).
+CPU_WARNING = 70.0
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # The same options are accepted before and after the subcommand; after it they
+    # default to SUPPRESS so they do not overwrite a value given before it.
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--service", default=default, help="https://HOST:PORT of the relay (env BACKHAUL_SERVICE)")
+    parser.add_argument("--token-file", default=default, help="file holding the admin token (env BACKHAUL_TOKEN)")
+    parser.add_argument("--data-dir", default=default, help="the service data dir: admin.token and ca.pem are read from it")
+    parser.add_argument("--ca", default=default, help="the service's ca.pem (env BACKHAUL_CA)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False, help="print JSON")
+
+
+def add_parser(admin: argparse.ArgumentParser) -> None:
+    """Add the admin options and subcommands to the `backhaul admin` parser."""
+    _global_options(admin, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    objects = admin.add_subparsers(dest="admin_object", required=True, metavar="OBJECT")
+
+    def leaf(sub, name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help)
+        p.set_defaults(func=func)
+        return p
+
+    group = objects.add_parser("group", help="connector groups").add_subparsers(dest="admin_action", required=True)
+    leaf(group, "create", group_create, "create a group").add_argument("name")
+    leaf(group, "list", group_list, "list groups")
+    leaf(group, "delete", group_delete, "delete an empty group").add_argument("name")
+    p = leaf(group, "rename", group_rename, "rename a group")
+    p.add_argument("old")
+    p.add_argument("new")
+
+    token = objects.add_parser("token", help="enrollment tokens").add_subparsers(dest="admin_action", required=True)
+    p = leaf(token, "create", token_create, "create an enrollment token")
+    p.add_argument("--group", default="default", help="group the connector joins (default: default)")
+    p.add_argument("--ttl", type=int, default=3600, help="seconds the token stays valid (default 3600)")
+    p.add_argument("--uses", type=int, default=1, help="connectors it may enroll (default 1)")
+
+    app = objects.add_parser("app", help="published apps").add_subparsers(dest="admin_action", required=True)
+    p = leaf(app, "publish", app_publish, "publish an app")
+    p.add_argument("name")
+    p.add_argument("--group", default="default", help="connector group serving the app (default: default)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--tcp", type=int, metavar="PORT", help="relay TCP port users connect to")
+    kind.add_argument("--udp", type=int, metavar="PORT", help="relay UDP port users send to")
+    kind.add_argument("--http", metavar="EXTERNAL_HOST", help="host name users reach the web app at")
+    p.add_argument("--target", help="HOST:PORT the connector dials (tcp/udp apps)")
+    p.add_argument("--internal-url", help="URL of the web app inside the private network (http apps)")
+    p.add_argument("--preauth", choices=["passthrough", "oidc"], default=None, help="pre-authentication (http apps)")
+    leaf(app, "list", app_list, "list apps")
+    leaf(app, "delete", app_delete, "delete an app").add_argument("name")
+
+    connector = objects.add_parser("connector", help="connectors").add_subparsers(dest="admin_action", required=True)
+    leaf(connector, "list", connector_list, "list connectors")
+    p = leaf(connector, "assign", connector_assign, "move a connector to a group")
+    p.add_argument("id")
+    p.add_argument("group")
+    leaf(connector, "delete", connector_delete, "delete a connector and revoke its certificate").add_argument("id")
+
+
+def _target(args: argparse.Namespace) -> AdminTarget:
+    return resolve_target(service=args.service, token_file=args.token_file, data_dir=args.data_dir, ca_file=args.ca)
+
+
+def _quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _emit(args: argparse.Namespace, data: Any, human: str) -> int:
+    print(orjson.dumps(data).decode() if args.json else human)
+    return 0
+
+
+def _usage(message: str) -> int:
+    from backhaul.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+# -- groups
+
+
+def group_create(args: argparse.Namespace) -> int:
+    data = call(_target(args), "POST", "/v1/groups", {"name": args.name})
+    return _emit(args, data, f"created group {data['name']}")
+
+
+def group_list(args: argparse.Namespace) -> int:
+    data = call(_target(args), "GET", "/v1/groups")
+    return _emit(args, data, table(["NAME", "APPS", "CONNECTORS"], [[g["name"], g["apps"], g["connectors"]] for g in data]))
+
+
+def group_delete(args: argparse.Namespace) -> int:
+    data = call(_target(args), "DELETE", f"/v1/groups/{_quote(args.name)}")
+    return _emit(args, data, f"deleted group {args.name}")
+
+
+def group_rename(args: argparse.Namespace) -> int:
+    data = call(_target(args), "PATCH", f"/v1/groups/{_quote(args.old)}", {"name": args.new})
+    return _emit(args, data, f"renamed group {args.old} to {data['name']}")
+
+
+# -- tokens
+
+
+def token_create(args: argparse.Namespace) -> int:
+    data = call(_target(args), "POST", "/v1/tokens", {"group": args.group, "ttl": args.ttl, "uses": args.uses})
+    if args.json:
+        return _emit(args, data, "")
+    # The token alone on stdout, so `TOKEN=$(backhaul admin token create)` works.
+    print(data["token"])
+    print(
+        f"enrollment token for group {data['group']}: {data['uses']} use(s), valid until {when(data['expires'])}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# -- apps
+
+
+def app_publish(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name, "group": args.group}
+    if args.http is not None:
+        if args.target is not None:
+            return _usage("--target is for --tcp/--udp apps; an --http app takes --internal-url URL")
+        if args.internal_url is None:
+            return _usage("an --http app needs --internal-url URL (where the connector reaches the web app)")
+        body.update(proto="http", external_host=args.http, internal_url=args.internal_url, preauth=args.preauth or "passthrough")
+    else:
+        if args.internal_url is not None or args.preauth is not None:
+            return _usage("--internal-url and --preauth are for --http apps; a --tcp/--udp app takes --target HOST:PORT")
+        if args.target is None:
+            return _usage("a --tcp/--udp app needs --target HOST:PORT (where the connector connects)")
+        proto, port = ("tcp", args.tcp) if args.tcp is not None else ("udp", args.udp)
+        body.update(proto=proto, port=port, target=args.target)
+    data = call(_target(args), "POST", "/v1/apps", body)
+    where = f"http://{data['external_host']}" if data["proto"] == "http" else f"{data['proto']} port {data['port']}"
+    return _emit(args, data, f"published {data['name']} at {where} via group {data['group']} -> {data['internal_url'] or data['target']}")
+
+
+def app_list(args: argparse.Namespace) -> int:
+    data = call(_target(args), "GET", "/v1/apps")
+    rows = []
+    for a in data:
+        listen = a["external_host"] if a["proto"] == "http" else a["port"]
+        rows.append([a["name"], a["group"], a["proto"], listen, a["internal_url"] or a["target"], a["preauth"] or ""])
+    return _emit(args, data, table(["NAME", "GROUP", "PROTO", "LISTEN", "TARGET", "PREAUTH"], rows))
+
+
+def app_delete(args: argparse.Namespace) -> int:
+    data = call(_target(args), "DELETE", f"/v1/apps/{_quote(args.name)}")
+    return _emit(args, data, f"deleted app {args.name}")
+
+
+# -- connectors
+
+
+def connector_list(args: argparse.Namespace) -> int:
+    data = call(_target(args), "GET", "/v1/connectors")
+    rows = [
+        [
+            c["id"],
+            c["name"],
+            c["group"],
+            c["status"],
+            c["version"],
+            when(c["last_seen"]),
+            c["tunnels"],
+            f"{c['cpu']:.0f}%" + (" !" if c.get("cpu_warning") else ""),
+        ]
+        for c in data
+    ]
+    human = table(["ID", "NAME", "GROUP", "STATUS", "VERSION", "LAST SEEN", "TUNNELS", "CPU"], rows)
+    hot = [c for c in data if c.get("cpu_warning")]
+    for c in hot:
+        human += f"\nwarning: connector {c['id']} ({c['name']}) is at {c['cpu']:.0f}% CPU (over {CPU_WARNING:.0f}%); add a connector to group {c['group']}"
+    return _emit(args, data, human)
+
+
+def connector_assign(args: argparse.Namespace) -> int:
+    data = call(_target(args), "PUT", f"/v1/connectors/{_quote(args.id)}/group", {"group": args.group})
+    return _emit(args, data, f"connector {data['id']} is now in group {data['group']}")
+
+
+def connector_delete(args: argparse.Namespace) -> int:
+    data = call(_target(args), "DELETE", f"/v1/connectors/{_quote(args.id)}")
+    return _emit(args, data, f"deleted connector {args.id}; its certificate is revoked")

@@ -1,0 +1,484 @@
+"""The control API: enrollment, connector config/heartbeat/renewal, admin endpoints.
+
+``build_app`` returns an aiohttp Application that owns no socket: the relay hands it
+the TLS connections whose ALPN is http/1.1 (tests may serve it with a TCPSite).
+Connector calls authenticate with the client certificate of the TLS connection,
+admin calls with a bearer token, enrollment with an enrollment token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import functools
+import hashlib
+import hmac
+import logging
+import secrets
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from backhaul import pki, tlsconfig
+from backhaul.control import validate
+from backhaul.control.context import ControlContext
+from backhaul.control.openapi import openapi_document
+from backhaul.errors import CertificateError
+from backhaul.store import (
+    App,
+    Conflict,
+    Connector,
+    ConnectorStats,
+    InvalidToken,
+    LimitReached,
+    NotFound,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+CONTEXT = web.AppKey("backhaul_control_context", ControlContext)
+ENROLLMENT_TOKEN_PREFIX = "bht_"
+ADMIN_TOKEN_PREFIX = "bha_"
+MAX_TOKEN = 256
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, short code, and what the caller should do."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def token_hash(token: str) -> str:
+    """The stored form of an enrollment or admin token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_enrollment_token() -> str:
+    return ENROLLMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_admin_token() -> str:
+    return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: str, detail: str) -> web.Response:
+    return json_response({"error": code, "detail": detail}, status=status)
+
+
+_STORE_STATUS: list[tuple[type[StoreError], int, str]] = [
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (LimitReached, 409, "limit_reached"),
+    (InvalidToken, 403, "enrollment_refused"),
+]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Turn every failure into the one JSON error shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.detail)
+    except validate.Invalid as exc:
+        return error_response(400, "bad_request", str(exc))
+    except CertificateError as exc:
+        return error_response(400, "bad_certificate_request", str(exc))
+    except StoreError as exc:
+        for kind, status, code in _STORE_STATUS:
+            if isinstance(exc, kind):
+                return error_response(status, code, str(exc))
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        details = {
+            404: "no such endpoint; see GET /v1/openapi.json",
+            405: f"{request.method} is not allowed here; see GET /v1/openapi.json",
+            413: "the request body is too large",
+        }
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), details.get(exc.status, exc.reason))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("control API request failed", extra={"path": request.path, "method": request.method})
+        return error_response(500, "internal", "the service failed to handle the request; see the relay log")
+
+
+def _ctx(request: web.Request) -> ControlContext:
+    return request.app[CONTEXT]
+
+
+async def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a short blocking store call off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the request body is not valid JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the request body must be a JSON object")
+    return body
+
+
+# -- authentication
+
+
+def _require_admin(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        stored = await _run(request, _ctx(request).store.admin_token_hash)
+        if scheme.lower() != "bearer" or not presented.strip() or len(presented) > MAX_TOKEN or stored is None:
+            raise ApiError(401, "unauthorized", "send the admin token as 'Authorization: Bearer TOKEN' (it is in DATA_DIR/admin.token)")
+        if not hmac.compare_digest(token_hash(presented.strip()), stored):
+            raise ApiError(401, "unauthorized", "the admin token is wrong; use the one in DATA_DIR/admin.token")
+        return await handler(request)
+
+    return wrapped
+
+
+async def _connector_identity(request: web.Request) -> Connector:
+    """The connector named by the verified client certificate of this connection."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    connector_id = tlsconfig.peer_connector_id(ssl_object)
+    serial = tlsconfig.peer_cert_serial(ssl_object)
+    if connector_id is None:
+        raise ApiError(403, "no_client_certificate", "connector calls need the connector's client certificate; register the connector first")
+    ctx = _ctx(request)
+    connector = await _run(request, ctx.store.get_connector, connector_id)
+    if connector is None:
+        raise ApiError(403, "unknown_connector", f"connector {connector_id} is not known to the service; re-register it with a new token")
+    if connector.revoked:
+        raise ApiError(403, "connector_revoked", f"connector {connector_id} was deleted by an admin; re-register it with a new token")
+    if not connector.accepts_serial(serial, ctx.clock()):
+        raise ApiError(403, "certificate_replaced", "this certificate was replaced by a newer one; use the current certificate or re-register")
+    return connector
+
+
+def _peer(request: web.Request) -> str:
+    return request.remote or ""
+
+
+# -- public endpoints
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "worker": _ctx(request).worker})
+
+
+async def ca_certificate(request: web.Request) -> web.Response:
+    """The service CA, for a new connector to compare with its pinned fingerprint."""
+    ca = _ctx(request).ca
+    return json_response({"ca": ca.cert_pem.decode("ascii"), "ca_sha256": pki.fingerprint_sha256(ca.cert)})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+def _expires(cert) -> float:
+    return cert.not_valid_after_utc.timestamp()
+
+
+async def enroll(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = await _body(request)
+    token = body.get("token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
+        raise ApiError(400, "bad_request", "token must be the enrollment token from `backhaul admin token create`")
+    csr_pem = body.get("csr")
+    if not isinstance(csr_pem, str):
+        raise ApiError(400, "bad_request", "csr must be a PEM certificate signing request")
+    csr = pki.load_csr(csr_pem)
+    hostname = validate.text(body.get("hostname"), "hostname")
+    name = validate.text(body.get("name"), "name") or hostname
+    version = validate.text(body.get("version"), "version")
+    hashed = token_hash(token)
+    # Check first so a bad token costs no signature; enroll() re-checks atomically.
+    await _run(request, ctx.store.check_token, hashed)
+    connector_id = pki.new_connector_id()
+    cert = pki.sign_csr(ctx.ca, csr, connector_id, datetime.timedelta(seconds=ctx.settings.cert_validity))
+    record = Connector(
+        id=connector_id,
+        name=name or connector_id,
+        hostname=hostname,
+        version=version,
+        group="",
+        created=ctx.clock(),
+        last_seen=ctx.clock(),
+        source_addr=_peer(request),
+        cert_serial=cert.serial_number,
+        cert_expires=_expires(cert),
+    )
+    stored = await _run(request, ctx.store.enroll, hashed, record)
+    log.info("connector enrolled", extra={"connector_id": connector_id, "group": stored.group, "peer": _peer(request)})
+    return json_response(
+        {
+            "connector_id": connector_id,
+            "certificate": pki.cert_to_pem(cert).decode("ascii"),
+            "ca": ctx.ca.cert_pem.decode("ascii"),
+            "group": stored.group,
+        },
+        status=201,
+    )
+
+
+# -- connector endpoints (mTLS)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate.strip('"') == etag:
+            return True
+    return False
+
+
+async def connector_config(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    config = await _run(request, ctx.store.connector_config, connector.id, ctx.settings.refresh_interval)
+    etag = config["etag"]
+    headers = {"ETag": f'"{etag}"', "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("If-None-Match", ""), etag):
+        return web.Response(status=304, headers=headers)
+    return json_response(config, headers=headers)
+
+
+async def connector_heartbeat(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    body = await _body(request)
+    big = 2**62
+    stats = ConnectorStats(
+        version=validate.text(body.get("version"), "version", default=connector.version),
+        cpu=validate.number(body.get("cpu", 0.0), "cpu", 0.0, 100.0 * 4096),
+        memory=validate.number(body.get("memory", 0.0), "memory", 0.0, float(big)),
+        streams=validate.integer(body.get("streams", 0), "streams", 0, big),
+        bytes_in=validate.integer(body.get("bytes_in", 0), "bytes_in", 0, big),
+        bytes_out=validate.integer(body.get("bytes_out", 0), "bytes_out", 0, big),
+    )
+    await _run(request, ctx.store.heartbeat, connector.id, stats, _peer(request))
+    version = await _run(request, ctx.store.config_version)
+    return json_response({"status": "ok", "config_version": version, "refresh_interval": ctx.settings.refresh_interval})
+
+
+async def connector_renew(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    body = await _body(request)
+    csr_pem = body.get("csr")
+    if not isinstance(csr_pem, str):
+        raise ApiError(400, "bad_request", "csr must be a PEM certificate signing request")
+    csr = pki.load_csr(csr_pem)
+    cert = pki.sign_csr(ctx.ca, csr, connector.id, datetime.timedelta(seconds=ctx.settings.cert_validity))
+    await _run(request, ctx.store.renew_connector_cert, connector.id, cert.serial_number, _expires(cert))
+    log.info("connector certificate renewed", extra={"connector_id": connector.id})
+    return json_response({"certificate": pki.cert_to_pem(cert).decode("ascii"), "ca": ctx.ca.cert_pem.decode("ascii")})
+
+
+# -- admin endpoints (bearer token)
+
+
+def _group_dict(group) -> dict[str, Any]:
+    return {"name": group.name, "created": group.created, "apps": group.apps, "connectors": group.connectors}
+
+
+@_require_admin
+async def list_groups(request: web.Request) -> web.Response:
+    groups = await _run(request, _ctx(request).store.list_groups)
+    return json_response([_group_dict(g) for g in groups])
+
+
+@_require_admin
+async def create_group(request: web.Request) -> web.Response:
+    body = await _body(request)
+    group = await _run(request, _ctx(request).store.create_group, validate.name(body.get("name"), "group name"))
+    log.info("group created", extra={"group": group.name})
+    return json_response(_group_dict(group), status=201)
+
+
+@_require_admin
+async def delete_group(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _run(request, _ctx(request).store.delete_group, name)
+    log.info("group deleted", extra={"group": name})
+    return json_response({"deleted": name})
+
+
+@_require_admin
+async def rename_group(request: web.Request) -> web.Response:
+    body = await _body(request)
+    new = validate.name(body.get("name"), "new group name")
+    group = await _run(request, _ctx(request).store.rename_group, request.match_info["name"], new)
+    log.info("group renamed", extra={"group": new, "old": request.match_info["name"]})
+    return json_response(_group_dict(group))
+
+
+@_require_admin
+async def create_token(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = await _body(request)
+    group = validate.name(body.get("group", "default"), "group")
+    ttl = validate.integer(body.get("ttl", 3600), "ttl", 1, ctx.settings.token_max_ttl)
+    uses = validate.integer(body.get("uses", 1), "uses", 1, ctx.settings.token_max_uses)
+    token = new_enrollment_token()
+    expires = ctx.clock() + ttl
+    await _run(request, ctx.store.create_token, token_hash(token), group, expires, uses)
+    log.info("enrollment token created", extra={"group": group, "ttl": ttl, "uses": uses})
+    return json_response({"token": token, "group": group, "expires": expires, "uses": uses}, status=201)
+
+
+@_require_admin
+async def list_apps(request: web.Request) -> web.Response:
+    apps = await _run(request, _ctx(request).store.list_apps)
+    return json_response([a.to_dict() for a in apps])
+
+
+@_require_admin
+async def create_app(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    app = validate.app(await _body(request), reserved_ports=ctx.settings.reserved_ports)
+    await _run(request, ctx.store.create_app, app)
+    log.info("app published", extra={"app": app.name, "group": app.group, "proto": app.proto})
+    return json_response(app.to_dict(), status=201)
+
+
+@_require_admin
+async def update_app(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    name = request.match_info["name"]
+    current: App | None = await _run(request, ctx.store.get_app, name)
+    if current is None:
+        raise ApiError(404, "not_found", f"there is no app {name!r}; see `backhaul admin app list`")
+    changes = await _body(request)
+    unknown = set(changes) - set(current.to_dict())
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown fields {', '.join(sorted(unknown))}; see GET /v1/openapi.json")
+    merged = {**current.to_dict(), **changes}
+    if current.proto != merged["proto"]:
+        raise ApiError(400, "bad_request", "an app's proto cannot change; delete the app and publish it again")
+    if current.proto == "http" and "target" not in changes:
+        # An http app's target is derived from its internal URL, never set directly.
+        merged["target"] = None
+    app = validate.app(merged, reserved_ports=ctx.settings.reserved_ports)
+    await _run(request, ctx.store.update_app, name, app)
+    log.info("app changed", extra={"app": app.name})
+    return json_response(app.to_dict())
+
+
+@_require_admin
+async def delete_app(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await _run(request, _ctx(request).store.delete_app, name)
+    log.info("app deleted", extra={"app": name})
+    return json_response({"deleted": name})
+
+
+def connector_dict(connector: Connector, settings) -> dict[str, Any]:
+    data = connector.to_dict()
+    data["cpu_warning"] = connector.cpu > settings.cpu_warning
+    return data
+
+
+@_require_admin
+async def list_connectors(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    connectors = await _run(request, ctx.store.list_connectors)
+    return json_response([connector_dict(c, ctx.settings) for c in connectors])
+
+
+@_require_admin
+async def delete_connector(request: web.Request) -> web.Response:
+    connector_id = request.match_info["id"]
+    await _run(request, _ctx(request).store.revoke_connector, connector_id)
+    log.info("connector deleted and its certificate revoked", extra={"connector_id": connector_id})
+    return json_response({"deleted": connector_id})
+
+
+@_require_admin
+async def assign_connector(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    body = await _body(request)
+    group = validate.name(body.get("group"), "group")
+    connector = await _run(request, ctx.store.assign_connector, request.match_info["id"], group)
+    log.info("connector assigned", extra={"connector_id": connector.id, "group": group})
+    return json_response(connector_dict(connector, ctx.settings))
+
+
+# -- housekeeping
+
+
+async def _housekeeping(app: web.Application):
+    """Remove long-unseen connectors, expired revocations and dead tokens, periodically."""
+    ctx = app[CONTEXT]
+    interval = ctx.settings.housekeeping_interval
+
+    async def loop() -> None:
+        while True:
+            try:
+                removed = await asyncio.get_running_loop().run_in_executor(
+                    None, ctx.store.prune, ctx.settings.remove_unseen_after
+                )
+                if removed:
+                    log.info("removed unseen connectors", extra={"connectors": removed})
+            except StoreError:
+                log.exception("housekeeping failed; retrying at the next interval")
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(loop()) if interval > 0 and ctx.worker == 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def build_app(ctx: ControlContext) -> web.Application:
+    """The control API as an aiohttp Application (no socket of its own)."""
+    app = web.Application(middlewares=[_errors], client_max_size=ctx.settings.max_body)
+    app[CONTEXT] = ctx
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/ca", ca_certificate)
+    r.add_get("/v1/openapi.json", openapi)
+    r.add_post("/v1/enroll", enroll)
+    r.add_get("/v1/connector/config", connector_config)
+    r.add_post("/v1/connector/heartbeat", connector_heartbeat)
+    r.add_post("/v1/connector/renew", connector_renew)
+    r.add_get("/v1/groups", list_groups)
+    r.add_post("/v1/groups", create_group)
+    r.add_delete("/v1/groups/{name}", delete_group)
+    r.add_patch("/v1/groups/{name}", rename_group)
+    r.add_post("/v1/tokens", create_token)
+    r.add_get("/v1/apps", list_apps)
+    r.add_post("/v1/apps", create_app)
+    r.add_patch("/v1/apps/{name}", update_app)
+    r.add_delete("/v1/apps/{name}", delete_app)
+    r.add_get("/v1/connectors", list_connectors)
+    r.add_delete("/v1/connectors/{id}", delete_connector)
+    r.add_put("/v1/connectors/{id}/group", assign_connector)
+    app.cleanup_ctx.append(_housekeeping)
+    return app

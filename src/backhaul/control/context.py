@@ -1,0 +1,72 @@
+"""What the control API needs, as frozen values passed in: settings and the context."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from backhaul import pki
+from backhaul.store import Store, open_store
+
+DAY = 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlSettings:
+    """Control-plane settings; every default lives here."""
+
+    #: Lifetime of a connector certificate; connectors renew at two thirds of it.
+    cert_validity: float = 90 * DAY
+    #: Seconds between two config pulls of a connector.
+    refresh_interval: int = 120
+    #: Longest lifetime and most uses an enrollment token may be created with.
+    token_max_ttl: int = 7 * 86400
+    token_max_uses: int = 1000
+    #: Connectors unseen (and without a tunnel) for this long are removed.
+    remove_unseen_after: float = 10 * DAY
+    #: Seconds between two housekeeping runs (pruning); 0 disables them.
+    housekeeping_interval: float = 3600.0
+    #: Ports the relay itself listens on: apps may not be published there.
+    reserved_ports: frozenset[int] = frozenset()
+    #: Largest request body the API reads.
+    max_body: int = 64 * 1024
+    #: CPU percentage above which `connector list` flags a connector.
+    cpu_warning: float = 70.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlContext:
+    """Everything a control API instance uses. ``worker`` is the relay worker index;
+    worker 0 also runs housekeeping."""
+
+    data_dir: Path
+    store: Store
+    ca: pki.CertificateAuthority
+    settings: ControlSettings = ControlSettings()
+    worker: int = 0
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike,
+        *,
+        worker: int = 0,
+        settings: ControlSettings | None = None,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> "ControlContext":
+        """The context of an initialized data dir; opens its store unless one is given."""
+        data_dir = Path(data_dir)
+        ca = pki.load_ca(data_dir)
+        return cls(
+            data_dir=data_dir,
+            store=store if store is not None else open_store(data_dir, clock=clock),
+            ca=ca,
+            settings=settings or ControlSettings(),
+            worker=worker,
+            clock=clock,
+        )

@@ -1,0 +1,62 @@
+"""The store: groups, enrollment tokens, connectors, apps, the admin token hash.
+
+Callers use the ``Store`` interface and ``open_store`` only, so another backend
+(PostgreSQL for several relay nodes) can be added without touching them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from backhaul.store.base import (
+    DEFAULT_GROUP,
+    App,
+    Conflict,
+    Connector,
+    ConnectorStats,
+    Group,
+    InvalidToken,
+    LimitReached,
+    NotFound,
+    Store,
+    StoreError,
+    StoreLimits,
+)
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "App",
+    "Conflict",
+    "Connector",
+    "ConnectorStats",
+    "Group",
+    "InvalidToken",
+    "LimitReached",
+    "NotFound",
+    "Store",
+    "StoreError",
+    "StoreLimits",
+    "STORE_FILE",
+    "open_store",
+]
+
+#: File name of the SQLite store inside a service data dir.
+STORE_FILE = "store.sqlite"
+
+
+def open_store(
+    location: str | os.PathLike, *, limits: StoreLimits | None = None, clock: Callable[[], float] | None = None
+) -> Store:
+    """Open (creating and migrating if needed) the store at ``location``.
+
+    ``location`` is a service data dir (the store is its ``store.sqlite``) or the path
+    of a SQLite file. ``clock`` returns the current time in seconds (tests inject one).
+    """
+    from backhaul.store.sqlite import SqliteStore
+
+    path = Path(location)
+    if path.is_dir():
+        path = path / STORE_FILE
+    return SqliteStore(path, limits=limits or StoreLimits(), clock=clock)

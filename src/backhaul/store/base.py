@@ -1,0 +1,231 @@
+"""The store interface, its records and its errors. No backend code here."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+from backhaul.errors import BackhaulError
+
+DEFAULT_GROUP = "default"
+
+
+class StoreError(BackhaulError):
+    """A store operation was refused; the message says why and what to do."""
+
+
+class NotFound(StoreError):
+    """The named group, app, connector or token does not exist."""
+
+
+class Conflict(StoreError):
+    """The change clashes with existing records (duplicate, in use, non-empty group)."""
+
+
+class LimitReached(StoreError):
+    """A table is at its configured size limit."""
+
+
+class InvalidToken(StoreError):
+    """An enrollment token is unknown, expired or used up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLimits:
+    """Upper bounds on every table, so nothing grows without bound."""
+
+    max_groups: int = 1000
+    max_apps: int = 10000
+    max_connectors: int = 10000
+    #: Live (unexpired, not used up) enrollment tokens; dead ones are purged on creation.
+    max_tokens: int = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str
+    created: float
+    apps: int = 0
+    connectors: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    """A published application. tcp/udp apps have ``port`` and ``target`` (host:port);
+    http apps have ``external_host``, ``internal_url`` and ``preauth``."""
+
+    name: str
+    group: str
+    proto: str
+    port: int | None = None
+    target: str | None = None
+    external_host: str | None = None
+    internal_url: str | None = None
+    preauth: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorStats:
+    """What a connector reports in a heartbeat."""
+
+    version: str = ""
+    cpu: float = 0.0
+    memory: float = 0.0
+    streams: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Connector:
+    id: str
+    name: str
+    hostname: str
+    version: str
+    group: str
+    created: float
+    last_seen: float
+    source_addr: str
+    cert_serial: int
+    cert_expires: float
+    revoked: bool = False
+    #: The serial of the certificate replaced by the last renewal: still accepted until
+    #: it expires, so a renewal whose answer was lost does not lock the connector out.
+    previous_serial: int | None = None
+    previous_expires: float | None = None
+    tunnels: int = 0
+    active_streams: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cpu: float = 0.0
+    memory: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return "active" if self.tunnels > 0 else "inactive"
+
+    def accepts_serial(self, serial: int | None, now: float) -> bool:
+        """True when a certificate with ``serial`` may act as this connector right now."""
+        if self.revoked or serial is None:
+            return False
+        if serial == self.cert_serial:
+            return True
+        return serial == self.previous_serial and self.previous_expires is not None and now < self.previous_expires
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["cert_serial"] = format(self.cert_serial, "x")
+        data["previous_serial"] = format(self.previous_serial, "x") if self.previous_serial is not None else None
+        data["status"] = self.status
+        return data
+
+
+class Store(abc.ABC):
+    """Everything the control plane and the relay keep. Every method is short and blocking.
+
+    Every change that affects routing or a connector's configuration (apps, groups,
+    a connector's group, revocation) bumps ``config_version`` in the same transaction.
+    """
+
+    # -- lifecycle and meta
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def config_version(self) -> int: ...
+
+    @abc.abstractmethod
+    def set_admin_token_hash(self, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    def admin_token_hash(self) -> str | None: ...
+
+    # -- groups
+    @abc.abstractmethod
+    def list_groups(self) -> list[Group]: ...
+
+    @abc.abstractmethod
+    def get_group(self, name: str) -> Group | None: ...
+
+    @abc.abstractmethod
+    def create_group(self, name: str) -> Group: ...
+
+    @abc.abstractmethod
+    def delete_group(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def rename_group(self, old: str, new: str) -> Group: ...
+
+    # -- enrollment tokens (only their SHA-256 is stored)
+    @abc.abstractmethod
+    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> None: ...
+
+    @abc.abstractmethod
+    def check_token(self, token_hash: str) -> str:
+        """The group of a usable token; InvalidToken otherwise. Consumes nothing."""
+
+    @abc.abstractmethod
+    def enroll(self, token_hash: str, connector: Connector) -> Connector:
+        """Use one use of the token and add the connector, in one transaction.
+
+        The connector joins the token's group; the stored record is returned.
+        """
+
+    # -- connectors
+    @abc.abstractmethod
+    def get_connector(self, connector_id: str) -> Connector | None: ...
+
+    @abc.abstractmethod
+    def list_connectors(self) -> list[Connector]:
+        """Every connector that is not revoked."""
+
+    @abc.abstractmethod
+    def assign_connector(self, connector_id: str, group: str) -> Connector: ...
+
+    @abc.abstractmethod
+    def revoke_connector(self, connector_id: str) -> None:
+        """Delete a connector: its certificates are refused from now on."""
+
+    @abc.abstractmethod
+    def renew_connector_cert(self, connector_id: str, serial: int, expires: float) -> None: ...
+
+    @abc.abstractmethod
+    def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None: ...
+
+    @abc.abstractmethod
+    def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:
+        """A relay worker gained (+1) or lost (-1) a tunnel of the connector."""
+
+    @abc.abstractmethod
+    def mark_worker_down(self, worker: int) -> None:
+        """Forget every tunnel counted for ``worker`` (at its start and exit)."""
+
+    @abc.abstractmethod
+    def prune(self, unseen_for: float) -> list[str]:
+        """Remove connectors unseen (and without tunnels) for ``unseen_for`` seconds,
+        revoked records whose certificates have expired, and dead tokens.
+        Returns the ids of the connectors removed."""
+
+    @abc.abstractmethod
+    def connector_config(self, connector_id: str, refresh_interval: int = 120) -> dict[str, Any]: ...
+
+    # -- apps
+    @abc.abstractmethod
+    def list_apps(self) -> list[App]: ...
+
+    @abc.abstractmethod
+    def get_app(self, name: str) -> App | None: ...
+
+    @abc.abstractmethod
+    def create_app(self, app: App) -> App: ...
+
+    @abc.abstractmethod
+    def update_app(self, name: str, app: App) -> App:
+        """Replace the app called ``name`` by ``app`` (which may carry a new name)."""
+
+    @abc.abstractmethod
+    def delete_app(self, name: str) -> None: ...

@@ -1,0 +1,75 @@
+"""Numbered schema migrations of the SQLite store. Append only: never edit a shipped step."""
+
+from __future__ import annotations
+
+#: (version, statements). Each step runs in the same transaction as its row in
+#: ``schema_migrations``, so a step is applied completely or not at all.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE meta (
+                key TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            )""",
+            """CREATE TABLE config_version (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                version INTEGER NOT NULL
+            )""",
+            "INSERT INTO config_version (id, version) VALUES (1, 1)",
+            """CREATE TABLE groups (
+                name TEXT PRIMARY KEY,
+                created REAL NOT NULL
+            )""",
+            "INSERT INTO groups (name, created) VALUES ('default', CAST(strftime('%s', 'now') AS REAL))",
+            """CREATE TABLE tokens (
+                hash TEXT PRIMARY KEY,
+                grp TEXT NOT NULL,
+                expires REAL NOT NULL,
+                uses_left INTEGER NOT NULL,
+                created REAL NOT NULL
+            )""",
+            """CREATE TABLE connectors (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                hostname TEXT NOT NULL,
+                version TEXT NOT NULL,
+                grp TEXT NOT NULL,
+                created REAL NOT NULL,
+                last_seen REAL NOT NULL,
+                source_addr TEXT NOT NULL,
+                cert_serial TEXT NOT NULL,
+                cert_expires REAL NOT NULL,
+                prev_serial TEXT,
+                prev_expires REAL,
+                revoked INTEGER NOT NULL DEFAULT 0,
+                active_streams INTEGER NOT NULL DEFAULT 0,
+                bytes_in INTEGER NOT NULL DEFAULT 0,
+                bytes_out INTEGER NOT NULL DEFAULT 0,
+                cpu REAL NOT NULL DEFAULT 0,
+                memory REAL NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX connectors_grp ON connectors (grp)",
+            """CREATE TABLE tunnels (
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                worker INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (connector_id, worker)
+            )""",
+            "CREATE INDEX tunnels_worker ON tunnels (worker)",
+            """CREATE TABLE apps (
+                name TEXT PRIMARY KEY,
+                grp TEXT NOT NULL,
+                proto TEXT NOT NULL CHECK (proto IN ('tcp', 'udp', 'http')),
+                port INTEGER,
+                target TEXT,
+                external_host TEXT UNIQUE,
+                internal_url TEXT,
+                preauth TEXT,
+                created REAL NOT NULL,
+                UNIQUE (proto, port)
+            )""",
+            "CREATE INDEX apps_grp ON apps (grp)",
+        ),
+    ),
+)

@@ -1,0 +1,473 @@
+"""The SQLite store: one file in WAL mode shared by every relay worker process.
+
+Each process holds one connection (guarded by a lock, since the control API runs store
+calls on executor threads). Writes run in ``BEGIN IMMEDIATE`` transactions, so
+concurrent writers queue on SQLite's busy timeout instead of failing or losing updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import orjson
+
+from backhaul.errors import ConfigError
+from backhaul.store.base import (
+    DEFAULT_GROUP,
+    App,
+    Conflict,
+    Connector,
+    ConnectorStats,
+    Group,
+    InvalidToken,
+    LimitReached,
+    NotFound,
+    Store,
+    StoreError,
+    StoreLimits,
+)
+from backhaul.store.migrations import MIGRATIONS
+
+#: How long a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 10.0
+
+_CONNECTOR_COLUMNS = (
+    "c.id, c.name, c.hostname, c.version, c.grp, c.created, c.last_seen, c.source_addr, c.cert_serial, "
+    "c.cert_expires, c.revoked, c.prev_serial, c.prev_expires, "
+    "COALESCE((SELECT SUM(t.count) FROM tunnels t WHERE t.connector_id = c.id), 0), "
+    "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory"
+)
+_APP_COLUMNS = "name, grp, proto, port, target, external_host, internal_url, preauth"
+
+
+def _connector(row: tuple) -> Connector:
+    return Connector(
+        id=row[0],
+        name=row[1],
+        hostname=row[2],
+        version=row[3],
+        group=row[4],
+        created=row[5],
+        last_seen=row[6],
+        source_addr=row[7],
+        cert_serial=int(row[8], 16),
+        cert_expires=row[9],
+        revoked=bool(row[10]),
+        previous_serial=int(row[11], 16) if row[11] is not None else None,
+        previous_expires=row[12],
+        tunnels=int(row[13]),
+        active_streams=row[14],
+        bytes_in=row[15],
+        bytes_out=row[16],
+        cpu=row[17],
+        memory=row[18],
+    )
+
+
+def _app(row: tuple) -> App:
+    return App(*row)
+
+
+class SqliteStore(Store):
+    """The Store on one SQLite file."""
+
+    def __init__(self, path: Path, *, limits: StoreLimits, clock: Callable[[], float] | None = None) -> None:
+        self.path = Path(path)
+        self.limits = limits
+        self._clock = clock or time.time
+        self._lock = threading.Lock()
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"directory {self.path.parent} of the store does not exist; run `backhaul service init`")
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"cannot open the store {self.path}: {exc}; restore it from a backup") from exc
+
+    # -- plumbing
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        # A deferred transaction gives every statement inside one consistent snapshot.
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+            known = {version for version, _ in MIGRATIONS}
+            if done - known:
+                raise ConfigError(
+                    f"the store {self.path} was written by a newer backhaul (schema {max(done)}); upgrade backhaul"
+                )
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations (version, applied) VALUES (?, ?)", (version, self._clock()))
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE config_version SET version = version + 1 WHERE id = 1")
+
+    @staticmethod
+    def _require_group(db: sqlite3.Connection, name: str) -> None:
+        if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone() is None:
+            raise NotFound(f"there is no connector group {name!r}; create it with `backhaul admin group create {name}`")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- meta
+
+    def config_version(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT version FROM config_version WHERE id = 1").fetchone()[0]
+
+    def set_admin_token_hash(self, token_hash: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('admin_token_sha256', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (token_hash,),
+            )
+
+    def admin_token_hash(self) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'admin_token_sha256'").fetchone()
+        return row[0] if row else None
+
+    # -- groups
+
+    _GROUP_QUERY = (
+        "SELECT g.name, g.created, "
+        "(SELECT COUNT(*) FROM apps a WHERE a.grp = g.name), "
+        "(SELECT COUNT(*) FROM connectors c WHERE c.grp = g.name AND c.revoked = 0) "
+        "FROM groups g"
+    )
+
+    def list_groups(self) -> list[Group]:
+        with self._read() as db:
+            return [Group(*row) for row in db.execute(self._GROUP_QUERY + " ORDER BY g.name")]
+
+    def get_group(self, name: str) -> Group | None:
+        with self._read() as db:
+            row = db.execute(self._GROUP_QUERY + " WHERE g.name = ?", (name,)).fetchone()
+        return Group(*row) if row else None
+
+    def create_group(self, name: str) -> Group:
+        now = self._clock()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"connector group {name!r} already exists")
+            if db.execute("SELECT COUNT(*) FROM groups").fetchone()[0] >= self.limits.max_groups:
+                raise LimitReached(f"there are already {self.limits.max_groups} connector groups; delete unused ones first")
+            db.execute("INSERT INTO groups (name, created) VALUES (?, ?)", (name, now))
+            self._bump(db)
+        return Group(name=name, created=now)
+
+    def delete_group(self, name: str) -> None:
+        if name == DEFAULT_GROUP:
+            raise Conflict("the default group cannot be deleted")
+        with self._write() as db:
+            self._require_group(db, name)
+            apps = [r[0] for r in db.execute("SELECT name FROM apps WHERE grp = ? ORDER BY name LIMIT 20", (name,))]
+            connectors = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM connectors WHERE grp = ? AND revoked = 0 ORDER BY id LIMIT 20", (name,)
+                )
+            ]
+            if apps or connectors:
+                parts = []
+                if apps:
+                    parts.append("apps " + ", ".join(apps))
+                if connectors:
+                    parts.append("connectors " + ", ".join(connectors))
+                raise Conflict(
+                    f"connector group {name!r} is not empty ({'; '.join(parts)}); "
+                    "delete or move those apps and assign those connectors to another group first"
+                )
+            db.execute("DELETE FROM tokens WHERE grp = ?", (name,))
+            db.execute("DELETE FROM groups WHERE name = ?", (name,))
+            self._bump(db)
+
+    def rename_group(self, old: str, new: str) -> Group:
+        if DEFAULT_GROUP in (old, new):
+            raise Conflict("the default group cannot be renamed, nor can another group take its name")
+        with self._write() as db:
+            self._require_group(db, old)
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (new,)).fetchone():
+                raise Conflict(f"connector group {new!r} already exists")
+            db.execute("UPDATE groups SET name = ? WHERE name = ?", (new, old))
+            for table in ("apps", "connectors", "tokens"):
+                db.execute(f"UPDATE {table} SET grp = ? WHERE grp = ?", (new, old))
+            self._bump(db)
+            row = db.execute(self._GROUP_QUERY + " WHERE g.name = ?", (new,)).fetchone()
+        return Group(*row)
+
+    # -- tokens
+
+    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> None:
+        now = self._clock()
+        with self._write() as db:
+            self._require_group(db, group)
+            db.execute("DELETE FROM tokens WHERE expires <= ? OR uses_left <= 0", (now,))
+            if db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] >= self.limits.max_tokens:
+                raise LimitReached(
+                    f"there are already {self.limits.max_tokens} unused enrollment tokens; wait for some to expire"
+                )
+            db.execute(
+                "INSERT INTO tokens (hash, grp, expires, uses_left, created) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, group, expires, uses, now),
+            )
+
+    _TOKEN_REFUSED = "the enrollment token is unknown, expired or used up; create a new one with `backhaul admin token create`"
+
+    def check_token(self, token_hash: str) -> str:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT grp FROM tokens WHERE hash = ? AND expires > ? AND uses_left > 0", (token_hash, self._clock())
+            ).fetchone()
+        if row is None:
+            raise InvalidToken(self._TOKEN_REFUSED)
+        return row[0]
+
+    def enroll(self, token_hash: str, connector: Connector) -> Connector:
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ? AND expires > ? AND uses_left > 0 RETURNING grp",
+                (token_hash, now),
+            ).fetchone()
+            if row is None:
+                raise InvalidToken(self._TOKEN_REFUSED)
+            group = row[0]
+            if db.execute("SELECT COUNT(*) FROM connectors").fetchone()[0] >= self.limits.max_connectors:
+                raise LimitReached(f"there are already {self.limits.max_connectors} connectors; delete unused ones first")
+            db.execute(
+                "INSERT INTO connectors (id, name, hostname, version, grp, created, last_seen, source_addr, "
+                "cert_serial, cert_expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    connector.id,
+                    connector.name,
+                    connector.hostname,
+                    connector.version,
+                    group,
+                    now,
+                    now,
+                    connector.source_addr,
+                    format(connector.cert_serial, "x"),
+                    connector.cert_expires,
+                ),
+            )
+            db.execute("DELETE FROM tokens WHERE hash = ? AND uses_left <= 0", (token_hash,))
+            self._bump(db)
+            return _connector(db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector.id,)).fetchone())
+
+    # -- connectors
+
+    def get_connector(self, connector_id: str) -> Connector | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector_id,)).fetchone()
+        return _connector(row) if row else None
+
+    def list_connectors(self) -> list[Connector]:
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.revoked = 0 ORDER BY c.grp, c.name, c.id")
+            return [_connector(row) for row in rows]
+
+    def _require_connector(self, db: sqlite3.Connection, connector_id: str) -> None:
+        if db.execute("SELECT 1 FROM connectors WHERE id = ? AND revoked = 0", (connector_id,)).fetchone() is None:
+            raise NotFound(f"there is no connector {connector_id!r}; see `backhaul admin connector list`")
+
+    def assign_connector(self, connector_id: str, group: str) -> Connector:
+        with self._write() as db:
+            self._require_connector(db, connector_id)
+            self._require_group(db, group)
+            db.execute("UPDATE connectors SET grp = ? WHERE id = ?", (group, connector_id))
+            self._bump(db)
+            return _connector(db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector_id,)).fetchone())
+
+    def revoke_connector(self, connector_id: str) -> None:
+        with self._write() as db:
+            self._require_connector(db, connector_id)
+            # The record stays, marked revoked, until its certificates expire, so the
+            # relay and the API keep refusing them; prune() removes it afterwards.
+            db.execute("UPDATE connectors SET revoked = 1 WHERE id = ?", (connector_id,))
+            self._bump(db)
+
+    def renew_connector_cert(self, connector_id: str, serial: int, expires: float) -> None:
+        with self._write() as db:
+            self._require_connector(db, connector_id)
+            db.execute(
+                "UPDATE connectors SET prev_serial = cert_serial, prev_expires = cert_expires, "
+                "cert_serial = ?, cert_expires = ? WHERE id = ?",
+                (format(serial, "x"), expires, connector_id),
+            )
+
+    def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None:
+        with self._write() as db:
+            self._require_connector(db, connector_id)
+            db.execute(
+                "UPDATE connectors SET version = ?, cpu = ?, memory = ?, active_streams = ?, bytes_in = ?, "
+                "bytes_out = ?, last_seen = ?, source_addr = ? WHERE id = ?",
+                (
+                    stats.version,
+                    stats.cpu,
+                    stats.memory,
+                    stats.streams,
+                    stats.bytes_in,
+                    stats.bytes_out,
+                    self._clock(),
+                    peer,
+                    connector_id,
+                ),
+            )
+
+    def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM connectors WHERE id = ?", (connector_id,)).fetchone() is None:
+                return
+            db.execute(
+                "INSERT INTO tunnels (connector_id, worker, count) VALUES (?, ?, MAX(0, ?)) "
+                "ON CONFLICT (connector_id, worker) DO UPDATE SET count = MAX(0, count + ?)",
+                (connector_id, worker, delta, delta),
+            )
+            db.execute("DELETE FROM tunnels WHERE connector_id = ? AND worker = ? AND count = 0", (connector_id, worker))
+            db.execute(
+                "UPDATE connectors SET last_seen = ?, source_addr = ? WHERE id = ?", (self._clock(), peer, connector_id)
+            )
+
+    def mark_worker_down(self, worker: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM tunnels WHERE worker = ?", (worker,))
+
+    def prune(self, unseen_for: float) -> list[str]:
+        now = self._clock()
+        with self._write() as db:
+            removed = [
+                row[0]
+                for row in db.execute(
+                    "SELECT c.id FROM connectors c WHERE "
+                    "(c.revoked = 0 AND c.last_seen < ? AND NOT EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = c.id)) "
+                    "OR (c.revoked = 1 AND c.cert_expires < ? AND (c.prev_expires IS NULL OR c.prev_expires < ?))",
+                    (now - unseen_for, now, now),
+                )
+            ]
+            db.executemany("DELETE FROM connectors WHERE id = ?", [(cid,) for cid in removed])
+            db.execute("DELETE FROM tokens WHERE expires <= ? OR uses_left <= 0", (now,))
+            if removed:
+                self._bump(db)
+        return removed
+
+    def connector_config(self, connector_id: str, refresh_interval: int = 120) -> dict[str, Any]:
+        with self._read() as db:
+            version = db.execute("SELECT version FROM config_version WHERE id = 1").fetchone()[0]
+            row = db.execute("SELECT grp FROM connectors WHERE id = ? AND revoked = 0", (connector_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"there is no connector {connector_id!r}; re-register it")
+            group = row[0]
+            apps = [
+                {"name": name, "proto": proto, "target": target, "internal_url": internal_url}
+                for name, proto, target, internal_url in db.execute(
+                    "SELECT name, proto, target, internal_url FROM apps WHERE grp = ? ORDER BY name", (group,)
+                )
+            ]
+        # The ETag covers what the connector sees, not the global version, so a change
+        # in another group does not make every connector download its config again.
+        content = {"connector_id": connector_id, "group": group, "refresh_interval": refresh_interval, "apps": apps}
+        etag = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+        return {"version": version, "etag": etag, **content}
+
+    # -- apps
+
+    def list_apps(self) -> list[App]:
+        with self._read() as db:
+            return [_app(row) for row in db.execute(f"SELECT {_APP_COLUMNS} FROM apps ORDER BY name")]
+
+    def get_app(self, name: str) -> App | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_APP_COLUMNS} FROM apps WHERE name = ?", (name,)).fetchone()
+        return _app(row) if row else None
+
+    def _check_app(self, db: sqlite3.Connection, app: App, replacing: str | None) -> None:
+        self._require_group(db, app.group)
+        if app.name != replacing and db.execute("SELECT 1 FROM apps WHERE name = ?", (app.name,)).fetchone():
+            raise Conflict(f"an app called {app.name!r} already exists; pick another name or delete it first")
+        if app.port is not None:
+            row = db.execute(
+                "SELECT name FROM apps WHERE proto = ? AND port = ? AND name IS NOT ?", (app.proto, app.port, replacing)
+            ).fetchone()
+            if row:
+                raise Conflict(f"{app.proto.upper()} port {app.port} is already used by app {row[0]!r}; pick another port")
+        if app.external_host is not None:
+            row = db.execute(
+                "SELECT name FROM apps WHERE external_host = ? AND name IS NOT ?", (app.external_host, replacing)
+            ).fetchone()
+            if row:
+                raise Conflict(f"host {app.external_host!r} is already used by app {row[0]!r}; pick another host name")
+
+    def create_app(self, app: App) -> App:
+        with self._write() as db:
+            self._check_app(db, app, None)
+            if db.execute("SELECT COUNT(*) FROM apps").fetchone()[0] >= self.limits.max_apps:
+                raise LimitReached(f"there are already {self.limits.max_apps} apps; delete unused ones first")
+            db.execute(
+                f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url, app.preauth, self._clock()),
+            )
+            self._bump(db)
+        return app
+
+    def update_app(self, name: str, app: App) -> App:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM apps WHERE name = ?", (name,)).fetchone() is None:
+                raise NotFound(f"there is no app {name!r}; see `backhaul admin app list`")
+            self._check_app(db, app, name)
+            db.execute(
+                "UPDATE apps SET name = ?, grp = ?, proto = ?, port = ?, target = ?, external_host = ?, "
+                "internal_url = ?, preauth = ? WHERE name = ?",
+                (app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url, app.preauth, name),
+            )
+            self._bump(db)
+        return app
+
+    def delete_app(self, name: str) -> None:
+        with self._write() as db:
+            if db.execute("DELETE FROM apps WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"there is no app {name!r}; see `backhaul admin app list`")
+            self._bump(db)
+
+
+__all__ = ["SqliteStore", "StoreError"]

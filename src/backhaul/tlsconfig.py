@@ -1,0 +1,147 @@
+"""``ssl.SSLContext`` factories: relay server, connector client, enrollment and admin clients.
+
+Every context speaks TLS 1.3 only. The relay's listen port carries both tunnels and the
+control API, told apart by ALPN (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+
+from backhaul import pki
+from backhaul.errors import ConfigError
+from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL
+
+__all__ = [
+    "ALPN_HTTP",
+    "ALPN_TUNNEL",
+    "admin_context",
+    "connector_context",
+    "enroll_context",
+    "peer_cert_serial",
+    "peer_connector_id",
+    "pinning_probe_context",
+    "server_context",
+]
+
+
+class ClientCredentials(Protocol):
+    """What a connector client context needs: the paths of its state dir."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+
+
+def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def _require(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is missing; run `backhaul service init` for this data dir")
+    return str(path)
+
+
+def server_context(data_dir: str | os.PathLike) -> ssl.SSLContext:
+    """The relay's server context: service certificate, client certificates optional.
+
+    A client certificate is requested and, when sent, must chain to the service CA.
+    Tunnels require one; the ALPN dispatcher enforces that after the handshake.
+    """
+    data_dir = Path(data_dir)
+    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    try:
+        ctx.load_cert_chain(_require(data_dir / "service.pem", "service certificate"), _require(data_dir / "service.key", "service key"))
+        ctx.load_verify_locations(cafile=_require(data_dir / "ca.pem", "CA certificate"))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load the service certificate or CA from {data_dir}: {exc.reason}") from exc
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols([ALPN_TUNNEL, ALPN_HTTP])
+    return ctx
+
+
+def connector_context(state: ClientCredentials | str | os.PathLike, alpn: str) -> ssl.SSLContext:
+    """A connector's client context: its certificate, the service CA only, one ALPN id.
+
+    ``state`` is a loaded ConnectorState or the path of a state dir.
+    """
+    if isinstance(state, (str, os.PathLike)):
+        from backhaul.connector.state import ConnectorState
+
+        state = ConnectorState.load(state)
+    ctx = _tls13_only(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(state.ca_path)))
+    try:
+        ctx.load_cert_chain(str(state.cert_path), str(state.key_path))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load {state.cert_path} / {state.key_path}: {exc.reason}; re-register the connector") from exc
+    ctx.check_hostname = True
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def _pinned_ca_context(ca: bytes | str | os.PathLike) -> ssl.SSLContext:
+    if isinstance(ca, bytes):
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca.decode("ascii"))
+    else:
+        path = Path(ca)
+        if not path.is_file():
+            raise ConfigError(f"CA certificate {path} is missing; pass the service's ca.pem")
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+    _tls13_only(ctx)
+    ctx.check_hostname = True
+    ctx.set_alpn_protocols([ALPN_HTTP])
+    return ctx
+
+
+def enroll_context(ca_pem: bytes) -> ssl.SSLContext:
+    """A client context trusting only the pinned service CA (PEM bytes), for enrollment."""
+    return _pinned_ca_context(ca_pem)
+
+
+def admin_context(ca: bytes | str | os.PathLike) -> ssl.SSLContext:
+    """A client context for `backhaul admin`: the service CA (PEM bytes or a file path) only."""
+    return _pinned_ca_context(ca)
+
+
+def pinning_probe_context() -> ssl.SSLContext:
+    """An unverified client context, used once to fetch the CA whose fingerprint is pinned.
+
+    Nothing secret is sent over it; the CA it returns is checked against the pin and
+    then used as the only trust anchor of the real connection.
+    """
+    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols([ALPN_HTTP])
+    return ctx
+
+
+def _peer_cert(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.Certificate | None:
+    # With CERT_OPTIONAL a certificate that fails verification fails the handshake,
+    # so any certificate present here has been verified against the service CA.
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return x509.load_der_x509_certificate(der)
+
+
+def peer_connector_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The connector id named by the peer's verified certificate, or None."""
+    cert = _peer_cert(ssl_object)
+    return pki.connector_id_of(cert) if cert is not None else None
+
+
+def peer_cert_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> int | None:
+    """The serial number of the peer's verified certificate, or None."""
+    cert = _peer_cert(ssl_object)
+    return cert.serial_number if cert is not None else None
