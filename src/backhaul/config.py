@@ -31,6 +31,15 @@ class FlowControl:
     write_high: int = 1024 * 1024
     write_low: int = 256 * 1024
 
+    def __post_init__(self) -> None:
+        # Windows only grow on the wire, so nothing below the protocol's initial windows works.
+        if self.stream_window < 256 * 1024 or self.tunnel_window < 1024 * 1024:
+            raise ValueError("stream_window must be >= 256 KiB and tunnel_window >= 1 MiB (protocol.md)")
+        if not 0 < self.window_update_ratio <= 1 or not 1 <= self.max_frame_payload <= 256 * 1024:
+            raise ValueError("window_update_ratio must be in (0, 1] and max_frame_payload in 1..256 KiB")
+        if self.write_low > self.write_high:
+            raise ValueError("write_low must not exceed write_high")
+
 
 @dataclasses.dataclass(frozen=True)
 class Keepalive:

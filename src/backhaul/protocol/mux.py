@@ -1,0 +1,752 @@
+"""The tunnel multiplexer: many streams over one byte stream, as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+A ``Session`` is one end of one tunnel. It never touches a socket. Bytes that arrive
+are handed to it (``receive_data``, or ``get_buffer``/``buffer_updated`` for a
+BufferedProtocol); it decodes frames, enforces the protocol's rules and hands back
+events from ``next_event()``. The application acts with methods (``open_stream``,
+``send_data``, ``end_stream``, ...) and ``data_to_send()`` returns everything those
+methods encoded, as one buffer for one ``transport.write``.
+
+Flow control is the session's job, so no caller can get it wrong. Each stream has a
+send window (credit granted by the peer) and so does the tunnel. ``send_data`` sends
+what the windows allow and queues the rest inside the session; it returns False once
+the stream's queue is above ``FlowControl.write_high``, which tells the caller to stop
+reading its socket until a ``WriteResumed`` event. Received DATA is credited back to
+the peer only when the application calls ``consumed()`` (it has handed the bytes on
+without backpressure), so a reader that never reads holds the sender at the window
+and nobody buffers more than that.
+
+Stream ids: the relay opens streams with even ids, the connector (future) with odd
+ids; ids only grow. A frame for an id that was opened and has since closed is
+ignored (RST and DATA may cross); a frame for an id that was never opened is a
+protocol error that ends the tunnel.
+
+Any violation by the peer produces a ``TunnelFailed`` event, queues a GOAWAY with the
+reason, and leaves the session closed: every later ``next_event()`` returns None.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import os
+import time
+from typing import Any, Callable
+
+import orjson
+
+from backhaul.config import FlowControl, Keepalive
+from backhaul.protocol.constants import (
+    CONNECTION_STREAM,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    ErrorCode,
+    Flag,
+    FrameType,
+)
+from backhaul.protocol.framing import (
+    FrameDecoder,
+    FrameEncoder,
+    FrameError,
+    parse_error_payload,
+    parse_goaway,
+    parse_window,
+)
+
+#: Windows every stream and tunnel start with before any WINDOW frame (protocol.md).
+INITIAL_STREAM_WINDOW = 256 * 1024
+INITIAL_TUNNEL_WINDOW = 1024 * 1024
+
+
+class Role(enum.Enum):
+    """Which end of the tunnel a session is; it decides stream-id parity."""
+
+    RELAY = 0
+    CONNECTOR = 1
+
+
+class SessionError(Exception):
+    """The application asked for something the session's state does not allow."""
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class Event:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+
+class StreamOpened(Event):
+    """The peer opened a stream; answer with ``accept_stream`` or ``reject_stream``."""
+
+    __slots__ = ("stream_id", "meta")
+
+    def __init__(self, stream_id: int, meta: dict) -> None:
+        self.stream_id = stream_id
+        self.meta = meta
+
+
+class StreamAccepted(Event):
+    """The peer accepted a stream we opened (its target is connected)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamRejected(Event):
+    """A stream we opened was refused; nothing of it reached the target."""
+
+    __slots__ = ("stream_id", "code", "reason")
+
+    def __init__(self, stream_id: int, code: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.code = code
+        self.reason = reason
+
+
+class DataReceived(Event):
+    """Bytes for a stream. Call ``consumed(stream_id, len(data))`` once they are handed on."""
+
+    __slots__ = ("stream_id", "data", "end")
+
+    def __init__(self, stream_id: int, data: bytes, end: bool) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.end = end
+
+
+class StreamEnded(Event):
+    """The peer will send no more bytes on the stream (half-close)."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamReset(Event):
+    """The peer aborted the stream, or the session did because the tunnel failed."""
+
+    __slots__ = ("stream_id", "code", "reason")
+
+    def __init__(self, stream_id: int, code: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.code = code
+        self.reason = reason
+
+
+class WriteResumed(Event):
+    """The stream's send queue fell below the low mark: the caller may read its socket again."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class PongReceived(Event):
+    """Our PING was answered after ``rtt`` seconds."""
+
+    __slots__ = ("rtt",)
+
+    def __init__(self, rtt: float) -> None:
+        self.rtt = rtt
+
+
+class GoAwayReceived(Event):
+    """The peer drains: it accepts no new streams; ours above ``last_stream_id`` were refused."""
+
+    __slots__ = ("last_stream_id", "code", "reason")
+
+    def __init__(self, last_stream_id: int, code: int, reason: str) -> None:
+        self.last_stream_id = last_stream_id
+        self.code = code
+        self.reason = reason
+
+
+class ControlReceived(Event):
+    """A CONTROL message (a JSON object with a ``type`` key)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: dict) -> None:
+        self.message = message
+
+
+class DatagramReceived(Event):
+    """One UDP datagram of a flow."""
+
+    __slots__ = ("flow_id", "data")
+
+    def __init__(self, flow_id: int, data: bytes) -> None:
+        self.flow_id = flow_id
+        self.data = data
+
+
+class TunnelFailed(Event):
+    """The tunnel is over: a protocol violation, a dead peer, or the byte stream ended."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+class _Stream:
+    """Per-stream bookkeeping; small on purpose (an idle stream must cost little)."""
+
+    __slots__ = (
+        "id",
+        "accepted",  # OPEN_OK seen (opener) or sent (acceptor)
+        "local_open",  # we may still send DATA
+        "remote_open",  # the peer may still send DATA
+        "send_window",  # credit the peer granted us
+        "recv_window",  # credit we granted the peer and it has not used
+        "unacked",  # bytes consumed by the application and not yet credited back
+        "queue",  # deque of bytes waiting for credit, or None
+        "queued",  # total bytes in queue
+        "end_pending",  # FIN to send once the queue drains
+        "paused",  # send_data returned False; WriteResumed owed
+    )
+
+    def __init__(self, stream_id: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.accepted = False
+        self.local_open = True
+        self.remote_open = True
+        self.send_window = INITIAL_STREAM_WINDOW
+        self.recv_window = recv_window
+        self.unacked = 0
+        self.queue: collections.deque | None = None
+        self.queued = 0
+        self.end_pending = False
+        self.paused = False
+
+
+class Session:
+    """One end of a multiplexed tunnel. See the module docstring."""
+
+    def __init__(
+        self,
+        role: Role,
+        flow: FlowControl = FlowControl(),
+        keepalive: Keepalive = Keepalive(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.role = role
+        self._flow = flow
+        self._keepalive = keepalive
+        self._clock = clock
+        self._decoder = FrameDecoder()
+        self._encoder = FrameEncoder(flow.max_frame_payload)
+        self._streams: dict[int, _Stream] = {}
+        self._events: collections.deque[Event] = collections.deque()
+        self._next_local_id = 2 if role is Role.RELAY else 1
+        self._last_local_id = 0
+        self._last_peer_id = 0
+        self._peer_parity = 1 if role is Role.RELAY else 0
+        self._send_window = INITIAL_TUNNEL_WINDOW
+        self._recv_window = flow.tunnel_window
+        self._unacked = 0
+        #: streams with queued data, in the order they became blocked (round-robin on credit)
+        self._blocked: dict[int, None] = {}
+        self._closed = False
+        self._local_goaway = False
+        self._remote_goaway = False
+        self._last_received = clock()
+        self._ping_sent_at: float | None = None
+        self._stream_update_at = max(1, int(flow.stream_window * flow.window_update_ratio))
+        self._tunnel_update_at = max(1, int(flow.tunnel_window * flow.window_update_ratio))
+        grow = flow.tunnel_window - INITIAL_TUNNEL_WINDOW
+        if grow > 0:
+            self._encoder.window(CONNECTION_STREAM, grow)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def closed(self) -> bool:
+        """True once the tunnel failed or was closed; no more events come."""
+        return self._closed
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def draining(self) -> bool:
+        """True once either side sent GOAWAY: no new streams may be opened."""
+        return self._local_goaway or self._remote_goaway
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes queued in the session for a stream, waiting for credit."""
+        stream = self._streams.get(stream_id)
+        return stream.queued if stream is not None else 0
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> None:
+        """Hand over bytes read from the tunnel; b"" means the byte stream ended."""
+        if self._closed:
+            return
+        self._last_received = self._clock()
+        if data:
+            self._decoder.feed(data)
+        else:
+            self._connection_lost("the tunnel's byte stream ended")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """For BufferedProtocol.get_buffer: read straight into the decoder's buffer."""
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """For BufferedProtocol.buffer_updated."""
+        self._last_received = self._clock()
+        self._decoder.buffer_updated(nbytes)
+
+    def connection_lost(self, reason: str = "the tunnel connection was lost") -> None:
+        """The transport is gone: every stream is reset and a TunnelFailed event follows."""
+        if not self._closed:
+            self._connection_lost(reason)
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more input is needed."""
+        events = self._events
+        while not events:
+            if self._closed:
+                return None
+            try:
+                frame = self._decoder.next_frame()
+            except FrameError as exc:
+                self._fail(exc.code, str(exc.args[0]) if exc.args else "malformed frame")
+                continue
+            if frame is None:
+                return None
+            try:
+                self._handle(frame)
+            except FrameError as exc:
+                self._fail(exc.code, str(exc.args[0]) if exc.args else "malformed frame")
+        return events.popleft()
+
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything encoded since the last call, as one buffer; b"" when nothing."""
+        return self._encoder.take()
+
+    # ------------------------------------------------------------------ keepalive
+
+    def tick(self) -> float:
+        """Run keepalive; call periodically. Returns seconds until it wants to run again."""
+        if self._closed:
+            return self._keepalive.interval
+        now = self._clock()
+        idle = now - self._last_received
+        if idle >= self._keepalive.timeout:
+            self._fail(ErrorCode.PEER_DEAD, f"nothing received from the peer for {idle:.1f} s")
+            return self._keepalive.interval
+        if idle >= self._keepalive.interval and self._ping_sent_at is None:
+            self.ping()
+        return min(self._keepalive.interval, max(0.05, self._keepalive.timeout - idle))
+
+    def ping(self) -> None:
+        """Send a PING now; the answer comes as PongReceived."""
+        self._ping_sent_at = self._clock()
+        self._encoder.ping(os.urandom(8))
+
+    # ------------------------------------------------------------------ output: tunnel
+
+    def send_control(self, message: dict) -> None:
+        """Send a CONTROL message (a JSON object with a ``type`` key)."""
+        self._check_open()
+        self._encoder.control(orjson.dumps(message))
+
+    def send_datagram(self, flow_id: int, data: bytes) -> None:
+        """Send one datagram of a UDP flow (not flow-controlled)."""
+        self._check_open()
+        self._encoder.datagram(flow_id, data)
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "draining") -> None:
+        """Refuse new streams from now on; existing ones may finish."""
+        if self._closed or self._local_goaway:
+            return
+        self._local_goaway = True
+        self._encoder.goaway(self._last_peer_id, code, reason)
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closing") -> None:
+        """End the tunnel: GOAWAY, every stream reset locally, session closed."""
+        if self._closed:
+            return
+        if not self._local_goaway:
+            self._local_goaway = True
+            self._encoder.goaway(self._last_peer_id, code, reason)
+        self._terminate(code, reason)
+
+    # ------------------------------------------------------------------ output: streams
+
+    def open_stream(self, meta: dict) -> int:
+        """Open a stream with the given OPEN metadata; returns its id."""
+        self._check_open()
+        if self.draining:
+            raise SessionError("the tunnel is draining; open the stream on another tunnel")
+        if len(self._streams) >= self._flow.max_streams:
+            raise SessionError(f"the tunnel already holds {len(self._streams)} streams (its limit)")
+        stream_id = self._next_local_id
+        if stream_id > MAX_STREAM_ID:
+            raise SessionError("stream ids of this tunnel are used up; open a new tunnel")
+        self._next_local_id += 2
+        self._last_local_id = stream_id
+        self._streams[stream_id] = _Stream(stream_id, self._flow.stream_window)
+        self._encoder.open(stream_id, orjson.dumps(meta))
+        self._grow_stream_window(stream_id)
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer OPEN_OK: the target is connected."""
+        stream = self._stream_for_app(stream_id)
+        stream.accepted = True
+        self._encoder.open_ok(stream_id)
+        stream.recv_window += self._grow_stream_window(stream_id)
+
+    def reject_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Answer OPEN_FAIL; the stream is gone."""
+        self._stream_for_app(stream_id)
+        self._encoder.open_fail(stream_id, code, reason)
+        self._remove(stream_id)
+
+    def send_data(self, stream_id: int, data, end: bool = False) -> bool:
+        """Send bytes on a stream; returns False when the caller should stop producing.
+
+        What the windows do not allow yet is queued (copied) in the session and sent as
+        credit arrives. After False, a WriteResumed event says when to go on.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local_open:
+            raise SessionError(f"stream {stream_id} is closed for sending")
+        if self._closed:
+            raise SessionError("the tunnel is closed")
+        size = len(data)
+        if stream.queued == 0:
+            allowed = min(size, stream.send_window, self._send_window)
+            if allowed == size:
+                if size:
+                    stream.send_window -= size
+                    self._send_window -= size
+                    self._encoder.data(stream_id, data, end)
+                elif end:
+                    self._encoder.data(stream_id, b"", True)
+                if end:
+                    self._local_end(stream)
+                return True
+            if allowed > 0:
+                stream.send_window -= allowed
+                self._send_window -= allowed
+                self._encoder.data(stream_id, data[:allowed], False)
+                data = data[allowed:]
+                size -= allowed
+        if stream.queue is None:
+            stream.queue = collections.deque()
+        stream.queue.append(bytes(data))
+        stream.queued += size
+        self._blocked[stream_id] = None
+        if end:
+            stream.end_pending = True
+        if stream.queued > self._flow.write_high:
+            stream.paused = True
+            return False
+        return True
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: we send no more bytes (after what is queued)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local_open or stream.end_pending:
+            return
+        if stream.queued:
+            stream.end_pending = True
+        else:
+            self._encoder.fin(stream_id)
+            self._local_end(stream)
+
+    def reset_stream(self, stream_id: int, code: int, reason: str) -> None:
+        """Abort a stream both ways; queued bytes are dropped."""
+        if stream_id not in self._streams or self._closed:
+            return
+        self._encoder.rst(stream_id, code, reason)
+        self._remove(stream_id)
+
+    def consumed(self, stream_id: int, nbytes: int) -> None:
+        """The application handed on ``nbytes`` of received DATA: credit them back."""
+        if nbytes <= 0 or self._closed:
+            return
+        self._unacked += nbytes
+        if self._unacked >= self._tunnel_update_at:
+            self._encoder.window(CONNECTION_STREAM, self._unacked)
+            self._recv_window += self._unacked
+            self._unacked = 0
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.remote_open:
+            return
+        stream.unacked += nbytes
+        if stream.unacked >= self._stream_update_at:
+            self._encoder.window(stream_id, stream.unacked)
+            stream.recv_window += stream.unacked
+            stream.unacked = 0
+
+    # ------------------------------------------------------------------ frame handling
+
+    def _handle(self, frame) -> None:
+        kind = frame.type
+        stream_id = frame.stream_id
+        if kind == FrameType.DATA:
+            self._on_data(stream_id, frame.payload, frame.flags & Flag.END)
+        elif kind == FrameType.WINDOW:
+            self._on_window(stream_id, parse_window(frame.payload))
+        elif kind == FrameType.OPEN:
+            self._on_open(stream_id, frame.payload)
+        elif kind == FrameType.OPEN_OK:
+            stream = self._known(stream_id, local=True)
+            if stream is not None:
+                if stream.accepted:
+                    raise FrameError(f"second OPEN_OK for stream {stream_id}", ErrorCode.PROTOCOL_ERROR)
+                stream.accepted = True
+                self._events.append(StreamAccepted(stream_id))
+        elif kind == FrameType.OPEN_FAIL:
+            code, reason = parse_error_payload(frame.payload)
+            stream = self._known(stream_id, local=True)
+            if stream is not None:
+                self._remove(stream_id)
+                self._events.append(StreamRejected(stream_id, code, reason))
+        elif kind == FrameType.FIN:
+            stream = self._known(stream_id)
+            if stream is not None:
+                self._remote_end(stream)
+        elif kind == FrameType.RST:
+            code, reason = parse_error_payload(frame.payload)
+            if self._known(stream_id) is not None:
+                self._remove(stream_id)
+                self._events.append(StreamReset(stream_id, code, reason))
+        elif kind == FrameType.PING:
+            self._encoder.pong(frame.payload)
+        elif kind == FrameType.PONG:
+            if self._ping_sent_at is not None:
+                self._events.append(PongReceived(self._clock() - self._ping_sent_at))
+                self._ping_sent_at = None
+        elif kind == FrameType.DATAGRAM:
+            self._events.append(DatagramReceived(stream_id, frame.payload))
+        elif kind == FrameType.CONTROL:
+            self._events.append(ControlReceived(self._decode_json(frame.payload, "CONTROL")))
+        elif kind == FrameType.GOAWAY:
+            self._on_goaway(*parse_goaway(frame.payload))
+
+    def _on_data(self, stream_id: int, payload: bytes, end: int) -> None:
+        size = len(payload)
+        if size > self._recv_window:
+            raise FrameError(f"DATA of {size} bytes on stream {stream_id} exceeds the tunnel window of {self._recv_window}", ErrorCode.FLOW_CONTROL_ERROR)
+        self._recv_window -= size
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.remote_open:
+            self._check_seen(stream_id)
+            # Crossed with our RST or FIN: drop it, but keep the tunnel's credit flowing.
+            self.consumed(stream_id, size)
+            return
+        if not stream.accepted and self._is_local(stream_id):
+            raise FrameError(f"DATA on stream {stream_id} before OPEN_OK", ErrorCode.PROTOCOL_ERROR)
+        if size > stream.recv_window:
+            raise FrameError(f"DATA of {size} bytes on stream {stream_id} exceeds its window of {stream.recv_window}", ErrorCode.FLOW_CONTROL_ERROR)
+        stream.recv_window -= size
+        if size or end:
+            self._events.append(DataReceived(stream_id, payload, bool(end)))
+        if end:
+            self._remote_end(stream, notify=False)
+
+    def _on_window(self, stream_id: int, increment: int) -> None:
+        if stream_id == CONNECTION_STREAM:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise FrameError("the tunnel send window overflowed 2**31-1", ErrorCode.FLOW_CONTROL_ERROR)
+            if self._blocked:
+                self._flush_blocked()
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_seen(stream_id)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            raise FrameError(f"the send window of stream {stream_id} overflowed", ErrorCode.FLOW_CONTROL_ERROR)
+        if stream.queued:
+            self._flush_stream(stream)
+
+    def _on_open(self, stream_id: int, payload: bytes) -> None:
+        if stream_id & 1 != self._peer_parity:
+            raise FrameError(f"OPEN with stream id {stream_id} of the wrong parity", ErrorCode.PROTOCOL_ERROR)
+        if stream_id <= self._last_peer_id:
+            raise FrameError(f"OPEN with stream id {stream_id} not above the last one ({self._last_peer_id})", ErrorCode.PROTOCOL_ERROR)
+        self._last_peer_id = stream_id
+        if self._local_goaway:
+            self._encoder.open_fail(stream_id, ErrorCode.REFUSED_STREAM, "the connector is draining")
+            return
+        if len(self._streams) >= self._flow.max_streams:
+            self._encoder.open_fail(
+                stream_id, ErrorCode.REFUSED_STREAM, f"the tunnel holds {len(self._streams)} streams (its limit)"
+            )
+            return
+        try:
+            meta = self._decode_json(payload, "OPEN")
+        except FrameError as exc:
+            self._encoder.open_fail(stream_id, ErrorCode.PROTOCOL_ERROR, str(exc.args[0]))
+            return
+        # The peer may send DATA right after OPEN: it lands within the initial window.
+        stream = _Stream(stream_id, INITIAL_STREAM_WINDOW)
+        self._streams[stream_id] = stream
+        self._events.append(StreamOpened(stream_id, meta))
+
+    def _on_goaway(self, last_stream_id: int, code: int, reason: str) -> None:
+        self._remote_goaway = True
+        self._events.append(GoAwayReceived(last_stream_id, code, reason))
+        for stream_id in [s for s in self._streams if self._is_local(s) and s > last_stream_id]:
+            self._remove(stream_id)
+            self._events.append(StreamRejected(stream_id, ErrorCode.REFUSED_STREAM, f"peer is going away: {reason}"))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _decode_json(self, payload: bytes, what: str) -> dict:
+        try:
+            value = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise FrameError(f"{what} payload is not valid JSON: {exc}", ErrorCode.PROTOCOL_ERROR) from None
+        if not isinstance(value, dict):
+            raise FrameError(f"{what} payload is not a JSON object", ErrorCode.PROTOCOL_ERROR)
+        return value
+
+    def _is_local(self, stream_id: int) -> bool:
+        return stream_id & 1 != self._peer_parity
+
+    def _check_seen(self, stream_id: int) -> None:
+        """A frame for a stream we do not hold: fine if it existed once, fatal if never opened."""
+        last = self._last_local_id if self._is_local(stream_id) else self._last_peer_id
+        if stream_id > last:
+            raise FrameError(f"frame for stream {stream_id}, which was never opened", ErrorCode.PROTOCOL_ERROR)
+
+    def _known(self, stream_id: int, local: bool = False) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_seen(stream_id)
+            return None
+        if local and not self._is_local(stream_id):
+            raise FrameError(f"OPEN_OK/OPEN_FAIL for stream {stream_id}, which the peer opened", ErrorCode.PROTOCOL_ERROR)
+        return stream
+
+    def _stream_for_app(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise SessionError(f"stream {stream_id} is not open")
+        if self._closed:
+            raise SessionError("the tunnel is closed")
+        return stream
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError("the tunnel is closed")
+
+    def _grow_stream_window(self, stream_id: int) -> int:
+        """Grant the peer the configured stream window beyond the initial one; returns the grant."""
+        grow = self._flow.stream_window - INITIAL_STREAM_WINDOW
+        if grow > 0:
+            self._encoder.window(stream_id, grow)
+            return grow
+        return 0
+
+    def _flush_stream(self, stream: _Stream) -> None:
+        queue = stream.queue
+        while queue and stream.send_window > 0 and self._send_window > 0:
+            chunk = queue[0]
+            allowed = min(len(chunk), stream.send_window, self._send_window)
+            if allowed < len(chunk):
+                self._encoder.data(stream.id, memoryview(chunk)[:allowed], False)
+                queue[0] = chunk[allowed:]
+            else:
+                queue.popleft()
+                self._encoder.data(stream.id, chunk, False)
+            stream.send_window -= allowed
+            self._send_window -= allowed
+            stream.queued -= allowed
+        if stream.queued == 0:
+            self._blocked.pop(stream.id, None)
+            stream.queue = None
+            if stream.end_pending:
+                stream.end_pending = False
+                self._encoder.fin(stream.id)
+                self._local_end(stream)
+        if stream.paused and stream.queued <= self._flow.write_low:
+            stream.paused = False
+            self._events.append(WriteResumed(stream.id))
+
+    def _flush_blocked(self) -> None:
+        for stream_id in list(self._blocked):
+            if self._send_window <= 0:
+                break
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                self._blocked.pop(stream_id, None)
+            else:
+                self._flush_stream(stream)
+
+    def _local_end(self, stream: _Stream) -> None:
+        stream.local_open = False
+        if not stream.remote_open:
+            self._remove(stream.id)
+
+    def _remote_end(self, stream: _Stream, notify: bool = True) -> None:
+        stream.remote_open = False
+        if notify:
+            self._events.append(StreamEnded(stream.id))
+        if not stream.local_open:
+            self._remove(stream.id)
+
+    def _remove(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._blocked.pop(stream_id, None)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: tell it why, then end everything."""
+        self._local_goaway = True
+        self._encoder.goaway(self._last_peer_id, code, reason)
+        self._terminate(code, reason)
+
+    def _connection_lost(self, reason: str) -> None:
+        try:
+            self._decoder.eof()
+        except FrameError as exc:
+            reason = f"{reason} ({exc.args[0]})"
+        self._terminate(ErrorCode.CONNECTION_RESET if self._streams else ErrorCode.NO_ERROR, reason)
+
+    def _terminate(self, code: int, reason: str) -> None:
+        self._closed = True
+        for stream_id in list(self._streams):
+            self._events.append(StreamReset(stream_id, code, reason))
+        self._streams.clear()
+        self._blocked.clear()
+        self._events.append(TunnelFailed(code, reason))
+
+
+def stream_meta(app: str, target: str, proto: str, client: str, request_id: str, **extra: Any) -> dict:
+    """The OPEN metadata of protocol.md, in one place."""
+    meta = {"app": app, "target": target, "proto": proto, "client": client, "id": request_id}
+    meta.update(extra)
+    return meta
