@@ -1,0 +1,288 @@
+"""The tunnel transport: binds one mux ``Session`` to one TLS connection.
+
+It only moves buffers: bytes from the socket go into the session's decoder buffer
+(``get_buffer``/``buffer_updated``), session events are handed to the stream pipes
+and to the owner (relay or connector), and everything the session encoded during
+one loop iteration goes out in a single ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol as TypingProtocol
+
+from backhaul.protocol import mux
+from backhaul.protocol.constants import ErrorCode
+from backhaul.transport.sockets import set_nodelay
+
+log = logging.getLogger("backhaul.tunnel")
+
+
+class TunnelOwner(TypingProtocol):
+    """What a tunnel tells the relay or connector that owns it."""
+
+    def tunnel_up(self, tunnel: "Tunnel") -> None: ...
+
+    def tunnel_down(self, tunnel: "Tunnel", code: int, reason: str) -> None: ...
+
+    def stream_opened(self, tunnel: "Tunnel", stream_id: int, meta: dict) -> None: ...
+
+    def control_received(self, tunnel: "Tunnel", message: dict) -> None: ...
+
+    def goaway_received(self, tunnel: "Tunnel", code: int, reason: str) -> None: ...
+
+    def datagram_received(self, tunnel: "Tunnel", flow_id: int, data: bytes) -> None: ...
+
+
+class StreamEndpoint(TypingProtocol):
+    """The local end of one stream (a socket pipe); the tunnel delivers its events."""
+
+    def on_accepted(self) -> None: ...
+
+    def on_rejected(self, code: int, reason: str) -> None: ...
+
+    def on_data(self, data: bytes, end: bool) -> None: ...
+
+    def on_end(self) -> None: ...
+
+    def on_reset(self, code: int, reason: str) -> None: ...
+
+    def on_write_resumed(self) -> None: ...
+
+
+class Tunnel(asyncio.BufferedProtocol):
+    """One tunnel connection. ``session`` is its state machine; ``endpoints`` its streams."""
+
+    def __init__(self, session: mux.Session, owner: TunnelOwner, name: str = "tunnel") -> None:
+        self.session = session
+        self.owner = owner
+        self.name = name
+        self.endpoints: dict[int, StreamEndpoint] = {}
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.opened_at = time.monotonic()
+        self.rtt: float | None = None
+        self.closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: set by the owner: who is at the other end (connector id, relay worker index)
+        self.info: dict = {}
+        self._loop = asyncio.get_event_loop()
+        self._flush_scheduled = False
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._dispatch = {
+            mux.DataReceived: self._on_data,
+            mux.StreamEnded: self._on_ended,
+            mux.WriteResumed: self._on_write_resumed,
+            mux.StreamAccepted: self._on_accepted,
+            mux.StreamRejected: self._on_rejected,
+            mux.StreamReset: self._on_reset,
+            mux.StreamOpened: self._on_opened,
+            mux.ControlReceived: self._on_control,
+            mux.GoAwayReceived: self._on_goaway,
+            mux.DatagramReceived: self._on_datagram,
+            mux.PongReceived: self._on_pong,
+            mux.TunnelFailed: self._on_failed,
+        }
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._keepalive = self._loop.call_later(self.session.tick(), self._run_keepalive)
+        self.owner.tunnel_up(self)
+        self.flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        self.session.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.session.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.session.closed:
+            self.session.connection_lost(f"tunnel connection lost: {exc}" if exc else "tunnel connection closed")
+        self._process()
+        self._stop()
+
+    # ------------------------------------------------------------------ API for pipes and owners
+
+    def send(self, stream_id: int, data, end: bool = False) -> bool:
+        """Queue bytes on a stream; False means: pause the socket until on_write_resumed."""
+        keep_going = self.session.send_data(stream_id, data, end)
+        self.schedule_flush()
+        return keep_going
+
+    def end(self, stream_id: int) -> None:
+        self.session.end_stream(stream_id)
+        self.schedule_flush()
+
+    def reset(self, stream_id: int, code: int, reason: str) -> None:
+        self.endpoints.pop(stream_id, None)
+        self.session.reset_stream(stream_id, code, reason)
+        self.schedule_flush()
+
+    def consumed(self, stream_id: int, nbytes: int) -> None:
+        self.session.consumed(stream_id, nbytes)
+        self.schedule_flush()
+
+    def open(self, meta: dict, endpoint: StreamEndpoint) -> int:
+        """Open a stream whose events go to ``endpoint``; raises mux.SessionError if it cannot."""
+        stream_id = self.session.open_stream(meta)
+        self.endpoints[stream_id] = endpoint
+        self.schedule_flush()
+        return stream_id
+
+    def accept(self, stream_id: int, endpoint: StreamEndpoint) -> None:
+        self.endpoints[stream_id] = endpoint
+        self.session.accept_stream(stream_id)
+        self.schedule_flush()
+
+    def reject(self, stream_id: int, code: int, reason: str) -> None:
+        self.endpoints.pop(stream_id, None)
+        self.session.reject_stream(stream_id, code, reason)
+        self.schedule_flush()
+
+    def control(self, message: dict) -> None:
+        if not self.session.closed:
+            self.session.send_control(message)
+            self.schedule_flush()
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "draining") -> None:
+        self.session.goaway(code, reason)
+        self.flush()
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closing") -> None:
+        """Close the tunnel: GOAWAY to the peer, streams reset, connection closed."""
+        if self.closed:
+            return
+        self.session.close(code, reason)
+        self._process()
+
+    @property
+    def load(self) -> int:
+        """How busy the tunnel is, for least-loaded routing."""
+        return self.session.active_streams
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.session.closed and not self.session.draining
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.session.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    # ------------------------------------------------------------------ internals
+
+    def _process(self) -> None:
+        session = self.session
+        dispatch = self._dispatch
+        while (event := session.next_event()) is not None:
+            dispatch[type(event)](event)
+        self.flush()
+
+    def _run_keepalive(self) -> None:
+        if self.closed:
+            return
+        delay = self.session.tick()
+        self._process()
+        if not self.closed:
+            self._keepalive = self._loop.call_later(delay, self._run_keepalive)
+
+    def _stop(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    def _on_data(self, event: mux.DataReceived) -> None:
+        endpoint = self.endpoints.get(event.stream_id)
+        if endpoint is None:
+            self.session.consumed(event.stream_id, len(event.data))
+        else:
+            endpoint.on_data(event.data, event.end)
+
+    def _on_ended(self, event: mux.StreamEnded) -> None:
+        endpoint = self.endpoints.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.on_end()
+
+    def _on_write_resumed(self, event: mux.WriteResumed) -> None:
+        endpoint = self.endpoints.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.on_write_resumed()
+
+    def _on_accepted(self, event: mux.StreamAccepted) -> None:
+        endpoint = self.endpoints.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.on_accepted()
+
+    def _on_rejected(self, event: mux.StreamRejected) -> None:
+        endpoint = self.endpoints.pop(event.stream_id, None)
+        if endpoint is not None:
+            endpoint.on_rejected(event.code, event.reason)
+
+    def _on_reset(self, event: mux.StreamReset) -> None:
+        endpoint = self.endpoints.pop(event.stream_id, None)
+        if endpoint is not None:
+            endpoint.on_reset(event.code, event.reason)
+
+    def _on_opened(self, event: mux.StreamOpened) -> None:
+        self.owner.stream_opened(self, event.stream_id, event.meta)
+
+    def _on_control(self, event: mux.ControlReceived) -> None:
+        self.owner.control_received(self, event.message)
+
+    def _on_goaway(self, event: mux.GoAwayReceived) -> None:
+        self.owner.goaway_received(self, event.code, event.reason)
+
+    def _on_datagram(self, event: mux.DatagramReceived) -> None:
+        self.owner.datagram_received(self, event.flow_id, event.data)
+
+    def _on_pong(self, event: mux.PongReceived) -> None:
+        self.rtt = event.rtt
+
+    def _on_failed(self, event: mux.TunnelFailed) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.flush()
+        log.info(
+            "tunnel closed",
+            extra={
+                "tunnel": self.name,
+                "peer": self.peer,
+                "code": ErrorCode(event.code).name if event.code in ErrorCode._value2member_map_ else event.code,
+                "reason": event.reason,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "seconds": round(time.monotonic() - self.opened_at, 3),
+            },
+        )
+        if self.transport is not None:
+            if event.code == ErrorCode.PEER_DEAD:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        self._stop()
+        self.owner.tunnel_down(self, event.code, event.reason)
+
