@@ -377,13 +377,16 @@ def _raise_system_exit(signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; 0 when every selected path was measured without a failed run."""
     args = parse_args(argv)
+    # Ctrl-C must reach the finally clause even when started from a shell that ignores
+    # SIGINT in background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGHUP, _raise_system_exit)
     ensure_programs()
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
     procs = peers.Processes(workdir)
     atexit.register(procs.stop_all)
-    ok = False
+    keep_logs = False
     try:
         backend = peers.Backend(procs, args.nginx_workers)
         backend.start()
@@ -423,18 +426,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         problems = list(failed) + [k for k, row in summary.items() if row["failed_runs"]]
         if problems:
+            keep_logs = True
             print(f"compare: not every path was measured cleanly ({', '.join(problems)}); "
                   f"see the messages above and the logs in {workdir}", file=sys.stderr)
             return 1
-        ok = True
         return 0
     except BenchError as exc:
+        keep_logs = True
         print(f"compare: {exc}", file=sys.stderr)
         print(f"compare: logs kept in {workdir}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("compare: interrupted; stopping every server it started", file=sys.stderr)
+        return 130
     finally:
         procs.stop_all()
-        if ok:
+        if not keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
