@@ -1,0 +1,101 @@
+"""What the connector agent asks the control API: config, heartbeat, certificate renewal.
+
+Every call rides an aiohttp session whose TLS context carries the connector's client
+certificate (see ``connector_session``). After a renewal the caller builds a new
+session so the new certificate is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+
+from backhaul import pki, tlsconfig
+from backhaul.connector.state import ConnectorState, replace_credentials
+from backhaul.errors import CertificateError, ServiceError
+
+#: Seconds one control call may take, connection included.
+REQUEST_TIMEOUT = 30.0
+#: Largest answer read from the control API.
+MAX_RESPONSE = 4 * 1024 * 1024
+
+
+def connector_session(state: ConnectorState, *, timeout: float = REQUEST_TIMEOUT) -> aiohttp.ClientSession:
+    """An aiohttp session to the service, authenticated by the connector's certificate."""
+    ctx = tlsconfig.connector_context(state, tlsconfig.ALPN_HTTP)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=ctx, limit=4),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        headers={"Accept": "application/json"},
+    )
+
+
+async def _call(
+    state: ConnectorState, session: aiohttp.ClientSession, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDict[str], Any]:
+    url = state.service_url + path
+    data = orjson.dumps(body) if body is not None else None
+    hdrs = dict(headers or {})
+    if data is not None:
+        hdrs["Content-Type"] = "application/json"
+    try:
+        async with session.request(method, url, data=data, headers=hdrs) as resp:
+            raw = await resp.content.read(MAX_RESPONSE + 1)
+            status, resp_headers = resp.status, resp.headers.copy()
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise CertificateError(f"the service at {state.service_url} did not present a certificate from the service CA ({exc.certificate_error})") from exc
+    except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ServiceError(f"{method} {url} failed ({exc.__class__.__name__}: {exc}); will retry") from exc
+    if len(raw) > MAX_RESPONSE:
+        raise ServiceError(f"the answer to {method} {path} is larger than {MAX_RESPONSE} bytes")
+    try:
+        decoded = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise ServiceError(f"{method} {path} answered HTTP {status} with something that is not JSON") from exc
+    if status >= 400:
+        detail = decoded.get("detail") if isinstance(decoded, dict) else f"HTTP {status}"
+        if status == 403:
+            raise CertificateError(f"the service refused this connector: {detail}")
+        raise ServiceError(f"{method} {path} failed: {detail}")
+    return status, resp_headers, decoded
+
+
+async def pull_config(state: ConnectorState, session: aiohttp.ClientSession, etag: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """The connector's config: (etag, config), or (etag, None) when unchanged since ``etag``."""
+    headers = {"If-None-Match": f'"{etag}"'} if etag else {}
+    status, resp_headers, config = await _call(state, session, "GET", "/v1/connector/config", headers=headers)
+    new_etag = resp_headers.get("ETag", "").strip('"') or etag
+    if status == 304:
+        return new_etag, None
+    if not isinstance(config, dict) or not isinstance(config.get("apps"), list):
+        raise ServiceError("the service's config answer has no apps list")
+    return new_etag, config
+
+
+async def heartbeat(state: ConnectorState, session: aiohttp.ClientSession, stats: dict[str, Any]) -> dict[str, Any]:
+    """Report {version, cpu, memory, streams, bytes_in, bytes_out}; returns the service's answer
+    (its ``config_version`` tells whether a config pull is worth doing)."""
+    _, _, answer = await _call(state, session, "POST", "/v1/connector/heartbeat", stats)
+    return answer
+
+
+async def renew(state: ConnectorState, session: aiohttp.ClientSession) -> ConnectorState:
+    """Get a certificate for a fresh key, put both in place atomically; returns the new state."""
+    key = pki.generate_key()
+    csr = pki.make_csr(key, state.name)
+    _, _, answer = await _call(state, session, "POST", "/v1/connector/renew", {"csr": pki.csr_to_pem(csr).decode("ascii")})
+    if not isinstance(answer, dict) or not isinstance(answer.get("certificate"), str):
+        raise ServiceError("the service's renewal answer has no certificate")
+    cert = pki.load_cert(answer["certificate"])
+    pki.verify_issued_by(cert, pki.load_cert_file(state.ca_path))
+    if pki.connector_id_of(cert) != state.connector_id or not pki.same_public_key(key, cert):
+        raise CertificateError("the renewed certificate is not for this connector's new key; keeping the current one")
+    await asyncio.get_running_loop().run_in_executor(
+        None, replace_credentials, state.state_dir, pki.cert_to_pem(cert), pki.key_to_pem(key)
+    )
+    return ConnectorState.load(state.state_dir)

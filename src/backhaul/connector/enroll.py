@@ -1,0 +1,131 @@
+"""`backhaul connector register`: enroll this machine with a token and a pinned CA.
+
+The service's CA is fetched over an unverified connection and compared with the
+pinned SHA-256 before anything secret is sent; the token then travels over a second
+connection whose only trust anchor is that CA (and whose host name is checked). The
+private key is made here and never leaves the machine: the service signs a CSR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from backhaul import __version__, pki, tlsconfig
+from backhaul.connector.state import STATE_FILE, parse_service_url, write_state
+from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
+
+#: Seconds one registration request may take, connection included.
+REQUEST_TIMEOUT = 30.0
+#: Largest answer read from the service during registration.
+MAX_RESPONSE = 256 * 1024
+
+
+async def _request(ctx: ssl.SSLContext, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = orjson.dumps(body)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
+            async with session.request(method, url, data=data, headers=headers) as resp:
+                raw = await resp.content.read(MAX_RESPONSE + 1)
+                status = resp.status
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise CertificateError(
+            f"the service's TLS certificate does not match the pinned CA or the host name in {url} "
+            f"({exc.certificate_error}); use a --service name the service certificate was made for"
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise ServiceError(f"cannot reach the service at {url} ({exc.strerror or exc}); check --service and the network") from exc
+    except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ServiceError(f"the request to {url} failed ({exc.__class__.__name__}: {exc}); try again") from exc
+    if len(raw) > MAX_RESPONSE:
+        raise ServiceError(f"the answer from {url} is larger than {MAX_RESPONSE} bytes; is this a backhaul relay?")
+    try:
+        return status, orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise ServiceError(f"{url} answered HTTP {status} with something that is not JSON; is this a backhaul relay?") from exc
+
+
+async def fetch_pinned_ca(service_url: str, pin: str) -> bytes:
+    """The service CA (PEM), after checking its SHA-256 against ``pin``."""
+    status, data = await _request(tlsconfig.pinning_probe_context(), "GET", f"{service_url}/v1/ca")
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("ca"), str):
+        raise ServiceError(f"{service_url}/v1/ca answered HTTP {status} without a CA; is this a backhaul relay?")
+    ca_pem = data["ca"].encode("ascii", errors="replace")
+    actual = pki.fingerprint_sha256(ca_pem)
+    if not hmac.compare_digest(actual, pin):
+        raise CertificateError(
+            f"the service's CA has SHA-256 {actual}, not the pinned {pin}; "
+            "check --ca-sha256 against `backhaul service init` output (or this is not your service)"
+        )
+    return ca_pem
+
+
+async def enroll(service_url: str, pin: str, token: str, name: str) -> dict[str, Any]:
+    """Enroll; returns connector_id, group and the PEMs of CA, certificate and key."""
+    ca_pem = await fetch_pinned_ca(service_url, pin)
+    key = pki.generate_key()
+    csr = pki.make_csr(key, name)
+    status, data = await _request(
+        tlsconfig.enroll_context(ca_pem),
+        "POST",
+        f"{service_url}/v1/enroll",
+        {
+            "token": token,
+            "csr": pki.csr_to_pem(csr).decode("ascii"),
+            "name": name,
+            "hostname": socket.gethostname(),
+            "version": __version__,
+        },
+    )
+    if status >= 400:
+        detail = data.get("detail") if isinstance(data, dict) else None
+        raise EnrollmentError(f"the service refused the registration: {detail or f'HTTP {status}'}")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("connector_id", "certificate", "group")):
+        raise ServiceError("the service's enrollment answer lacks connector_id, certificate or group")
+    cert = pki.load_cert(data["certificate"])
+    pki.verify_issued_by(cert, pki.load_cert(ca_pem))
+    if pki.connector_id_of(cert) != data["connector_id"] or not pki.same_public_key(key, cert):
+        raise CertificateError("the certificate the service returned is not for this connector's key and id; try again")
+    return {
+        "connector_id": data["connector_id"],
+        "group": data["group"],
+        "ca_pem": ca_pem,
+        "cert_pem": pki.cert_to_pem(cert),
+        "key_pem": pki.key_to_pem(key),
+    }
+
+
+def register(args: argparse.Namespace) -> int:
+    """Handler of `backhaul connector register`."""
+    state_dir = Path(args.state_dir).absolute()
+    if (state_dir / STATE_FILE).exists():
+        raise ConfigError(f"{state_dir} already holds a registered connector; use another --state-dir, or delete it first")
+    service_url = args.service.rstrip("/")
+    parse_service_url(service_url)
+    pin = pki.normalize_fingerprint(args.ca_sha256)
+    name = args.name or socket.gethostname()
+    result = asyncio.run(enroll(service_url, pin, args.token, name))
+    write_state(
+        state_dir,
+        service_url=service_url,
+        connector_id=result["connector_id"],
+        name=name,
+        ca_pem=result["ca_pem"],
+        cert_pem=result["cert_pem"],
+        key_pem=result["key_pem"],
+    )
+    print(f"registered connector {result['connector_id']} ({name}) in group {result['group']}; state in {state_dir}")
+    return 0
