@@ -29,20 +29,20 @@ HEADER_SIZE = cython.declare(cython.Py_ssize_t, constants.HEADER_SIZE)
 #: Free space get_buffer() guarantees: one socket read.
 READ_CHUNK = cython.declare(cython.Py_ssize_t, 64 * 1024)
 
-_DATA = cython.declare(cython.int, FrameType.DATA)
-_OPEN = cython.declare(cython.int, FrameType.OPEN)
-_OPEN_OK = cython.declare(cython.int, FrameType.OPEN_OK)
-_OPEN_FAIL = cython.declare(cython.int, FrameType.OPEN_FAIL)
-_FIN = cython.declare(cython.int, FrameType.FIN)
-_RST = cython.declare(cython.int, FrameType.RST)
-_WINDOW = cython.declare(cython.int, FrameType.WINDOW)
-_PING = cython.declare(cython.int, FrameType.PING)
-_PONG = cython.declare(cython.int, FrameType.PONG)
-_DATAGRAM = cython.declare(cython.int, FrameType.DATAGRAM)
-_GOAWAY = cython.declare(cython.int, FrameType.GOAWAY)
-_CONTROL = cython.declare(cython.int, FrameType.CONTROL)
-_MAX_TYPE = cython.declare(cython.int, max(FrameType))
-_END = cython.declare(cython.int, constants.Flag.END)
+_DATA = cython.declare(cython.int, int(FrameType.DATA))
+_OPEN = cython.declare(cython.int, int(FrameType.OPEN))
+_OPEN_OK = cython.declare(cython.int, int(FrameType.OPEN_OK))
+_OPEN_FAIL = cython.declare(cython.int, int(FrameType.OPEN_FAIL))
+_FIN = cython.declare(cython.int, int(FrameType.FIN))
+_RST = cython.declare(cython.int, int(FrameType.RST))
+_WINDOW = cython.declare(cython.int, int(FrameType.WINDOW))
+_PING = cython.declare(cython.int, int(FrameType.PING))
+_PONG = cython.declare(cython.int, int(FrameType.PONG))
+_DATAGRAM = cython.declare(cython.int, int(FrameType.DATAGRAM))
+_GOAWAY = cython.declare(cython.int, int(FrameType.GOAWAY))
+_CONTROL = cython.declare(cython.int, int(FrameType.CONTROL))
+_MAX_TYPE = cython.declare(cython.int, int(max(FrameType)))
+_END = cython.declare(cython.int, int(constants.Flag.END))
 
 _MAX_PAYLOAD = cython.declare(cython.Py_ssize_t, constants.MAX_PAYLOAD)
 _MAX_CONTROL = cython.declare(cython.Py_ssize_t, constants.MAX_CONTROL_PAYLOAD)
@@ -199,7 +199,8 @@ class FrameDecoder:
             self._end = unread
             return
         else:
-            newcap = max(need, min(2 * capacity, self._base))
+            # Doubling amortises small feeds; the cap keeps one frame plus this feed the most ever held.
+            newcap = max(need, min(2 * capacity, HEADER_SIZE + self._max_payload + n))
         if cython.compiled:
             fresh: bytearray = PyByteArray_FromStringAndSize(cython.NULL, newcap)
             if unread:

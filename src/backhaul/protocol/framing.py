@@ -7,6 +7,7 @@ without the Cython build instead of falling back to it (CI and production use th
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -16,7 +17,8 @@ if os.environ.get("BACKHAUL_PURE") == "1":
     IMPLEMENTATION = "python"
 else:
     try:
-        from backhaul.protocol import _framing_c as _impl
+        # import_module, not `from ... import`: it honours a None placeholder in sys.modules.
+        _impl = importlib.import_module("backhaul.protocol._framing_c")
 
         IMPLEMENTATION = "cython"
     except ImportError as exc:
