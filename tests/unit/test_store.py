@@ -1,0 +1,335 @@
+"""The SQLite store, on real files in tmp_path; time is the only thing injected."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from backhaul.store import (
+    App,
+    Conflict,
+    Connector,
+    ConnectorStats,
+    InvalidToken,
+    LimitReached,
+    NotFound,
+    StoreLimits,
+    open_store,
+)
+from backhaul.errors import ConfigError
+
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    s = open_store(tmp_path, clock=clock)
+    yield s
+    s.close()
+
+
+def _connector(cid: str, serial: int = 1, expires: float = 2_000_000.0) -> Connector:
+    return Connector(
+        id=cid, name=cid, hostname="h", version="1", group="", created=0, last_seen=0, source_addr="127.0.0.1",
+        cert_serial=serial, cert_expires=expires,
+    )
+
+
+def _enroll(store, cid: str, group: str = "default", serial: int = 1) -> Connector:
+    store.create_token(f"hash-{cid}", group, 10**12, 1)
+    return store.enroll(f"hash-{cid}", _connector(cid, serial))
+
+
+def test_fresh_store_has_default_group_and_version(store):
+    assert [g.name for g in store.list_groups()] == ["default"]
+    assert store.config_version() >= 1
+    assert store.admin_token_hash() is None
+
+
+def test_reopen_keeps_data_and_does_not_rerun_migrations(tmp_path):
+    s = open_store(tmp_path)
+    s.create_group("g1")
+    s.set_admin_token_hash("abc")
+    s.close()
+    s = open_store(tmp_path / "store.sqlite")
+    assert [g.name for g in s.list_groups()] == ["default", "g1"]
+    assert s.admin_token_hash() == "abc"
+    s.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    open_store(tmp_path).close()
+    with sqlite3.connect(tmp_path / "store.sqlite") as db:
+        db.execute("INSERT INTO schema_migrations VALUES (999, 0)")
+    with pytest.raises(ConfigError, match="newer backhaul"):
+        open_store(tmp_path)
+
+
+def test_every_routing_change_bumps_the_version(store):
+    seen = [store.config_version()]
+
+    def bumped():
+        v = store.config_version()
+        assert v > seen[-1]
+        seen.append(v)
+
+    store.create_group("g1"); bumped()
+    store.create_app(App("db", "g1", "tcp", 5000, "10.0.0.1:5432")); bumped()
+    store.update_app("db", App("db", "g1", "tcp", 5001, "10.0.0.1:5432")); bumped()
+    c = _enroll(store, "c-aaaaaaaaaaaa"); bumped()
+    store.assign_connector(c.id, "g1"); bumped()
+    store.rename_group("g1", "g2"); bumped()
+    store.revoke_connector(c.id); bumped()
+    store.delete_app("db"); bumped()
+    store.delete_group("g2"); bumped()
+    before = store.config_version()
+    other = _enroll(store, "c-bbbbbbbbbbbb")
+    before = store.config_version()
+    store.list_apps()
+    store.heartbeat(other.id, ConnectorStats(cpu=1.0), "p")
+    store.tunnel_changed(other.id, 0, +1, "p")
+    assert store.config_version() == before  # reads, heartbeats and tunnels are not config
+
+
+def test_token_uses_and_expiry(store, clock):
+    store.create_token("t", "default", clock.now + 60, 2)
+    assert store.check_token("t") == "default"
+    _ = store.enroll("t", _connector("c-aaaaaaaaaaaa"))
+    store.enroll("t", _connector("c-bbbbbbbbbbbb"))
+    with pytest.raises(InvalidToken):
+        store.enroll("t", _connector("c-cccccccccccc"))
+    assert store.get_connector("c-cccccccccccc") is None
+    store.create_token("u", "default", clock.now + 60, 5)
+    clock.now += 61
+    with pytest.raises(InvalidToken):
+        store.check_token("u")
+    with pytest.raises(InvalidToken):
+        store.enroll("u", _connector("c-dddddddddddd"))
+    with pytest.raises(InvalidToken):
+        store.check_token("never-issued")
+
+
+def test_token_for_unknown_group_is_refused(store):
+    with pytest.raises(NotFound, match="nope"):
+        store.create_token("t", "nope", 10**12, 1)
+
+
+def test_enroll_puts_connector_in_the_tokens_group(store):
+    store.create_group("branch")
+    c = _enroll(store, "c-aaaaaaaaaaaa", group="branch")
+    assert c.group == "branch"
+    assert store.get_connector(c.id).group == "branch"
+
+
+def test_tunnels_add_up_over_workers_and_worker_down_clears(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    assert store.get_connector(cid).status == "inactive"
+    clock.now += 5
+    store.tunnel_changed(cid, 0, +1, "127.0.0.1:1")
+    store.tunnel_changed(cid, 0, +1, "127.0.0.1:2")
+    store.tunnel_changed(cid, 1, +1, "127.0.0.1:3")
+    c = store.get_connector(cid)
+    assert (c.tunnels, c.status, c.last_seen, c.source_addr) == (3, "active", clock.now, "127.0.0.1:3")
+    store.mark_worker_down(0)
+    assert store.get_connector(cid).tunnels == 1
+    store.tunnel_changed(cid, 1, -1, "127.0.0.1:3")
+    store.tunnel_changed(cid, 1, -1, "127.0.0.1:3")  # never below zero
+    assert store.get_connector(cid).tunnels == 0
+    assert store.get_connector(cid).status == "inactive"
+    store.tunnel_changed("c-unknownxxxxx", 0, +1, "x")  # a deleted connector is ignored
+    assert store.get_connector("c-unknownxxxxx") is None
+
+
+def test_connector_config_lists_its_groups_apps_and_etag_tracks_them(store):
+    store.create_group("g1")
+    cid = _enroll(store, "c-aaaaaaaaaaaa", group="g1").id
+    store.create_app(App("db", "g1", "tcp", 5000, "10.0.0.1:5432"))
+    store.create_app(App("other", "default", "tcp", 5001, "10.0.0.2:22"))
+    store.create_app(App("web", "g1", "http", None, "intranet:80", "web.example.com", "http://intranet/", "passthrough"))
+    cfg = store.connector_config(cid, 60)
+    assert cfg["connector_id"] == cid and cfg["group"] == "g1" and cfg["refresh_interval"] == 60
+    assert cfg["apps"] == [
+        {"name": "db", "proto": "tcp", "target": "10.0.0.1:5432", "internal_url": None},
+        {"name": "web", "proto": "http", "target": "intranet:80", "internal_url": "http://intranet/"},
+    ]
+    assert cfg["version"] == store.config_version()
+    store.create_app(App("more", "default", "tcp", 5002, "10.0.0.3:22"))
+    assert store.connector_config(cid, 60)["etag"] == cfg["etag"]  # another group's change
+    store.delete_app("db")
+    assert store.connector_config(cid, 60)["etag"] != cfg["etag"]
+    with pytest.raises(NotFound):
+        store.connector_config("c-unknownxxxxx")
+
+
+def test_app_conflicts_are_refused_with_the_culprit(store):
+    store.create_app(App("db", "default", "tcp", 5000, "10.0.0.1:5432"))
+    store.create_app(App("dns", "default", "udp", 5000, "10.0.0.1:53"))  # same number, other protocol
+    with pytest.raises(Conflict, match="already used by app 'db'"):
+        store.create_app(App("db2", "default", "tcp", 5000, "10.0.0.1:5432"))
+    with pytest.raises(Conflict, match="already exists"):
+        store.create_app(App("db", "default", "tcp", 5001, "10.0.0.1:5432"))
+    store.create_app(App("web", "default", "http", None, "a:80", "web.example.com", "http://a/", "passthrough"))
+    with pytest.raises(Conflict, match="web.example.com"):
+        store.create_app(App("web2", "default", "http", None, "a:80", "web.example.com", "http://a/", "passthrough"))
+    with pytest.raises(NotFound, match="nope"):
+        store.create_app(App("x", "nope", "tcp", 6000, "10.0.0.1:1"))
+    store.update_app("db", App("db", "default", "tcp", 5000, "10.0.0.9:5432"))  # keeping its own port is fine
+    assert store.get_app("db").target == "10.0.0.9:5432"
+    assert [a.name for a in store.list_apps()] == ["db", "dns", "web"]
+
+
+def test_group_delete_refused_while_in_use_names_the_members(store):
+    store.create_group("g1")
+    store.create_app(App("db", "g1", "tcp", 5000, "10.0.0.1:5432"))
+    cid = _enroll(store, "c-aaaaaaaaaaaa", group="g1").id
+    with pytest.raises(Conflict) as info:
+        store.delete_group("g1")
+    assert "db" in str(info.value) and cid in str(info.value)
+    store.delete_app("db")
+    store.assign_connector(cid, "default")
+    store.delete_group("g1")
+    assert store.get_group("g1") is None
+    with pytest.raises(Conflict):
+        store.delete_group("default")
+    with pytest.raises(NotFound):
+        store.delete_group("g1")
+
+
+def test_rename_moves_everything(store):
+    store.create_group("old")
+    store.create_app(App("db", "old", "tcp", 5000, "10.0.0.1:5432"))
+    cid = _enroll(store, "c-aaaaaaaaaaaa", group="old").id
+    store.create_token("t", "old", 10**12, 1)
+    g = store.rename_group("old", "new")
+    assert (g.name, g.apps, g.connectors) == ("new", 1, 1)
+    assert store.get_app("db").group == "new"
+    assert store.get_connector(cid).group == "new"
+    assert store.check_token("t") == "new"
+    with pytest.raises(Conflict):
+        store.rename_group("new", "default")
+    store.create_group("other")
+    with pytest.raises(Conflict):
+        store.rename_group("new", "other")
+
+
+def test_revocation_and_renewal_serials(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa", serial=11).id
+    c = store.get_connector(cid)
+    assert c.accepts_serial(11, clock.now) and not c.accepts_serial(12, clock.now) and not c.accepts_serial(None, clock.now)
+    store.renew_connector_cert(cid, 12, clock.now + 90 * DAY)
+    c = store.get_connector(cid)
+    assert c.cert_serial == 12 and c.accepts_serial(12, clock.now)
+    assert c.accepts_serial(11, clock.now)  # until the old certificate expires
+    assert not c.accepts_serial(11, 2_000_000.0 + 1)
+    store.revoke_connector(cid)
+    c = store.get_connector(cid)
+    assert c.revoked and not c.accepts_serial(12, clock.now)
+    assert cid not in [x.id for x in store.list_connectors()]
+    with pytest.raises(NotFound):
+        store.revoke_connector(cid)
+
+
+def test_big_serials_survive(store):
+    serial = (1 << 159) - 3
+    cid = _enroll(store, "c-aaaaaaaaaaaa", serial=serial).id
+    assert store.get_connector(cid).cert_serial == serial
+
+
+def test_heartbeat_records_stats(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    clock.now += 30
+    store.heartbeat(cid, ConnectorStats(version="2.0", cpu=81.5, memory=1e9, streams=7, bytes_in=10, bytes_out=20), "127.0.0.1")
+    c = store.get_connector(cid)
+    assert (c.version, c.cpu, c.active_streams, c.bytes_in, c.bytes_out, c.last_seen) == ("2.0", 81.5, 7, 10, 20, clock.now)
+
+
+def test_prune_removes_unseen_inactive_connectors_after_ten_days(store, clock):
+    idle = _enroll(store, "c-aaaaaaaaaaaa").id
+    busy = _enroll(store, "c-bbbbbbbbbbbb").id
+    fresh = _enroll(store, "c-cccccccccccc").id
+    store.tunnel_changed(busy, 0, +1, "p")
+    clock.now += 10 * DAY - 10
+    store.heartbeat(fresh, ConnectorStats(), "p")
+    assert store.prune(10 * DAY) == []
+    clock.now += 20
+    assert store.prune(10 * DAY) == [idle]
+    assert store.get_connector(idle) is None
+    assert {c.id for c in store.list_connectors()} == {busy, fresh}
+
+
+def test_prune_drops_revoked_records_once_their_certs_expired(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    store.heartbeat(cid, ConnectorStats(), "p")
+    store.revoke_connector(cid)
+    assert store.prune(10**9) == []
+    clock.now = 2_000_001.0
+    assert store.prune(10**9) == [cid]
+
+
+def test_limits_are_enforced(tmp_path, clock):
+    s = open_store(tmp_path, limits=StoreLimits(max_groups=2, max_apps=1, max_connectors=1, max_tokens=2), clock=clock)
+    s.create_group("g1")
+    with pytest.raises(LimitReached):
+        s.create_group("g2")
+    s.create_app(App("a", "default", "tcp", 5000, "h:1"))
+    with pytest.raises(LimitReached):
+        s.create_app(App("b", "default", "tcp", 5001, "h:1"))
+    s.create_token("t1", "default", clock.now + 10, 5)
+    s.create_token("t2", "default", clock.now + 10, 5)
+    with pytest.raises(LimitReached):
+        s.create_token("t3", "default", clock.now + 10, 5)
+    clock.now += 11  # expired tokens are purged, making room
+    s.create_token("t3", "default", clock.now + 10, 5)
+    s.enroll("t3", _connector("c-aaaaaaaaaaaa"))
+    with pytest.raises(LimitReached):
+        s.enroll("t3", _connector("c-bbbbbbbbbbbb"))
+    assert s.check_token("t3") == "default"  # the refused enrollment used nothing
+    assert len(s.list_groups()) == 2 and len(s.list_apps()) == 1 and len(s.list_connectors()) == 1
+    s.close()
+
+
+def _hammer(path: str, worker: int, rounds: int) -> None:
+    store = open_store(path)
+    for i in range(rounds):
+        store.tunnel_changed("c-aaaaaaaaaaaa", worker, +1, f"w{worker}")
+        store.create_app(App(f"app-{worker}-{i}", "default", "tcp", 10000 + worker * 1000 + i, "10.0.0.1:80"))
+    store.close()
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    store = open_store(tmp_path)
+    _enroll(store, "c-aaaaaaaaaaaa")
+    before = store.config_version()
+    workers, rounds = 4, 40
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, rounds)) for w in range(workers)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert store.get_connector("c-aaaaaaaaaaaa").tunnels == workers * rounds
+    assert len(store.list_apps()) == workers * rounds
+    assert store.config_version() == before + workers * rounds
+    store.close()
