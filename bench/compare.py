@@ -282,7 +282,9 @@ def _one_line(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     if not lines:
         return "(no reason given)"
-    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    # It goes into a Markdown table cell.
+    return text.replace("|", "/")
 
 
 def _fmt(value, spec: str) -> str:
