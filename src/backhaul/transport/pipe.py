@@ -48,8 +48,12 @@ class Pipe(asyncio.BufferedProtocol):
         self._buffer = memoryview(bytearray(flow.read_size))  # the socket is read into this
         self._owed = 0  # bytes from the tunnel written while the socket was paused; credited on resume
         self._write_paused = False  # the socket's write buffer is above its high mark
-        self._socket_eof = False  # the socket sent EOF and we sent FIN
+        self._socket_eof = False  # the socket sent EOF (FIN sent once the stream is started)
         self._stream_eof = False  # the peer ended the stream and we shut our write side
+        #: bytes read before the stream was accepted; not committed anywhere yet (at most one read,
+        #: since reading pauses on the first one: uvloop starts reading right after connection_made)
+        self._held: bytearray | None = None
+        self.started_stream = False
 
     # ------------------------------------------------------------------ socket side
 
@@ -65,6 +69,12 @@ class Pipe(asyncio.BufferedProtocol):
         if self.result is not None:
             return
         self.bytes_up += nbytes
+        if not self.started_stream:
+            if self._held is None:
+                self._held = bytearray()
+            self._held += self._buffer[:nbytes]
+            self.transport.pause_reading()
+            return
         try:
             keep_reading = self.tunnel.send(self.stream_id, self._buffer[:nbytes])
         except SessionError as exc:
@@ -75,7 +85,7 @@ class Pipe(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._socket_eof = True
-        if self.result is None:
+        if self.result is None and self.started_stream:
             self.tunnel.end(self.stream_id)
             self._maybe_done()
         return True
@@ -98,8 +108,21 @@ class Pipe(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ tunnel side
 
+    def start(self) -> None:
+        """The stream is accepted: send what was held, then relay freely."""
+        self.started_stream = True
+        held, self._held = self._held, None
+        keep_reading = True
+        if held:
+            keep_reading = self.tunnel.send(self.stream_id, held)
+        if self._socket_eof:
+            self.tunnel.end(self.stream_id)
+            self._maybe_done()
+        elif keep_reading:
+            self.transport.resume_reading()
+
     def on_accepted(self) -> None:
-        self.transport.resume_reading()
+        self.start()
 
     def on_rejected(self, code: int, reason: str) -> None:
         self.finish(f"open refused: {error_name(code)}: {reason}", abort=True)
@@ -126,7 +149,7 @@ class Pipe(asyncio.BufferedProtocol):
         self.finish(f"stream reset: {error_name(code)}: {reason}", abort=True)
 
     def on_write_resumed(self) -> None:
-        if self.result is None:
+        if self.result is None and not self._socket_eof:
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ end

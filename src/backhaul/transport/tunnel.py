@@ -60,6 +60,9 @@ class Tunnel(asyncio.BufferedProtocol):
         self.owner = owner
         self.name = name
         self.endpoints: dict[int, StreamEndpoint] = {}
+        #: DATA that arrived for a stream the owner has not accepted yet (its target is still
+        #: connecting); bounded by the stream's initial window, since no credit is returned for it
+        self._early: dict[int, list] = {}
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.opened_at = time.monotonic()
@@ -149,9 +152,12 @@ class Tunnel(asyncio.BufferedProtocol):
         self.endpoints[stream_id] = endpoint
         self.session.accept_stream(stream_id)
         self.schedule_flush()
+        for data, end in self._early.pop(stream_id, ()):
+            endpoint.on_data(data, end)
 
     def reject(self, stream_id: int, code: int, reason: str) -> None:
         self.endpoints.pop(stream_id, None)
+        self._early.pop(stream_id, None)
         self.session.reject_stream(stream_id, code, reason)
         self.schedule_flush()
 
@@ -216,15 +222,19 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def _on_data(self, event: mux.DataReceived) -> None:
         endpoint = self.endpoints.get(event.stream_id)
-        if endpoint is None:
-            self.session.consumed(event.stream_id, len(event.data))
-        else:
+        if endpoint is not None:
             endpoint.on_data(event.data, event.end)
+        elif self.session.has_stream(event.stream_id):
+            self._early.setdefault(event.stream_id, []).append((event.data, event.end))
+        else:
+            self.session.consumed(event.stream_id, len(event.data))
 
     def _on_ended(self, event: mux.StreamEnded) -> None:
         endpoint = self.endpoints.get(event.stream_id)
         if endpoint is not None:
             endpoint.on_end()
+        elif self.session.has_stream(event.stream_id):
+            self._early.setdefault(event.stream_id, []).append((b"", True))
 
     def _on_write_resumed(self, event: mux.WriteResumed) -> None:
         endpoint = self.endpoints.get(event.stream_id)
@@ -242,6 +252,7 @@ class Tunnel(asyncio.BufferedProtocol):
             endpoint.on_rejected(event.code, event.reason)
 
     def _on_reset(self, event: mux.StreamReset) -> None:
+        self._early.pop(event.stream_id, None)
         endpoint = self.endpoints.pop(event.stream_id, None)
         if endpoint is not None:
             endpoint.on_reset(event.code, event.reason)

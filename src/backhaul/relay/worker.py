@@ -1,0 +1,263 @@
+"""One relay worker process: the listen port (tunnels + control API), TCP apps, routing.
+
+Workers share nothing but the store. Each holds its own tunnels (the connector makes
+sure every worker gets some, see docs/architecture.md) and its own app listeners on
+SO_REUSEPORT sockets, and follows configuration changes by polling the store's
+version once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+
+from backhaul import __version__, tlsconfig
+from backhaul.config import FlowControl, Keepalive
+from backhaul.protocol import mux
+from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.relay.routing import TunnelRegistry
+from backhaul.relay.tcp_edge import TcpApp
+from backhaul.transport.sockets import parse_hostport, reuseport_socket
+from backhaul.transport.tunnel import Tunnel
+
+log = logging.getLogger("backhaul.relay")
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaySettings:
+    """What one relay worker needs to run."""
+
+    data_dir: Path
+    listen: str = "127.0.0.1:8443"
+    http: str | None = None
+    worker: int = 0
+    workers: int = 1
+    flow: FlowControl = FlowControl()
+    keepalive: Keepalive = Keepalive()
+    #: How often the store's config version is checked.
+    poll_interval: float = 1.0
+    #: How long a draining relay lets streams finish.
+    drain_timeout: float = 10.0
+
+
+class AlpnSplit(asyncio.Protocol):
+    """First protocol of every connection on the listen port: hands it on by ALPN."""
+
+    def __init__(self, worker: "RelayWorker") -> None:
+        self.worker = worker
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if alpn == ALPN_TUNNEL:
+            self.worker.accept_tunnel(transport, ssl_object)
+        elif alpn in (ALPN_HTTP, None):
+            protocol = self.worker.http_protocol()
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+        else:
+            log.warning("connection with unknown ALPN closed", extra={"alpn": alpn})
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced before any data
+        raise AssertionError("AlpnSplit received data after handing the connection on")
+
+
+class RelayWorker:
+    """The relay's data plane and control API inside one process."""
+
+    def __init__(self, settings: RelaySettings) -> None:
+        from backhaul.store import open_store
+
+        self.settings = settings
+        self.store = open_store(settings.data_dir)
+        self.registry = TunnelRegistry()
+        self.apps: dict[str, TcpApp] = {}
+        self.stats: dict[str, int] = {}
+        self.config_version = -1
+        self._http_server = None
+        self._runner = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopping = asyncio.Event()
+        self._host, self._port = parse_hostport(settings.listen, "--listen")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        from backhaul.control.api import build_app
+        from backhaul.control.context import ControlContext, ControlSettings
+
+        loop = asyncio.get_running_loop()
+        self.store.mark_worker_down(self.settings.worker)
+        control = ControlContext.load(
+            self.settings.data_dir,
+            worker=self.settings.worker,
+            store=self.store,
+            settings=ControlSettings(reserved_ports=frozenset({self._port})),
+        )
+        app = build_app(control)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        self._http_server = self._runner.server
+        ssl_context = tlsconfig.server_context(self.settings.data_dir)
+        sock = reuseport_socket(self._host, self._port)
+        server = await loop.create_server(
+            lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
+        )
+        self._servers.append(server)
+        await self.reload()
+        log.info(
+            "relay worker ready",
+            extra={"worker": self.settings.worker, "listen": self.settings.listen, "version": __version__},
+        )
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+            if not self._stopping.is_set():
+                await self._poll()
+        await self.stop()
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for app in list(self.apps.values()):
+            await app.stop()
+        self.apps.clear()
+        for tunnel in self.registry.tunnels():
+            tunnel.goaway(ErrorCode.NO_ERROR, "relay shutting down")
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while any(t.load for t in self.registry.tunnels()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for tunnel in self.registry.tunnels():
+            tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
+        self.store.mark_worker_down(self.settings.worker)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
+
+    async def _poll(self) -> None:
+        try:
+            version = self.store.config_version()
+        except Exception:
+            log.exception("cannot read the store's config version; will retry")
+            return
+        if version != self.config_version:
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Bring listeners and tunnel groups in line with the store."""
+        self.config_version = self.store.config_version()
+        wanted = {app.name: app for app in self.store.list_apps() if app.proto == "tcp"}
+        for name, running in list(self.apps.items()):
+            if wanted.get(name) != running.app:
+                await running.stop()
+                del self.apps[name]
+        for name, app in wanted.items():
+            if name not in self.apps:
+                try:
+                    self.apps[name] = await TcpApp.start(app, self._host, self.registry, self.settings.flow, self.stats)
+                except Exception as exc:
+                    log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
+        for connector_id in self.registry.connectors():
+            record = self.store.get_connector(connector_id)
+            if record is None or record.revoked:
+                for tunnel in self.registry.tunnels(connector_id):
+                    tunnel.close(ErrorCode.NO_ERROR, "connector deleted or revoked")
+                continue
+            self.registry.set_group(connector_id, record.group)
+        for tunnel in self.registry.tunnels():
+            tunnel.control({"type": "config_changed", "version": self.config_version})
+
+    # ------------------------------------------------------------------ listen port
+
+    def http_protocol(self) -> asyncio.Protocol:
+        return self._http_server()
+
+    def accept_tunnel(self, transport: asyncio.Transport, ssl_object) -> None:
+        peer = transport.get_extra_info("peername")
+        connector_id = tlsconfig.peer_connector_id(ssl_object)
+        if connector_id is None:
+            log.warning("tunnel without a connector certificate refused", extra={"peer": str(peer)})
+            transport.close()
+            return
+        record = self.store.get_connector(connector_id)
+        if record is None or not record.accepts_serial(tlsconfig.peer_cert_serial(ssl_object), time.time()):
+            log.warning(
+                "tunnel refused: connector unknown, revoked or certificate replaced",
+                extra={"connector": connector_id, "peer": str(peer)},
+            )
+            transport.close()
+            return
+        session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive)
+        tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}")
+        tunnel.info = {"connector_id": connector_id, "group": record.group}
+        transport.set_protocol(tunnel)
+        tunnel.connection_made(transport)
+
+    # ------------------------------------------------------------------ TunnelOwner
+
+    def tunnel_up(self, tunnel: Tunnel) -> None:
+        connector_id = tunnel.info["connector_id"]
+        self.registry.add(tunnel, connector_id, tunnel.info["group"])
+        self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
+        tunnel.control(
+            {
+                "type": "hello",
+                "worker": self.settings.worker,
+                "workers": self.settings.workers,
+                "connector_id": connector_id,
+                "config_version": self.config_version,
+                "version": __version__,
+            }
+        )
+        log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})
+
+    def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        self.registry.remove(tunnel)
+        try:
+            self.store.tunnel_changed(tunnel.info["connector_id"], self.settings.worker, -1, tunnel.peer)
+        except Exception:
+            log.exception("cannot record a closed tunnel in the store")
+
+    def stream_opened(self, tunnel: Tunnel, stream_id: int, meta: dict) -> None:
+        tunnel.reject(stream_id, ErrorCode.PROTOCOL_ERROR, "the relay does not accept streams from connectors")
+
+    def control_received(self, tunnel: Tunnel, message: dict) -> None:
+        if message.get("type") != "hello":
+            log.debug("control message from connector ignored", extra={"tunnel": tunnel.name, "message": message})
+            return
+        boot = message.get("boot")
+        tunnel.info["boot"] = boot
+        connector_id = tunnel.info["connector_id"]
+        for other in self.registry.tunnels(connector_id):
+            if other.info.get("boot") not in (None, boot):
+                # The connector restarted: its old tunnels are dead even if no FIN reached us.
+                other.close(ErrorCode.GOING_AWAY, "replaced by the connector's new instance")
+
+    def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})
+
+    def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
+        self.stats["datagrams_dropped"] = self.stats.get("datagrams_dropped", 0) + 1
+
+
+def run_worker(settings: RelaySettings) -> None:
+    """Process entry point of one relay worker."""
+    import uvloop
+
+    uvloop.run(RelayWorker(settings).run())

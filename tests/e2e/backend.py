@@ -1,0 +1,100 @@
+"""Private-app stand-ins for end-to-end tests, run as their own processes.
+
+    python backend.py MODE PORTFILE
+
+binds 127.0.0.1:0, writes the port to PORTFILE (readiness), and serves until killed:
+  echo      every byte back, EOF passed on (half-close aware)
+  reply     read until EOF, then send "<length> <sha256>\\n" and close
+  hold      accept and keep connections open, never read nor write
+  sink      accept and never read (a reader that never reads)
+  source    send an endless stream of bytes, never read
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import sys
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def eof_received(self):
+        self.transport.write_eof()
+        return True
+
+
+class Reply(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def data_received(self, data):
+        self.size += len(data)
+        self.digest.update(data)
+
+    def eof_received(self):
+        self.transport.write(f"{self.size} {self.digest.hexdigest()}\n".encode())
+        self.transport.close()
+
+
+class Hold(asyncio.Protocol):
+    held: list = []
+
+    def connection_made(self, transport):
+        self.held.append(transport)
+
+
+class Sink(Hold):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        transport.pause_reading()
+
+
+class Source(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.chunk = os.urandom(64 * 1024)
+        self.paused = False
+        self.pump()
+
+    def pump(self):
+        while not self.paused and not self.transport.is_closing():
+            self.transport.write(self.chunk)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        asyncio.get_running_loop().call_soon(self.pump)
+
+    def connection_lost(self, exc):
+        self.paused = True
+
+
+MODES = {"echo": Echo, "reply": Reply, "hold": Hold, "sink": Sink, "source": Source}
+
+
+async def main(mode: str, portfile: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = await asyncio.get_running_loop().create_server(MODES[mode], "127.0.0.1", 0, backlog=4096)
+    port = server.sockets[0].getsockname()[1]
+    tmp = portfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, portfile)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
