@@ -1,0 +1,87 @@
+"""Connector registration end to end: `service init`, a running relay, `connector register`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+
+import pytest
+
+from .harness import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _register(system, state, token, pin=None, check=False):
+    return system.cli(
+        "connector", "register", "--service", system.url, "--token", token,
+        "--ca-sha256", pin or system.ca_sha256, "--state-dir", str(state), "--name", "edge-1",
+        check=check,
+    )
+
+
+def _one_line_error(result):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("backhaul: "), result.stderr
+    return lines[0]
+
+
+def test_register_writes_a_private_state_dir_without_the_token(system, tmp_path):
+    token = system.token()
+    state = tmp_path / "state"
+    result = _register(system, state, token, check=True)
+    info = json.loads((state / "connector.json").read_text())
+    assert info["service"] == system.url and info["name"] == "edge-1"
+    assert info["connector_id"] in result.stdout
+    assert sorted(p.name for p in state.iterdir()) == ["ca.pem", "cert.pem", "connector.json", "key.pem"]
+    assert stat.S_IMODE((state / "key.pem").stat().st_mode) == 0o600
+    for path in state.iterdir():
+        assert token not in path.read_text()
+    listed = system.admin_json("connector", "list")
+    assert [(c["id"], c["name"], c["group"], c["status"]) for c in listed] == [(info["connector_id"], "edge-1", "default", "inactive")]
+    again = _register(system, state, system.token())
+    assert "already holds a registered connector" in _one_line_error(again)
+
+
+def test_wrong_pin_bogus_and_used_tokens_are_refused(system, tmp_path):
+    token = system.token()
+    wrong = _register(system, tmp_path / "a", token, pin="ab" * 32)
+    assert "not the pinned" in _one_line_error(wrong)
+    assert not (tmp_path / "a" / "connector.json").exists()
+    malformed = _register(system, tmp_path / "b", token, pin="xyz")
+    assert "64 hex digits" in _one_line_error(malformed)
+    bogus = _register(system, tmp_path / "c", "bht_not-a-token")
+    assert "unknown, expired or used up" in _one_line_error(bogus)
+    pin_with_colons = ":".join(system.ca_sha256[i : i + 2] for i in range(0, 64, 2)).upper()
+    _register(system, tmp_path / "d", token, pin=pin_with_colons, check=True)  # the token was not used up above
+    used = _register(system, tmp_path / "e", token)
+    assert "used up" in _one_line_error(used)
+    assert len(system.admin_json("connector", "list")) == 1
+
+
+def _echoes(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"ping")
+            return sock.recv(16) == b"ping"
+    except OSError:
+        return False
+
+
+def test_connector_turns_active_then_deleted_connector_is_shut_out(system, backend):
+    echo = backend("echo")
+    system.start_connector("one")
+    port = system.publish_tcp("echo", echo.target)
+    system.wait_app(port)
+    (conn,) = system.admin_json("connector", "list")
+    assert conn["status"] == "active" and conn["name"] == "one" and conn["tunnels"] >= 1
+    system.admin("connector", "delete", conn["id"])
+    assert system.admin_json("connector", "list") == []
+    wait_until(lambda: not _echoes(port), 10, "the relay to drop the deleted connector's tunnels")
+    # Restarted with its revoked certificate, the connector gets no tunnel.
+    system.connectors["one"].stop()
+    system.start_connector("one")
+    wait_until(lambda: "tunnel refused" in system.relay.log(), 20, "the relay to refuse the revoked certificate")
+    assert not _echoes(port)
