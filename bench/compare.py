@@ -40,6 +40,8 @@ TARGET_RPS = 30_000
 TARGET_P99_MS = 5.0
 #: "aiming at OpenSSH -R with TCP_NODELAY (~0.85x a single haproxy hop)".
 AIM_HAPROXY_RATIO = 0.85
+#: A 1-minute load average above this before the run means another job shares the CPUs.
+BUSY_LOAD = 0.5
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -297,13 +299,15 @@ def _ratio(value, base) -> str:
     return f"{value / base:.2f}×"
 
 
-def render(routes: list[Route], summary: dict, rss: dict, failed: dict, args) -> str:
+def render(routes: list[Route], summary: dict, rss: dict, failed: dict, load: dict, args) -> str:
     """The one table, ratios vs direct, memory, and the BASELINES target lines."""
     lines = [
         f"backhaul comparison on {platform.node()} ({len(os.sched_getaffinity(0))} cores), "
         f"{time.strftime('%Y-%m-%d %H:%M')}; median of {args.repeat} interleaved run(s)",
         f"small requests: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency, nginx 100-byte body, "
         f"keep-alive; bulk: iperf3 -t {args.iperf_duration:g} -P 1 / -P 8",
+        f"load average (1 min) before the servers started: {load['before']:.2f}, after the run: {load['after']:.2f}"
+        + ("  — something else was using the CPU; figures are noisier" if load["before"] > BUSY_LOAD else ""),
         "",
         "| path | req/s | p50 ms | p99 ms | bulk 1 stream Gbit/s | bulk 8 streams Gbit/s "
         "| req/s vs direct | 1 stream vs direct | 8 streams vs direct |",
@@ -389,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = peers.Processes(workdir)
     atexit.register(procs.stop_all)
     keep_logs = False
+    load = {"before": os.getloadavg()[0]}
     try:
         backend = peers.Backend(procs, args.nginx_workers)
         backend.start()
@@ -399,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(routes, backend, args)
         rss = {route.key: route.rss() for route in routes if route.roles}
         summary = summarize(results)
-        print(render(routes, summary, rss, failed, args))
+        load["after"] = os.getloadavg()[0]
+        print(render(routes, summary, rss, failed, load, args))
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -407,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                         "started": started,
                         "host": platform.node(),
                         "cores": len(os.sched_getaffinity(0)),
+                        "load_average_1min": load,
                         "settings": {
                             "duration": args.duration,
                             "iperf_duration": args.iperf_duration,
