@@ -299,14 +299,16 @@ def _ratio(value, base) -> str:
     return f"{value / base:.2f}×"
 
 
-def render(routes: list[Route], summary: dict, rss: dict, failed: dict, load: dict, args) -> str:
+def render(
+    routes: list[Route], summary: dict, rss_before: dict, rss: dict, failed: dict, load: dict, args
+) -> str:
     """The one table, ratios vs direct, memory, and the BASELINES target lines."""
     lines = [
         f"backhaul comparison on {platform.node()} ({len(os.sched_getaffinity(0))} cores), "
         f"{time.strftime('%Y-%m-%d %H:%M')}; median of {args.repeat} interleaved run(s)",
         f"small requests: wrk -t1 -c{args.connections} -d{args.duration:g}s --latency, nginx 100-byte body, "
         f"keep-alive; bulk: iperf3 -t {args.iperf_duration:g} -P 1 / -P 8",
-        f"load average (1 min) before the servers started: {load['before']:.2f}, after the run: {load['after']:.2f}"
+        f"load average (1 min) before the servers started: {load['before']:.2f}, after the run (its own load included): {load['after']:.2f}"
         + ("  — something else was using the CPU; figures are noisier" if load["before"] > BUSY_LOAD else ""),
         "",
         "| path | req/s | p50 ms | p99 ms | bulk 1 stream Gbit/s | bulk 8 streams Gbit/s "
@@ -330,11 +332,12 @@ def render(routes: list[Route], summary: dict, rss: dict, failed: dict, load: di
         )
     for key, reason in failed.items():
         lines.append(f"| {key}: not measured — {_one_line(reason)} | — | — | — | — | — | — | — | — |")
-    lines += ["", "memory after the run (VmRSS of each process tree, from /proc):"]
+    lines += ["", "memory, idle before the measurements -> after the run (VmRSS of each process tree, from /proc):"]
     for route in routes:
         if rss.get(route.key):
             parts = [
-                f"{role} {v['rss_kib'] / 1024:.1f} MiB ({v['processes']} process{'es' if v['processes'] != 1 else ''})"
+                f"{role} {rss_before[route.key][role]['rss_kib'] / 1024:.1f} -> {v['rss_kib'] / 1024:.1f} MiB "
+                f"({v['processes']} process{'es' if v['processes'] != 1 else ''})"
                 for role, v in rss[route.key].items()
             ]
             lines.append(f"  {route.key}: " + ", ".join(parts))
@@ -401,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         if not routes:
             raise BenchError("no path could be set up: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in failed.items()))
         started = time.time()
+        rss_before = {route.key: route.rss() for route in routes if route.roles}
         results = measure(routes, backend, args)
         rss = {route.key: route.rss() for route in routes if route.roles}
         summary = summarize(results)
         load["after"] = os.getloadavg()[0]
-        print(render(routes, summary, rss, failed, load, args))
+        print(render(routes, summary, rss_before, rss, failed, load, args))
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -426,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                         "paths": {r.key: r.label for r in routes},
                         "median": summary,
                         "runs": results,
+                        "rss_before": rss_before,
                         "rss": rss,
                         "not_measured": failed,
                     },
