@@ -193,7 +193,11 @@ def warm_up(route: Route, backend: peers.Backend) -> None:
 
     def transfer() -> None:
         argv = [peers.find_program("iperf3"), "-c", "127.0.0.1", "-p", str(route.iperf_port), "-n", "4M", "-J"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired as exc:
+            backend.start_iperf()
+            raise BenchError(f"iperf3 warm-up through {route.key} did not finish in 20 s") from exc
         if done.returncode != 0:
             backend.start_iperf()
             raise BenchError(f"iperf3 warm-up through {route.key}: {done.stdout.strip()[-300:]}")

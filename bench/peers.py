@@ -13,6 +13,7 @@ import dataclasses
 import http.client
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -326,8 +327,6 @@ http {{
 
 
 def _user_name() -> str:
-    import pwd
-
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
@@ -499,6 +498,8 @@ def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: i
 
     user -> relay TCP app port -> TLS tunnel -> connector -> backend.
     """
+    if not (os.path.isfile(backhaul) and os.access(backhaul, os.X_OK)):
+        raise BenchError(f"{backhaul} is not an executable; run tools/bootstrap.sh or pass --backhaul PATH")
     root = procs.workdir / f"backhaul-w{workers}"
     root.mkdir()
     svc, conn = root / "svc", root / "conn"
