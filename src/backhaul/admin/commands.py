@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 import orjson
 
-from backhaul.admin.client import AdminTarget, call, resolve_target
 from backhaul.admin.tables import table, when
+from backhaul.errors import ConfigError
 
 #: CPU percentage above which `connector list` warns (the service flags it as cpu_warning).
 CPU_WARNING = 70.0
@@ -75,8 +75,13 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     leaf(connector, "delete", connector_delete, "delete a connector and revoke its certificate").add_argument("id")
 
 
-def _target(args: argparse.Namespace) -> AdminTarget:
-    return resolve_target(service=args.service, token_file=args.token_file, data_dir=args.data_dir, ca_file=args.ca)
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One admin API call with the credentials the options name."""
+    # Imported here: building the CLI parser must not pay for aiohttp and cryptography.
+    from backhaul.admin.client import call as api_call, resolve_target
+
+    target = resolve_target(service=args.service, token_file=args.token_file, data_dir=args.data_dir, ca_file=args.ca)
+    return api_call(target, method, path, body)
 
 
 def _quote(value: str) -> str:
@@ -89,8 +94,6 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> int:
 
 
 def _usage(message: str) -> int:
-    from backhaul.errors import ConfigError
-
     raise ConfigError(message)
 
 
@@ -98,22 +101,22 @@ def _usage(message: str) -> int:
 
 
 def group_create(args: argparse.Namespace) -> int:
-    data = call(_target(args), "POST", "/v1/groups", {"name": args.name})
+    data = call(args, "POST", "/v1/groups", {"name": args.name})
     return _emit(args, data, f"created group {data['name']}")
 
 
 def group_list(args: argparse.Namespace) -> int:
-    data = call(_target(args), "GET", "/v1/groups")
+    data = call(args, "GET", "/v1/groups")
     return _emit(args, data, table(["NAME", "APPS", "CONNECTORS"], [[g["name"], g["apps"], g["connectors"]] for g in data]))
 
 
 def group_delete(args: argparse.Namespace) -> int:
-    data = call(_target(args), "DELETE", f"/v1/groups/{_quote(args.name)}")
+    data = call(args, "DELETE", f"/v1/groups/{_quote(args.name)}")
     return _emit(args, data, f"deleted group {args.name}")
 
 
 def group_rename(args: argparse.Namespace) -> int:
-    data = call(_target(args), "PATCH", f"/v1/groups/{_quote(args.old)}", {"name": args.new})
+    data = call(args, "PATCH", f"/v1/groups/{_quote(args.old)}", {"name": args.new})
     return _emit(args, data, f"renamed group {args.old} to {data['name']}")
 
 
@@ -121,7 +124,7 @@ def group_rename(args: argparse.Namespace) -> int:
 
 
 def token_create(args: argparse.Namespace) -> int:
-    data = call(_target(args), "POST", "/v1/tokens", {"group": args.group, "ttl": args.ttl, "uses": args.uses})
+    data = call(args, "POST", "/v1/tokens", {"group": args.group, "ttl": args.ttl, "uses": args.uses})
     if args.json:
         return _emit(args, data, "")
     # The token alone on stdout, so `TOKEN=$(backhaul admin token create)` works.
@@ -151,13 +154,13 @@ def app_publish(args: argparse.Namespace) -> int:
             return _usage("a --tcp/--udp app needs --target HOST:PORT (where the connector connects)")
         proto, port = ("tcp", args.tcp) if args.tcp is not None else ("udp", args.udp)
         body.update(proto=proto, port=port, target=args.target)
-    data = call(_target(args), "POST", "/v1/apps", body)
+    data = call(args, "POST", "/v1/apps", body)
     where = f"http://{data['external_host']}" if data["proto"] == "http" else f"{data['proto']} port {data['port']}"
     return _emit(args, data, f"published {data['name']} at {where} via group {data['group']} -> {data['internal_url'] or data['target']}")
 
 
 def app_list(args: argparse.Namespace) -> int:
-    data = call(_target(args), "GET", "/v1/apps")
+    data = call(args, "GET", "/v1/apps")
     rows = []
     for a in data:
         listen = a["external_host"] if a["proto"] == "http" else a["port"]
@@ -166,7 +169,7 @@ def app_list(args: argparse.Namespace) -> int:
 
 
 def app_delete(args: argparse.Namespace) -> int:
-    data = call(_target(args), "DELETE", f"/v1/apps/{_quote(args.name)}")
+    data = call(args, "DELETE", f"/v1/apps/{_quote(args.name)}")
     return _emit(args, data, f"deleted app {args.name}")
 
 
@@ -174,7 +177,7 @@ def app_delete(args: argparse.Namespace) -> int:
 
 
 def connector_list(args: argparse.Namespace) -> int:
-    data = call(_target(args), "GET", "/v1/connectors")
+    data = call(args, "GET", "/v1/connectors")
     rows = [
         [
             c["id"],
@@ -196,10 +199,10 @@ def connector_list(args: argparse.Namespace) -> int:
 
 
 def connector_assign(args: argparse.Namespace) -> int:
-    data = call(_target(args), "PUT", f"/v1/connectors/{_quote(args.id)}/group", {"group": args.group})
+    data = call(args, "PUT", f"/v1/connectors/{_quote(args.id)}/group", {"group": args.group})
     return _emit(args, data, f"connector {data['id']} is now in group {data['group']}")
 
 
 def connector_delete(args: argparse.Namespace) -> int:
-    data = call(_target(args), "DELETE", f"/v1/connectors/{_quote(args.id)}")
+    data = call(args, "DELETE", f"/v1/connectors/{_quote(args.id)}")
     return _emit(args, data, f"deleted connector {args.id}; its certificate is revoked")

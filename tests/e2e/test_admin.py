@@ -1,0 +1,139 @@
+"""`backhaul admin` end to end against a running relay: tables, --json, errors, credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from .harness import System
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def shared_system(tmp_path_factory):
+    """One relay for the tests that only read or are refused (starting one costs seconds)."""
+    sys_ = System(tmp_path_factory.mktemp("admin"))
+    try:
+        sys_.init()
+        sys_.start_relay()
+        yield sys_
+    finally:
+        sys_.stop()
+
+
+def _one_line_error(result):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("backhaul: "), result.stderr
+    return lines[0]
+
+
+def test_groups_tokens_apps_round_trip(system):
+    system.admin("group", "create", "branch")
+    table = system.admin("group", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "APPS", "CONNECTORS"]
+    assert [line.split()[0] for line in table[1:]] == ["branch", "default"]
+    token = system.admin("token", "create", "--group", "branch", "--ttl", "60", "--uses", "2")
+    assert token.stdout.strip().startswith("bht_") and len(token.stdout.strip().splitlines()) == 1
+    assert "branch" in token.stderr
+    system.admin("app", "publish", "db", "--group", "branch", "--tcp", "25432", "--target", "10.0.0.5:5432")
+    system.admin("app", "publish", "dns", "--group", "branch", "--udp", "25353", "--target", "10.0.0.53:53")
+    system.admin("app", "publish", "wiki", "--group", "branch", "--http", "wiki.example.com", "--internal-url", "http://wiki.lan:8080/", "--preauth", "oidc")
+    apps = {a["name"]: a for a in system.admin_json("app", "list")}
+    assert apps["db"]["proto"] == "tcp" and apps["db"]["port"] == 25432 and apps["db"]["target"] == "10.0.0.5:5432"
+    assert apps["dns"]["proto"] == "udp"
+    assert apps["wiki"]["external_host"] == "wiki.example.com" and apps["wiki"]["preauth"] == "oidc" and apps["wiki"]["target"] == "wiki.lan:8080"
+    listing = system.admin("app", "list").stdout
+    assert "wiki.example.com" in listing and "10.0.0.5:5432" in listing
+    refused = system.admin("group", "delete", "branch", check=False)
+    assert "db" in _one_line_error(refused) and "wiki" in refused.stderr
+    system.admin("group", "rename", "branch", "site-a")
+    assert {a["group"] for a in system.admin_json("app", "list")} == {"site-a"}
+    for name in ("db", "dns", "wiki"):
+        system.admin("app", "delete", name)
+    system.admin("group", "delete", "site-a")
+    assert [g["name"] for g in system.admin_json("group", "list")] == ["default"]
+    # --json after the subcommand works too
+    assert json.loads(system.admin("token", "create", "--json").stdout)["group"] == "default"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["app", "publish", "x", "--tcp", "25000", "--target", "nope"], "HOST:PORT"),
+        (["app", "publish", "x", "--tcp", "25000"], "--target"),
+        (["app", "publish", "x", "--http", "x.example", "--target", "a:1"], "--internal-url"),
+        (["app", "publish", "x", "--http", "x.example", "--internal-url", "not a url"], "http://"),
+        (["app", "publish", "x", "--group", "ghost", "--tcp", "25000", "--target", "a:1"], "ghost"),
+        (["app", "delete", "ghost"], "no app"),
+        (["group", "delete", "ghost"], "ghost"),
+        (["connector", "assign", "c-aaaaaaaaaaaa", "default"], "no connector"),
+        (["connector", "delete", "c-aaaaaaaaaaaa"], "no connector"),
+        (["token", "create", "--uses", "0"], "uses"),
+        (["token", "create", "--group", "ghost"], "ghost"),
+    ],
+)
+def test_refusals_are_one_clear_line(shared_system, args, words):
+    before = shared_system.admin_json("app", "list"), shared_system.admin_json("group", "list")
+    result = shared_system.admin(*args, check=False)
+    assert words in _one_line_error(result)
+    assert (shared_system.admin_json("app", "list"), shared_system.admin_json("group", "list")) == before
+
+
+def test_port_clash_names_the_app(system):
+    system.admin("app", "publish", "a", "--tcp", "25001", "--target", "10.0.0.1:1")
+    clash = system.admin("app", "publish", "b", "--tcp", "25001", "--target", "10.0.0.1:2", check=False)
+    assert "already used by app 'a'" in _one_line_error(clash)
+    system.admin("app", "publish", "w1", "--http", "same.example.com", "--internal-url", "http://a/")
+    dup = system.admin("app", "publish", "w2", "--http", "same.example.com", "--internal-url", "http://b/", check=False)
+    assert "same.example.com" in _one_line_error(dup)
+    assert [a["name"] for a in system.admin_json("app", "list")] == ["a", "w1"]
+
+
+def test_wrong_token_is_refused_and_changes_nothing(shared_system, tmp_path):
+    system = shared_system
+    bad = tmp_path / "bad.token"
+    bad.write_text("bha_wrong\n")
+    result = system.cli(
+        "admin", "--service", system.url, "--token-file", str(bad), "--ca", str(system.data_dir / "ca.pem"),
+        "group", "create", "evil", check=False,
+    )
+    assert "admin token is wrong" in _one_line_error(result)
+    assert [g["name"] for g in system.admin_json("group", "list")] == ["default"]
+
+
+def test_credentials_from_the_environment(shared_system):
+    system = shared_system
+    env = {
+        **os.environ,
+        "BACKHAUL_SERVICE": system.url,
+        "BACKHAUL_TOKEN": (system.data_dir / "admin.token").read_text().strip(),
+        "BACKHAUL_CA": str(system.data_dir / "ca.pem"),
+    }
+    import subprocess
+
+    from .harness import BACKHAUL
+
+    result = subprocess.run(BACKHAUL + ["admin", "--json", "group", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["name"] == "default"
+    no_ca = {k: v for k, v in env.items() if k != "BACKHAUL_CA"}
+    result = subprocess.run(BACKHAUL + ["admin", "group", "list"], capture_output=True, text=True, env=no_ca, timeout=60)
+    assert result.returncode == 2 and "BACKHAUL_CA" in result.stderr
+
+
+def test_unreachable_service_and_wrong_ca(shared_system, tmp_path):
+    system = shared_system
+    from .harness import free_port
+
+    down = system.cli("admin", "--service", f"https://127.0.0.1:{free_port()}", "--data-dir", str(system.data_dir), "group", "list", check=False)
+    assert "cannot reach the service" in _one_line_error(down)
+    other = tmp_path / "other"
+    system.cli("service", "init", "--data-dir", str(other))
+    wrong_ca = system.cli(
+        "admin", "--service", system.url, "--data-dir", str(system.data_dir), "--ca", str(other / "ca.pem"), "group", "list", check=False
+    )
+    assert "expected CA" in _one_line_error(wrong_ca)
