@@ -304,7 +304,7 @@ def _ratio(value, base) -> str:
 
 
 def render(
-    routes: list[Route], summary: dict, rss_before: dict, rss: dict, failed: dict, load: dict, args
+    routes: list[Route], summary: dict, usage_before: dict, usage_after: dict, failed: dict, load: dict, args
 ) -> str:
     """The one table, ratios vs direct, memory, and the BASELINES target lines."""
     lines = [
@@ -336,13 +336,18 @@ def render(
         )
     for key, reason in failed.items():
         lines.append(f"| {key}: not measured — {_one_line(reason)} | — | — | — | — | — | — | — | — |")
-    lines += ["", "memory, idle before the measurements -> after the run (VmRSS of each process tree, from /proc):"]
+    lines += [
+        "",
+        "memory idle before the measurements -> after the run, and CPU time used during them "
+        "(VmRSS and utime+stime of each process tree, from /proc):",
+    ]
     for route in routes:
-        if rss.get(route.key):
+        if usage_after.get(route.key):
             parts = [
-                f"{role} {rss_before[route.key][role]['rss_kib'] / 1024:.1f} -> {v['rss_kib'] / 1024:.1f} MiB "
+                f"{role} {usage_before[route.key][role]['rss_kib'] / 1024:.1f} -> {v['rss_kib'] / 1024:.1f} MiB, "
+                f"{v['cpu_s'] - usage_before[route.key][role]['cpu_s']:.1f} s CPU "
                 f"({v['processes']} process{'es' if v['processes'] != 1 else ''})"
-                for role, v in rss[route.key].items()
+                for role, v in usage_after[route.key].items()
             ]
             lines.append(f"  {route.key}: " + ", ".join(parts))
     lines += ["", "targets for backhaul's full path (shared/BASELINES.md), measured beside the peers above:"]
@@ -408,12 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         if not routes:
             raise BenchError("no path could be set up: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in failed.items()))
         started = time.time()
-        rss_before = {route.key: route.rss() for route in routes if route.roles}
+        usage_before = {route.key: route.usage() for route in routes if route.roles}
         results = measure(routes, backend, args)
-        rss = {route.key: route.rss() for route in routes if route.roles}
+        usage_after = {route.key: route.usage() for route in routes if route.roles}
         summary = summarize(results)
         load["after"] = os.getloadavg()[0]
-        print(render(routes, summary, rss_before, rss, failed, load, args))
+        print(render(routes, summary, usage_before, usage_after, failed, load, args))
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -434,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                         "paths": {r.key: r.label for r in routes},
                         "median": summary,
                         "runs": results,
-                        "rss_before": rss_before,
-                        "rss": rss,
+                        "usage_before": usage_before,
+                        "usage_after": usage_after,
                         "not_measured": failed,
                     },
                     indent=2,

@@ -98,6 +98,17 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (and its reaped children), 0 if it is gone."""
+    try:
+        fields = Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3 of stat, so utime..cstime (14..17) are 11..14 here.
+    ticks = sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclasses.dataclass
 class Managed:
     """One started server: its process (leader of its own process group) and its log."""
@@ -120,10 +131,14 @@ class Managed:
         if code is not None:
             raise BenchError(f"{self.name} exited with status {code}; its log ends:\n{self.log_tail()}")
 
-    def rss(self) -> dict:
-        """Total RSS of the server's process tree and how many processes it has."""
+    def usage(self) -> dict:
+        """Total RSS and CPU seconds of the server's process tree, and how many processes it has."""
         pids = process_tree(self.proc.pid) if self.proc.poll() is None else []
-        return {"rss_kib": sum(rss_kib(p) for p in pids), "processes": len(pids)}
+        return {
+            "rss_kib": sum(rss_kib(p) for p in pids),
+            "cpu_s": round(sum(cpu_seconds(p) for p in pids), 2),
+            "processes": len(pids),
+        }
 
 
 class Processes:
@@ -250,9 +265,9 @@ class Route:
     #: Role name ("relay", "connector", "haproxy", ...) -> the process whose tree is measured.
     roles: dict[str, Managed] = dataclasses.field(default_factory=dict)
 
-    def rss(self) -> dict:
-        """RSS of each role's process tree, read from /proc now."""
-        return {role: managed.rss() for role, managed in self.roles.items()}
+    def usage(self) -> dict:
+        """RSS and CPU time of each role's process tree, read from /proc now."""
+        return {role: managed.usage() for role, managed in self.roles.items()}
 
 
 class Backend:
