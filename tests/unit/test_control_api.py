@@ -391,3 +391,47 @@ def test_expired_connector_certificate_is_reported(run, tmp_path):
             ConnectorState.load(tmp_path / "c", now=later)
 
     run(go)
+
+
+def test_housekeeping_removes_connectors_unseen_for_ten_days(service_dir, clock, tmp_path):
+    settings = ControlSettings(housekeeping_interval=0.05)
+    ctx = ControlContext.load(service_dir, clock=clock, settings=settings)
+
+    async def main():
+        async with Service(service_dir, ctx) as s:
+            stale = await s.register(tmp_path / "stale")
+            clock.offset += 9 * 86400
+            fresh = await s.register(tmp_path / "fresh")
+            await asyncio.sleep(0.2)
+            assert {c.id for c in s.store.list_connectors()} == {stale.connector_id, fresh.connector_id}
+            clock.offset += 1 * 86400 + 60
+            for _ in range(100):
+                if len(s.store.list_connectors()) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert [c.id for c in s.store.list_connectors()] == [fresh.connector_id]
+            async with control_client.connector_session(stale) as session:
+                with pytest.raises(CertificateError, match="not known"):
+                    await control_client.pull_config(stale, session, None)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ctx.store.close()
+
+
+def test_only_worker_zero_does_housekeeping(service_dir, clock, tmp_path):
+    settings = ControlSettings(housekeeping_interval=0.05)
+    ctx = ControlContext.load(service_dir, clock=clock, settings=settings, worker=1)
+
+    async def main():
+        async with Service(service_dir, ctx) as s:
+            await s.register(tmp_path / "c")
+            clock.offset += 11 * 86400
+            await asyncio.sleep(0.3)
+            assert len(s.store.list_connectors()) == 1
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ctx.store.close()

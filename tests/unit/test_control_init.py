@@ -1,0 +1,72 @@
+"""`backhaul service init`, run as a real subprocess on real files."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+
+from cryptography import x509
+
+from backhaul import pki
+from backhaul.control.api import token_hash
+from backhaul.store import open_store
+
+BACKHAUL = [sys.executable, "-m", "backhaul"]
+
+
+def _init(data_dir, *extra):
+    return subprocess.run(BACKHAUL + ["service", "init", "--data-dir", str(data_dir), *extra], capture_output=True, text=True, timeout=60)
+
+
+def test_init_creates_everything_with_private_modes(tmp_path):
+    data_dir = tmp_path / "svc"
+    result = _init(data_dir, "--json", "--name", "relay.example.com", "--name", "127.0.0.1")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"ca_sha256", "admin_token_file"}
+    assert out["admin_token_file"] == str(data_dir / "admin.token")
+    assert out["ca_sha256"] == pki.fingerprint_sha256((data_dir / "ca.pem").read_bytes())
+    assert sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("store.sqlite-")) == [
+        "admin.token", "ca.key", "ca.pem", "service.json", "service.key", "service.pem", "store.sqlite",
+    ]
+    for secret in ("ca.key", "service.key", "admin.token"):
+        assert stat.S_IMODE((data_dir / secret).stat().st_mode) == 0o600, secret
+    assert json.loads((data_dir / "service.json").read_text()) == {"names": ["relay.example.com", "127.0.0.1"], "ca_sha256": out["ca_sha256"]}
+    cert = pki.load_cert_file(data_dir / "service.pem")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["relay.example.com"]
+    pki.verify_issued_by(cert, pki.load_cert_file(data_dir / "ca.pem"))
+    token = (data_dir / "admin.token").read_text().strip()
+    store = open_store(data_dir)
+    try:
+        assert store.admin_token_hash() == token_hash(token)
+        assert [g.name for g in store.list_groups()] == ["default"]
+    finally:
+        store.close()
+
+
+def test_init_in_words_and_default_names(tmp_path):
+    result = _init(tmp_path / "svc")
+    assert result.returncode == 0, result.stderr
+    assert "SHA-256" in result.stdout and "admin.token" in result.stdout
+    names = json.loads((tmp_path / "svc" / "service.json").read_text())["names"]
+    assert names[:3] == ["localhost", "127.0.0.1", "::1"]
+
+
+def test_init_refuses_an_initialized_dir_and_changes_nothing(tmp_path):
+    data_dir = tmp_path / "svc"
+    assert _init(data_dir).returncode == 0
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if not p.name.startswith("store.sqlite")}
+    again = _init(data_dir, "--json")
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.count("\n") == 1 and "already initialized" in again.stderr
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir() if not p.name.startswith("store.sqlite")} == before
+
+
+def test_bad_name_is_refused_before_anything_is_written(tmp_path):
+    data_dir = tmp_path / "svc"
+    result = _init(data_dir, "--name", "not a host")
+    assert result.returncode == 2 and "--name" in result.stderr
+    assert not data_dir.exists() or list(data_dir.iterdir()) == []
