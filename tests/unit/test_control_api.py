@@ -435,3 +435,19 @@ def test_only_worker_zero_does_housekeeping(service_dir, clock, tmp_path):
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         ctx.store.close()
+
+
+def test_renew_if_due_renews_once_across_concurrent_callers(run, tmp_path):
+    async def go(s):
+        state = await s.register(tmp_path / "c")
+        async with control_client.connector_session(state) as a, control_client.connector_session(state) as b:
+            assert await control_client.renew_if_due(state, a) is state  # not yet due
+            later = state.cert_not_before + datetime.timedelta(days=61)
+            first, second = await asyncio.gather(
+                control_client.renew_if_due(state, a, later), control_client.renew_if_due(state, b, later)
+            )
+        assert first.cert_serial == second.cert_serial != state.cert_serial
+        record = s.store.get_connector(state.connector_id)
+        assert record.cert_serial == first.cert_serial and record.previous_serial == state.cert_serial
+
+    run(go)

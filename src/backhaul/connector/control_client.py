@@ -8,6 +8,11 @@ session so the new certificate is used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import fcntl
+import functools
+import os
 import ssl
 from typing import Any
 
@@ -99,3 +104,40 @@ async def renew(state: ConnectorState, session: aiohttp.ClientSession) -> Connec
         None, replace_credentials, state.state_dir, pki.cert_to_pem(cert), pki.key_to_pem(key)
     )
     return ConnectorState.load(state.state_dir)
+
+
+#: Lock file in the state dir that serializes renewals of several connector workers.
+RENEW_LOCK = ".renew.lock"
+
+
+@contextlib.contextmanager
+def _renew_lock(state: ConnectorState):
+    fd = os.open(state.state_dir / RENEW_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def renew_if_due(
+    state: ConnectorState, session: aiohttp.ClientSession, now: datetime.datetime | None = None
+) -> ConnectorState:
+    """Renew once two thirds of the certificate's lifetime have passed; safe to call from
+    every worker process at once (one renews, the others pick up its result).
+
+    Returns the current state: the caller rebuilds its sessions and TLS contexts when
+    ``cert_serial`` changed.
+    """
+    if not state.renewal_due(now):
+        return state
+    loop = asyncio.get_running_loop()
+    lock = _renew_lock(state)
+    await loop.run_in_executor(None, lock.__enter__)
+    try:
+        current = await loop.run_in_executor(None, functools.partial(ConnectorState.load, state.state_dir, now=now))
+        if current.cert_serial != state.cert_serial or not current.renewal_due(now):
+            return current
+        return await renew(current, session)
+    finally:
+        lock.__exit__(None, None, None)
