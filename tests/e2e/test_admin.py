@@ -137,3 +137,27 @@ def test_unreachable_service_and_wrong_ca(shared_system, tmp_path):
         "admin", "--service", system.url, "--data-dir", str(system.data_dir), "--ca", str(other / "ca.pem"), "group", "list", check=False
     )
     assert "expected CA" in _one_line_error(wrong_ca)
+
+
+def test_connector_list_flags_high_cpu(shared_system):
+    import asyncio
+
+    from backhaul.connector import control_client
+    from backhaul.connector.state import ConnectorState
+
+    system = shared_system
+    state = ConnectorState.load(system.register("busy"))
+
+    async def beat():
+        async with control_client.connector_session(state) as session:
+            await control_client.heartbeat(state, session, {"version": "7.1", "cpu": 92.0, "memory": 1.0e9, "streams": 4, "bytes_in": 1, "bytes_out": 2})
+
+    asyncio.run(beat())
+    try:
+        (conn,) = [c for c in system.admin_json("connector", "list") if c["name"] == "busy"]
+        assert conn["cpu"] == 92.0 and conn["cpu_warning"] is True and conn["version"] == "7.1"
+        human = system.admin("connector", "list").stdout
+        assert f"warning: connector {conn['id']} (busy) is at 92% CPU" in human
+        assert human.splitlines()[0].split()[:4] == ["ID", "NAME", "GROUP", "STATUS"]
+    finally:
+        system.admin("connector", "delete", state.connector_id)

@@ -16,6 +16,7 @@ from backhaul.store import (
     LimitReached,
     NotFound,
     StoreLimits,
+    Unavailable,
     open_store,
 )
 from backhaul.errors import ConfigError
@@ -333,3 +334,19 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     assert len(store.list_apps()) == workers * rounds
     assert store.config_version() == before + workers * rounds
     store.close()
+
+
+def test_a_store_held_busy_too_long_is_reported_and_recovers(tmp_path):
+    store = open_store(tmp_path, limits=StoreLimits(busy_timeout=0.2))
+    blocker = sqlite3.connect(tmp_path / "store.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable, match="try again"):
+            store.create_group("g1")
+        assert [g.name for g in store.list_groups()] == ["default"]  # readers are not blocked (WAL)
+        blocker.execute("ROLLBACK")
+        store.create_group("g1")  # the failed transaction left nothing behind
+        assert [g.name for g in store.list_groups()] == ["default", "g1"]
+    finally:
+        blocker.close()
+        store.close()

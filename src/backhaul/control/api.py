@@ -35,6 +35,7 @@ from backhaul.store import (
     LimitReached,
     NotFound,
     StoreError,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ _STORE_STATUS: list[tuple[type[StoreError], int, str]] = [
     (Conflict, 409, "conflict"),
     (LimitReached, 409, "limit_reached"),
     (InvalidToken, 403, "enrollment_refused"),
+    (Unavailable, 503, "store_unavailable"),
 ]
 
 
@@ -99,7 +101,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         for kind, status, code in _STORE_STATUS:
             if isinstance(exc, kind):
                 return error_response(status, code, str(exc))
-        raise
+        return error_response(409, "refused", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -23,6 +23,7 @@ from backhaul.store.base import (
     Store,
     StoreError,
     StoreLimits,
+    Unavailable,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "StoreError",
     "StoreLimits",
     "STORE_FILE",
+    "Unavailable",
     "open_store",
 ]
 

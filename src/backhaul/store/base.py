@@ -31,6 +31,10 @@ class InvalidToken(StoreError):
     """An enrollment token is unknown, expired or used up."""
 
 
+class Unavailable(StoreError):
+    """The backend could not be reached or stayed busy too long; retrying may work."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreLimits:
     """Upper bounds on every table, so nothing grows without bound."""
@@ -40,6 +44,8 @@ class StoreLimits:
     max_connectors: int = 10000
     #: Live (unexpired, not used up) enrollment tokens; dead ones are purged on creation.
     max_tokens: int = 10000
+    #: Seconds a writer waits for another process's transaction before giving up.
+    busy_timeout: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,9 @@ from backhaul.store.base import (
     Store,
     StoreError,
     StoreLimits,
+    Unavailable,
 )
 from backhaul.store.migrations import MIGRATIONS
-
-#: How long a writer waits for another process's transaction before giving up.
-BUSY_TIMEOUT_S = 10.0
 
 _CONNECTOR_COLUMNS = (
     "c.id, c.name, c.hostname, c.version, c.grp, c.created, c.last_seen, c.source_addr, c.cert_serial, "
@@ -86,9 +84,9 @@ class SqliteStore(Store):
             raise ConfigError(f"directory {self.path.parent} of the store does not exist; run `backhaul service init`")
         try:
             self._db = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                self.path, timeout=limits.busy_timeout, isolation_level=None, check_same_thread=False
             )
-            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._db.execute(f"PRAGMA busy_timeout = {int(limits.busy_timeout * 1000)}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -99,25 +97,34 @@ class SqliteStore(Store):
     # -- plumbing
 
     @contextlib.contextmanager
+    def _operational(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(f"the store {self.path} is busy or unavailable ({exc}); try again") from exc
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._operational():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         # A deferred transaction gives every statement inside one consistent snapshot.
-        with self._lock:
+        with self._lock, self._operational():
             self._db.execute("BEGIN")
             try:
                 yield self._db
             finally:
-                self._db.execute("COMMIT")
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -151,7 +158,7 @@ class SqliteStore(Store):
     # -- meta
 
     def config_version(self) -> int:
-        with self._lock:
+        with self._lock, self._operational():
             return self._db.execute("SELECT version FROM config_version WHERE id = 1").fetchone()[0]
 
     def set_admin_token_hash(self, token_hash: str) -> None:
@@ -163,7 +170,7 @@ class SqliteStore(Store):
             )
 
     def admin_token_hash(self) -> str | None:
-        with self._lock:
+        with self._lock, self._operational():
             row = self._db.execute("SELECT value FROM meta WHERE key = 'admin_token_sha256'").fetchone()
         return row[0] if row else None
 
