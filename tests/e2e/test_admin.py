@@ -161,3 +161,35 @@ def test_connector_list_flags_high_cpu(shared_system):
         assert human.splitlines()[0].split()[:4] == ["ID", "NAME", "GROUP", "STATUS"]
     finally:
         system.admin("connector", "delete", state.connector_id)
+
+
+def test_concurrent_admin_calls_across_relay_workers_lose_nothing(tmp_path):
+    """Two relay worker processes share the store; parallel writes through both all land."""
+    import asyncio
+
+    from backhaul.admin.client import request, resolve_target
+
+    system = System(tmp_path)
+    try:
+        system.init()
+        system.start_relay(workers=2)
+        target = resolve_target(service=system.url, token_file=None, data_dir=str(system.data_dir), environ={})
+
+        async def burst():
+            sem = asyncio.Semaphore(8)
+
+            async def one(i):
+                async with sem:
+                    await request(target, "POST", "/v1/groups", {"name": f"g{i:02d}"})
+                    await request(target, "POST", "/v1/apps", {"name": f"a{i:02d}", "group": f"g{i:02d}", "proto": "tcp", "port": 30000 + i, "target": "10.0.0.1:80"})
+
+            await asyncio.gather(*(one(i) for i in range(24)))
+            return await request(target, "GET", "/v1/groups"), await request(target, "GET", "/v1/apps")
+
+        groups, apps = asyncio.run(asyncio.wait_for(burst(), 120))
+        assert [g["name"] for g in groups] == ["default"] + [f"g{i:02d}" for i in range(24)]
+        assert [a["name"] for a in apps] == [f"a{i:02d}" for i in range(24)]
+        workers = {system.health()["worker"] for _ in range(40)}
+        assert workers == {0, 1}, "the kernel should have spread connections over both workers"
+    finally:
+        system.stop()

@@ -72,7 +72,8 @@ def resolve_target(
     return AdminTarget(service_url=url.rstrip("/"), token=token, ca=Path(ca_path))
 
 
-async def _call(target: AdminTarget, method: str, path: str, body: Any) -> Any:
+async def request(target: AdminTarget, method: str, path: str, body: Any = None) -> Any:
+    """One admin API call (async); the decoded JSON answer, or ServiceError with the API's detail."""
     ctx = tlsconfig.admin_context(target.ca)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     headers = {"Authorization": f"Bearer {target.token}", "Accept": "application/json"}
@@ -112,4 +113,4 @@ async def _call(target: AdminTarget, method: str, path: str, body: Any) -> Any:
 
 def call(target: AdminTarget, method: str, path: str, body: Any = None) -> Any:
     """One admin API call; the decoded JSON answer, or ServiceError with the API's detail."""
-    return asyncio.run(_call(target, method, path, body))
+    return asyncio.run(request(target, method, path, body))

@@ -29,7 +29,6 @@ from backhaul.store.base import (
     LimitReached,
     NotFound,
     Store,
-    StoreError,
     StoreLimits,
     Unavailable,
 )
@@ -476,5 +475,3 @@ class SqliteStore(Store):
                 raise NotFound(f"there is no app {name!r}; see `backhaul admin app list`")
             self._bump(db)
 
-
-__all__ = ["SqliteStore", "StoreError"]
