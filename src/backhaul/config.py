@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
+
 
 @dataclasses.dataclass(frozen=True)
 class FlowControl:
@@ -33,7 +35,7 @@ class FlowControl:
 
     def __post_init__(self) -> None:
         # Windows only grow on the wire, so nothing below the protocol's initial windows works.
-        if self.stream_window < 256 * 1024 or self.tunnel_window < 1024 * 1024:
+        if self.stream_window < INITIAL_STREAM_WINDOW or self.tunnel_window < INITIAL_TUNNEL_WINDOW:
             raise ValueError("stream_window must be >= 256 KiB and tunnel_window >= 1 MiB (protocol.md)")
         if not 0 < self.window_update_ratio <= 1 or not 1 <= self.max_frame_payload <= 256 * 1024:
             raise ValueError("window_update_ratio must be in (0, 1] and max_frame_payload in 1..256 KiB")

@@ -174,3 +174,45 @@ def test_relay_restart_connectors_come_back_by_themselves(system, echo_app):
     started = time.monotonic()
     system.wait_app(echo_app, timeout=30)
     assert time.monotonic() - started < 30
+
+
+def test_several_workers_on_both_sides_every_connection_finds_a_tunnel(tmp_path, backend):
+    from .harness import System
+
+    echo = backend("echo")
+    system = System(tmp_path / "w")
+    (tmp_path / "w").mkdir()
+    try:
+        system.init()
+        system.start_relay(workers=2)
+        system.start_connector("one", workers=2, tunnels=2)
+        port = system.publish_tcp("echo", echo.target)
+        system.wait_app(port)
+        # Every relay worker ends up holding tunnels of the connector ...
+        wait_until(
+            lambda: {'"worker":0', '"worker":1'} <= {w for w in ('"worker":0', '"worker":1') if w in _tunnel_lines(system)},
+            30,
+            "tunnels on both relay workers",
+            interval=0.3,
+        )
+
+        # ... so connections accepted by either worker all get through.
+        async def one(i):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            payload = b"%d" % i * 100
+            writer.write(payload)
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            return data == payload
+
+        async def run():
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+        assert all(asyncio.run(run()))
+    finally:
+        system.stop()
+
+
+def _tunnel_lines(system) -> str:
+    return "\n".join(line for line in system.relay.log().splitlines() if '"tunnel up"' in line)

@@ -302,3 +302,27 @@ def test_idle_stream_is_small():
     stream = relay._streams[sid]
     assert stream.queue is None
     assert sys.getsizeof(stream) < 256
+
+
+def test_data_after_fin_is_a_stream_error_and_the_tunnel_lives():
+    relay, connector = pair()
+    sid = open_accepted(relay, connector)
+    connector.end_stream(sid)
+    pump(relay, connector)
+    rogue = FrameEncoder()
+    rogue.data(sid, b"late")
+    relay.receive_data(bytes(rogue.take()))
+    assert events(relay) == [mux.StreamReset(sid, ErrorCode.STREAM_CLOSED, f"DATA on stream {sid} after its FIN")]
+    assert not relay.closed and relay.active_streams == 0
+
+
+def test_stream_window_overflow_resets_only_that_stream():
+    relay, connector = pair()
+    sid = open_accepted(relay, connector)
+    other = open_accepted(relay, connector)
+    rogue = FrameEncoder()
+    rogue.window(sid, 2**31 - 1)
+    relay.receive_data(bytes(rogue.take()))
+    seen = events(relay)
+    assert len(seen) == 1 and seen[0].code == ErrorCode.FLOW_CONTROL_ERROR and seen[0].stream_id == sid
+    assert not relay.closed and relay.has_stream(other)

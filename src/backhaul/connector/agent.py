@@ -85,6 +85,8 @@ class ConnectorAgent:
         self.tunnels: set[Tunnel] = set()
         self.pipes: set[Pipe] = set()
         self.relay_workers: int = 1
+        #: the read buffer every target socket of this process is read into (see transport.pipe)
+        self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
         self._slots: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
@@ -300,7 +302,7 @@ class ConnectorAgent:
 
     async def _connect(self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int) -> None:
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
-        pipe = Pipe(self.settings.flow, labels, on_done=self.pipes.discard)
+        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
         pipe.tunnel = tunnel
         pipe.stream_id = stream_id
         loop = asyncio.get_running_loop()

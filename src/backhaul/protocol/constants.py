@@ -100,6 +100,10 @@ class Flag(enum.IntFlag):
 #: The flags each frame type may carry; any other set bit is a PROTOCOL_ERROR.
 ALLOWED_FLAGS = {t: (Flag.END if t == FrameType.DATA else 0) for t in FrameType}
 
+#: Send windows every stream and every tunnel start with, before any WINDOW frame.
+INITIAL_STREAM_WINDOW = 256 * 1024
+INITIAL_TUNNEL_WINDOW = 1024 * 1024
+
 PING_PAYLOAD_SIZE = 8
 WINDOW_PAYLOAD_SIZE = 4
 MAX_WINDOW = 2**31 - 1

@@ -40,6 +40,8 @@ import orjson
 from backhaul.config import FlowControl, Keepalive
 from backhaul.protocol.constants import (
     CONNECTION_STREAM,
+    INITIAL_STREAM_WINDOW,
+    INITIAL_TUNNEL_WINDOW,
     MAX_STREAM_ID,
     MAX_WINDOW,
     ErrorCode,
@@ -55,9 +57,6 @@ from backhaul.protocol.framing import (
     parse_window,
 )
 
-#: Windows every stream and tunnel start with before any WINDOW frame (protocol.md).
-INITIAL_STREAM_WINDOW = 256 * 1024
-INITIAL_TUNNEL_WINDOW = 1024 * 1024
 
 
 class Role(enum.Enum):
@@ -534,7 +533,10 @@ class Session:
         elif kind == FrameType.FIN:
             stream = self._known(stream_id)
             if stream is not None:
-                self._remote_end(stream)
+                if stream.remote_open:
+                    self._remote_end(stream)
+                else:
+                    self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, f"second FIN on stream {stream_id}")
         elif kind == FrameType.RST:
             code, reason = parse_error_payload(frame.payload)
             if self._known(stream_id) is not None:
@@ -559,10 +561,14 @@ class Session:
             raise FrameError(f"DATA of {size} bytes on stream {stream_id} exceeds the tunnel window of {self._recv_window}", ErrorCode.FLOW_CONTROL_ERROR)
         self._recv_window -= size
         stream = self._streams.get(stream_id)
-        if stream is None or not stream.remote_open:
+        if stream is None:
             self._check_seen(stream_id)
-            # Crossed with our RST or FIN: drop it, but keep the tunnel's credit flowing.
+            # Crossed with our RST: drop it, but keep the tunnel's credit flowing.
             self.consumed(stream_id, size)
+            return
+        if not stream.remote_open:
+            self.consumed(stream_id, size)
+            self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id} after its FIN")
             return
         if not stream.accepted and self._is_local(stream_id):
             raise FrameError(f"DATA on stream {stream_id} before OPEN_OK", ErrorCode.PROTOCOL_ERROR)
@@ -588,7 +594,8 @@ class Session:
             return
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
-            raise FrameError(f"the send window of stream {stream_id} overflowed", ErrorCode.FLOW_CONTROL_ERROR)
+            self._stream_error(stream_id, ErrorCode.FLOW_CONTROL_ERROR, f"the send window of stream {stream_id} overflowed")
+            return
         if stream.queued:
             self._flush_stream(stream)
 
@@ -722,6 +729,12 @@ class Session:
     def _remove(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
+
+    def _stream_error(self, stream_id: int, code: int, reason: str) -> None:
+        """The peer broke a rule for one stream: reset it both ways, the tunnel lives on."""
+        self._encoder.rst(stream_id, code, reason)
+        self._remove(stream_id)
+        self._events.append(StreamReset(stream_id, code, reason))
 
     def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: tell it why, then end everything."""

@@ -28,12 +28,14 @@ OPEN_ATTEMPTS = 3
 class UserPipe(Pipe):
     """A user's connection to a TCP app; opens its stream through the app's group."""
 
-    def __init__(self, app, registry: TunnelRegistry, flow: FlowControl, stats: dict) -> None:
-        super().__init__(flow, {"app": app.name, "target": app.target, "id": secrets.token_hex(8)})
+    __slots__ = ("app", "registry", "stats", "_tried", "_accepted")
+
+    def __init__(self, app, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict) -> None:
+        super().__init__(flow, {"app": app.name, "target": app.target, "id": secrets.token_hex(8)}, buffer)
         self.app = app
         self.registry = registry
         self.stats = stats
-        self._tried: list[Tunnel] = []
+        self._tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
         self._accepted = False  # a connector has connected the target: no retry after this
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -97,10 +99,12 @@ class TcpApp:
         self.server = server
 
     @classmethod
-    async def start(cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, stats: dict) -> "TcpApp":
+    async def start(
+        cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict
+    ) -> "TcpApp":
         loop = asyncio.get_running_loop()
         sock = reuseport_socket(host, app.port)
-        server = await loop.create_server(lambda: UserPipe(app, registry, flow, stats), sock=sock, backlog=4096)
+        server = await loop.create_server(lambda: UserPipe(app, registry, flow, buffer, stats), sock=sock, backlog=4096)
         log.info("tcp app listening", extra={"app": app.name, "port": app.port, "target": app.target})
         return cls(app, server)
 

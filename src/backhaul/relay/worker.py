@@ -78,6 +78,8 @@ class RelayWorker:
         self.registry = TunnelRegistry()
         self.apps: dict[str, TcpApp] = {}
         self.stats: dict[str, int] = {}
+        #: the read buffer every user socket of this process is read into (see transport.pipe)
+        self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
         self._http_server = None
         self._runner = None
@@ -170,7 +172,9 @@ class RelayWorker:
         for name, app in wanted.items():
             if name not in self.apps:
                 try:
-                    self.apps[name] = await TcpApp.start(app, self._host, self.registry, self.settings.flow, self.stats)
+                    self.apps[name] = await TcpApp.start(
+                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats
+                    )
                 except Exception as exc:
                     log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
         for connector_id in self.registry.connectors():

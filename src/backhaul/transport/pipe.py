@@ -1,7 +1,9 @@
 """A pipe: one TCP socket relayed over one tunnel stream, both ways, with half-close.
 
-The socket is read into one preallocated buffer (BufferedProtocol) whose bytes the
-session copies straight into its outgoing frame batch. Backpressure runs both ways:
+Sockets are read into one preallocated buffer shared by every pipe of the process
+(BufferedProtocol): each read is copied into the session's outgoing frame batch before
+``buffer_updated`` returns, so no pipe needs a buffer of its own and an idle stream
+costs a few hundred bytes, not a read buffer. Backpressure runs both ways:
 the socket stops being read while the stream's credit is used up, and bytes from the
 tunnel are credited back only while the socket's write buffer is below its high mark,
 so a user who never reads holds the far sender at the stream window.
@@ -31,9 +33,34 @@ def error_name(code: int) -> str:
 
 
 class Pipe(asyncio.BufferedProtocol):
-    """Relays between ``transport`` (a TCP socket) and ``stream_id`` on ``tunnel``."""
+    """Relays between ``transport`` (a TCP socket) and ``stream_id`` on ``tunnel``.
 
-    def __init__(self, flow: FlowControl, labels: dict, on_done: Callable[["Pipe"], None] | None = None) -> None:
+    ``buffer`` is the process's shared read buffer (see the module docstring).
+    """
+
+    __slots__ = (
+        "flow",
+        "labels",
+        "on_done",
+        "tunnel",
+        "stream_id",
+        "transport",
+        "bytes_up",
+        "bytes_down",
+        "started",
+        "result",
+        "started_stream",
+        "_buffer",
+        "_owed",
+        "_write_paused",
+        "_socket_eof",
+        "_stream_eof",
+        "_held",
+    )
+
+    def __init__(
+        self, flow: FlowControl, labels: dict, buffer: memoryview, on_done: Callable[["Pipe"], None] | None = None
+    ) -> None:
         self.flow = flow
         #: what the stream is, for its log line: app, client, target, request id
         self.labels = labels
@@ -45,7 +72,7 @@ class Pipe(asyncio.BufferedProtocol):
         self.bytes_down = 0  # tunnel -> socket
         self.started = time.monotonic()
         self.result: str | None = None
-        self._buffer = memoryview(bytearray(flow.read_size))  # the socket is read into this
+        self._buffer = buffer  # shared by every pipe of the process; only valid inside buffer_updated
         self._owed = 0  # bytes from the tunnel written while the socket was paused; credited on resume
         self._write_paused = False  # the socket's write buffer is above its high mark
         self._socket_eof = False  # the socket sent EOF (FIN sent once the stream is started)
