@@ -326,3 +326,24 @@ def test_stream_window_overflow_resets_only_that_stream():
     seen = events(relay)
     assert len(seen) == 1 and seen[0].code == ErrorCode.FLOW_CONTROL_ERROR and seen[0].stream_id == sid
     assert not relay.closed and relay.has_stream(other)
+
+
+def test_data_before_open_ok_from_the_acceptor_resets_only_that_stream():
+    relay, connector = pair()
+    sid = relay.open_stream({"app": "a"})
+    pump(relay, connector)
+    rogue = FrameEncoder()
+    rogue.data(sid, b"too early")
+    relay.receive_data(bytes(rogue.take()))
+    seen = events(relay)
+    assert [(type(e), e.code) for e in seen] == [(mux.StreamReset, ErrorCode.PROTOCOL_ERROR)]
+    assert not relay.closed
+
+
+def test_control_without_a_type_ends_the_tunnel():
+    relay, connector = pair()
+    rogue = FrameEncoder()
+    rogue.control(b'{"kind": "hello"}')
+    relay.receive_data(bytes(rogue.take()))
+    seen = events(relay)
+    assert isinstance(seen[-1], mux.TunnelFailed) and seen[-1].code == ErrorCode.PROTOCOL_ERROR

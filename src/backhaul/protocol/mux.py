@@ -551,7 +551,10 @@ class Session:
         elif kind == FrameType.DATAGRAM:
             self._events.append(DatagramReceived(stream_id, frame.payload))
         elif kind == FrameType.CONTROL:
-            self._events.append(ControlReceived(self._decode_json(frame.payload, "CONTROL")))
+            message = self._decode_json(frame.payload, "CONTROL")
+            if not isinstance(message.get("type"), str):
+                raise FrameError("CONTROL message without a string 'type'", ErrorCode.PROTOCOL_ERROR)
+            self._events.append(ControlReceived(message))
         elif kind == FrameType.GOAWAY:
             self._on_goaway(*parse_goaway(frame.payload))
 
@@ -571,7 +574,9 @@ class Session:
             self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id} after its FIN")
             return
         if not stream.accepted and self._is_local(stream_id):
-            raise FrameError(f"DATA on stream {stream_id} before OPEN_OK", ErrorCode.PROTOCOL_ERROR)
+            self.consumed(stream_id, size)
+            self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR, f"DATA on stream {stream_id} before OPEN_OK")
+            return
         if size > stream.recv_window:
             raise FrameError(f"DATA of {size} bytes on stream {stream_id} exceeds its window of {stream.recv_window}", ErrorCode.FLOW_CONTROL_ERROR)
         stream.recv_window -= size
