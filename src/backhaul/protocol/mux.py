@@ -59,6 +59,24 @@ from backhaul.protocol.framing import (
 
 
 
+# Plain ints for the per-frame path: enum attribute access and IntFlag arithmetic are slow.
+_END = int(Flag.END)
+_DATA, _OPEN, _OPEN_OK, _OPEN_FAIL, _FIN, _RST, _WINDOW, _PING, _PONG, _DATAGRAM, _GOAWAY, _CONTROL = (
+    int(FrameType.DATA),
+    int(FrameType.OPEN),
+    int(FrameType.OPEN_OK),
+    int(FrameType.OPEN_FAIL),
+    int(FrameType.FIN),
+    int(FrameType.RST),
+    int(FrameType.WINDOW),
+    int(FrameType.PING),
+    int(FrameType.PONG),
+    int(FrameType.DATAGRAM),
+    int(FrameType.GOAWAY),
+    int(FrameType.CONTROL),
+)
+
+
 class Role(enum.Enum):
     """Which end of the tunnel a session is; it decides stream-id parity."""
 
@@ -460,7 +478,8 @@ class Session:
                 size -= allowed
         if stream.queue is None:
             stream.queue = collections.deque()
-        stream.queue.append(bytes(data))
+        # A memoryview of our own copy, so the partial sends of _flush_stream slice it for free.
+        stream.queue.append(memoryview(bytes(data)))
         stream.queued += size
         self._blocked[stream_id] = None
         if end:
@@ -511,51 +530,51 @@ class Session:
     def _handle(self, frame) -> None:
         kind = frame.type
         stream_id = frame.stream_id
-        if kind == FrameType.DATA:
-            self._on_data(stream_id, frame.payload, frame.flags & Flag.END)
-        elif kind == FrameType.WINDOW:
+        if kind == _DATA:
+            self._on_data(stream_id, frame.payload, frame.flags & _END)
+        elif kind == _WINDOW:
             self._on_window(stream_id, parse_window(frame.payload))
-        elif kind == FrameType.OPEN:
+        elif kind == _OPEN:
             self._on_open(stream_id, frame.payload)
-        elif kind == FrameType.OPEN_OK:
+        elif kind == _OPEN_OK:
             stream = self._known(stream_id, local=True)
             if stream is not None:
                 if stream.accepted:
                     raise FrameError(f"second OPEN_OK for stream {stream_id}", ErrorCode.PROTOCOL_ERROR)
                 stream.accepted = True
                 self._events.append(StreamAccepted(stream_id))
-        elif kind == FrameType.OPEN_FAIL:
+        elif kind == _OPEN_FAIL:
             code, reason = parse_error_payload(frame.payload)
             stream = self._known(stream_id, local=True)
             if stream is not None:
                 self._remove(stream_id)
                 self._events.append(StreamRejected(stream_id, code, reason))
-        elif kind == FrameType.FIN:
+        elif kind == _FIN:
             stream = self._known(stream_id)
             if stream is not None:
                 if stream.remote_open:
                     self._remote_end(stream)
                 else:
                     self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, f"second FIN on stream {stream_id}")
-        elif kind == FrameType.RST:
+        elif kind == _RST:
             code, reason = parse_error_payload(frame.payload)
             if self._known(stream_id) is not None:
                 self._remove(stream_id)
                 self._events.append(StreamReset(stream_id, code, reason))
-        elif kind == FrameType.PING:
+        elif kind == _PING:
             self._encoder.pong(frame.payload)
-        elif kind == FrameType.PONG:
+        elif kind == _PONG:
             if self._ping_sent_at is not None:
                 self._events.append(PongReceived(self._clock() - self._ping_sent_at))
                 self._ping_sent_at = None
-        elif kind == FrameType.DATAGRAM:
+        elif kind == _DATAGRAM:
             self._events.append(DatagramReceived(stream_id, frame.payload))
-        elif kind == FrameType.CONTROL:
+        elif kind == _CONTROL:
             message = self._decode_json(frame.payload, "CONTROL")
             if not isinstance(message.get("type"), str):
                 raise FrameError("CONTROL message without a string 'type'", ErrorCode.PROTOCOL_ERROR)
             self._events.append(ControlReceived(message))
-        elif kind == FrameType.GOAWAY:
+        elif kind == _GOAWAY:
             self._on_goaway(*parse_goaway(frame.payload))
 
     def _on_data(self, stream_id: int, payload: bytes, end: int) -> None:
@@ -690,7 +709,7 @@ class Session:
             chunk = queue[0]
             allowed = min(len(chunk), stream.send_window, self._send_window)
             if allowed < len(chunk):
-                self._encoder.data(stream.id, memoryview(chunk)[:allowed], False)
+                self._encoder.data(stream.id, chunk[:allowed], False)
                 queue[0] = chunk[allowed:]
             else:
                 queue.popleft()
