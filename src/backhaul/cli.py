@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
     p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument(
+        "--cert-validity", type=float, default=None, metavar="SECONDS",
+        help="lifetime of the connector certificates this relay signs (default 90 days)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)
@@ -49,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--tunnels", type=int, default=4, help="tunnels per connector (default 4)")
+    p.add_argument(
+        "--heartbeat", type=float, default=30.0, metavar="SECONDS",
+        help="seconds between heartbeats and certificate renewal checks (default 30)",
+    )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state")
     p.add_argument("--state-dir", required=True)

@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import logging
 import random
+import resource
 import signal
 import socket
 import ssl
@@ -51,6 +52,8 @@ class ConnectorSettings:
     target_timeout: float = 10.0
     #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
     max_slots: int = 64
+    #: Seconds between heartbeats (which also check whether the certificate is due for renewal).
+    heartbeat_interval: float = 30.0
 
     @property
     def slots(self) -> int:
@@ -113,8 +116,10 @@ class ConnectorAgent:
             for _ in range(self.settings.slots):
                 self._add_slot()
             refresher = asyncio.create_task(self._config_loop())
+            upkeep = asyncio.create_task(self._upkeep_loop())
             await self._stopping.wait()
             refresher.cancel()
+            upkeep.cancel()
             await self.drain()
         finally:
             await self._http.close()
@@ -179,6 +184,63 @@ class ConnectorAgent:
                 pass
             self._config_changed.clear()
             await self._refresh_config()
+
+    # ------------------------------------------------------------------ heartbeat and renewal
+
+    def _usage(self) -> dict:
+        """This worker's numbers for the heartbeat."""
+        now = time.monotonic()
+        cpu_seconds = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        last_wall, last_cpu = getattr(self, "_last_usage", (now, cpu_seconds))
+        self._last_usage = (now, cpu_seconds)
+        cpu = 100.0 * (cpu_seconds - last_cpu) / (now - last_wall) if now > last_wall else 0.0
+        rss = 0
+        with open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * resource.getpagesize()
+        return {
+            "version": __version__,
+            "cpu": round(cpu, 1),
+            "memory": rss,
+            "streams": sum(t.load for t in self.tunnels),
+            "bytes_in": sum(t.bytes_in for t in self.tunnels),
+            "bytes_out": sum(t.bytes_out for t in self.tunnels),
+        }
+
+    async def _upkeep_loop(self) -> None:
+        from backhaul.connector import control_client
+
+        self._usage()
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                answer = await control_client.heartbeat(self.state, self._http, self._usage())
+                if answer.get("config_version") not in (None, self.config_version):
+                    self._config_changed.set()
+            except Exception as exc:
+                log.warning("heartbeat failed; will retry", extra={"error": str(exc)})
+            try:
+                state = await control_client.renew_if_due(self.state, self._http)
+            except Exception as exc:
+                log.warning(
+                    "certificate renewal failed; will retry",
+                    extra={"error": str(exc), "seconds_left": round(self.state.seconds_left())},
+                )
+                continue
+            if state.cert_serial != self.state.cert_serial:
+                self._use_credentials(state)
+
+    def _use_credentials(self, state) -> None:
+        """New tunnels and API calls use the renewed certificate; open tunnels carry on."""
+        from backhaul.connector import control_client
+
+        self.state = state
+        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
+        old, self._http = self._http, control_client.connector_session(state)
+        asyncio.get_running_loop().create_task(old.close())
+        log.info(
+            "certificate renewed",
+            extra={"serial": format(state.cert_serial, "x"), "expires": state.cert_not_after.isoformat()},
+        )
 
     # ------------------------------------------------------------------ tunnels
 

@@ -30,8 +30,14 @@ def connector_run(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     if workers < 1 or args.tunnels < 1:
         raise ConfigError("--workers and --tunnels must be at least 1")
+    if args.heartbeat < 1:
+        raise ConfigError("--heartbeat must be at least 1 second")
     settings = ConnectorSettings(
-        state_dir=Path(args.state_dir), workers=workers, tunnels=args.tunnels, boot_id=secrets.token_hex(8)
+        state_dir=Path(args.state_dir),
+        workers=workers,
+        tunnels=args.tunnels,
+        boot_id=secrets.token_hex(8),
+        heartbeat_interval=args.heartbeat,
     )
     return supervise(functools.partial(_run, settings), workers, "connector")
 

@@ -30,5 +30,9 @@ def service_run(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    settings = RelaySettings(data_dir=data_dir, listen=args.listen, http=args.http, workers=workers)
+    if args.cert_validity is not None and args.cert_validity < 10:
+        raise ConfigError("--cert-validity must be at least 10 seconds")
+    settings = RelaySettings(
+        data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity
+    )
     return supervise(functools.partial(_run, settings), workers, "relay")

@@ -42,6 +42,8 @@ class RelaySettings:
     poll_interval: float = 1.0
     #: How long a draining relay lets streams finish.
     drain_timeout: float = 10.0
+    #: Lifetime of the connector certificates this relay signs, seconds (None: the control plane's default).
+    cert_validity: float | None = None
 
 
 class AlpnSplit(asyncio.Protocol):
@@ -97,11 +99,14 @@ class RelayWorker:
 
         loop = asyncio.get_running_loop()
         self.store.mark_worker_down(self.settings.worker)
+        reserved = {self._port}
+        if self.settings.http:
+            reserved.add(parse_hostport(self.settings.http, "--http")[1])
+        control_settings = ControlSettings(reserved_ports=frozenset(reserved))
+        if self.settings.cert_validity is not None:
+            control_settings = dataclasses.replace(control_settings, cert_validity=self.settings.cert_validity)
         control = ControlContext.load(
-            self.settings.data_dir,
-            worker=self.settings.worker,
-            store=self.store,
-            settings=ControlSettings(reserved_ports=frozenset({self._port})),
+            self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )
         app = build_app(control)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
