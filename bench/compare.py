@@ -42,6 +42,8 @@ TARGET_P99_MS = 5.0
 AIM_HAPROXY_RATIO = 0.85
 #: A 1-minute load average above this before the run means another job shares the CPUs.
 BUSY_LOAD = 0.5
+#: How long a path may take to close the previous iperf3 test's connections at the server.
+LINGER_TIMEOUT = 10.0
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
@@ -157,12 +159,18 @@ def run_wrk(port: int, duration: float, connections: int) -> dict:
     return result
 
 
-def run_iperf(port: int, duration: float, parallel: int, backend: peers.Backend) -> dict:
-    """One ``iperf3 -c -t N -P n -J`` run through ``port``; Gbit/s received by the server."""
+def run_iperf(route: Route, duration: float, parallel: int) -> dict:
+    """One ``iperf3 -c -t N -P n -J`` run through the path; Gbit/s received by the server."""
+    outcome: dict = {}
+    if not route.iperf.wait_idle(LINGER_TIMEOUT):
+        # The previous test's connections were never closed through this path; iperf3
+        # would refuse this test as "busy". Note it and start a fresh server.
+        outcome["lingered"] = route.iperf.busy_connections()
+        route.iperf.start()
     argv = [
         peers.find_program("iperf3"),
         "-c", "127.0.0.1",
-        "-p", str(port),
+        "-p", str(route.iperf_port),
         "-t", f"{duration:g}",
         "-P", str(parallel),
         "--connect-timeout", "5000",
@@ -172,22 +180,22 @@ def run_iperf(port: int, duration: float, parallel: int, backend: peers.Backend)
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
         except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"iperf3 through port {port} did not finish") from exc
+            raise BenchError(f"iperf3 through port {route.iperf_port} did not finish") from exc
         try:
             report = json.loads(done.stdout)
         except ValueError as exc:
             raise BenchError(f"iperf3 printed no JSON (status {done.returncode}): {done.stderr.strip()}") from exc
         if "error" in report or done.returncode != 0:
             raise BenchError(f"iperf3: {report.get('error', f'exit status {done.returncode}')}")
-        return {"gbps": report["end"]["sum_received"]["bits_per_second"] / 1e9}
     except BenchError:
-        # A test that broke half-way can leave the single-test iperf3 server stuck; give
-        # the remaining measurements a fresh one on the same port.
-        backend.start_iperf()
+        # A test that broke half-way can leave the one-test-at-a-time server stuck.
+        route.iperf.start()
         raise
+    outcome["gbps"] = report["end"]["sum_received"]["bits_per_second"] / 1e9
+    return outcome
 
 
-def warm_up(route: Route, backend: peers.Backend) -> None:
+def warm_up(route: Route) -> None:
     """One small iperf3 transfer through the path, retried until the bulk port works too."""
     deadline = time.monotonic() + peers.READY_TIMEOUT
 
@@ -196,10 +204,10 @@ def warm_up(route: Route, backend: peers.Backend) -> None:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         except subprocess.TimeoutExpired as exc:
-            backend.start_iperf()
+            route.iperf.start()
             raise BenchError(f"iperf3 warm-up through {route.key} did not finish in 20 s") from exc
         if done.returncode != 0:
-            backend.start_iperf()
+            route.iperf.start()
             raise BenchError(f"iperf3 warm-up through {route.key}: {done.stdout.strip()[-300:]}")
 
     peers.wait_until(f"{route.key} bulk port", transfer, deadline, list(route.roles.values()))
@@ -224,7 +232,7 @@ def start_routes(procs: peers.Processes, backend: peers.Backend, args) -> tuple[
     for key, start in starters:
         try:
             route = start()
-            warm_up(route, backend)
+            warm_up(route)
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             failed[key] = str(exc)
             print(f"[{key}] could not be set up: {exc}", file=sys.stderr)
@@ -234,12 +242,12 @@ def start_routes(procs: peers.Processes, backend: peers.Backend, args) -> tuple[
     return routes, failed
 
 
-def measure(routes: list[Route], backend: peers.Backend, args) -> dict[str, dict[str, list]]:
+def measure(routes: list[Route], args) -> dict[str, dict[str, list]]:
     """All measurements, interleaved across paths, ``--repeat`` times. key -> test -> results."""
     tests = [
-        ("wrk", lambda port: run_wrk(port, args.duration, args.connections)),
-        ("bulk1", lambda port: run_iperf(port, args.iperf_duration, 1, backend)),
-        ("bulk8", lambda port: run_iperf(port, args.iperf_duration, 8, backend)),
+        ("wrk", lambda route: run_wrk(route.http_port, args.duration, args.connections)),
+        ("bulk1", lambda route: run_iperf(route, args.iperf_duration, 1)),
+        ("bulk8", lambda route: run_iperf(route, args.iperf_duration, 8)),
     ]
     results: dict[str, dict[str, list]] = {r.key: {t: [] for t, _ in tests} for r in routes}
     for rep in range(args.repeat):
@@ -247,9 +255,8 @@ def measure(routes: list[Route], backend: peers.Backend, args) -> dict[str, dict
             # Rotate the order each repeat so no path always runs first (or right after another).
             shift = rep % len(routes)
             for route in routes[shift:] + routes[:shift]:
-                port = route.http_port if test == "wrk" else route.iperf_port
                 try:
-                    outcome = run(port)
+                    outcome = run(route)
                 except BenchError as exc:
                     outcome = {"error": str(exc)}
                     print(f"[{route.key}] {test} run {rep + 1} failed: {exc}", file=sys.stderr)
@@ -279,6 +286,7 @@ def summarize(results: dict[str, dict[str, list]]) -> dict[str, dict]:
             ok = [r["gbps"] for r in tests[test] if "error" not in r]
             row[test] = statistics.median(ok) if ok else None
         row["failed_runs"] = sum(1 for runs in tests.values() for r in runs if "error" in r)
+        row["lingered_runs"] = sum(1 for runs in tests.values() for r in runs if "lingered" in r)
         summary[key] = row
     return summary
 
@@ -327,6 +335,11 @@ def render(
             notes.append(f"{row['wrk_errors']} wrk errors")
         if row["failed_runs"]:
             notes.append(f"{row['failed_runs']} failed runs")
+        if row["lingered_runs"]:
+            notes.append(
+                f"{row['lingered_runs']}× the previous iperf3 test's connections were still open "
+                f"{LINGER_TIMEOUT:g} s later"
+            )
         label = route.label + (f" ({'; '.join(notes)})" if notes else "")
         lines.append(
             f"| {label} | {_fmt(row['rps'], ',.0f')} | {_fmt(row['p50_ms'], '.2f')} | {_fmt(row['p99_ms'], '.2f')} "
@@ -414,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("no path could be set up: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in failed.items()))
         started = time.time()
         usage_before = {route.key: route.usage() for route in routes if route.roles}
-        results = measure(routes, backend, args)
+        results = measure(routes, args)
         usage_after = {route.key: route.usage() for route in routes if route.roles}
         summary = summarize(results)
         load["after"] = os.getloadavg()[0]

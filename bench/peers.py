@@ -229,11 +229,6 @@ def wait_until(what: str, probe, deadline: float, watched: list[Managed]) -> obj
         delay = min(delay * 2, 0.25)
 
 
-def probe_tcp(port: int) -> None:
-    """Connect to 127.0.0.1:port and close."""
-    socket.create_connection(("127.0.0.1", port), timeout=2).close()
-
-
 def probe_http(port: int) -> None:
     """One GET / through 127.0.0.1:port; raise BenchError unless it returns the benchmark body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
@@ -262,6 +257,8 @@ class Route:
     label: str
     http_port: int
     iperf_port: int
+    #: The iperf3 server behind this path.
+    iperf: "IperfServer"
     #: Role name ("relay", "connector", "haproxy", ...) -> the process whose tree is measured.
     roles: dict[str, Managed] = dataclasses.field(default_factory=dict)
 
@@ -270,20 +267,73 @@ class Route:
         return {role: managed.usage() for role, managed in self.roles.items()}
 
 
+class IperfServer:
+    """One persistent ``iperf3 -s``. Each path has its own, so a test whose connections
+    linger on one path cannot block the next path's test (iperf3 runs one test at a time)."""
+
+    def __init__(self, procs: Processes, name: str) -> None:
+        self.procs = procs
+        self.name = name
+        self.port = free_port()
+        self.managed: Managed | None = None
+
+    def start(self) -> None:
+        """(Re)start the server on its port and wait until it completes a real test."""
+        if self.managed is not None:
+            self.procs.stop(self.managed)
+        self.managed = self.procs.start(
+            self.name, [find_program("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(self.port)]
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        wait_until(self.name, self._probe, deadline, [self.managed])
+
+    def _probe(self) -> None:
+        # A tiny real test, not a bare connect: iperf3 counts a bare connect as an aborted
+        # test, and the next client can collide with its clean-up.
+        argv = [find_program("iperf3"), "-c", "127.0.0.1", "-p", str(self.port), "-n", "64K", "--connect-timeout", "2000"]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{self.name}: a 64 KiB test did not finish in 10 s") from exc
+        if done.returncode != 0:
+            raise BenchError(f"{self.name}: {done.stderr.strip() or done.stdout.strip()[-200:]}")
+
+    def busy_connections(self) -> int:
+        """Connections the server still holds (ESTABLISHED or CLOSE_WAIT on its port)."""
+        busy = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == self.port and fields[3] in ("01", "08"):
+                busy += 1
+        return busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the previous test's connections are gone; False if they outlast ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.busy_connections():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
 class Backend:
-    """nginx serving the 100-byte body, and a persistent iperf3 server."""
+    """nginx serving the 100-byte body; each path's iperf3 server comes from ``iperf_server``."""
 
     def __init__(self, procs: Processes, nginx_workers: str) -> None:
         self.procs = procs
         self.nginx_workers = nginx_workers
         self.nginx_port = free_port()
-        self.iperf_port = free_port()
-        self.iperf: Managed | None = None
+
+    def iperf_server(self, key: str) -> IperfServer:
+        """A started iperf3 server for the path ``key``."""
+        server = IperfServer(self.procs, f"iperf3-server-{key}")
+        server.start()
+        return server
 
     def start(self) -> None:
-        """Start nginx and iperf3 and wait until both accept connections."""
+        """Start nginx and wait until it answers."""
         nginx = self._start_nginx()
-        self.start_iperf()
         deadline = time.monotonic() + READY_TIMEOUT
         wait_until("nginx", lambda: probe_http(self.nginx_port), deadline, [nginx])
 
@@ -325,20 +375,10 @@ http {{
         nginx = find_program("nginx")
         return self.procs.start("nginx", [nginx, "-p", f"{root}/", "-c", str(conf), "-e", f"{root}/error.log"])
 
-    def start_iperf(self) -> None:
-        """(Re)start the iperf3 server on its port and wait until it listens."""
-        if self.iperf is not None:
-            self.procs.stop(self.iperf)
-        self.iperf = self.procs.start(
-            "iperf3-server", [find_program("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(self.iperf_port)]
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        # A bare connect makes the server log one aborted test and carry on listening.
-        wait_until("iperf3 server", lambda: probe_tcp(self.iperf_port), deadline, [self.iperf])
-
     def direct(self) -> Route:
         """The path straight to the backend."""
-        return Route("direct", "direct to the backend", self.nginx_port, self.iperf_port)
+        iperf = self.iperf_server("direct")
+        return Route("direct", "direct to the backend", self.nginx_port, iperf.port, iperf)
 
 
 def _user_name() -> str:
@@ -350,6 +390,7 @@ def start_haproxy(procs: Processes, backend: Backend) -> Route:
     root = procs.workdir / "haproxy"
     root.mkdir()
     http_port, iperf_port = free_port(), free_port()
+    iperf = backend.iperf_server("haproxy")
     conf = root / "haproxy.cfg"
     conf.write_text(
         f"""global
@@ -373,13 +414,13 @@ frontend iperf_in
     bind 127.0.0.1:{iperf_port}
     default_backend iperf_out
 backend iperf_out
-    server iperf3 127.0.0.1:{backend.iperf_port}
+    server iperf3 127.0.0.1:{iperf.port}
 """
     )
     haproxy = procs.start("haproxy", [find_program("haproxy"), "-db", "-f", str(conf)], cwd=root)
     deadline = time.monotonic() + READY_TIMEOUT
     wait_until("haproxy", lambda: probe_http(http_port), deadline, [haproxy])
-    return Route("haproxy", "haproxy, mode tcp (one hop, no TLS)", http_port, iperf_port, {"haproxy": haproxy})
+    return Route("haproxy", "haproxy, mode tcp (one hop, no TLS)", http_port, iperf_port, iperf, {"haproxy": haproxy})
 
 
 def start_ssh_tunnel(procs: Processes, backend: Backend) -> Route:
@@ -400,6 +441,7 @@ def start_ssh_tunnel(procs: Processes, backend: Backend) -> Route:
         )
     (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
     sshd_port, http_port, iperf_port = free_port(), free_port(), free_port()
+    iperf = backend.iperf_server("ssh")
     (root / "known_hosts").write_text(f"[127.0.0.1]:{sshd_port} {(root / 'host_key.pub').read_text()}")
     if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
         # sshd run as root insists on its privilege-separation directory, which the
@@ -456,7 +498,7 @@ LogLevel ERROR
             "-o", "ConnectTimeout=10",
             "-o", "LogLevel=ERROR",
             "-R", f"127.0.0.1:{http_port}:127.0.0.1:{backend.nginx_port}",
-            "-R", f"127.0.0.1:{iperf_port}:127.0.0.1:{backend.iperf_port}",
+            "-R", f"127.0.0.1:{iperf_port}:127.0.0.1:{iperf.port}",
             "127.0.0.1",
             "sleep 2147483647",
         ],
@@ -470,6 +512,7 @@ LogLevel ERROR
         "OpenSSH ssh -R aes128-gcm, TCP_NODELAY (-tt)",
         http_port,
         iperf_port,
+        iperf,
         {"sshd": sshd, "ssh": client},
     )
 
@@ -519,6 +562,7 @@ def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: i
     root.mkdir()
     svc, conn = root / "svc", root / "conn"
     listen_port, http_port, iperf_port = free_port(), free_port(), free_port()
+    iperf = backend.iperf_server(f"backhaul-w{workers}")
     service_url = f"https://127.0.0.1:{listen_port}"
     init = _json_of(
         _run_cli(
@@ -558,7 +602,7 @@ def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: i
     )
     for app, port, target in (
         ("bench-nginx", http_port, backend.nginx_port),
-        ("bench-iperf3", iperf_port, backend.iperf_port),
+        ("bench-iperf3", iperf_port, iperf.port),
     ):
         _run_cli(
             admin + ["app", "publish", app, "--group", "default", "--tcp", str(port), "--target", f"127.0.0.1:{target}"],
@@ -583,5 +627,6 @@ def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: i
         f"backhaul full path, {workers} worker{'s' if workers > 1 else ''}",
         http_port,
         iperf_port,
+        iperf,
         {"relay": relay, "connector": connector},
     )
