@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from backhaul import tlsconfig
+from backhaul.jsonhttp import request_json
 from backhaul.errors import CertificateError, ConfigError, ServiceError
 
 DEFAULT_SERVICE = "https://127.0.0.1:8443"
@@ -76,17 +76,11 @@ async def request(target: AdminTarget, method: str, path: str, body: Any = None)
     """One admin API call (async); the decoded JSON answer, or ServiceError with the API's detail."""
     ctx = tlsconfig.admin_context(target.ca)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    headers = {"Authorization": f"Bearer {target.token}", "Accept": "application/json"}
-    data = None
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-        data = orjson.dumps(body)
-    url = target.service_url + path
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
-            async with session.request(method, url, data=data, headers=headers) as resp:
-                raw = await resp.content.read(MAX_RESPONSE + 1)
-                status = resp.status
+            status, _, decoded = await request_json(
+                session, method, target.service_url + path, body, {"Authorization": f"Bearer {target.token}"}, limit=MAX_RESPONSE
+            )
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(
             f"the service at {target.service_url} did not present a certificate from the expected CA ({exc.certificate_error}); "
@@ -98,12 +92,6 @@ async def request(target: AdminTarget, method: str, path: str, body: Any = None)
         ) from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ServiceError(f"the request to {target.service_url} failed ({exc.__class__.__name__}: {exc}); try again") from exc
-    if len(raw) > MAX_RESPONSE:
-        raise ServiceError(f"the service's answer is larger than {MAX_RESPONSE} bytes")
-    try:
-        decoded = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise ServiceError(f"the service answered HTTP {status} with something that is not JSON; is {url} a backhaul relay?") from exc
     if status >= 400:
         if isinstance(decoded, dict) and "detail" in decoded:
             raise ServiceError(f"{decoded['detail']} ({decoded.get('error', status)})")

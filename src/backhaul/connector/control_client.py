@@ -17,11 +17,11 @@ import ssl
 from typing import Any
 
 import aiohttp
-import orjson
 from multidict import CIMultiDict
 
 from backhaul import pki, tlsconfig
 from backhaul.connector.state import ConnectorState, replace_credentials
+from backhaul.jsonhttp import request_json
 from backhaul.errors import CertificateError, ServiceError
 
 #: Seconds one control call may take, connection included.
@@ -44,24 +44,12 @@ async def _call(
     state: ConnectorState, session: aiohttp.ClientSession, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, CIMultiDict[str], Any]:
     url = state.service_url + path
-    data = orjson.dumps(body) if body is not None else None
-    hdrs = dict(headers or {})
-    if data is not None:
-        hdrs["Content-Type"] = "application/json"
     try:
-        async with session.request(method, url, data=data, headers=hdrs) as resp:
-            raw = await resp.content.read(MAX_RESPONSE + 1)
-            status, resp_headers = resp.status, resp.headers.copy()
+        status, resp_headers, decoded = await request_json(session, method, url, body, headers, limit=MAX_RESPONSE)
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(f"the service at {state.service_url} did not present a certificate from the service CA ({exc.certificate_error})") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ServiceError(f"{method} {url} failed ({exc.__class__.__name__}: {exc}); will retry") from exc
-    if len(raw) > MAX_RESPONSE:
-        raise ServiceError(f"the answer to {method} {path} is larger than {MAX_RESPONSE} bytes")
-    try:
-        decoded = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise ServiceError(f"{method} {path} answered HTTP {status} with something that is not JSON") from exc
     if status >= 400:
         detail = decoded.get("detail") if isinstance(decoded, dict) else f"HTTP {status}"
         if status == 403:

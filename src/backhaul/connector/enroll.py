@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from backhaul import __version__, pki, tlsconfig
 from backhaul.connector.state import STATE_FILE, parse_service_url, write_state
+from backhaul.jsonhttp import request_json
 from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
 
 #: Seconds one registration request may take, connection included.
@@ -31,16 +31,9 @@ MAX_RESPONSE = 256 * 1024
 
 async def _request(ctx: ssl.SSLContext, method: str, url: str, body: Any = None) -> tuple[int, Any]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    headers = {"Accept": "application/json"}
-    data = None
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-        data = orjson.dumps(body)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
-            async with session.request(method, url, data=data, headers=headers) as resp:
-                raw = await resp.content.read(MAX_RESPONSE + 1)
-                status = resp.status
+            status, _, decoded = await request_json(session, method, url, body, limit=MAX_RESPONSE)
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(
             f"the service's TLS certificate does not match the pinned CA or the host name in {url} "
@@ -50,12 +43,7 @@ async def _request(ctx: ssl.SSLContext, method: str, url: str, body: Any = None)
         raise ServiceError(f"cannot reach the service at {url} ({exc.strerror or exc}); check --service and the network") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ServiceError(f"the request to {url} failed ({exc.__class__.__name__}: {exc}); try again") from exc
-    if len(raw) > MAX_RESPONSE:
-        raise ServiceError(f"the answer from {url} is larger than {MAX_RESPONSE} bytes; is this a backhaul relay?")
-    try:
-        return status, orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise ServiceError(f"{url} answered HTTP {status} with something that is not JSON; is this a backhaul relay?") from exc
+    return status, decoded
 
 
 async def fetch_pinned_ca(service_url: str, pin: str) -> bytes:
