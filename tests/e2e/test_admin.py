@@ -9,7 +9,7 @@ import pytest
 
 from .harness import System
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 
 
 @pytest.fixture(scope="module")

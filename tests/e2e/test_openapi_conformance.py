@@ -29,7 +29,7 @@ from backhaul.control.openapi import openapi_document
 
 from .harness import System
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 
 #: Generated requests per operation and mode: enough to reach the validation and
 #: not-found branches of every handler, small enough for the whole file to take seconds.

@@ -22,6 +22,8 @@ from backhaul.control.init import initialize
 from backhaul.control.openapi import openapi_document
 from backhaul.errors import CertificateError, EnrollmentError
 
+pytestmark = pytest.mark.codec_independent
+
 
 class Clock:
     def __init__(self) -> None:

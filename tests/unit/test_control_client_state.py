@@ -13,6 +13,8 @@ from backhaul.admin.client import DEFAULT_SERVICE, resolve_target
 from backhaul.connector.state import ConnectorState, parse_service_url, replace_credentials, write_state
 from backhaul.errors import CertificateError, ConfigError
 
+pytestmark = pytest.mark.codec_independent
+
 
 @pytest.fixture(scope="module")
 def ca():

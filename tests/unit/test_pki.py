@@ -16,6 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from backhaul import pki
 from backhaul.errors import CertificateError, ConfigError
 
+pytestmark = pytest.mark.codec_independent
+
 
 @pytest.fixture(scope="module")
 def ca():

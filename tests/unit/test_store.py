@@ -21,6 +21,8 @@ from backhaul.store import (
 )
 from backhaul.errors import ConfigError
 
+pytestmark = pytest.mark.codec_independent
+
 DAY = 86400.0
 
 
