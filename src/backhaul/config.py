@@ -32,6 +32,10 @@ class FlowControl:
     #: Transport write-buffer limits; above ``write_high`` the producer is paused.
     write_high: int = 1024 * 1024
     write_low: int = 256 * 1024
+    #: Write-buffer limits of a tunnel's TLS transport; above ``tunnel_write_high`` every
+    #: socket feeding the tunnel stops being read, so the tunnel buffers far less than its window.
+    tunnel_write_high: int = 4 * 1024 * 1024
+    tunnel_write_low: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         # Windows only grow on the wire, so nothing below the protocol's initial windows works.
@@ -39,8 +43,8 @@ class FlowControl:
             raise ValueError("stream_window must be >= 256 KiB and tunnel_window >= 1 MiB (protocol.md)")
         if not 0 < self.window_update_ratio <= 1 or not 1 <= self.max_frame_payload <= 256 * 1024:
             raise ValueError("window_update_ratio must be in (0, 1] and max_frame_payload in 1..256 KiB")
-        if self.write_low > self.write_high:
-            raise ValueError("write_low must not exceed write_high")
+        if self.write_low > self.write_high or self.tunnel_write_low > self.tunnel_write_high:
+            raise ValueError("write_low must not exceed write_high (for sockets and for tunnels)")
 
 
 @dataclasses.dataclass(frozen=True)

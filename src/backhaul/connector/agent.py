@@ -261,7 +261,7 @@ class ConnectorAgent:
                 session = mux.Session(mux.Role.CONNECTOR, self.settings.flow, self.settings.keepalive)
                 _, tunnel = await asyncio.wait_for(
                     loop.create_connection(
-                        lambda: Tunnel(session, self, name=name),
+                        lambda: Tunnel(session, self, name=name, flow=self.settings.flow),
                         self.host,
                         self.port,
                         ssl=self._ssl,

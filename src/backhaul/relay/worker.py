@@ -213,7 +213,7 @@ class RelayWorker:
             transport.close()
             return
         session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive)
-        tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}")
+        tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}", flow=self.settings.flow)
         tunnel.info = {"connector_id": connector_id, "group": record.group}
         transport.set_protocol(tunnel)
         tunnel.connection_made(transport)

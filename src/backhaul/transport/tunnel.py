@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Protocol as TypingProtocol
 
+from backhaul.config import FlowControl
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
 from backhaul.transport.sockets import set_nodelay
@@ -55,7 +56,9 @@ class StreamEndpoint(TypingProtocol):
 class Tunnel(asyncio.BufferedProtocol):
     """One tunnel connection. ``session`` is its state machine; ``endpoints`` its streams."""
 
-    def __init__(self, session: mux.Session, owner: TunnelOwner, name: str = "tunnel") -> None:
+    def __init__(
+        self, session: mux.Session, owner: TunnelOwner, name: str = "tunnel", flow: FlowControl = FlowControl()
+    ) -> None:
         self.session = session
         self.owner = owner
         self.name = name
@@ -63,6 +66,11 @@ class Tunnel(asyncio.BufferedProtocol):
         #: DATA that arrived for a stream the owner has not accepted yet (its target is still
         #: connecting); bounded by the stream's initial window, since no credit is returned for it
         self._early: dict[int, list] = {}
+        self._flow = flow
+        #: the TLS transport's write buffer is above its high mark
+        self.write_paused = False
+        #: endpoints that stopped reading their socket because of that; resumed together
+        self._stalled: set[StreamEndpoint] = set()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.opened_at = time.monotonic()
@@ -95,6 +103,7 @@ class Tunnel(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         set_nodelay(transport)
+        transport.set_write_buffer_limits(self._flow.tunnel_write_high, self._flow.tunnel_write_low)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._keepalive = self._loop.call_later(self.session.tick(), self._run_keepalive)
@@ -114,6 +123,15 @@ class Tunnel(asyncio.BufferedProtocol):
         self._process()
         return False
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        stalled, self._stalled = self._stalled, set()
+        for endpoint in stalled:
+            endpoint.on_write_resumed()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.session.closed:
             self.session.connection_lost(f"tunnel connection lost: {exc}" if exc else "tunnel connection closed")
@@ -126,6 +144,11 @@ class Tunnel(asyncio.BufferedProtocol):
         """Queue bytes on a stream; False means: pause the socket until on_write_resumed."""
         keep_going = self.session.send_data(stream_id, data, end)
         self.schedule_flush()
+        if self.write_paused:
+            endpoint = self.endpoints.get(stream_id)
+            if endpoint is not None:
+                self._stalled.add(endpoint)
+                return False
         return keep_going
 
     def end(self, stream_id: int) -> None:
@@ -133,7 +156,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self.schedule_flush()
 
     def reset(self, stream_id: int, code: int, reason: str) -> None:
-        self.endpoints.pop(stream_id, None)
+        self._stalled.discard(self.endpoints.pop(stream_id, None))
         self.session.reset_stream(stream_id, code, reason)
         self.schedule_flush()
 
@@ -254,6 +277,7 @@ class Tunnel(asyncio.BufferedProtocol):
     def _on_reset(self, event: mux.StreamReset) -> None:
         self._early.pop(event.stream_id, None)
         endpoint = self.endpoints.pop(event.stream_id, None)
+        self._stalled.discard(endpoint)
         if endpoint is not None:
             endpoint.on_reset(event.code, event.reason)
 
