@@ -1,8 +1,9 @@
 """The relay's TCP edge: a published TCP app's port, where each user connection becomes a stream.
 
-A user connection is not read until a connector accepted its stream. That keeps the
-open retryable: when a connector refuses or vanishes before OPEN_OK, nothing of the
-user's bytes has been committed, so the open is tried again on another connector.
+Nothing a user sends goes up a tunnel until a connector has accepted the stream (the
+pipe holds its first read and stops reading). That keeps the open retryable: when a
+connector refuses or vanishes before OPEN_OK, nothing of the user's bytes has been
+committed, so the open is tried again on another connector.
 """
 
 from __future__ import annotations
