@@ -2,7 +2,7 @@ import resource
 
 import pytest
 
-from .harness import Backend, System
+from .harness import Backend, running_relay
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -14,13 +14,8 @@ def _raise_fd_limit():
 @pytest.fixture
 def system(tmp_path):
     """An initialized relay (running) with no connectors yet; everything stopped at the end."""
-    sys_ = System(tmp_path)
-    try:
-        sys_.init()
-        sys_.start_relay()
-        yield sys_
-    finally:
-        sys_.stop()
+    with running_relay(tmp_path) as system_:
+        yield system_
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ through the relay's health endpoint and through a real request, never by sleepin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,6 +42,34 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
+
+
+def echoes(port: int, probe: bytes = b"ping") -> bool:
+    """True when a new connection to 127.0.0.1:port sends ``probe`` back; False if it cannot."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(probe)
+            got = b""
+            while len(got) < len(probe):
+                chunk = sock.recv(1024)
+                if not chunk:
+                    return False
+                got += chunk
+            return got == probe
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_relay(workdir: Path, workers: int = 1):
+    """An initialized relay, running; it and everything started through it stop on exit."""
+    system = System(workdir)
+    try:
+        system.init()
+        system.start_relay(workers=workers)
+        yield system
+    finally:
+        system.stop()
 
 
 class Proc:
@@ -238,19 +267,7 @@ class System:
 
     def wait_app(self, port: int, probe: bytes = b"ping", timeout: float = 30) -> None:
         """Ready when a real connection through the app echoes ``probe``."""
-
-        def echoes():
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(probe)
-                got = b""
-                while len(got) < len(probe):
-                    chunk = sock.recv(1024)
-                    if not chunk:
-                        return False
-                    got += chunk
-                return got == probe
-
-        wait_until(echoes, timeout, f"the app on port {port} to echo through a connector", interval=0.2)
+        wait_until(lambda: echoes(port, probe), timeout, f"the app on port {port} to echo through a connector", interval=0.2)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

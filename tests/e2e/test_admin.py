@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from .harness import System
+from .harness import running_relay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 
@@ -15,13 +15,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 @pytest.fixture(scope="module")
 def shared_system(tmp_path_factory):
     """One relay for the tests that only read or are refused (starting one costs seconds)."""
-    sys_ = System(tmp_path_factory.mktemp("admin"))
-    try:
-        sys_.init()
-        sys_.start_relay()
-        yield sys_
-    finally:
-        sys_.stop()
+    with running_relay(tmp_path_factory.mktemp("admin")) as system:
+        yield system
 
 
 def _snapshot(system):
@@ -177,10 +172,7 @@ def test_concurrent_admin_calls_across_relay_workers_lose_nothing(tmp_path):
 
     from backhaul.admin.client import request, resolve_target
 
-    system = System(tmp_path)
-    try:
-        system.init()
-        system.start_relay(workers=2)
+    with running_relay(tmp_path, workers=2) as system:
         target = resolve_target(service=system.url, token_file=None, data_dir=str(system.data_dir), environ={})
 
         async def burst():
@@ -199,5 +191,3 @@ def test_concurrent_admin_calls_across_relay_workers_lose_nothing(tmp_path):
         assert [a["name"] for a in apps] == [f"a{i:02d}" for i in range(24)]
         workers = {system.health()["worker"] for _ in range(40)}
         assert workers == {0, 1}, "the kernel should have spread connections over both workers"
-    finally:
-        system.stop()

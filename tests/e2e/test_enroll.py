@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import stat
 
 import pytest
 
-from .harness import wait_until
+from .harness import echoes, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -61,15 +60,6 @@ def test_wrong_pin_bogus_and_used_tokens_are_refused(system, tmp_path):
     assert len(system.admin_json("connector", "list")) == 1
 
 
-def _echoes(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"ping")
-            return sock.recv(16) == b"ping"
-    except OSError:
-        return False
-
-
 def test_connector_turns_active_then_deleted_connector_is_shut_out(system, backend):
     echo = backend("echo")
     system.start_connector("one")
@@ -79,9 +69,9 @@ def test_connector_turns_active_then_deleted_connector_is_shut_out(system, backe
     assert conn["status"] == "active" and conn["name"] == "one" and conn["tunnels"] >= 1
     system.admin("connector", "delete", conn["id"])
     assert system.admin_json("connector", "list") == []
-    wait_until(lambda: not _echoes(port), 10, "the relay to drop the deleted connector's tunnels")
+    wait_until(lambda: not echoes(port), 10, "the relay to drop the deleted connector's tunnels")
     # Restarted with its revoked certificate, the connector gets no tunnel.
     system.connectors["one"].stop()
     system.start_connector("one")
     wait_until(lambda: "tunnel refused" in system.relay.log(), 20, "the relay to refuse the revoked certificate")
-    assert not _echoes(port)
+    assert not echoes(port)

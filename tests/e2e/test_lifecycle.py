@@ -7,11 +7,10 @@ backends, and every `backhaul admin` call is a CLI run, as an admin would type i
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
-from .harness import wait_until
+from .harness import echoes, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,15 +26,6 @@ def _connectors(system) -> dict[str, dict]:
 
 def _statuses(system) -> dict[str, tuple[str, str]]:
     return {name: (c["group"], c["status"]) for name, c in _connectors(system).items()}
-
-
-def _echoes(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(b"ping")
-            return sock.recv(16) == b"ping"
-    except OSError:
-        return False
 
 
 def _one_line_error(result) -> str:
@@ -98,8 +88,8 @@ def test_two_connectors_two_groups_stop_and_crash(system, backend):
         INACTIVE_WITHIN, "the stopped connector to be listed inactive", interval=0.5,
     )
     assert _statuses(system)["west"] == ("branch", "active")
-    assert _echoes(port_branch), "the other group's app must keep working"
-    assert not _echoes(port_hq), "no connector of the default group is left to serve hq-app"
+    assert echoes(port_branch), "the other group's app must keep working"
+    assert not echoes(port_hq), "no connector of the default group is left to serve hq-app"
 
     # -- SIGKILL west (a crash): the relay sees the dropped connection, inactive within the bound
     west.kill()
@@ -107,7 +97,7 @@ def test_two_connectors_two_groups_stop_and_crash(system, backend):
         lambda: _statuses(system)["west"] == ("branch", "inactive"),
         INACTIVE_WITHIN, "the killed connector to be listed inactive", interval=0.5,
     )
-    assert not _echoes(port_branch)
+    assert not echoes(port_branch)
     assert all(c["tunnels"] == 0 for c in _connectors(system).values())
 
     # -- still refused while a connector is assigned, even an inactive one

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 
 from backhaul.control.openapi import openapi_document
 
-from .harness import System
+from .harness import running_relay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 
@@ -95,13 +95,8 @@ def _acceptance_params():
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
     """One relay for every operation: starting one costs seconds."""
-    system = System(tmp_path_factory.mktemp("openapi"))
-    try:
-        system.init()
-        system.start_relay()
+    with running_relay(tmp_path_factory.mktemp("openapi")) as system:
         yield system
-    finally:
-        system.stop()
 
 
 @pytest.fixture(scope="module")

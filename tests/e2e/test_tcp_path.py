@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .harness import wait_until
+from .harness import running_relay, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -177,14 +177,8 @@ def test_relay_restart_connectors_come_back_by_themselves(system, echo_app):
 
 
 def test_several_workers_on_both_sides_every_connection_finds_a_tunnel(tmp_path, backend):
-    from .harness import System
-
     echo = backend("echo")
-    system = System(tmp_path / "w")
-    (tmp_path / "w").mkdir()
-    try:
-        system.init()
-        system.start_relay(workers=2)
+    with running_relay(tmp_path, workers=2) as system:
         system.start_connector("one", workers=2, tunnels=2)
         port = system.publish_tcp("echo", echo.target)
         system.wait_app(port)
@@ -210,8 +204,6 @@ def test_several_workers_on_both_sides_every_connection_finds_a_tunnel(tmp_path,
             return await asyncio.gather(*(one(i) for i in range(200)))
 
         assert all(asyncio.run(run()))
-    finally:
-        system.stop()
 
 
 def _tunnel_lines(system) -> str:
