@@ -97,6 +97,8 @@ class ConnectorAgent:
         self._draining = False
         self._ssl: ssl.SSLContext | None = None
         self._http = None
+        self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
+        self.refresh_interval = 120.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,7 +181,7 @@ class ConnectorAgent:
     async def _config_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._config_changed.wait(), getattr(self, "refresh_interval", 120.0))
+                await asyncio.wait_for(self._config_changed.wait(), self.refresh_interval)
             except asyncio.TimeoutError:
                 pass
             self._config_changed.clear()
@@ -191,7 +193,7 @@ class ConnectorAgent:
         """This worker's numbers for the heartbeat."""
         now = time.monotonic()
         cpu_seconds = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-        last_wall, last_cpu = getattr(self, "_last_usage", (now, cpu_seconds))
+        last_wall, last_cpu = self._last_usage or (now, cpu_seconds)
         self._last_usage = (now, cpu_seconds)
         cpu = 100.0 * (cpu_seconds - last_cpu) / (now - last_wall) if now > last_wall else 0.0
         rss = 0

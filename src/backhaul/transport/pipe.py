@@ -193,9 +193,7 @@ class Pipe(asyncio.BufferedProtocol):
         self.result = result
         if abort and self.transport is not None:
             self.transport.abort()
-        level = logging.INFO
-        log.log(
-            level,
+        log.info(
             "stream ended",
             extra={
                 **self.labels,

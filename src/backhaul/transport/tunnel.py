@@ -217,6 +217,8 @@ class Tunnel(asyncio.BufferedProtocol):
     def flush(self) -> None:
         self._flush_scheduled = False
         data = self.session.data_to_send()
+        # Once the transport is closing the session has reset every stream and logged why;
+        # what is left (at most a GOAWAY) has nowhere to go.
         if data and self.transport is not None and not self.transport.is_closing():
             self.bytes_out += len(data)
             self.transport.write(data)
