@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import ssl
 import time
 from typing import Any, Callable
@@ -143,8 +145,10 @@ async def check_tcp(target: str, timeout: float) -> str | None:
         transport, _ = await asyncio.wait_for(loop.create_connection(asyncio.Protocol, host, port), timeout)
     except (asyncio.TimeoutError, TimeoutError):
         return f"no TCP answer from {target} within {timeout:g} s"
+    except socket.gaierror as exc:
+        return f"the name of {target} did not resolve: {exc}"
     except OSError as exc:
-        return f"TCP connect to {target} failed: {exc.strerror or exc}"
+        return f"TCP connect to {target} failed: {os.strerror(exc.errno) if exc.errno else exc}"
     transport.close()
     return None
 
