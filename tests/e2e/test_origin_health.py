@@ -162,5 +162,15 @@ def test_origin_down_on_one_connector_sends_traffic_only_through_the_other(syste
     assert "0/2 (down: east, west)" in system.admin("app", "list").stdout
 
 
+    # -- an http app's check can be an HTTP GET of a health path; a tcp app's cannot
+    published = system.admin_json(
+        "app", "publish", "portal", "--http", "portal.example.com", "--internal-url", "https://intranet.example:8443/",
+        "--health-path", "/healthz",
+    )
+    assert published["health_path"] == "/healthz"
+    refused = system.admin("app", "publish", "db", "--tcp", str(free_port()), "--target", "127.0.0.1:5432", "--health-path", "/x", check=False)
+    assert refused.returncode != 0 and "--health-path is for --http apps" in refused.stderr
+
+
 def _connector_log(system, machine: str) -> str:
     return "\n".join(p.log() for p in system.procs if p.name.startswith(f"{machine}-connector"))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from backhaul.store.base import StoreLimits
 from backhaul.transport.tunnel import Tunnel
 
 
 #: Apps one tunnel may be reported unable to reach; more reports are ignored. As many
-#: as the store allows apps (StoreLimits.max_apps), so only a misbehaving connector hits it.
-MAX_DOWN_APPS = 10000
+#: as the store allows apps, so only a misbehaving connector hits it.
+MAX_DOWN_APPS = StoreLimits.max_apps
 #: App names are at most this long (control.validate.name); longer ones cannot be apps.
 MAX_APP_NAME = 63
 
