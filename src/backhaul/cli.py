@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--heartbeat", type=float, default=30.0, metavar="SECONDS",
         help="seconds between heartbeats and certificate renewal checks (default 30)",
     )
+    p.add_argument(
+        "--health-interval", type=float, default=10.0, metavar="SECONDS",
+        help="seconds between two checks that the apps' origins are reachable (default 10)",
+    )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state")
     p.add_argument("--state-dir", required=True)

@@ -69,3 +69,29 @@ class Backoff:
 def default_workers() -> int:
     """One worker process per core."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthChecks:
+    """How a connector checks that it can reach each app's origin (connector/health.py)."""
+
+    #: Seconds between two rounds of checks, each wait jittered by +-``jitter`` of it.
+    interval: float = 10.0
+    jitter: float = 0.1
+    #: Seconds one check may take: connect, TLS and the HTTP answer's head.
+    timeout: float = 5.0
+    #: Checks running at once.
+    concurrency: int = 32
+    #: Consecutive failed checks before an app counts as unreachable, and successful
+    #: ones before it counts as reachable again.
+    fall: int = 2
+    rise: int = 1
+    #: A stream whose target did not connect asks for a check of its app at once,
+    #: at most once per this many seconds.
+    recheck_gap: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0 or self.timeout <= 0 or not 0 <= self.jitter < 1:
+            raise ValueError("interval and timeout must be positive and jitter in [0, 1)")
+        if self.concurrency < 1 or self.fall < 1 or self.rise < 1 or self.recheck_gap < 0:
+            raise ValueError("concurrency, fall and rise must be at least 1, recheck_gap not negative")

@@ -1,22 +1,24 @@
 """Private-app stand-ins for end-to-end tests, run as their own processes.
 
-    python backend.py MODE PORTFILE
+    python backend.py MODE PORTFILE [--port PORT] [--name NAME]
 
-binds 127.0.0.1:0, writes the port to PORTFILE (readiness), and serves until killed:
+binds 127.0.0.1:PORT (default 0: any), writes the port to PORTFILE (readiness), and
+serves until killed:
   echo      every byte back, EOF passed on (half-close aware)
   reply     read until EOF, then send "<length> <sha256>\\n" and close
   hold      accept and keep connections open, never read nor write
   sink      accept and never read (a reader that never reads)
   source    send an endless stream of bytes, never read
+  greet     send NAME and a newline, then echo (tells which backend a connection reached)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import os
 import resource
-import sys
 
 
 class Echo(asyncio.Protocol):
@@ -81,13 +83,21 @@ class Source(asyncio.Protocol):
         self.paused = True
 
 
-MODES = {"echo": Echo, "reply": Reply, "hold": Hold, "sink": Sink, "source": Source}
+class Greet(Echo):
+    name = b""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        transport.write(self.name + b"\n")
 
 
-async def main(mode: str, portfile: str) -> None:
+MODES = {"echo": Echo, "reply": Reply, "hold": Hold, "sink": Sink, "source": Source, "greet": Greet}
+
+
+async def main(mode: str, portfile: str, port: int = 0) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    server = await asyncio.get_running_loop().create_server(MODES[mode], "127.0.0.1", 0, backlog=4096)
+    server = await asyncio.get_running_loop().create_server(MODES[mode], "127.0.0.1", port, backlog=4096)
     port = server.sockets[0].getsockname()[1]
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:
@@ -97,4 +107,11 @@ async def main(mode: str, portfile: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("portfile")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default="backend")
+    args = parser.parse_args()
+    Greet.name = args.name.encode()
+    asyncio.run(main(args.mode, args.portfile, args.port))

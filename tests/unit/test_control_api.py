@@ -156,7 +156,7 @@ def test_enroll_config_heartbeat_renew_and_revoke(run, tmp_path):
         assert record.group == "branch" and record.cert_serial == state.cert_serial and record.name == "test-connector"
         async with control_client.connector_session(state) as session:
             etag, config = await control_client.pull_config(state, session, None)
-            assert config["apps"] == [{"name": "db", "proto": "tcp", "target": "10.0.0.5:5432", "internal_url": None}]
+            assert config["apps"] == [{"name": "db", "proto": "tcp", "target": "10.0.0.5:5432", "internal_url": None, "health_path": None}]
             assert etag == config["etag"]
             assert await control_client.pull_config(state, session, etag) == (etag, None)
             answer = await control_client.heartbeat(state, session, {"version": "9.9", "cpu": 75.0, "memory": 1.0, "streams": 2, "bytes_in": 5, "bytes_out": 6})

@@ -64,6 +64,10 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="HOST:PORT the connector dials (tcp/udp apps)")
     p.add_argument("--internal-url", help="URL of the web app inside the private network (http apps)")
     p.add_argument("--preauth", choices=["passthrough", "oidc"], default=None, help="pre-authentication (http apps)")
+    p.add_argument(
+        "--health-path", metavar="PATH", default=None,
+        help="path connectors GET to check the web app (http apps; default: a TCP connect)",
+    )
     leaf(app, "list", app_list, "list apps")
     leaf(app, "delete", app_delete, "delete an app").add_argument("name")
 
@@ -147,9 +151,13 @@ def app_publish(args: argparse.Namespace) -> int:
         if args.internal_url is None:
             return _usage("an --http app needs --internal-url URL (where the connector reaches the web app)")
         body.update(proto="http", external_host=args.http, internal_url=args.internal_url, preauth=args.preauth or "passthrough")
+        if args.health_path is not None:
+            body["health_path"] = args.health_path
     else:
         if args.internal_url is not None or args.preauth is not None:
             return _usage("--internal-url and --preauth are for --http apps; a --tcp/--udp app takes --target HOST:PORT")
+        if args.health_path is not None:
+            return _usage("--health-path is for --http apps; a --tcp app is checked by connecting to its --target")
         if args.target is None:
             return _usage("a --tcp/--udp app needs --target HOST:PORT (where the connector connects)")
         proto, port = ("tcp", args.tcp) if args.tcp is not None else ("udp", args.udp)
@@ -159,13 +167,25 @@ def app_publish(args: argparse.Namespace) -> int:
     return _emit(args, data, f"published {data['name']} at {where} via group {data['group']} -> {data['internal_url'] or data['target']}")
 
 
+def _reachable(app: dict[str, Any]) -> str:
+    """'1/2 (down: b)': active connectors of the group that report reaching the app, and who does not."""
+    reach = app.get("reachability")
+    if reach is None or app["proto"] == "udp":
+        return "-"
+    cell = f"{reach['reachable']}/{reach['active']}"
+    down = [c["name"] for c in reach["connectors"] if c["reachable"] is False]
+    unchecked = [c["name"] for c in reach["connectors"] if c["reachable"] is None]
+    notes = [f"{label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" for label, names in (("down", down), ("unchecked", unchecked)) if names]
+    return cell + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def app_list(args: argparse.Namespace) -> int:
     data = call(args, "GET", "/v1/apps")
     rows = []
     for a in data:
         listen = a["external_host"] if a["proto"] == "http" else a["port"]
-        rows.append([a["name"], a["group"], a["proto"], listen, a["internal_url"] or a["target"], a["preauth"] or ""])
-    return _emit(args, data, table(["NAME", "GROUP", "PROTO", "LISTEN", "TARGET", "PREAUTH"], rows))
+        rows.append([a["name"], a["group"], a["proto"], listen, a["internal_url"] or a["target"], a["preauth"] or "", _reachable(a)])
+    return _emit(args, data, table(["NAME", "GROUP", "PROTO", "LISTEN", "TARGET", "PREAUTH", "REACHABLE"], rows))
 
 
 def app_delete(args: argparse.Namespace) -> int:

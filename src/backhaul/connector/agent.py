@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, Keepalive
+from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive
+from backhaul.connector import health
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.transport.pipe import Pipe
@@ -54,6 +55,8 @@ class ConnectorSettings:
     max_slots: int = 64
     #: Seconds between heartbeats (which also check whether the certificate is due for renewal).
     heartbeat_interval: float = 30.0
+    #: How the origins of the apps are checked (see connector/health.py).
+    health: HealthChecks = HealthChecks()
 
     @property
     def slots(self) -> int:
@@ -99,6 +102,7 @@ class ConnectorAgent:
         self._http = None
         self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
         self.refresh_interval = 120.0
+        self.origins = health.HealthMonitor(settings.health, self._origins_changed)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,9 +123,11 @@ class ConnectorAgent:
                 self._add_slot()
             refresher = asyncio.create_task(self._config_loop())
             upkeep = asyncio.create_task(self._upkeep_loop())
+            checker = asyncio.create_task(self.origins.run())
             await self._stopping.wait()
             refresher.cancel()
             upkeep.cancel()
+            checker.cancel()
             await self.drain()
         finally:
             await self._http.close()
@@ -171,6 +177,7 @@ class ConnectorAgent:
         self.config_version = config.get("version")
         self.refresh_interval = float(config.get("refresh_interval", 120))
         self.apps = apps
+        self.origins.set_apps(apps)
         for pipe in list(self.pipes):
             app = apps.get(pipe.labels.get("app"))
             if app is None or app.get("target") != pipe.labels.get("target"):
@@ -206,6 +213,7 @@ class ConnectorAgent:
             "streams": sum(t.load for t in self.tunnels),
             "bytes_in": sum(t.bytes_in for t in self.tunnels),
             "bytes_out": sum(t.bytes_out for t in self.tunnels),
+            "apps": health.heartbeat_report(self.origins.snapshot()),
         }
 
     async def _upkeep_loop(self) -> None:
@@ -299,6 +307,15 @@ class ConnectorAgent:
                 "version": __version__,
             }
         )
+        for message in health.control_messages(self.origins.snapshot()):
+            tunnel.control(message)
+
+    def _origins_changed(self, changes: dict[str, bool | None]) -> None:
+        """Tell the relay at once, over every tunnel, which apps this worker can reach now."""
+        messages = health.control_messages(changes)
+        for tunnel in self.tunnels:
+            for message in messages:
+                tunnel.control(message)
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.tunnels.discard(tunnel)
@@ -375,6 +392,7 @@ class ConnectorAgent:
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = _open_failure(exc)
             log.warning("target connect failed", extra={**labels, "reason": reason})
+            self.origins.recheck(labels["app"])
             if not tunnel.closed and tunnel.session.has_stream(stream_id):
                 tunnel.reject(stream_id, code, reason)
             return

@@ -71,8 +71,8 @@ async def pull_config(state: ConnectorState, session: aiohttp.ClientSession, eta
 
 
 async def heartbeat(state: ConnectorState, session: aiohttp.ClientSession, stats: dict[str, Any]) -> dict[str, Any]:
-    """Report {version, cpu, memory, streams, bytes_in, bytes_out}; returns the service's answer
-    (its ``config_version`` tells whether a config pull is worth doing)."""
+    """Report {version, cpu, memory, streams, bytes_in, bytes_out, apps (origin health)};
+    returns the service's answer (its ``config_version`` tells whether a config pull is worth doing)."""
     _, _, answer = await _call(state, session, "POST", "/v1/connector/heartbeat", stats)
     return answer
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from backhaul.config import default_workers
+from backhaul.config import HealthChecks, default_workers
 from backhaul.connector.agent import ConnectorSettings, run_agent
 from backhaul.errors import ConfigError
 from backhaul.supervisor import supervise
@@ -32,12 +32,15 @@ def connector_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers and --tunnels must be at least 1")
     if args.heartbeat < 1:
         raise ConfigError("--heartbeat must be at least 1 second")
+    if not 0.1 <= args.health_interval <= 3600:
+        raise ConfigError("--health-interval must be from 0.1 to 3600 seconds")
     settings = ConnectorSettings(
         state_dir=Path(args.state_dir),
         workers=workers,
         tunnels=args.tunnels,
         boot_id=secrets.token_hex(8),
         heartbeat_interval=args.heartbeat,
+        health=HealthChecks(interval=args.health_interval, timeout=min(HealthChecks.timeout, args.health_interval)),
     )
     return supervise(functools.partial(_run, settings), workers, "connector")
 

@@ -34,7 +34,9 @@ from backhaul.store import (
     InvalidToken,
     LimitReached,
     NotFound,
+    OriginReport,
     StoreError,
+    StoreLimits,
     Unavailable,
 )
 
@@ -44,6 +46,8 @@ CONTEXT = web.AppKey("backhaul_control_context", ControlContext)
 ENROLLMENT_TOKEN_PREFIX = "bht_"
 ADMIN_TOKEN_PREFIX = "bha_"
 MAX_TOKEN = 256
+#: Connectors listed by name under each app's reachability (the counts cover them all).
+MAX_LISTED_CONNECTORS = 100
 
 
 class ApiError(Exception):
@@ -282,7 +286,10 @@ async def connector_heartbeat(request: web.Request) -> web.Response:
         bytes_in=validate.integer(body.get("bytes_in", 0), "bytes_in", 0, big),
         bytes_out=validate.integer(body.get("bytes_out", 0), "bytes_out", 0, big),
     )
+    apps = validate.health_map(body.get("apps"), StoreLimits.max_apps)
     await _run(request, ctx.store.heartbeat, connector.id, stats, _peer(request))
+    if apps is not None:
+        await _run(request, ctx.store.set_app_health, connector.id, apps)
     version = await _run(request, ctx.store.config_version)
     return json_response({"status": "ok", "config_version": version, "refresh_interval": ctx.settings.refresh_interval})
 
@@ -353,10 +360,27 @@ async def create_token(request: web.Request) -> web.Response:
     return json_response({"token": token, "group": group, "expires": expires, "uses": uses}, status=201)
 
 
+def _app_listed(app: App, reports: list[OriginReport]) -> dict[str, Any]:
+    """An app as listed: its fields and which active connectors of its group can reach it."""
+    data = app.to_dict()
+    data["reachability"] = {
+        "active": len(reports),
+        "reachable": sum(r.reachable is True for r in reports),
+        "unreachable": sum(r.reachable is False for r in reports),
+        "connectors": [
+            {"id": r.connector_id, "name": r.connector, "reachable": r.reachable, "since": r.since}
+            for r in reports[:MAX_LISTED_CONNECTORS]
+        ],
+    }
+    return data
+
+
 @_require_admin
 async def list_apps(request: web.Request) -> web.Response:
-    apps = await _run(request, _ctx(request).store.list_apps)
-    return json_response([a.to_dict() for a in apps])
+    store = _ctx(request).store
+    apps = await _run(request, store.list_apps)
+    health = await _run(request, store.origin_health)
+    return json_response([_app_listed(a, health.get(a.name, [])) for a in apps])
 
 
 @_require_admin

@@ -33,10 +33,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         refresh_interval=_I,
         apps={
             "type": "array",
-            "items": _obj(["name", "proto", "target"], name=_S, proto=_S, target=_S, internal_url=_NULLABLE_S),
+            "items": _obj(
+                ["name", "proto", "target"], name=_S, proto=_S, target=_S, internal_url=_NULLABLE_S, health_path=_NULLABLE_S
+            ),
         },
     ),
-    "Heartbeat": _obj([], version=_S, cpu=_N, memory=_N, streams=_I, bytes_in=_I, bytes_out=_I),
+    "Heartbeat": _obj(
+        [],
+        version=_S,
+        cpu=_N,
+        memory=_N,
+        streams=_I,
+        bytes_in=_I,
+        bytes_out=_I,
+        apps={"type": "object", "additionalProperties": _B, "description": "app name -> the connector can reach its origin"},
+    ),
     "HeartbeatResponse": _obj(["status", "config_version", "refresh_interval"], status=_S, config_version=_I, refresh_interval=_I),
     "RenewRequest": _obj(["csr"], csr=_S),
     "RenewResponse": _obj(["certificate", "ca"], certificate=_S, ca=_S),
@@ -54,6 +65,23 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         external_host=_NULLABLE_S,
         internal_url=_NULLABLE_S,
         preauth={"type": ["string", "null"], "enum": ["passthrough", "oidc", None]},
+        health_path=_NULLABLE_S,
+    ),
+    "Reachability": _obj(
+        ["active", "reachable", "unreachable", "connectors"],
+        active=_I,
+        reachable=_I,
+        unreachable=_I,
+        connectors={
+            "type": "array",
+            "items": _obj(
+                ["id", "name", "reachable", "since"],
+                id=_S,
+                name=_S,
+                reachable={"type": ["boolean", "null"]},
+                since={"type": ["number", "null"]},
+            ),
+        },
     ),
     "Connector": _obj(
         ["id", "name", "group", "status", "version", "last_seen"],
@@ -111,7 +139,10 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
     ("delete", "/v1/groups/{name}", "Delete an empty connector group", "admin", None, "200", _ref("Deleted")),
     ("patch", "/v1/groups/{name}", "Rename a connector group", "admin", "GroupName", "200", _ref("Group")),
     ("post", "/v1/tokens", "Create an enrollment token", "admin", "TokenRequest", "201", _ref("Token")),
-    ("get", "/v1/apps", "List published apps", "admin", None, "200", {"type": "array", "items": _ref("App")}),
+    (
+        "get", "/v1/apps", "List published apps, with which active connectors can reach each", "admin", None, "200",
+        {"type": "array", "items": {"allOf": [_ref("App"), _obj(["reachability"], reachability=_ref("Reachability"))]}},
+    ),
     ("post", "/v1/apps", "Publish an app", "admin", "App", "201", _ref("App")),
     ("patch", "/v1/apps/{name}", "Change fields of an app", "admin", "App", "200", _ref("App")),
     ("delete", "/v1/apps/{name}", "Delete an app", "admin", None, "200", _ref("Deleted")),

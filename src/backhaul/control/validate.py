@@ -21,6 +21,9 @@ PROTOCOLS = ("tcp", "udp", "http")
 PREAUTH = ("passthrough", "oidc")
 #: Longest free-text field (connector name, host name, version) kept from a connector.
 MAX_TEXT = 255
+#: Longest health check path of an http app.
+MAX_HEALTH_PATH = 1024
+_HEALTH_PATH = re.compile(r"^/[\x21-\x7e]*$")
 
 
 class Invalid(BackhaulError):
@@ -111,6 +114,31 @@ def internal_url(value: Any) -> tuple[str, str]:
     return str(url), (f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
 
 
+def health_path(value: Any) -> str | None:
+    """An http app's health check path: absolute, printable ASCII without spaces, optional query."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_HEALTH_PATH or not _HEALTH_PATH.match(value) or "#" in value:
+        raise Invalid(
+            f"health path {value!r} must be an absolute path such as /healthz (optionally with ?query), "
+            f"printable ASCII without spaces or '#', at most {MAX_HEALTH_PATH} characters"
+        )
+    return value
+
+
+def health_map(value: Any, limit: int) -> dict[str, bool] | None:
+    """A connector's report of which apps it can reach: {app name: true | false}, at most ``limit`` entries."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > limit:
+        raise Invalid(f"apps must be an object of at most {limit} app names, each true (reachable) or false")
+    for key, ok in value.items():
+        name(key, "app name")
+        if not isinstance(ok, bool):
+            raise Invalid(f"apps[{key!r}] must be true (reachable) or false, not {ok!r}")
+    return value
+
+
 def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -> App:
     """An App from a publish request body."""
     proto = body.get("proto")
@@ -118,7 +146,7 @@ def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -
         raise Invalid(f"proto must be one of {', '.join(PROTOCOLS)}, not {proto!r}")
     common = {"name": name(body.get("name"), "app name"), "group": name(body.get("group", "default"), "group"), "proto": proto}
     if proto in ("tcp", "udp"):
-        for extra in ("external_host", "internal_url", "preauth"):
+        for extra in ("external_host", "internal_url", "preauth", "health_path"):
             if body.get(extra) is not None:
                 raise Invalid(f"{extra} is only for http apps; a {proto} app takes port and target")
         p = port(body.get("port"))
@@ -138,4 +166,5 @@ def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -
         external_host=host(body.get("external_host"), "external host"),
         internal_url=url,
         preauth=preauth,
+        health_path=health_path(body.get("health_path")),
     )

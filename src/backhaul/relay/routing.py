@@ -1,14 +1,27 @@
-"""Which tunnels a relay worker holds, by connector and group, and how one is chosen."""
+"""Which tunnels a relay worker holds, by connector and group, and how one is chosen.
+
+Each tunnel also carries what the connector worker behind it last said about the
+origins of its apps (CONTROL ``health``, see connector/health.py): a tunnel whose
+connector cannot reach an app gets no streams of that app. Unknown counts as reachable.
+"""
 
 from __future__ import annotations
 
 from typing import Iterable
 
+from backhaul.store.base import StoreLimits
 from backhaul.transport.tunnel import Tunnel
 
 
+#: Apps one tunnel may be reported unable to reach; more reports are ignored. As many
+#: as the store allows apps, so only a misbehaving connector hits it.
+MAX_DOWN_APPS = StoreLimits.max_apps
+#: App names are at most this long (control.validate.name); longer ones cannot be apps.
+MAX_APP_NAME = 63
+
+
 class NoRoute(Exception):
-    """No usable tunnel for the group: no active connector, or all are draining."""
+    """No usable tunnel for the group: no active connector, all are draining, or none can reach the app."""
 
 
 class TunnelRegistry:
@@ -17,6 +30,8 @@ class TunnelRegistry:
     def __init__(self) -> None:
         self._by_connector: dict[str, set[Tunnel]] = {}
         self._group_of: dict[str, str] = {}
+        #: apps whose origin the connector behind a tunnel reported unreachable
+        self._down: dict[Tunnel, set[str]] = {}
 
     def add(self, tunnel: Tunnel, connector_id: str, group: str) -> None:
         self._by_connector.setdefault(connector_id, set()).add(tunnel)
@@ -28,6 +43,7 @@ class TunnelRegistry:
         if tunnels is None:
             return
         tunnels.discard(tunnel)
+        self._down.pop(tunnel, None)
         if not tunnels:
             del self._by_connector[connector_id]
             self._group_of.pop(connector_id, None)
@@ -44,14 +60,41 @@ class TunnelRegistry:
             return list(self._by_connector.get(connector_id, ()))
         return [t for tunnels in self._by_connector.values() for t in tunnels]
 
-    def pick(self, group: str, exclude: Iterable[Tunnel] = ()) -> Tunnel:
+    def report_health(self, tunnel: Tunnel, apps: dict) -> int:
+        """Record ``{app: true | false | null}`` from the connector behind ``tunnel``
+        (false: cannot reach the app's origin). Returns how many entries were ignored:
+        malformed ones, and new unreachable apps beyond MAX_DOWN_APPS."""
+        if tunnel not in self._by_connector.get(tunnel.info.get("connector_id"), ()):
+            return len(apps)
+        down = self._down.get(tunnel) or set()
+        ignored = 0
+        for name, up in apps.items():
+            if not isinstance(name, str) or len(name) > MAX_APP_NAME or up not in (True, False, None):
+                ignored += 1
+            elif up is False:
+                if name not in down and len(down) >= MAX_DOWN_APPS:
+                    ignored += 1
+                else:
+                    down.add(name)
+            else:
+                down.discard(name)
+        if down:
+            self._down[tunnel] = down
+        else:
+            self._down.pop(tunnel, None)
+        return ignored
+
+    def pick(self, group: str, exclude: Iterable[Tunnel] = (), app: str | None = None) -> Tunnel:
         """The usable tunnel of ``group`` with the fewest active streams.
 
         Tunnels of connectors already tried (``exclude``) are skipped, so a retry goes to
-        another connector when the group has one, else to another tunnel.
+        another connector when the group has one, else to another tunnel. With ``app``,
+        tunnels whose connector reported that app's origin unreachable are skipped too.
         """
         excluded = set(exclude)
         tried_connectors = {t.info.get("connector_id") for t in excluded}
+        down = self._down if app is not None else None
+        unreachable = False
         best: Tunnel | None = None
         fallback: Tunnel | None = None
         for connector_id, tunnels in self._by_connector.items():
@@ -60,6 +103,9 @@ class TunnelRegistry:
             for tunnel in tunnels:
                 if tunnel in excluded or not tunnel.usable:
                     continue
+                if down and app in down.get(tunnel, ()):
+                    unreachable = True
+                    continue
                 if connector_id in tried_connectors:
                     if fallback is None or tunnel.load < fallback.load:
                         fallback = tunnel
@@ -67,5 +113,7 @@ class TunnelRegistry:
                     best = tunnel
         chosen = best or fallback
         if chosen is None:
+            if unreachable:
+                raise NoRoute(f"no connector in group {group!r} can reach app {app!r}")
             raise NoRoute(f"no active connector in group {group!r}")
         return chosen

@@ -47,10 +47,12 @@ class UserPipe(Pipe):
         self._open()
 
     def _open(self) -> None:
+        reason = None
         while len(self._tried) < OPEN_ATTEMPTS:
             try:
-                tunnel = self.registry.pick(self.app.group, self._tried)
-            except NoRoute:
+                tunnel = self.registry.pick(self.app.group, self._tried, app=self.app.name)
+            except NoRoute as exc:
+                reason = str(exc)
                 break
             self._tried.append(tunnel)
             meta = stream_meta(
@@ -63,7 +65,7 @@ class UserPipe(Pipe):
             self.tunnel = tunnel
             return
         self.stats["refused"] = self.stats.get("refused", 0) + 1
-        self.finish(f"no active connector in group {self.app.group!r} could take the stream", abort=False)
+        self.finish(reason or f"no active connector in group {self.app.group!r} could take the stream", abort=False)
         self.transport.close()
 
     def on_accepted(self) -> None:

@@ -247,6 +247,9 @@ class RelayWorker:
         tunnel.reject(stream_id, ErrorCode.PROTOCOL_ERROR, "the relay does not accept streams from connectors")
 
     def control_received(self, tunnel: Tunnel, message: dict) -> None:
+        if message.get("type") == "health":
+            self._health_received(tunnel, message)
+            return
         if message.get("type") != "hello":
             log.debug("control message from connector ignored", extra={"tunnel": tunnel.name, "message": message})
             return
@@ -257,6 +260,17 @@ class RelayWorker:
             if other.info.get("boot") not in (None, boot):
                 # The connector restarted: its old tunnels are dead even if no FIN reached us.
                 other.close(ErrorCode.GOING_AWAY, "replaced by the connector's new instance")
+
+    def _health_received(self, tunnel: Tunnel, message: dict) -> None:
+        """The connector says which apps' origins it can reach; routing follows at once."""
+        apps = message.get("apps")
+        if not isinstance(apps, dict):
+            log.warning("health message without an apps object ignored", extra={"tunnel": tunnel.name})
+            return
+        ignored = self.registry.report_health(tunnel, apps)
+        if ignored:
+            log.warning("health report entries ignored", extra={"tunnel": tunnel.name, "ignored": ignored})
+        log.debug("origin health reported", extra={"tunnel": tunnel.name, "apps": apps})
 
     def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
         log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})

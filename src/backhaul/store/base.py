@@ -59,7 +59,8 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class App:
     """A published application. tcp/udp apps have ``port`` and ``target`` (host:port);
-    http apps have ``external_host``, ``internal_url`` and ``preauth``."""
+    http apps have ``external_host``, ``internal_url`` and ``preauth``, and may have a
+    ``health_path`` that connectors GET to check the origin (else they TCP-connect)."""
 
     name: str
     group: str
@@ -69,6 +70,7 @@ class App:
     external_host: str | None = None
     internal_url: str | None = None
     preauth: str | None = None
+    health_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,6 +86,18 @@ class ConnectorStats:
     streams: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginReport:
+    """What one active connector of an app's group last said about reaching the app."""
+
+    connector_id: str
+    connector: str
+    #: None: the connector has not reported on this app (not checked yet, a udp app, an older connector)
+    reachable: bool | None
+    #: when the connector first reported the current state
+    since: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +215,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None: ...
+
+    @abc.abstractmethod
+    def set_app_health(self, connector_id: str, apps: dict[str, bool]) -> None:
+        """Replace what the connector reports about reaching its apps' origins.
+
+        Apps not in ``apps`` become unreported; names that are not apps of the
+        connector's group are ignored."""
+
+    @abc.abstractmethod
+    def origin_health(self) -> dict[str, list[OriginReport]]:
+        """Per app name, a report for every active connector of the app's group."""
 
     @abc.abstractmethod
     def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:

@@ -72,4 +72,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX apps_grp ON apps (grp)",
         ),
     ),
+    (
+        3,
+        (
+            "ALTER TABLE apps ADD COLUMN health_path TEXT",
+            # What each connector last reported about reaching each app's origin. At most
+            # connectors x apps rows; both tables are bounded by StoreLimits.
+            """CREATE TABLE app_health (
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                app TEXT NOT NULL REFERENCES apps (name) ON DELETE CASCADE ON UPDATE CASCADE,
+                ok INTEGER NOT NULL,
+                since REAL NOT NULL,
+                PRIMARY KEY (connector_id, app)
+            )""",
+            "CREATE INDEX app_health_app ON app_health (app)",
+        ),
+    ),
 )

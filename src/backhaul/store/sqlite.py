@@ -28,6 +28,7 @@ from backhaul.store.base import (
     InvalidToken,
     LimitReached,
     NotFound,
+    OriginReport,
     Store,
     StoreLimits,
     Unavailable,
@@ -40,7 +41,7 @@ _CONNECTOR_COLUMNS = (
     "COALESCE((SELECT SUM(t.count) FROM tunnels t WHERE t.connector_id = c.id), 0), "
     "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory"
 )
-_APP_COLUMNS = "name, grp, proto, port, target, external_host, internal_url, preauth"
+_APP_COLUMNS = "name, grp, proto, port, target, external_host, internal_url, preauth, health_path"
 
 
 def _connector(row: tuple) -> Connector:
@@ -361,6 +362,42 @@ class SqliteStore(Store):
                 ),
             )
 
+    def set_app_health(self, connector_id: str, apps: dict[str, bool]) -> None:
+        now = self._clock()
+        with self._write() as db:
+            self._require_connector(db, connector_id)
+            group = db.execute("SELECT grp FROM connectors WHERE id = ?", (connector_id,)).fetchone()[0]
+            known = {
+                name: bool(ok)
+                for name, ok in db.execute("SELECT app, ok FROM app_health WHERE connector_id = ?", (connector_id,))
+            }
+            gone = [(connector_id, name) for name in known if name not in apps]
+            db.executemany("DELETE FROM app_health WHERE connector_id = ? AND app = ?", gone)
+            # Only rows whose state changed are written, so `since` is when it last changed.
+            changed = [(connector_id, name, int(ok), now, name, group) for name, ok in apps.items() if known.get(name) is not ok]
+            db.executemany(
+                "INSERT INTO app_health (connector_id, app, ok, since) "
+                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM apps WHERE name = ? AND grp = ?) "
+                "ON CONFLICT (connector_id, app) DO UPDATE SET ok = excluded.ok, since = excluded.since",
+                changed,
+            )
+
+    def origin_health(self) -> dict[str, list[OriginReport]]:
+        reports: dict[str, list[OriginReport]] = {}
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT a.name, c.id, c.name, h.ok, h.since FROM apps a "
+                "JOIN connectors c ON c.grp = a.grp AND c.revoked = 0 "
+                "AND EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = c.id AND t.count > 0) "
+                "LEFT JOIN app_health h ON h.connector_id = c.id AND h.app = a.name "
+                "ORDER BY a.name, c.name, c.id"
+            )
+            for app, cid, cname, ok, since in rows:
+                reports.setdefault(app, []).append(
+                    OriginReport(connector_id=cid, connector=cname, reachable=None if ok is None else bool(ok), since=since)
+                )
+        return reports
+
     def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:
         with self._write() as db:
             if db.execute("SELECT 1 FROM connectors WHERE id = ?", (connector_id,)).fetchone() is None:
@@ -405,9 +442,9 @@ class SqliteStore(Store):
                 raise NotFound(f"there is no connector {connector_id!r}; re-register it")
             group = row[0]
             apps = [
-                {"name": name, "proto": proto, "target": target, "internal_url": internal_url}
-                for name, proto, target, internal_url in db.execute(
-                    "SELECT name, proto, target, internal_url FROM apps WHERE grp = ? ORDER BY name", (group,)
+                {"name": name, "proto": proto, "target": target, "internal_url": internal_url, "health_path": health_path}
+                for name, proto, target, internal_url, health_path in db.execute(
+                    "SELECT name, proto, target, internal_url, health_path FROM apps WHERE grp = ? ORDER BY name", (group,)
                 )
             ]
         # The ETag covers what the connector sees, not the global version, so a change
@@ -450,8 +487,11 @@ class SqliteStore(Store):
             if db.execute("SELECT COUNT(*) FROM apps").fetchone()[0] >= self.limits.max_apps:
                 raise LimitReached(f"there are already {self.limits.max_apps} apps; delete unused ones first")
             db.execute(
-                f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url, app.preauth, self._clock()),
+                f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url,
+                    app.preauth, app.health_path, self._clock(),
+                ),
             )
             self._bump(db)
         return app
@@ -463,9 +503,14 @@ class SqliteStore(Store):
             self._check_app(db, app, name)
             db.execute(
                 "UPDATE apps SET name = ?, grp = ?, proto = ?, port = ?, target = ?, external_host = ?, "
-                "internal_url = ?, preauth = ? WHERE name = ?",
-                (app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url, app.preauth, name),
+                "internal_url = ?, preauth = ?, health_path = ? WHERE name = ?",
+                (
+                    app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url,
+                    app.preauth, app.health_path, name,
+                ),
             )
+            # What connectors said about the old app need not hold for the new one.
+            db.execute("DELETE FROM app_health WHERE app = ?", (app.name,))
             self._bump(db)
         return app
 
