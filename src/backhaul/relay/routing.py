@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Iterable
 
 from backhaul.transport.tunnel import Tunnel
@@ -48,24 +49,23 @@ class TunnelRegistry:
         """The usable tunnel of ``group`` with the fewest active streams.
 
         Tunnels of connectors already tried (``exclude``) are skipped, so a retry goes to
-        another connector when the group has one, else to another tunnel.
+        another connector when the group has one, else to another tunnel. Ties are broken
+        at random: short streams leave most tunnels at zero load, and a fixed order would
+        send them all to one connector (a connector that comes back would get nothing).
         """
         excluded = set(exclude)
         tried_connectors = {t.info.get("connector_id") for t in excluded}
-        best: Tunnel | None = None
-        fallback: Tunnel | None = None
+        fresh: list[Tunnel] = []
+        tried: list[Tunnel] = []
         for connector_id, tunnels in self._by_connector.items():
             if self._group_of.get(connector_id) != group:
                 continue
             for tunnel in tunnels:
                 if tunnel in excluded or not tunnel.usable:
                     continue
-                if connector_id in tried_connectors:
-                    if fallback is None or tunnel.load < fallback.load:
-                        fallback = tunnel
-                elif best is None or tunnel.load < best.load:
-                    best = tunnel
-        chosen = best or fallback
-        if chosen is None:
+                (tried if connector_id in tried_connectors else fresh).append(tunnel)
+        candidates = fresh or tried
+        if not candidates:
             raise NoRoute(f"no active connector in group {group!r}")
-        return chosen
+        least = min(t.load for t in candidates)
+        return random.choice([t for t in candidates if t.load == least])

@@ -238,6 +238,19 @@ class RelayWorker:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.registry.remove(tunnel)
+        if tunnel.streams_lost:
+            # Streams not yet accepted were retried on another connector; the others were cut.
+            self.stats["streams_lost"] = self.stats.get("streams_lost", 0) + tunnel.streams_lost
+            log.warning(
+                "connector tunnel ended with streams on it",
+                extra={
+                    "connector": tunnel.info.get("connector_id"),
+                    "tunnel": tunnel.name,
+                    "streams": tunnel.streams_lost,
+                    "code": code,
+                    "reason": reason,
+                },
+            )
         try:
             self.store.tunnel_changed(tunnel.info["connector_id"], self.settings.worker, -1, tunnel.peer)
         except Exception:
