@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.connector.service:connector_status"))
+    p = connector.add_parser("doctor", help="check what this connector needs and say what to fix")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--ca-sha256", default=None, help="expected SHA-256 of the service CA (from `service init`), checked too")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per network check (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("backhaul.connector.doctor:doctor"))
 
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
