@@ -95,7 +95,7 @@ def test_a_connector_killed_under_load_fails_no_new_connection_and_gets_traffic_
     system.wait_tunnels("b", 2)
 
     load = EchoLoad(port, clients=16, seconds=4.0).start()
-    wait_until(lambda: len(load.attempts) >= 100, 15, "the load to get going on both connectors")
+    wait_until(lambda: len(load.attempts) >= 300, 15, "the load to get going on both connectors")
     a.kill()
     dead_at = time.monotonic()  # a's process is reaped: nothing after this can reach it
     attempts = load.join()

@@ -192,8 +192,8 @@ class ConnectorAgent:
         from backhaul.connector.settings import apply_log_level, split_changes
         from backhaul.errors import BackhaulError
 
-        if self._load_settings is None or self._draining:
-            return
+        if self._load_settings is None or self._draining or self._http is None:
+            return  # nothing to reload, or not started yet, or stopping anyway
         try:
             new = self._load_settings()
         except BackhaulError as exc:
