@@ -109,6 +109,9 @@ def test_a_connector_killed_under_load_fails_no_new_connection_and_gets_traffic_
     assert all(x.started < dead_at for x in failed)
     lost = sum(e["streams"] for e in _log_lines(system.relay, "connector tunnel ended with streams on it"))
     assert len(failed) <= lost, f"{len(failed)} connections failed but the relay logged only {lost} lost streams"
+    slowest = max(x.ended - x.started for x in after)
+    print(f"SIGKILL under load: {len(attempts)} connections, {len(after)} after the kill (slowest {slowest * 1000:.0f} ms), "
+          f"{len(failed)} in flight on the dead connector failed, relay counted {lost} lost streams")
 
     # `a` comes back: it gets its share of new streams again.
     a = system.start_connector("a")
@@ -164,6 +167,8 @@ def test_dead_tunnels_are_found_by_keepalive_and_their_streams_fail_over(tmp_pat
             slowest = max(x.ended - x.started for x in attempts)
             assert slowest < 8, f"an open waited {slowest:.1f} s; keepalive should fail it over within ~3 s"
             assert waited < 8
+            print(f"black hole: {len(attempts)} connections, none failed, slowest {slowest:.1f} s; "
+                  f"the stream on the dead tunnel ended after {waited:.1f} s")
             dead = [
                 e for e in _log_lines(system.relay, "connector tunnel ended with streams on it")
                 if e["connector"] == system.connector_info("a")["id"] and e["code"] == 14  # PEER_DEAD
