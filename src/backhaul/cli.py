@@ -21,7 +21,9 @@ def _handler(path: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backhaul", description="Outbound-only private network connector and relay.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default info (or the settings file's)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     service = commands.add_parser("service", help="the relay service").add_subparsers(dest="action", required=True)
@@ -39,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cert-validity", type=float, default=None, metavar="SECONDS",
         help="lifetime of the connector certificates this relay signs (default 90 days)",
     )
+    p.add_argument(
+        "--keepalive-interval", type=float, default=None, metavar="SECONDS",
+        help="PING a tunnel silent for this long (default 10)",
+    )
+    p.add_argument(
+        "--keepalive-timeout", type=float, default=None, metavar="SECONDS",
+        help="a tunnel silent for this long is dead; its unanswered opens are retried elsewhere (default 20)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)
@@ -49,23 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--name", default=None)
     p.set_defaults(func=_handler("backhaul.connector.enroll:register"))
-    p = connector.add_parser("run", help="run the connector")
+    p = connector.add_parser(
+        "run", help="run the connector",
+        description="Flags win over the --config file, which wins over the defaults. SIGTERM drains, SIGHUP reloads.",
+    )
     p.add_argument("--state-dir", required=True)
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML settings file, read again on SIGHUP")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
-    p.add_argument("--tunnels", type=int, default=4, help="tunnels per connector (default 4)")
+    p.add_argument("--tunnels", type=int, default=None, help="tunnels per connector (default 4)")
     p.add_argument(
-        "--heartbeat", type=float, default=30.0, metavar="SECONDS",
+        "--heartbeat", type=float, default=None, metavar="SECONDS",
         help="seconds between heartbeats and certificate renewal checks (default 30)",
     )
     p.add_argument(
-        "--health-interval", type=float, default=10.0, metavar="SECONDS",
+        "--health-interval", type=float, default=None, metavar="SECONDS",
         help="seconds between two checks that the apps' origins are reachable (default 10)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=None, metavar="SECONDS",
+        help="on SIGTERM, how long streams in flight may take to finish (default 30)",
     )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.connector.service:connector_status"))
+    p = connector.add_parser("doctor", help="check what this connector needs and say what to fix")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--ca-sha256", default=None, help="expected SHA-256 of the service CA (from `service init`), checked too")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per network check (default 5)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_handler("backhaul.connector.doctor:doctor"))
 
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
@@ -81,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from backhaul.logs import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "info")
     try:
         return int(args.func(args) or 0)
     except BackhaulError as exc:

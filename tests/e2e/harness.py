@@ -7,7 +7,10 @@ through the relay's health endpoint and through a real request, never by sleepin
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -61,12 +65,12 @@ def echoes(port: int, probe: bytes = b"ping") -> bool:
 
 
 @contextlib.contextmanager
-def running_relay(workdir: Path, workers: int = 1):
+def running_relay(workdir: Path, workers: int = 1, relay_args: tuple[str, ...] = ()):
     """An initialized relay, running; it and everything started through it stop on exit."""
     system = System(workdir)
     try:
         system.init()
-        system.start_relay(workers=workers)
+        system.start_relay(workers=workers, extra=relay_args)
         yield system
     finally:
         system.stop()
@@ -130,6 +134,10 @@ class Proc:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def pids(self) -> list[int]:
+        """This process and all its descendants (a supervisor and its workers)."""
+        return [self.popen.pid] + _children(self.popen.pid)
+
     def rss_kib(self) -> int:
         """Resident memory of the process and its children, KiB."""
         total = 0
@@ -153,6 +161,31 @@ def _children(pid: int) -> list[int]:
     for kid in list(out):
         out.extend(_children(kid))
     return out
+
+
+def connections_to(pids: list[int], port: int) -> int:
+    """Established TCP connections from any of ``pids`` to 127.0.0.1:``port``, read from /proc.
+
+    Tells which connector process carries a stream: its socket to the private app."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except FileNotFoundError:
+            continue
+    count = 0
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == want and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+            count += 1
+    return count
 
 
 class Backend:
@@ -207,10 +240,12 @@ class System:
         out = json.loads(self.cli("service", "init", "--data-dir", str(self.data_dir), "--json").stdout)
         self.ca_sha256 = out["ca_sha256"]
 
-    def start_relay(self, workers: int = 1) -> Proc:
+    def start_relay(self, workers: int = 1, extra: tuple[str, ...] = ()) -> Proc:
         self.relay = Proc(
             f"relay-{len(self.procs)}",
-            BACKHAUL + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)],
+            BACKHAUL
+            + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)]
+            + list(extra),
             self.workdir,
             self.env,
         )
@@ -236,27 +271,50 @@ class System:
     def token(self, uses: int = 1, group: str = "default") -> str:
         return self.admin_json("token", "create", "--group", group, "--uses", str(uses))["token"]
 
-    def register(self, name: str, group: str = "default") -> Path:
+    def register(self, name: str, group: str = "default", service: str | None = None) -> Path:
+        """Register connector ``name``; ``service`` is the URL it reaches the relay at (default: directly)."""
         state = self.workdir / f"conn-{name}"
         self.cli(
-            "connector", "register", "--service", self.url, "--token", self.token(group=group),
+            "connector", "register", "--service", service or self.url, "--token", self.token(group=group),
             "--ca-sha256", self.ca_sha256, "--state-dir", str(state), "--name", name,
         )
         return state
 
-    def start_connector(self, name: str, workers: int = 1, tunnels: int = 2) -> Proc:
+    def start_connector(self, name: str, workers: int = 1, tunnels: int | None = 2, extra: tuple[str, ...] = ()) -> Proc:
         state = self.workdir / f"conn-{name}"
         if not state.exists():
             self.register(name)
+        argv = ["connector", "run", "--state-dir", str(state), "--workers", str(workers)]
+        if tunnels is not None:
+            argv += ["--tunnels", str(tunnels)]
         proc = Proc(
             f"connector-{name}-{len(self.procs)}",
-            BACKHAUL + ["connector", "run", "--state-dir", str(state), "--workers", str(workers), "--tunnels", str(tunnels)],
+            BACKHAUL + argv + list(extra),
             self.workdir,
             self.env,
         )
         self.procs.append(proc)
         self.connectors[name] = proc
         return proc
+
+    def api(self, path: str):
+        """GET an admin endpoint of the control API, as `backhaul admin` does but without a process per call."""
+        ctx = ssl.create_default_context(cafile=str(self.data_dir / "ca.pem"))
+        token = (self.data_dir / "admin.token").read_text().strip()
+        request = urllib.request.Request(f"{self.url}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, context=ctx, timeout=5) as response:
+            return json.loads(response.read())
+
+    def connector_info(self, name: str) -> dict:
+        """This connector's entry in the connector list ({} if not listed)."""
+        return {c["name"]: c for c in self.api("/v1/connectors")}.get(name, {})
+
+    def wait_tunnels(self, name: str, count: int, timeout: float = 30) -> None:
+        """Ready when the relay holds exactly ``count`` tunnels of connector ``name``."""
+        wait_until(
+            lambda: self.connector_info(name).get("tunnels") == count,
+            timeout, f"the relay to hold {count} tunnels of connector {name}", interval=0.2,
+        )
 
     # -------------------------------------------------------------- apps
 
@@ -272,3 +330,188 @@ class System:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+class FaultProxy:
+    """A TCP forwarder between a connector and the relay that can fail the way networks do.
+
+    In the manner of frp's e2e fault injection: ``blackhole()`` keeps every connection
+    open but drops all bytes both ways and holds new connections without dialing on (a
+    dead route, a stateful firewall dropping state); ``half_open()`` closes the relay's
+    side of every connection while the connector's side stays open and silent (a NAT that
+    forgot the flow); ``heal()`` forwards new connections again and drops the stranded
+    ones. It runs its own event loop in a thread of the test process; ``close()`` stops it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "pass"
+        self.pairs: set[_ProxySide] = set()
+        #: connections accepted so far (a connector redialing shows up here)
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+        self._server = self._call(self._start())
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def _call(self, coro, timeout: float = 10):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self):
+        return await self._loop.create_server(lambda: _ProxySide(self, None), "127.0.0.1", 0)
+
+    async def _set(self, mode: str) -> None:
+        self.mode = mode
+        for side in list(self.pairs):
+            if mode == "blackhole":
+                side.stranded = True
+            elif mode == "half_open":
+                side.stranded = True
+                if side.peer is not None and side.peer.transport is not None:
+                    side.peer.transport.close()
+            elif mode == "pass" and side.stranded:
+                side.transport.abort()
+
+    def blackhole(self) -> None:
+        self._call(self._set("blackhole"))
+
+    def half_open(self) -> None:
+        self._call(self._set("half_open"))
+
+    def heal(self) -> None:
+        self._call(self._set("pass"))
+
+    def close(self) -> None:
+        async def stop():
+            self._server.close()
+            for side in list(self.pairs):
+                side.transport.abort()
+                if side.peer is not None and side.peer.transport is not None:
+                    side.peer.transport.abort()
+
+        try:
+            self._call(stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+class _ProxySide(asyncio.Protocol):
+    """One end of a forwarded connection; ``peer`` is the other end (None on a held connection)."""
+
+    def __init__(self, proxy: FaultProxy, peer: "_ProxySide | None") -> None:
+        self.proxy = proxy
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.stranded = False  # set on the client side: drop what arrives, forward nothing
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.peer is not None:  # the upstream side of a pair
+            return
+        self.proxy.pairs.add(self)
+        self.proxy.accepted += 1
+        if self.proxy.mode != "pass":
+            self.stranded = True
+            return
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._dial())
+
+    async def _dial(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await loop.create_connection(lambda: _ProxySide(self.proxy, self), "127.0.0.1", self.proxy.upstream_port)
+        except OSError:
+            self.transport.close()
+            return
+        self.peer = upstream
+        if self.stranded:
+            upstream.transport.close()
+        else:
+            self.transport.resume_reading()
+
+    def _forwarding(self) -> bool:
+        client = self if self in self.proxy.pairs else self.peer
+        return client is not None and not client.stranded
+
+    def data_received(self, data: bytes) -> None:
+        if self._forwarding() and self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def eof_received(self):
+        if self._forwarding() and self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.proxy.pairs.discard(self)
+        if self._forwarding() and self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One short echo connection of a load run."""
+
+    started: float
+    ended: float = 0.0
+    ok: bool = False
+    error: str = ""
+
+
+class EchoLoad:
+    """``clients`` threads, each making short echo connections to a port in a loop.
+
+    Bounded: each thread stops after ``seconds`` or ``max_each`` connections. Every
+    connection sends ``size`` random bytes and counts as ok only when all of them came back.
+    """
+
+    def __init__(self, port: int, clients: int = 16, seconds: float = 4.0, size: int = 1024, max_each: int = 2000) -> None:
+        self.port = port
+        self.clients = clients
+        self.seconds = seconds
+        self.size = size
+        self.max_each = max_each
+        self.attempts: list[Attempt] = []
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(clients, thread_name_prefix="echo-load")
+        self._futures: list[concurrent.futures.Future] = []
+
+    def start(self) -> "EchoLoad":
+        end = time.monotonic() + self.seconds
+        self._futures = [self._pool.submit(self._client, end) for _ in range(self.clients)]
+        return self
+
+    def join(self, timeout: float = 60) -> list[Attempt]:
+        try:
+            for future in concurrent.futures.as_completed(self._futures, timeout):
+                future.result()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        return self.attempts
+
+    def _client(self, end: float) -> None:
+        for _ in range(self.max_each):
+            if time.monotonic() >= end:
+                return
+            attempt = Attempt(started=time.monotonic())
+            payload = os.urandom(self.size)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=15) as sock:
+                    sock.sendall(payload)
+                    got = bytearray()
+                    while len(got) < len(payload):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        got += chunk
+                attempt.ok = bytes(got) == payload
+                if not attempt.ok:
+                    attempt.error = f"echoed {len(got)} of {len(payload)} bytes"
+            except OSError as exc:
+                attempt.error = f"{type(exc).__name__}: {exc}"
+            attempt.ended = time.monotonic()
+            with self._lock:
+                self.attempts.append(attempt)

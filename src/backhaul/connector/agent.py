@@ -12,6 +12,7 @@ very target it names; anything else is refused with TARGET_NOT_ALLOWED or UNKNOW
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import errno
 import logging
@@ -22,6 +23,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
+from typing import Callable
 
 from backhaul import __version__, tlsconfig
 from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive
@@ -57,6 +59,9 @@ class ConnectorSettings:
     heartbeat_interval: float = 30.0
     #: How the origins of the apps are checked (see connector/health.py).
     health: HealthChecks = HealthChecks()
+    #: On SIGTERM, how long streams in flight may take to finish before they are reset.
+    drain_timeout: float = 30.0
+    log_level: str = "info"
 
     @property
     def slots(self) -> int:
@@ -79,10 +84,12 @@ def _open_failure(exc: BaseException) -> tuple[int, str]:
 class ConnectorAgent:
     """Tunnels, configuration and streams of one connector worker."""
 
-    def __init__(self, settings: ConnectorSettings) -> None:
+    def __init__(self, settings: ConnectorSettings, reload: Callable[[], ConnectorSettings] | None = None) -> None:
         from backhaul.connector.state import ConnectorState
 
         self.settings = settings
+        #: builds the settings anew from their file and flags (SIGHUP)
+        self._load_settings = reload
         self.state = ConnectorState.load(settings.state_dir)
         self.host, self.port = self.state.host, self.state.port
         self.apps: dict[str, dict] = {}
@@ -94,7 +101,12 @@ class ConnectorAgent:
         #: the read buffer every target socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
-        self._slots: list[asyncio.Task] = []
+        #: tunnel slots by index; a retired slot stops redialing once its tunnel has closed
+        self._slots: dict[int, asyncio.Task] = {}
+        self._retired: set[int] = set()
+        self._next_slot = 0
+        self._serving = False
+        self._upkeep: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         self._config_changed = asyncio.Event()
         self._draining = False
@@ -111,6 +123,7 @@ class ConnectorAgent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._ssl = tlsconfig.connector_context(self.state, ALPN_TUNNEL)
         from backhaul.connector import control_client
 
@@ -121,30 +134,114 @@ class ConnectorAgent:
                 return
             for _ in range(self.settings.slots):
                 self._add_slot()
+            self._serving = True
             refresher = asyncio.create_task(self._config_loop())
-            upkeep = asyncio.create_task(self._upkeep_loop())
+            self._upkeep = asyncio.create_task(self._upkeep_loop())
             checker = asyncio.create_task(self.origins.run())
             await self._stopping.wait()
             refresher.cancel()
-            upkeep.cancel()
+            self._upkeep.cancel()
             checker.cancel()
             await self.drain()
         finally:
             await self._http.close()
 
-    async def drain(self, deadline: float = 30.0) -> None:
-        """GOAWAY on every tunnel, let streams finish, then close."""
+    def _streams_open(self) -> int:
+        return sum(t.load for t in self.tunnels if not t.closed)
+
+    async def drain(self) -> None:
+        """GOAWAY on every tunnel, let streams finish until the drain deadline, reset the rest, close.
+
+        The relay takes GOAWAY as "no new streams on this tunnel" at once; an OPEN that
+        crossed it is refused with REFUSED_STREAM, which the relay retries elsewhere.
+        """
         self._draining = True
+        started = time.monotonic()
+        deadline = self.settings.drain_timeout
         for tunnel in list(self.tunnels):
             tunnel.goaway(ErrorCode.NO_ERROR, "connector draining")
-        end = time.monotonic() + deadline
-        while self.pipes and time.monotonic() < end:
+        in_flight = self._streams_open()
+        log.info("draining", extra={"worker": self.settings.worker, "streams": in_flight, "deadline": deadline})
+        while self._streams_open() and time.monotonic() < started + deadline:
             await asyncio.sleep(0.05)
-        for task in self._slots:
+        cut = self._streams_open()
+        for pipe in list(self.pipes):
+            if not pipe.tunnel.closed:
+                pipe.tunnel.reset(pipe.stream_id, ErrorCode.GOING_AWAY, "the connector's drain deadline passed")
+            pipe.finish("cut: the connector's drain deadline passed", abort=True)
+        for task in list(self._slots.values()):
             task.cancel()
-        for tunnel in list(self.tunnels):
-            tunnel.close(ErrorCode.NO_ERROR, "connector stopped")
-        log.info("connector worker stopped", extra={"worker": self.settings.worker, **self.stats})
+        tunnels = list(self.tunnels)
+        for tunnel in tunnels:
+            # also resets streams whose target was still connecting
+            tunnel.close(ErrorCode.GOING_AWAY if cut else ErrorCode.NO_ERROR, "connector stopped")
+        # Let the GOAWAY and resets leave before the process exits; bounded, a dead peer must not hold us.
+        close_by = time.monotonic() + 1.0
+        while any(not t.lost for t in tunnels) and time.monotonic() < close_by:
+            await asyncio.sleep(0.01)
+        log.info(
+            "connector worker drained",
+            extra={
+                "worker": self.settings.worker,
+                "streams_in_flight": in_flight,
+                "streams_ended": in_flight - cut,
+                "streams_cut": cut,
+                "seconds": round(time.monotonic() - started, 3),
+                **self.stats,
+            },
+        )
+
+    # ------------------------------------------------------------------ SIGHUP
+
+    def reload(self) -> None:
+        """Read the settings and the state dir's credentials again; apply what can change live."""
+        from backhaul.connector.settings import apply_log_level, split_changes
+        from backhaul.errors import BackhaulError
+
+        if self._load_settings is None or self._draining or self._http is None:
+            return  # nothing to reload, or not started yet, or stopping anyway
+        try:
+            new = self._load_settings()
+        except BackhaulError as exc:
+            log.error("settings not reloaded; keeping the current ones", extra={"error": str(exc)})
+            return
+        live, restart = split_changes(self.settings, new)
+        self.settings = dataclasses.replace(self.settings, **live)
+        if "log_level" in live:
+            apply_log_level(self.settings.log_level)
+        if self._serving and ("tunnels" in live or "max_slots" in live):
+            self._resize()
+        if self._serving and "heartbeat_interval" in live and self._upkeep is not None:
+            self._upkeep.cancel()
+            self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_loop())
+        self._reload_credentials()
+        log.info(
+            "settings reloaded",
+            extra={
+                "worker": self.settings.worker,
+                "applied": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in live.items()},
+                "need_restart": restart,
+            },
+        )
+        if restart:
+            log.warning("some changed settings apply only after a restart", extra={"keys": restart})
+
+    def _reload_credentials(self) -> None:
+        from backhaul.connector.state import ConnectorState
+        from backhaul.errors import BackhaulError
+
+        try:
+            state = ConnectorState.load(self.settings.state_dir)
+        except BackhaulError as exc:
+            log.error("credentials not reloaded; keeping the current ones", extra={"error": str(exc)})
+            return
+        if state.connector_id != self.state.connector_id:
+            log.warning(
+                "the state dir now holds another connector; restart to use it",
+                extra={"running": self.state.connector_id, "on_disk": state.connector_id},
+            )
+            return
+        self._use_credentials(state, "credentials reloaded")
 
     # ------------------------------------------------------------------ configuration
 
@@ -239,7 +336,7 @@ class ConnectorAgent:
             if state.cert_serial != self.state.cert_serial:
                 self._use_credentials(state)
 
-    def _use_credentials(self, state) -> None:
+    def _use_credentials(self, state, why: str = "certificate renewed") -> None:
         """New tunnels and API calls use the renewed certificate; open tunnels carry on."""
         from backhaul.connector import control_client
 
@@ -248,7 +345,7 @@ class ConnectorAgent:
         old, self._http = self._http, control_client.connector_session(state)
         asyncio.get_running_loop().create_task(old.close())
         log.info(
-            "certificate renewed",
+            why,
             extra={"serial": format(state.cert_serial, "x"), "expires": state.cert_not_after.isoformat()},
         )
 
@@ -258,14 +355,69 @@ class ConnectorAgent:
         b = self.settings.backoff
         return random.uniform(0, min(b.maximum, b.initial * b.factor**attempt))
 
+    def _live_slots(self) -> list[int]:
+        return [index for index in self._slots if index not in self._retired]
+
     def _add_slot(self) -> None:
-        if len(self._slots) < self.settings.max_slots:
-            self._slots.append(asyncio.create_task(self._slot(len(self._slots))))
+        if len(self._live_slots()) < self.settings.max_slots:
+            index = self._next_slot
+            self._next_slot += 1
+            self._slots[index] = asyncio.create_task(self._slot(index))
+
+    def _resize(self) -> None:
+        """Dial or retire tunnel slots to match ``settings.slots``, never leaving a relay worker uncovered."""
+        live = self._live_slots()
+        want = min(self.settings.slots, self.settings.max_slots)
+        for _ in range(want - len(live)):
+            self._add_slot()
+        if len(live) <= want:
+            return
+        by_slot = {t.info.get("slot"): t for t in self.tunnels}
+        serving = collections.Counter(
+            t.info.get("relay_worker") for t in self.tunnels if t.info.get("hello") and not t.info.get("retiring")
+        )
+        extra = len(live) - want
+        for index in sorted(live, reverse=True):
+            if extra == 0:
+                break
+            tunnel = by_slot.get(index)
+            if tunnel is not None and tunnel.info.get("hello"):
+                relay_worker = tunnel.info.get("relay_worker")
+                if serving[relay_worker] <= 1:
+                    continue
+                serving[relay_worker] -= 1
+            extra -= 1
+            self._retired.add(index)
+            if tunnel is None:
+                self._slots[index].cancel()
+            else:
+                self._retire(tunnel)
+
+    def _retire(self, tunnel: Tunnel) -> None:
+        """No new streams on ``tunnel``; close it once its streams end or the drain deadline passes."""
+        tunnel.info["retiring"] = True
+        tunnel.goaway(ErrorCode.NO_ERROR, "the connector needs fewer tunnels")
+        log.info("tunnel retired", extra={"tunnel": tunnel.name, "streams": tunnel.load})
+
+        async def close_when_idle() -> None:
+            end = time.monotonic() + self.settings.drain_timeout
+            while tunnel.load and not tunnel.closed and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            tunnel.close(ErrorCode.NO_ERROR, "tunnel retired")
+
+        asyncio.get_running_loop().create_task(close_when_idle())
 
     async def _slot(self, index: int) -> None:
+        try:
+            await self._dial_forever(index)
+        finally:
+            self._slots.pop(index, None)
+            self._retired.discard(index)
+
+    async def _dial_forever(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
-        while not self._stopping.is_set() and not self._draining:
+        while not self._stopping.is_set() and not self._draining and index not in self._retired:
             name = f"{self.state.connector_id}/{self.settings.worker}.{index}"
             try:
                 session = mux.Session(mux.Role.CONNECTOR, self.settings.flow, self.settings.keepalive)
@@ -288,7 +440,10 @@ class ConnectorAgent:
                 )
                 await asyncio.sleep(delay)
                 continue
+            tunnel.info["slot"] = index
             await tunnel.info["closed"]
+            if index in self._retired:
+                return
             if tunnel.info.get("hello"):
                 attempt = 0
             delay = self._backoff(attempt)
@@ -341,8 +496,9 @@ class ConnectorAgent:
 
     def _cover_relay_workers(self) -> None:
         """Dial one more tunnel when some relay worker holds none of ours."""
-        covered = {t.info.get("relay_worker") for t in self.tunnels if t.info.get("hello")}
-        connecting = len(self._slots) - len([t for t in self.tunnels if t.info.get("hello")])
+        serving = [t for t in self.tunnels if t.info.get("hello") and not t.info.get("retiring")]
+        covered = {t.info.get("relay_worker") for t in serving}
+        connecting = len(self._live_slots()) - len(serving)
         if len(covered) < self.relay_workers and connecting <= 0:
             self._add_slot()
 
@@ -404,8 +560,8 @@ class ConnectorAgent:
         pipe.start()
 
 
-def run_agent(settings: ConnectorSettings) -> None:
-    """Process entry point of one connector worker."""
+def run_agent(settings: ConnectorSettings, reload: Callable[[], ConnectorSettings] | None = None) -> None:
+    """Process entry point of one connector worker; ``reload`` builds fresh settings on SIGHUP."""
     import uvloop
 
-    uvloop.run(ConnectorAgent(settings).run())
+    uvloop.run(ConnectorAgent(settings, reload).run())

@@ -7,6 +7,7 @@ connector cannot reach an app gets no streams of that app. Unknown counts as rea
 
 from __future__ import annotations
 
+import random
 from typing import Iterable
 
 from backhaul.store.base import StoreLimits
@@ -90,13 +91,16 @@ class TunnelRegistry:
         Tunnels of connectors already tried (``exclude``) are skipped, so a retry goes to
         another connector when the group has one, else to another tunnel. With ``app``,
         tunnels whose connector reported that app's origin unreachable are skipped too.
+        Ties are broken at random: short streams leave most tunnels at zero load, and a
+        fixed order would send them all to one connector (one that comes back would get
+        nothing).
         """
         excluded = set(exclude)
         tried_connectors = {t.info.get("connector_id") for t in excluded}
         down = self._down if app is not None else None
         unreachable = False
-        best: Tunnel | None = None
-        fallback: Tunnel | None = None
+        fresh: list[Tunnel] = []
+        tried: list[Tunnel] = []
         for connector_id, tunnels in self._by_connector.items():
             if self._group_of.get(connector_id) != group:
                 continue
@@ -106,14 +110,11 @@ class TunnelRegistry:
                 if down and app in down.get(tunnel, ()):
                     unreachable = True
                     continue
-                if connector_id in tried_connectors:
-                    if fallback is None or tunnel.load < fallback.load:
-                        fallback = tunnel
-                elif best is None or tunnel.load < best.load:
-                    best = tunnel
-        chosen = best or fallback
-        if chosen is None:
+                (tried if connector_id in tried_connectors else fresh).append(tunnel)
+        candidates = fresh or tried
+        if not candidates:
             if unreachable:
                 raise NoRoute(f"no connector in group {group!r} can reach app {app!r}")
             raise NoRoute(f"no active connector in group {group!r}")
-        return chosen
+        least = min(t.load for t in candidates)
+        return random.choice([t for t in candidates if t.load == least])

@@ -6,7 +6,7 @@ import argparse
 import functools
 from pathlib import Path
 
-from backhaul.config import default_workers
+from backhaul.config import Keepalive, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
 from backhaul.supervisor import supervise
@@ -32,7 +32,15 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1")
     if args.cert_validity is not None and args.cert_validity < 10:
         raise ConfigError("--cert-validity must be at least 10 seconds")
+    keepalive = Keepalive()
+    keepalive = Keepalive(
+        interval=args.keepalive_interval if args.keepalive_interval is not None else keepalive.interval,
+        timeout=args.keepalive_timeout if args.keepalive_timeout is not None else keepalive.timeout,
+    )
+    if not 0 < keepalive.interval < keepalive.timeout:
+        raise ConfigError("--keepalive-interval must be above 0 and below --keepalive-timeout")
     settings = RelaySettings(
-        data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity
+        data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
+        keepalive=keepalive,
     )
     return supervise(functools.partial(_run, settings), workers, "relay")

@@ -87,8 +87,9 @@ class UserPipe(Pipe):
         self.transport.close()
 
     def on_reset(self, code: int, reason: str) -> None:
-        if not self._accepted and self.tunnel is not None and self.tunnel.closed:
-            # The tunnel died before the target answered: nothing is committed yet.
+        if not self._accepted and self.tunnel is not None and self.tunnel.session.closed:
+            # The tunnel died before the target answered: nothing is committed yet. (The session
+            # resets its streams before the tunnel hears it has failed, so ask the session.)
             self.on_rejected(ErrorCode.PEER_DEAD, reason)
             return
         super().on_reset(code, reason)

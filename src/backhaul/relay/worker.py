@@ -224,6 +224,7 @@ class RelayWorker:
         connector_id = tunnel.info["connector_id"]
         self.registry.add(tunnel, connector_id, tunnel.info["group"])
         self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
+        tunnel.info["counted"] = True
         tunnel.control(
             {
                 "type": "hello",
@@ -238,10 +239,29 @@ class RelayWorker:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.registry.remove(tunnel)
+        if tunnel.streams_lost:
+            # Streams not yet accepted were retried on another connector; the others were cut.
+            self.stats["streams_lost"] = self.stats.get("streams_lost", 0) + tunnel.streams_lost
+            log.warning(
+                "connector tunnel ended with streams on it",
+                extra={
+                    "connector": tunnel.info.get("connector_id"),
+                    "tunnel": tunnel.name,
+                    "streams": tunnel.streams_lost,
+                    "code": code,
+                    "reason": reason,
+                },
+            )
+        self._uncount(tunnel)
+
+    def _uncount(self, tunnel: Tunnel) -> None:
+        """The store counts usable tunnels: a tunnel leaves the count when it closes or drains."""
+        if not tunnel.info.pop("counted", False):
+            return
         try:
             self.store.tunnel_changed(tunnel.info["connector_id"], self.settings.worker, -1, tunnel.peer)
         except Exception:
-            log.exception("cannot record a closed tunnel in the store")
+            log.exception("cannot record a closed or draining tunnel in the store")
 
     def stream_opened(self, tunnel: Tunnel, stream_id: int, meta: dict) -> None:
         tunnel.reject(stream_id, ErrorCode.PROTOCOL_ERROR, "the relay does not accept streams from connectors")
@@ -273,7 +293,9 @@ class RelayWorker:
         log.debug("origin health reported", extra={"tunnel": tunnel.name, "apps": apps})
 
     def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        # Tunnel.usable is already False (the session is draining): routing skips it from now on.
         log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})
+        self._uncount(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
         self.stats["datagrams_dropped"] = self.stats.get("datagrams_dropped", 0) + 1

@@ -76,6 +76,10 @@ class Tunnel(asyncio.BufferedProtocol):
         self.opened_at = time.monotonic()
         self.rtt: float | None = None
         self.closed = False
+        #: the connection itself is gone (connection_lost ran): whatever was queued has left or never will
+        self.lost = False
+        #: streams that were still open when the tunnel ended (reset with it)
+        self.streams_lost = 0
         self.bytes_in = 0
         self.bytes_out = 0
         #: set by the owner: who is at the other end (connector id, relay worker index)
@@ -133,6 +137,7 @@ class Tunnel(asyncio.BufferedProtocol):
             endpoint.on_write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if not self.session.closed:
             self.session.connection_lost(f"tunnel connection lost: {exc}" if exc else "tunnel connection closed")
         self._process()
@@ -278,6 +283,8 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def _on_reset(self, event: mux.StreamReset) -> None:
         self._early.pop(event.stream_id, None)
+        if self.session.closed:
+            self.streams_lost += 1
         endpoint = self.endpoints.pop(event.stream_id, None)
         self._stalled.discard(endpoint)
         if endpoint is not None:

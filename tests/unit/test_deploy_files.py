@@ -1,0 +1,64 @@
+"""The shipped deploy files agree with the code: the units' commands parse, the stop timeout
+outlasts the drain, and the example settings file loads."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from backhaul.cli import build_parser
+from backhaul.connector.agent import ConnectorSettings
+from backhaul.connector.service import GRACE_MARGIN
+from backhaul.connector.settings import SettingsSource
+
+pytestmark = pytest.mark.codec_independent
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _unit(name: str) -> dict[str, str]:
+    """The unit's [Service] settings (last value wins, as in systemd)."""
+    values, section = {}, None
+    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "Service":
+            key, _, value = line.partition("=")
+            values[key] = value
+    return values
+
+
+def _command(unit: dict[str, str]):
+    argv = shlex.split(unit["ExecStart"])
+    assert argv[0].endswith("/backhaul")
+    return build_parser().parse_args(argv[1:])
+
+
+def test_connector_unit_runs_a_valid_command_and_outlasts_the_drain(tmp_path):
+    unit = _unit("backhaul-connector.service")
+    args = _command(unit)
+    assert (args.command, args.action) == ("connector", "run")
+    assert args.state_dir in unit["ReadWritePaths"].split()
+    settings = SettingsSource(tmp_path, DEPLOY / "connector.toml.example").load()
+    assert float(unit["TimeoutStopSec"]) > settings.drain_timeout + GRACE_MARGIN
+    assert unit["KillMode"] == "mixed" and unit["KillSignal"] == "SIGTERM" and unit["Restart"] == "on-failure"
+    assert unit["ExecReload"].endswith("-HUP $MAINPID")
+    assert unit["NoNewPrivileges"] == "yes" and unit["ProtectSystem"] == "strict" and unit["PrivateTmp"] == "yes"
+    assert int(unit["LimitNOFILE"]) >= 65536 and unit["User"] == "backhaul"
+
+
+def test_example_settings_are_the_defaults_written_out(tmp_path):
+    settings = SettingsSource(tmp_path, DEPLOY / "connector.toml.example").load()
+    assert settings == ConnectorSettings(state_dir=tmp_path, workers=1)
+
+
+def test_updater_unit_names_the_updater_command():
+    unit = _unit("backhaul-updater.service")
+    argv = shlex.split(unit["ExecStart"])
+    assert argv[1:4] == ["updater", "run", "--state-dir"]
+    assert argv[4] in unit["ReadOnlyPaths"].split() and unit["NoNewPrivileges"] == "yes"
