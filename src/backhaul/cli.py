@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cert-validity", type=float, default=None, metavar="SECONDS",
         help="lifetime of the connector certificates this relay signs (default 90 days)",
     )
+    p.add_argument(
+        "--udp-max-flows", type=int, default=None, metavar="N",
+        help="user addresses one UDP app holds at once, per worker (default 4096)",
+    )
+    p.add_argument(
+        "--udp-idle-timeout", type=float, default=None, metavar="SECONDS",
+        help="a UDP flow with no datagram either way for this long ends (default 60)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)

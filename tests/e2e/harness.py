@@ -207,10 +207,10 @@ class System:
         out = json.loads(self.cli("service", "init", "--data-dir", str(self.data_dir), "--json").stdout)
         self.ca_sha256 = out["ca_sha256"]
 
-    def start_relay(self, workers: int = 1) -> Proc:
+    def start_relay(self, workers: int = 1, extra: tuple[str, ...] = ()) -> Proc:
         self.relay = Proc(
             f"relay-{len(self.procs)}",
-            BACKHAUL + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)],
+            BACKHAUL + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers), *extra],
             self.workdir,
             self.env,
         )

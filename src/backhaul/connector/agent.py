@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, Keepalive
+from backhaul.config import Backoff, FlowControl, Keepalive, UdpLimits
+from backhaul.connector import udp_flows
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.transport.pipe import Pipe
@@ -48,6 +49,7 @@ class ConnectorSettings:
     flow: FlowControl = FlowControl()
     keepalive: Keepalive = Keepalive()
     backoff: Backoff = Backoff()
+    udp: UdpLimits = UdpLimits()
     connect_timeout: float = 10.0
     target_timeout: float = 10.0
     #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
@@ -91,6 +93,7 @@ class ConnectorAgent:
         #: the read buffer every target socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
+        self.udp = udp_flows.UdpFlows(settings.udp, self.stats, _open_failure)
         self._slots: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
         self._config_changed = asyncio.Event()
@@ -117,6 +120,7 @@ class ConnectorAgent:
                 return
             for _ in range(self.settings.slots):
                 self._add_slot()
+            self.udp.start()
             refresher = asyncio.create_task(self._config_loop())
             upkeep = asyncio.create_task(self._upkeep_loop())
             await self._stopping.wait()
@@ -131,6 +135,9 @@ class ConnectorAgent:
         self._draining = True
         for tunnel in list(self.tunnels):
             tunnel.goaway(ErrorCode.NO_ERROR, "connector draining")
+        # After the GOAWAYs, so the relay moves these flows to other connectors, not to our other tunnels.
+        self.udp.stop()
+        self.udp.close_all(ErrorCode.GOING_AWAY, "connector draining")
         end = time.monotonic() + deadline
         while self.pipes and time.monotonic() < end:
             await asyncio.sleep(0.05)
@@ -176,6 +183,7 @@ class ConnectorAgent:
             if app is None or app.get("target") != pipe.labels.get("target"):
                 pipe.tunnel.reset(pipe.stream_id, ErrorCode.TARGET_NOT_ALLOWED, "the app was removed or changed")
                 pipe.finish("reset: no longer allowed by the configuration", abort=True)
+        self.udp.apply_config(apps)
         log.info("config applied", extra={"version": self.config_version, "apps": sorted(apps)})
 
     async def _config_loop(self) -> None:
@@ -333,7 +341,7 @@ class ConnectorAgent:
         log.info("relay draining a tunnel", extra={"tunnel": tunnel.name, "reason": reason})
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
-        self.stats["datagrams_dropped"] = self.stats.get("datagrams_dropped", 0) + 1
+        self.udp.from_tunnel(tunnel, flow_id, data)
 
     # ------------------------------------------------------------------ streams
 
@@ -342,6 +350,9 @@ class ConnectorAgent:
         app = self.apps.get(name) if isinstance(name, str) else None
         if app is None:
             self._refuse(tunnel, stream_id, meta, ErrorCode.UNKNOWN_APP, f"this connector has no app {name!r}")
+            return
+        if meta.get("proto") == "udp":
+            self._open_flow(tunnel, stream_id, meta, app)
             return
         if app.get("proto") != "tcp" or app.get("target") != target:
             self._refuse(
@@ -358,6 +369,15 @@ class ConnectorAgent:
             return
         self.stats["streams_opened"] += 1
         asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port))
+
+    def _open_flow(self, tunnel: Tunnel, stream_id: int, meta: dict, app: dict) -> None:
+        refused = udp_flows.refusal(meta, app)
+        if refused is None and self._draining:
+            refused = ErrorCode.REFUSED_STREAM, "the connector is draining"
+        if refused is not None:
+            self._refuse(tunnel, stream_id, meta, *refused)
+            return
+        self.udp.open(tunnel, stream_id, meta, self.settings.target_timeout)
 
     def _refuse(self, tunnel: Tunnel, stream_id: int, meta: dict, code: int, reason: str) -> None:
         self.stats["streams_refused"] += 1
