@@ -191,7 +191,7 @@ class UdpFlows:
 
     def start(self) -> None:
         """Begin looking for idle flows (call from inside the event loop)."""
-        self._sweeper = asyncio.get_running_loop().call_later(self.table.sweep_interval, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(self.table.sweep_interval, self._tick)
 
     def stop(self) -> None:
         if self._sweeper is not None:
@@ -259,8 +259,14 @@ class UdpFlows:
         for flow in self.table.clear():
             flow.close(code, reason)
 
-    def _sweep(self) -> None:
-        for flow in self.table.pop_idle():
+    def sweep(self) -> int:
+        """End every flow idle for the timeout (RST IDLE_TIMEOUT to the relay); returns how many."""
+        idle = self.table.pop_idle()
+        for flow in idle:
             count(self.stats, "udp_flows_idle")
             flow.close(ErrorCode.IDLE_TIMEOUT, f"no datagram either way for {self.table.idle_timeout:g} s")
-        self._sweeper = asyncio.get_running_loop().call_later(self.table.sweep_interval, self._sweep)
+        return len(idle)
+
+    def _tick(self) -> None:
+        self.sweep()
+        self._sweeper = asyncio.get_running_loop().call_later(self.table.sweep_interval, self._tick)

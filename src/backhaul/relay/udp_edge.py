@@ -210,7 +210,7 @@ class UdpApp(asyncio.DatagramProtocol):
         edge = cls(app, registry, limits, stats)
         sock = reuseport_socket(host, app.port, socket.SOCK_DGRAM)
         await loop.create_datagram_endpoint(lambda: edge, sock=sock)
-        edge._sweeper = loop.call_later(edge.flows.sweep_interval, edge._sweep)
+        edge._sweeper = loop.call_later(edge.flows.sweep_interval, edge._tick)
         log.info("udp app listening", extra={"app": app.name, "port": app.port, "target": app.target})
         return edge
 
@@ -307,11 +307,17 @@ class UdpApp(asyncio.DatagramProtocol):
             },
         )
 
-    def _sweep(self) -> None:
-        for flow in self.flows.pop_idle():
+    def sweep(self) -> int:
+        """End every flow idle for the timeout (RST IDLE_TIMEOUT to its connector); returns how many."""
+        idle = self.flows.pop_idle()
+        for flow in idle:
             count(self.stats, "udp_flows_idle")
             flow.close(ErrorCode.IDLE_TIMEOUT, f"no datagram either way for {self.flows.idle_timeout:g} s")
-        self._sweeper = asyncio.get_running_loop().call_later(self.flows.sweep_interval, self._sweep)
+        return len(idle)
+
+    def _tick(self) -> None:
+        self.sweep()
+        self._sweeper = asyncio.get_running_loop().call_later(self.flows.sweep_interval, self._tick)
 
 
 def deliver(tunnel: Tunnel, flow_id: int, data: bytes, stats: dict) -> None:
