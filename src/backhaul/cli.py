@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-sha256", required=True, help="SHA-256 of the service CA certificate (from `service init`)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--name", default=None)
+    p.add_argument(
+        "--proxy", default=None, metavar="URL",
+        help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
+        "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
+    )
     p.set_defaults(func=_handler("backhaul.connector.enroll:register"))
     p = connector.add_parser("run", help="run the connector")
     p.add_argument("--state-dir", required=True)
@@ -64,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat", type=float, default=30.0, metavar="SECONDS",
         help="seconds between heartbeats and certificate renewal checks (default 30)",
+    )
+    p.add_argument(
+        "--proxy", default=None, metavar="URL",
+        help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
+        "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
     )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state")

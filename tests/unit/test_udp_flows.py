@@ -157,7 +157,6 @@ async def until(predicate, what: str, timeout: float = 5.0) -> None:
 def test_relay_holds_a_flows_datagrams_until_open_ok_and_drops_beyond_its_bound():
     async def main():
         edge, tunnel, far, stats = await relay_side(UdpLimits(pending_bytes=3000), Clock())
-        loop = asyncio.get_running_loop()
         u = user()
         for n in range(5):
             u.sendto(bytes([n]) * 1000, ("127.0.0.1", edge.app.port))
@@ -185,7 +184,6 @@ def test_relay_flow_limit_then_idle_expiry_resets_flows_and_frees_the_table():
     async def main():
         clock = Clock()
         edge, tunnel, far, stats = await relay_side(UdpLimits(max_flows=2, idle_timeout=10), clock)
-        loop = asyncio.get_running_loop()
         users = [user() for _ in range(3)]
         for u in users:
             u.sendto(b"q", ("127.0.0.1", edge.app.port))
@@ -216,7 +214,6 @@ def test_relay_drops_datagrams_while_the_tunnel_is_backed_up():
     async def main():
         flow = FlowControl(tunnel_write_high=64 * 1024, tunnel_write_low=16 * 1024)
         edge, tunnel, far, stats = await relay_side(UdpLimits(), Clock(), flow)
-        loop = asyncio.get_running_loop()
         u = user()
         u.sendto(b"open", ("127.0.0.1", edge.app.port))
         opened = (await far.until(lambda seen: far.of(mux.StreamOpened), "OPEN"))[0]

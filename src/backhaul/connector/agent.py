@@ -28,7 +28,10 @@ from backhaul.config import Backoff, FlowControl, Keepalive, UdpLimits
 from backhaul.connector import udp_flows
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
+from backhaul.errors import ProxyError
+from backhaul.transport import proxy_connect
 from backhaul.transport.pipe import Pipe
+from backhaul.transport.proxy_connect import Proxy
 from backhaul.transport.sockets import parse_hostport
 from backhaul.transport.tunnel import Tunnel
 
@@ -50,6 +53,8 @@ class ConnectorSettings:
     keepalive: Keepalive = Keepalive()
     backoff: Backoff = Backoff()
     udp: UdpLimits = UdpLimits()
+    #: The HTTP CONNECT proxy tunnels and control calls go through (None: straight to the relay).
+    proxy: Proxy | None = None
     connect_timeout: float = 10.0
     target_timeout: float = 10.0
     #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
@@ -113,7 +118,7 @@ class ConnectorAgent:
         self._ssl = tlsconfig.connector_context(self.state, ALPN_TUNNEL)
         from backhaul.connector import control_client
 
-        self._http = control_client.connector_session(self.state)
+        self._http = control_client.connector_session(self.state, proxy=self.settings.proxy)
         try:
             await self._refresh_config(initial=True)
             if self._stopping.is_set():
@@ -245,7 +250,7 @@ class ConnectorAgent:
 
         self.state = state
         self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
-        old, self._http = self._http, control_client.connector_session(state)
+        old, self._http = self._http, control_client.connector_session(state, proxy=self.settings.proxy)
         asyncio.get_running_loop().create_task(old.close())
         log.info(
             "certificate renewed",
@@ -263,23 +268,13 @@ class ConnectorAgent:
             self._slots.append(asyncio.create_task(self._slot(len(self._slots))))
 
     async def _slot(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
         while not self._stopping.is_set() and not self._draining:
             name = f"{self.state.connector_id}/{self.settings.worker}.{index}"
             try:
                 session = mux.Session(mux.Role.CONNECTOR, self.settings.flow, self.settings.keepalive)
-                _, tunnel = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: Tunnel(session, self, name=name, flow=self.settings.flow),
-                        self.host,
-                        self.port,
-                        ssl=self._ssl,
-                        server_hostname=self.host,
-                    ),
-                    self.settings.connect_timeout,
-                )
-            except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+                _, tunnel = await asyncio.wait_for(self._dial(session, name), self.settings.connect_timeout)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, ProxyError) as exc:
                 delay = self._backoff(attempt)
                 attempt += 1
                 log.warning(
@@ -294,6 +289,20 @@ class ConnectorAgent:
             delay = self._backoff(attempt)
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _dial(self, session: mux.Session, name: str) -> tuple[asyncio.BaseTransport, Tunnel]:
+        """Connect a tunnel to the relay, through the proxy when there is one."""
+
+        def factory() -> Tunnel:
+            return Tunnel(session, self, name=name, flow=self.settings.flow)
+
+        if self.settings.proxy is not None:
+            return await proxy_connect.open_tunnel(
+                factory, self.settings.proxy, self.host, self.port, ssl_context=self._ssl, server_hostname=self.host
+            )
+        return await asyncio.get_running_loop().create_connection(
+            factory, self.host, self.port, ssl=self._ssl, server_hostname=self.host
+        )
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)

@@ -16,6 +16,7 @@ from backhaul.config import default_workers
 from backhaul.connector.agent import ConnectorSettings, run_agent
 from backhaul.errors import ConfigError
 from backhaul.supervisor import supervise
+from backhaul.transport.proxy_connect import choose_proxy
 
 
 def _run(settings: ConnectorSettings, index: int) -> None:
@@ -26,7 +27,7 @@ def connector_run(args: argparse.Namespace) -> int:
     """Run the connector's workers until SIGTERM."""
     from backhaul.connector.state import ConnectorState
 
-    ConnectorState.load(args.state_dir)  # fails here, in words, on a missing or expired registration
+    state = ConnectorState.load(args.state_dir)  # fails here, in words, on a missing or expired registration
     workers = args.workers or default_workers()
     if workers < 1 or args.tunnels < 1:
         raise ConfigError("--workers and --tunnels must be at least 1")
@@ -38,6 +39,7 @@ def connector_run(args: argparse.Namespace) -> int:
         tunnels=args.tunnels,
         boot_id=secrets.token_hex(8),
         heartbeat_interval=args.heartbeat,
+        proxy=choose_proxy(args.proxy, state.host),
     )
     return supervise(functools.partial(_run, settings), workers, "connector")
 
