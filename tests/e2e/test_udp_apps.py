@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.mux import stream_meta
+
 from .harness import Proc, System, wait_until
+from .test_connector_allowlist import _open, rogue  # noqa: F401 (a fixture, used by name)
 
 pytestmark = pytest.mark.e2e
 
@@ -198,3 +202,29 @@ def test_datagrams_echo_byte_exact_and_dig_gets_its_answer(relay, backend, dnsma
     assert answer == address
     for _ in range(10):
         assert _dig(dns_port_on_relay, name) == address
+
+
+def test_connector_opens_udp_flows_only_for_its_configured_udp_targets(rogue, backend):
+    """A relay that asks for a flow outside the connector's config is refused (rogue relay in-process)."""
+    system, worker, loop = rogue
+    echo = backend("udpecho")
+    tcp = backend("echo")
+    port = free_udp_port()
+    system.admin("app", "publish", "dns", "--udp", str(port), "--target", echo.target)
+    system.publish_tcp("web", tcp.target)
+    system.start_connector("one", tunnels=1)
+    wait_until(lambda: worker.registry.tunnels(), 30, "the connector's tunnel")
+    wait_until(
+        lambda: _open(worker, loop, stream_meta("dns", echo.target, "udp", "127.0.0.1:1", "u0")).outcome == ("accepted",),
+        30,
+        "the allowed flow to be accepted (config pulled)",
+        interval=0.3,
+    )
+    refused = {
+        "udp to another target": stream_meta("dns", tcp.target, "udp", "127.0.0.1:1", "u1"),
+        "udp to a tcp app": stream_meta("web", tcp.target, "udp", "127.0.0.1:1", "u2"),
+        "tcp to a udp app": stream_meta("dns", echo.target, "tcp", "127.0.0.1:1", "u3"),
+    }
+    for what, meta in refused.items():
+        outcome = _open(worker, loop, meta).outcome
+        assert outcome[:2] == ("rejected", ErrorCode.TARGET_NOT_ALLOWED), (what, outcome)

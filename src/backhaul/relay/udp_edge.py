@@ -28,6 +28,7 @@ from backhaul.errors import ConfigError
 from backhaul.protocol.constants import MAX_DATAGRAM, RETRYABLE_OPEN_FAILURES, ErrorCode
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay.routing import NoRoute, TunnelRegistry
+from backhaul.relay.tcp_edge import OPEN_ATTEMPTS
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
 from backhaul.transport.pipe import error_name
 from backhaul.transport.sockets import reuseport_socket
@@ -35,8 +36,6 @@ from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.relay.udp")
 
-#: How many connectors one flow is offered to (per opening) before its datagrams are dropped.
-OPEN_ATTEMPTS = 3
 #: Reset codes after which a flow moves to another connector instead of ending.
 FAILOVER_CODES = frozenset({ErrorCode.GOING_AWAY, ErrorCode.PEER_DEAD, ErrorCode.REFUSED_STREAM})
 
@@ -291,7 +290,7 @@ class UdpApp(asyncio.DatagramProtocol):
         if len(self.flows) < self.flows.limit:
             self._full = False
         if flow.pending:
-            count(self.stats, "udp_dropped_queue_full", len(flow.pending))
+            count(self.stats, "udp_dropped_open_failed", len(flow.pending))
             flow.pending.clear()
             flow.pending_size = 0
         count(self.stats, "udp_flows_closed")
