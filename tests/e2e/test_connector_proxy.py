@@ -136,6 +136,7 @@ def test_https_proxy_from_the_environment_is_used_unless_no_proxy_names_the_rela
     system.wait_app(port)
 
 
+@pytest.mark.codec_independent  # registration only: no tunnel is ever opened
 def test_refusing_or_missing_proxies_get_a_clear_error(system, proxies):
     token = system.token(uses=10)  # a refused registration never reaches the relay, so never uses it
     closed_port = free_port()
