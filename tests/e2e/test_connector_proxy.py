@@ -114,10 +114,11 @@ def test_connector_registers_and_serves_a_tcp_app_through_a_proxy_with_credentia
     # Without the proxy the tunnels are gone: proof that they rode it.
     proxy.stop()
     wait_until(lambda: not echoes(port), 20, "the app to stop answering once the proxy is gone", interval=0.2)
+    connector = system.connectors["behind"]
+    wait_until(lambda: "cannot reach the proxy" in connector.log(), 30, "a failed redial while the proxy is down")
     # The connector keeps retrying with backoff and comes back once the proxy is up again.
     proxy.start(connect_ports=[system.port], auth=("conn", "s3cret"))
     system.wait_app(port, timeout=60)
-    assert "cannot reach the proxy" in system.connectors["behind"].log()
 
 
 def test_https_proxy_from_the_environment_is_used_unless_no_proxy_names_the_relay(system, backend, proxies):

@@ -19,7 +19,7 @@ import pytest
 from backhaul.protocol.constants import ErrorCode
 from backhaul.protocol.mux import stream_meta
 
-from .harness import Proc, System, wait_until
+from .harness import Proc, System, free_port, wait_until
 from .test_connector_allowlist import _open, rogue  # noqa: F401 (a fixture, used by name)
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +34,19 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_tcp_and_udp_port() -> int:
+    """A port free for both TCP and UDP right now (a DNS server binds both)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both TCP and UDP in 100 tries")
 
 
 def client() -> socket.socket:
@@ -156,7 +169,7 @@ def dnsmasq(tmp_path):
     binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     if not Path(binary).exists():
         pytest.fail("dnsmasq is not installed; run tools/bootstrap.sh (it installs dnsmasq-base)")
-    port = free_udp_port()
+    port = free_tcp_and_udp_port()
     name, address = "intranet.backhaul.test", "10.20.30.40"
     proc = Proc(
         "dnsmasq",
@@ -168,7 +181,12 @@ def dnsmasq(tmp_path):
         tmp_path,
     )
     try:
-        wait_until(lambda: _dig(port, name) == address, 15, "dnsmasq to answer directly")
+        def answers() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"dnsmasq exited: {proc.log()[-500:]}")
+            return _dig(port, name) == address
+
+        wait_until(answers, 15, "dnsmasq to answer directly")
         yield port, name, address
     finally:
         proc.stop()
