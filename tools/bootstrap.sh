@@ -11,6 +11,10 @@ need=()
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || need+=(python3-dev)
 command -v cc >/dev/null || need+=(gcc)
+# Real peers of the end-to-end tests: a DNS server and client (UDP apps), an HTTP CONNECT proxy.
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo

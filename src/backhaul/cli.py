@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keepalive-timeout", type=float, default=None, metavar="SECONDS",
         help="a tunnel silent for this long is dead; its unanswered opens are retried elsewhere (default 20)",
     )
+    p.add_argument(
+        "--udp-max-flows", type=int, default=None, metavar="N",
+        help="user addresses one UDP app holds at once, per worker (default 4096)",
+    )
+    p.add_argument(
+        "--udp-idle-timeout", type=float, default=None, metavar="SECONDS",
+        help="a UDP flow with no datagram either way for this long ends (default 60)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)
@@ -58,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-sha256", required=True, help="SHA-256 of the service CA certificate (from `service init`)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--name", default=None)
+    p.add_argument(
+        "--proxy", default=None, metavar="URL",
+        help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
+        "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
+    )
     p.set_defaults(func=_handler("backhaul.connector.enroll:register"))
     p = connector.add_parser(
         "run", help="run the connector",
@@ -78,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-timeout", type=float, default=None, metavar="SECONDS",
         help="on SIGTERM, how long streams in flight may take to finish (default 30)",
+    )
+    p.add_argument(
+        "--proxy", default=None, metavar="URL",
+        help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
+        "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
     )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state")

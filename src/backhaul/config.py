@@ -66,6 +66,32 @@ class Backoff:
     factor: float = 2.0
 
 
+@dataclasses.dataclass(frozen=True)
+class UdpLimits:
+    """Flow tables and queues of UDP apps, on the relay (per app and worker) and the connector (per worker).
+
+    A flow is one user address talking to one app; it lives on one tunnel stream and
+    ends after ``idle_timeout`` seconds without a datagram either way. The connector
+    waits ``connector_idle_timeout`` (longer), so the relay, which sees the user,
+    normally ends a flow first and the connector's timer only cleans up after a relay
+    that went away.
+    """
+
+    max_flows: int = 4096
+    idle_timeout: float = 60.0
+    connector_idle_timeout: float = 90.0
+    #: Bytes of datagrams held for one flow while its tunnel stream or target socket opens.
+    pending_bytes: int = 128 * 1024
+    #: A UDP socket whose write buffer is above this drops datagrams instead of queueing them.
+    socket_write_high: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_flows < 1 or self.pending_bytes < 1 or self.socket_write_high < 1:
+            raise ValueError("max_flows, pending_bytes and socket_write_high must be at least 1")
+        if self.idle_timeout <= 0 or self.connector_idle_timeout <= 0:
+            raise ValueError("idle_timeout and connector_idle_timeout must be above 0 seconds")
+
+
 def default_workers() -> int:
     """One worker process per core."""
     return max(1, len(os.sched_getaffinity(0)))

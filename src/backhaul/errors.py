@@ -25,3 +25,7 @@ class ServiceError(BackhaulError):
 
 class CertificateError(BackhaulError):
     """A certificate is missing, expired, revoked or does not match the pinned CA."""
+
+
+class ProxyError(ServiceError):
+    """The HTTP proxy on the way to the relay could not be reached, or refused the connection."""

@@ -10,6 +10,9 @@ serves until killed:
   sink      accept and never read (a reader that never reads)
   source    send an endless stream of bytes, never read
   greet     send NAME and a newline, then echo (tells which backend a connection reached)
+  udpecho   (UDP) every datagram back to its sender
+  udpwho    (UDP) answer each datagram with "<datagram> <sender ip:port>", so a test sees
+            which connector socket a flow came through
 """
 
 from __future__ import annotations
@@ -91,14 +94,33 @@ class Greet(Echo):
         transport.write(self.name + b"\n")
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+class UdpWho(UdpEcho):
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data + f" {addr[0]}:{addr[1]}".encode(), addr)
+
+
 MODES = {"echo": Echo, "reply": Reply, "hold": Hold, "sink": Sink, "source": Source, "greet": Greet}
+UDP_MODES = {"udpecho": UdpEcho, "udpwho": UdpWho}
 
 
 async def main(mode: str, portfile: str, port: int = 0) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    server = await asyncio.get_running_loop().create_server(MODES[mode], "127.0.0.1", port, backlog=4096)
-    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    if mode in UDP_MODES:
+        transport, _ = await loop.create_datagram_endpoint(UDP_MODES[mode], local_addr=("127.0.0.1", port))
+        port = transport.get_extra_info("sockname")[1]
+    else:
+        server = await loop.create_server(MODES[mode], "127.0.0.1", port, backlog=4096)
+        port = server.sockets[0].getsockname()[1]
     tmp = portfile + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(port))

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive
-from backhaul.connector import health
+from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, UdpLimits
+from backhaul.connector import health, udp_flows
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
+from backhaul.errors import ProxyError
+from backhaul.transport import proxy_connect
 from backhaul.transport.pipe import Pipe
+from backhaul.transport.proxy_connect import Proxy
 from backhaul.transport.sockets import parse_hostport
 from backhaul.transport.tunnel import Tunnel
 
@@ -51,6 +54,9 @@ class ConnectorSettings:
     flow: FlowControl = FlowControl()
     keepalive: Keepalive = Keepalive()
     backoff: Backoff = Backoff()
+    udp: UdpLimits = UdpLimits()
+    #: The HTTP CONNECT proxy tunnels and control calls go through (None: straight to the relay).
+    proxy: Proxy | None = None
     connect_timeout: float = 10.0
     target_timeout: float = 10.0
     #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
@@ -101,6 +107,7 @@ class ConnectorAgent:
         #: the read buffer every target socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
+        self.udp = udp_flows.UdpFlows(settings.udp, self.stats, _open_failure)
         #: tunnel slots by index; a retired slot stops redialing once its tunnel has closed
         self._slots: dict[int, asyncio.Task] = {}
         self._retired: set[int] = set()
@@ -127,7 +134,7 @@ class ConnectorAgent:
         self._ssl = tlsconfig.connector_context(self.state, ALPN_TUNNEL)
         from backhaul.connector import control_client
 
-        self._http = control_client.connector_session(self.state)
+        self._http = control_client.connector_session(self.state, proxy=self.settings.proxy)
         try:
             await self._refresh_config(initial=True)
             if self._stopping.is_set():
@@ -135,6 +142,7 @@ class ConnectorAgent:
             for _ in range(self.settings.slots):
                 self._add_slot()
             self._serving = True
+            self.udp.start()
             refresher = asyncio.create_task(self._config_loop())
             self._upkeep = asyncio.create_task(self._upkeep_loop())
             checker = asyncio.create_task(self.origins.run())
@@ -160,6 +168,9 @@ class ConnectorAgent:
         deadline = self.settings.drain_timeout
         for tunnel in list(self.tunnels):
             tunnel.goaway(ErrorCode.NO_ERROR, "connector draining")
+        # After the GOAWAYs, so the relay moves these flows to other connectors, not to our other tunnels.
+        self.udp.stop()
+        self.udp.close_all(ErrorCode.GOING_AWAY, "connector draining")
         in_flight = self._streams_open()
         log.info("draining", extra={"worker": self.settings.worker, "streams": in_flight, "deadline": deadline})
         while self._streams_open() and time.monotonic() < started + deadline:
@@ -280,6 +291,7 @@ class ConnectorAgent:
             if app is None or app.get("target") != pipe.labels.get("target"):
                 pipe.tunnel.reset(pipe.stream_id, ErrorCode.TARGET_NOT_ALLOWED, "the app was removed or changed")
                 pipe.finish("reset: no longer allowed by the configuration", abort=True)
+        self.udp.apply_config(apps)
         log.info("config applied", extra={"version": self.config_version, "apps": sorted(apps)})
 
     async def _config_loop(self) -> None:
@@ -342,7 +354,7 @@ class ConnectorAgent:
 
         self.state = state
         self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
-        old, self._http = self._http, control_client.connector_session(state)
+        old, self._http = self._http, control_client.connector_session(state, proxy=self.settings.proxy)
         asyncio.get_running_loop().create_task(old.close())
         log.info(
             why,
@@ -415,23 +427,13 @@ class ConnectorAgent:
             self._retired.discard(index)
 
     async def _dial_forever(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
         while not self._stopping.is_set() and not self._draining and index not in self._retired:
             name = f"{self.state.connector_id}/{self.settings.worker}.{index}"
             try:
                 session = mux.Session(mux.Role.CONNECTOR, self.settings.flow, self.settings.keepalive)
-                _, tunnel = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: Tunnel(session, self, name=name, flow=self.settings.flow),
-                        self.host,
-                        self.port,
-                        ssl=self._ssl,
-                        server_hostname=self.host,
-                    ),
-                    self.settings.connect_timeout,
-                )
-            except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+                _, tunnel = await asyncio.wait_for(self._dial(session, name), self.settings.connect_timeout)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, ProxyError) as exc:
                 delay = self._backoff(attempt)
                 attempt += 1
                 log.warning(
@@ -449,6 +451,20 @@ class ConnectorAgent:
             delay = self._backoff(attempt)
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _dial(self, session: mux.Session, name: str) -> tuple[asyncio.BaseTransport, Tunnel]:
+        """Connect a tunnel to the relay, through the proxy when there is one."""
+
+        def factory() -> Tunnel:
+            return Tunnel(session, self, name=name, flow=self.settings.flow)
+
+        if self.settings.proxy is not None:
+            return await proxy_connect.open_tunnel(
+                factory, self.settings.proxy, self.host, self.port, ssl_context=self._ssl, server_hostname=self.host
+            )
+        return await asyncio.get_running_loop().create_connection(
+            factory, self.host, self.port, ssl=self._ssl, server_hostname=self.host
+        )
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
@@ -506,7 +522,7 @@ class ConnectorAgent:
         log.info("relay draining a tunnel", extra={"tunnel": tunnel.name, "reason": reason})
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
-        self.stats["datagrams_dropped"] = self.stats.get("datagrams_dropped", 0) + 1
+        self.udp.from_tunnel(tunnel, flow_id, data)
 
     # ------------------------------------------------------------------ streams
 
@@ -515,6 +531,9 @@ class ConnectorAgent:
         app = self.apps.get(name) if isinstance(name, str) else None
         if app is None:
             self._refuse(tunnel, stream_id, meta, ErrorCode.UNKNOWN_APP, f"this connector has no app {name!r}")
+            return
+        if meta.get("proto") == "udp":
+            self._open_flow(tunnel, stream_id, meta, app)
             return
         if app.get("proto") != "tcp" or app.get("target") != target:
             self._refuse(
@@ -531,6 +550,15 @@ class ConnectorAgent:
             return
         self.stats["streams_opened"] += 1
         asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port))
+
+    def _open_flow(self, tunnel: Tunnel, stream_id: int, meta: dict, app: dict) -> None:
+        refused = udp_flows.refusal(meta, app)
+        if refused is None and self._draining:
+            refused = ErrorCode.REFUSED_STREAM, "the connector is draining"
+        if refused is not None:
+            self._refuse(tunnel, stream_id, meta, *refused)
+            return
+        self.udp.open(tunnel, stream_id, meta, self.settings.target_timeout)
 
     def _refuse(self, tunnel: Tunnel, stream_id: int, meta: dict, code: int, reason: str) -> None:
         self.stats["streams_refused"] += 1

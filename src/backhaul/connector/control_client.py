@@ -21,6 +21,8 @@ from multidict import CIMultiDict
 
 from backhaul import pki, tlsconfig
 from backhaul.connector.state import ConnectorState, replace_credentials
+from backhaul.transport import proxy_connect
+from backhaul.transport.proxy_connect import Proxy
 from backhaul.jsonhttp import request_json
 from backhaul.errors import CertificateError, ServiceError
 
@@ -30,13 +32,17 @@ REQUEST_TIMEOUT = 30.0
 MAX_RESPONSE = 4 * 1024 * 1024
 
 
-def connector_session(state: ConnectorState, *, timeout: float = REQUEST_TIMEOUT) -> aiohttp.ClientSession:
-    """An aiohttp session to the service, authenticated by the connector's certificate."""
+def connector_session(
+    state: ConnectorState, *, timeout: float = REQUEST_TIMEOUT, proxy: Proxy | None = None
+) -> aiohttp.ClientSession:
+    """An aiohttp session to the service, authenticated by the connector's certificate
+    (through ``proxy`` when given: TLS runs end to end inside its CONNECT)."""
     ctx = tlsconfig.connector_context(state, tlsconfig.ALPN_HTTP)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=ctx, limit=4),
         timeout=aiohttp.ClientTimeout(total=timeout),
         headers={"Accept": "application/json"},
+        **proxy_connect.aiohttp_options(proxy),
     )
 
 
@@ -49,6 +55,9 @@ async def _call(
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(f"the service at {state.service_url} did not present a certificate from the service CA ({exc.certificate_error})") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        at_proxy = proxy_connect.from_aiohttp(exc, f"{state.host}:{state.port}")
+        if at_proxy is not None:
+            raise at_proxy from exc
         raise ServiceError(f"{method} {url} failed ({exc.__class__.__name__}: {exc}); will retry") from exc
     if status >= 400:
         detail = decoded.get("detail") if isinstance(decoded, dict) else f"HTTP {status}"

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yarl
 
 from backhaul import __version__, pki, tlsconfig
 from backhaul.connector.state import STATE_FILE, parse_service_url, write_state
 from backhaul.jsonhttp import request_json
+from backhaul.transport import proxy_connect
+from backhaul.transport.proxy_connect import Proxy
 from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
 
 #: Seconds one registration request may take, connection included.
@@ -29,16 +32,26 @@ REQUEST_TIMEOUT = 30.0
 MAX_RESPONSE = 256 * 1024
 
 
-async def _request(ctx: ssl.SSLContext, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+async def _request(
+    ctx: ssl.SSLContext, method: str, url: str, body: Any = None, proxy: Proxy | None = None
+) -> tuple[int, Any]:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout, **proxy_connect.aiohttp_options(proxy)
+        ) as session:
             status, _, decoded = await request_json(session, method, url, body, limit=MAX_RESPONSE)
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(
             f"the service's TLS certificate does not match the pinned CA or the host name in {url} "
             f"({exc.certificate_error}); use a --service name the service certificate was made for"
         ) from exc
+    except (aiohttp.ClientHttpProxyError, aiohttp.ClientProxyConnectionError, aiohttp.ServerDisconnectedError) as exc:
+        service = yarl.URL(url)
+        at_proxy = proxy_connect.from_aiohttp(exc, f"{service.host}:{service.port}", proxy)
+        if at_proxy is None:
+            raise ServiceError(f"the request to {url} failed ({exc.__class__.__name__}: {exc}); try again") from exc
+        raise at_proxy from exc
     except aiohttp.ClientConnectorError as exc:
         raise ServiceError(f"cannot reach the service at {url} ({exc.strerror or exc}); check --service and the network") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
@@ -46,9 +59,9 @@ async def _request(ctx: ssl.SSLContext, method: str, url: str, body: Any = None)
     return status, decoded
 
 
-async def fetch_pinned_ca(service_url: str, pin: str) -> bytes:
+async def fetch_pinned_ca(service_url: str, pin: str, proxy: Proxy | None = None) -> bytes:
     """The service CA (PEM), after checking its SHA-256 against ``pin``."""
-    status, data = await _request(tlsconfig.pinning_probe_context(), "GET", f"{service_url}/v1/ca")
+    status, data = await _request(tlsconfig.pinning_probe_context(), "GET", f"{service_url}/v1/ca", proxy=proxy)
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("ca"), str):
         raise ServiceError(f"{service_url}/v1/ca answered HTTP {status} without a CA; is this a backhaul relay?")
     ca_pem = data["ca"].encode("ascii", errors="replace")
@@ -61,9 +74,10 @@ async def fetch_pinned_ca(service_url: str, pin: str) -> bytes:
     return ca_pem
 
 
-async def enroll(service_url: str, pin: str, token: str, name: str) -> dict[str, Any]:
-    """Enroll; returns connector_id, group and the PEMs of CA, certificate and key."""
-    ca_pem = await fetch_pinned_ca(service_url, pin)
+async def enroll(service_url: str, pin: str, token: str, name: str, proxy: Proxy | None = None) -> dict[str, Any]:
+    """Enroll (through ``proxy`` when given); returns connector_id, group and the PEMs of CA,
+    certificate and key."""
+    ca_pem = await fetch_pinned_ca(service_url, pin, proxy)
     key = pki.generate_key()
     csr = pki.make_csr(key, name)
     status, data = await _request(
@@ -77,6 +91,7 @@ async def enroll(service_url: str, pin: str, token: str, name: str) -> dict[str,
             "hostname": socket.gethostname(),
             "version": __version__,
         },
+        proxy=proxy,
     )
     if status >= 400:
         detail = data.get("detail") if isinstance(data, dict) else None
@@ -102,10 +117,11 @@ def register(args: argparse.Namespace) -> int:
     if (state_dir / STATE_FILE).exists():
         raise ConfigError(f"{state_dir} already holds a registered connector; use another --state-dir, or delete it first")
     service_url = args.service.rstrip("/")
-    parse_service_url(service_url)
+    host, _ = parse_service_url(service_url)
+    proxy = proxy_connect.choose_proxy(args.proxy, host)
     pin = pki.normalize_fingerprint(args.ca_sha256)
     name = args.name or socket.gethostname()
-    result = asyncio.run(enroll(service_url, pin, args.token, name))
+    result = asyncio.run(enroll(service_url, pin, args.token, name, proxy))
     write_state(
         state_dir,
         service_url=service_url,

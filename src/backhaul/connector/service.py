@@ -19,6 +19,7 @@ from backhaul.connector.agent import ConnectorSettings, run_agent
 from backhaul.connector.settings import SettingsSource, apply_log_level
 from backhaul.errors import BackhaulError, ConfigError
 from backhaul.supervisor import supervise
+from backhaul.transport.proxy_connect import choose_proxy
 
 log = logging.getLogger("backhaul.connector")
 
@@ -35,7 +36,7 @@ _FLAGS = {
 
 
 def _run(source: SettingsSource, base: ConnectorSettings, index: int) -> None:
-    fixed = {"worker": index, "boot_id": base.boot_id}
+    fixed = {"worker": index, "boot_id": base.boot_id, "proxy": base.proxy}
     try:
         # A restarted worker picks up what the file says now (a reload may have changed it).
         settings = source.load(**fixed, workers=base.workers)
@@ -58,7 +59,7 @@ def connector_run(args: argparse.Namespace) -> int:
     """Run the connector's workers until SIGTERM; SIGHUP reloads the settings."""
     from backhaul.connector.state import ConnectorState
 
-    ConnectorState.load(args.state_dir)  # fails here, in words, on a missing or expired registration
+    state = ConnectorState.load(args.state_dir)  # fails here, in words, on a missing or expired registration
     overrides = tuple((field, getattr(args, flag)) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None)
     if args.health_interval is not None:
         if not 0.1 <= args.health_interval <= 3600:
@@ -71,7 +72,7 @@ def connector_run(args: argparse.Namespace) -> int:
         overrides=overrides,
         default_workers=default_workers(),
     )
-    settings = source.load(boot_id=secrets.token_hex(8))
+    settings = source.load(boot_id=secrets.token_hex(8), proxy=choose_proxy(args.proxy, state.host))
     apply_log_level(settings.log_level)
     _raise_open_file_limit()
 

@@ -1,7 +1,7 @@
 """Where a connector's settings come from: defaults, a TOML file, command-line flags.
 
 ``connector run --config FILE`` reads a TOML file whose keys are ``ConnectorSettings``
-field names (``[keepalive]``, ``[backoff]``, ``[flow]`` and ``[health]`` are tables of the nested
+field names (``[keepalive]``, ``[backoff]``, ``[flow]``, ``[health]`` and ``[udp]`` are tables of the nested
 settings). Flags given on the command line win over the file; the file wins over the
 defaults. SIGHUP reads the file again: ``split_changes`` tells which changed keys a
 running worker applies at once and which wait for a restart.
@@ -17,15 +17,16 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive
+from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, UdpLimits
 from backhaul.connector.agent import ConnectorSettings
 from backhaul.errors import ConfigError
 
 #: Largest settings file read; a connector's settings are a few lines.
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Fields that only the process sets, never a file or a flag.
-INTERNAL = frozenset({"state_dir", "worker", "boot_id"})
+#: Fields the process sets at start, never the settings file: the proxy comes from
+#: `--proxy` or the environment and is chosen once, with the relay's host.
+INTERNAL = frozenset({"state_dir", "worker", "boot_id", "proxy"})
 #: Keys a running worker applies on SIGHUP. ``keepalive`` and ``backoff`` apply to tunnels
 #: dialed from then on; ``flow`` sizes buffers made at start and ``workers`` is the process
 #: count, so those two wait for a restart.
@@ -42,7 +43,13 @@ LIVE = frozenset(
         "backoff",
     }
 )
-_NESTED: dict[str, type] = {"keepalive": Keepalive, "backoff": Backoff, "flow": FlowControl, "health": HealthChecks}
+_NESTED: dict[str, type] = {
+    "keepalive": Keepalive,
+    "backoff": Backoff,
+    "flow": FlowControl,
+    "health": HealthChecks,
+    "udp": UdpLimits,
+}
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

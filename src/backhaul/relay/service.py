@@ -6,7 +6,7 @@ import argparse
 import functools
 from pathlib import Path
 
-from backhaul.config import Keepalive, default_workers
+from backhaul.config import Keepalive, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
 from backhaul.supervisor import supervise
@@ -17,6 +17,15 @@ def _run(settings: RelaySettings, index: int) -> None:
     import dataclasses
 
     run_worker(dataclasses.replace(settings, worker=index))
+
+
+def udp_limits(max_flows: int | None, idle_timeout: float | None) -> UdpLimits:
+    """UdpLimits from `service run` flags; ConfigError, in words, on a bad value."""
+    given = {"max_flows": max_flows, "idle_timeout": idle_timeout}
+    changes = {key: value for key, value in given.items() if value is not None}
+    if changes.get("max_flows", 1) < 1 or changes.get("idle_timeout", 1) <= 0:
+        raise ConfigError("--udp-max-flows must be at least 1 and --udp-idle-timeout above 0")
+    return UdpLimits(**changes)
 
 
 def service_run(args: argparse.Namespace) -> int:
@@ -42,5 +51,6 @@ def service_run(args: argparse.Namespace) -> int:
     settings = RelaySettings(
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
         keepalive=keepalive,
+        udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
     )
     return supervise(functools.partial(_run, settings), workers, "relay")

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, Keepalive
+from backhaul.config import FlowControl, Keepalive, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.routing import TunnelRegistry
+from backhaul.relay import udp_edge
 from backhaul.relay.tcp_edge import TcpApp
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
@@ -38,6 +39,7 @@ class RelaySettings:
     workers: int = 1
     flow: FlowControl = FlowControl()
     keepalive: Keepalive = Keepalive()
+    udp: UdpLimits = UdpLimits()
     #: How often the store's config version is checked.
     poll_interval: float = 1.0
     #: How long a draining relay lets streams finish.
@@ -79,6 +81,7 @@ class RelayWorker:
         self.store = open_store(settings.data_dir)
         self.registry = TunnelRegistry()
         self.apps: dict[str, TcpApp] = {}
+        self.udp_apps: dict[str, udp_edge.UdpApp] = {}
         self.stats: dict[str, int] = {}
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
@@ -145,6 +148,9 @@ class RelayWorker:
         for app in list(self.apps.values()):
             await app.stop()
         self.apps.clear()
+        for udp_app in list(self.udp_apps.values()):
+            await udp_app.stop()
+        self.udp_apps.clear()
         for tunnel in self.registry.tunnels():
             tunnel.goaway(ErrorCode.NO_ERROR, "relay shutting down")
         deadline = time.monotonic() + self.settings.drain_timeout
@@ -182,6 +188,9 @@ class RelayWorker:
                     )
                 except Exception as exc:
                     log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
+        await udp_edge.reconcile(
+            self.udp_apps, self.store.list_apps(), self._host, self.registry, self.settings.udp, self.stats
+        )
         for connector_id in self.registry.connectors():
             record = self.store.get_connector(connector_id)
             if record is None or record.revoked:
@@ -298,7 +307,7 @@ class RelayWorker:
         self._uncount(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
-        self.stats["datagrams_dropped"] = self.stats.get("datagrams_dropped", 0) + 1
+        udp_edge.deliver(tunnel, flow_id, data, self.stats)
 
 
 def run_worker(settings: RelaySettings) -> None:

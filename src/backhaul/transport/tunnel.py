@@ -194,6 +194,18 @@ class Tunnel(asyncio.BufferedProtocol):
             self.session.send_control(message)
             self.schedule_flush()
 
+    def datagram(self, flow_id: int, data) -> bool:
+        """Send one datagram of a UDP flow; False (nothing sent) while the tunnel is backed up or closed.
+
+        Datagrams are not flow-controlled, so the TLS write buffer's high mark is their
+        bound: above it they are dropped, as a full router queue would.
+        """
+        if self.write_paused or self.session.closed:
+            return False
+        self.session.send_datagram(flow_id, data)
+        self.schedule_flush()
+        return True
+
     def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "draining") -> None:
         self.session.goaway(code, reason)
         self.flush()
