@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
@@ -64,6 +65,23 @@ class Backoff:
     initial: float = 0.2
     maximum: float = 30.0
     factor: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LogFiles:
+    """The connector's log files (admin log, session log): where, and how big they may grow.
+
+    Each log is at most ``backups + 1`` files of about ``max_bytes``.
+    """
+
+    #: None: no files, JSON lines on stderr only.
+    directory: Path | None = None
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1024 or self.backups < 1:
+            raise ValueError("log files need max_bytes >= 1024 and backups >= 1")
 
 
 def default_workers() -> int:

@@ -207,10 +207,12 @@ class System:
         out = json.loads(self.cli("service", "init", "--data-dir", str(self.data_dir), "--json").stdout)
         self.ca_sha256 = out["ca_sha256"]
 
-    def start_relay(self, workers: int = 1) -> Proc:
+    def start_relay(self, workers: int = 1, extra: tuple[str, ...] = ()) -> Proc:
         self.relay = Proc(
             f"relay-{len(self.procs)}",
-            BACKHAUL + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)],
+            BACKHAUL
+            + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)]
+            + list(extra),
             self.workdir,
             self.env,
         )
@@ -244,13 +246,13 @@ class System:
         )
         return state
 
-    def start_connector(self, name: str, workers: int = 1, tunnels: int = 2) -> Proc:
+    def start_connector(self, name: str, workers: int = 1, tunnels: int = 2, extra: tuple[str, ...] = ()) -> Proc:
         state = self.workdir / f"conn-{name}"
         if not state.exists():
             self.register(name)
         proc = Proc(
             f"connector-{name}-{len(self.procs)}",
-            BACKHAUL + ["connector", "run", "--state-dir", str(state), "--workers", str(workers), "--tunnels", str(tunnels)],
+            BACKHAUL + ["connector", "run", "--state-dir", str(state), "--workers", str(workers), "--tunnels", str(tunnels)] + list(extra),
             self.workdir,
             self.env,
         )

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, Keepalive
+from backhaul.config import Backoff, FlowControl, Keepalive, LogFiles
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.transport.pipe import Pipe
@@ -32,6 +32,8 @@ from backhaul.transport.sockets import parse_hostport
 from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.connector")
+#: per-stream lines: stderr and the session log, not the admin log
+stream_log = logging.getLogger("backhaul.stream.connector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,15 @@ class ConnectorSettings:
     max_slots: int = 64
     #: Seconds between heartbeats (which also check whether the certificate is due for renewal).
     heartbeat_interval: float = 30.0
+    #: Admin and session log files.
+    log_files: LogFiles = LogFiles()
+    #: The run dir the supervisor prepared (stats, switches, control socket); None: no figures kept.
+    run_dir: Path | None = None
+    #: Listening sockets made by the supervisor, served by worker 0 (see connector.observer).
+    metrics_fd: int | None = None
+    control_fd: int | None = None
+    #: Seconds between two publications of this worker's figures.
+    stats_interval: float = 1.0
 
     @property
     def slots(self) -> int:
@@ -99,6 +110,9 @@ class ConnectorAgent:
         self._http = None
         self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
         self.refresh_interval = 120.0
+        from backhaul.connector.observer import Observer
+
+        self.observer = Observer(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +126,7 @@ class ConnectorAgent:
 
         self._http = control_client.connector_session(self.state)
         try:
+            await self.observer.start()
             await self._refresh_config(initial=True)
             if self._stopping.is_set():
                 return
@@ -124,6 +139,7 @@ class ConnectorAgent:
             upkeep.cancel()
             await self.drain()
         finally:
+            await self.observer.stop()
             await self._http.close()
 
     async def drain(self, deadline: float = 30.0) -> None:
@@ -175,7 +191,7 @@ class ConnectorAgent:
             app = apps.get(pipe.labels.get("app"))
             if app is None or app.get("target") != pipe.labels.get("target"):
                 pipe.tunnel.reset(pipe.stream_id, ErrorCode.TARGET_NOT_ALLOWED, "the app was removed or changed")
-                pipe.finish("reset: no longer allowed by the configuration", abort=True)
+                pipe.finish("reset: no longer allowed by the configuration", abort=True, code=ErrorCode.TARGET_NOT_ALLOWED)
         log.info("config applied", extra={"version": self.config_version, "apps": sorted(apps)})
 
     async def _config_loop(self) -> None:
@@ -302,6 +318,7 @@ class ConnectorAgent:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.tunnels.discard(tunnel)
+        self.observer.metrics.tunnel_closed(tunnel)
         closed = tunnel.info.get("closed")
         if closed is not None and not closed.done():
             closed.set_result(None)
@@ -338,6 +355,7 @@ class ConnectorAgent:
     # ------------------------------------------------------------------ streams
 
     def stream_opened(self, tunnel: Tunnel, stream_id: int, meta: dict) -> None:
+        self.observer.metrics.streams_opened += 1
         name, target = meta.get("app"), meta.get("target")
         app = self.apps.get(name) if isinstance(name, str) else None
         if app is None:
@@ -361,12 +379,30 @@ class ConnectorAgent:
 
     def _refuse(self, tunnel: Tunnel, stream_id: int, meta: dict, code: int, reason: str) -> None:
         self.stats["streams_refused"] += 1
-        log.warning("stream refused", extra={"app": meta.get("app"), "target": meta.get("target"), "id": meta.get("id"), "reason": reason})
+        stream_log.warning("stream refused", extra={"app": meta.get("app"), "target": meta.get("target"), "id": meta.get("id"), "reason": reason})
         tunnel.reject(stream_id, code, reason)
+        self._stream_failed(meta, stream_id, time.monotonic(), code, reason)
+
+    def _stream_failed(self, meta: dict, stream_id: int, started: float, code: int, reason: str) -> None:
+        """A stream that never reached its target: count it and write its session line."""
+        self.observer.metrics.stream_failed(code)
+        self.observer.session_log.write(meta, stream=stream_id, started=started, to_app=0, to_client=0, code=code, reason=reason)
+
+    def _stream_done(self, pipe: Pipe) -> None:
+        """A stream that had a target socket ended (any way): count it and write its session line."""
+        self.pipes.discard(pipe)
+        if pipe.code != ErrorCode.NO_ERROR:
+            self.observer.metrics.stream_failed(pipe.code)
+        self.observer.session_log.write(
+            pipe.labels, stream=pipe.stream_id, started=pipe.started,
+            to_app=pipe.bytes_down, to_client=pipe.bytes_up, code=pipe.code, reason=pipe.result or "",
+        )
 
     async def _connect(self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int) -> None:
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
-        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
+        if meta.get("user") is not None:
+            labels["user"] = meta["user"]
+        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self._stream_done)
         pipe.tunnel = tunnel
         pipe.stream_id = stream_id
         loop = asyncio.get_running_loop()
@@ -374,13 +410,15 @@ class ConnectorAgent:
             await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port), self.settings.target_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = _open_failure(exc)
-            log.warning("target connect failed", extra={**labels, "reason": reason})
+            stream_log.warning("target connect failed", extra={**labels, "reason": reason})
             if not tunnel.closed and tunnel.session.has_stream(stream_id):
                 tunnel.reject(stream_id, code, reason)
+            self._stream_failed(labels, stream_id, pipe.started, code, reason)
             return
         if tunnel.closed or not tunnel.session.has_stream(stream_id):
-            pipe.finish("cancelled by the relay before the target connected", abort=True)
+            pipe.finish("cancelled by the relay before the target connected", abort=True, code=ErrorCode.CANCEL)
             return
+        self.observer.metrics.open_latency.observe(time.monotonic() - pipe.started)
         self.pipes.add(pipe)
         tunnel.accept(stream_id, pipe)
         pipe.start()
@@ -390,4 +428,7 @@ def run_agent(settings: ConnectorSettings) -> None:
     """Process entry point of one connector worker."""
     import uvloop
 
+    from backhaul.logs import add_admin_log
+
+    add_admin_log(settings.log_files)
     uvloop.run(ConnectorAgent(settings).run())
