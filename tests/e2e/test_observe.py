@@ -156,6 +156,8 @@ def test_session_log_switched_live_checked_and_rotated(system, backend):
     messages = {entry["msg"] for entry in admin}
     assert {"config applied", "tunnel up", "session log switched"} <= messages
     assert "stream ended" not in messages and "target connect failed" not in messages
+    registered = [json.loads(line) for line in (state / "logs" / "admin.log").read_text().splitlines()]
+    assert [(e["msg"], e["connector_id"]) for e in registered] == [("connector registered", connector_id)]
 
 
 def test_metrics_and_status_follow_real_traffic(tmp_path, backend):

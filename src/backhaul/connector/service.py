@@ -19,9 +19,6 @@ from backhaul.connector.agent import ConnectorSettings, run_agent
 from backhaul.errors import ConfigError
 from backhaul.supervisor import supervise
 
-#: Where the logs go when `connector run` is given no --log-dir.
-DEFAULT_LOG_DIR = "logs"
-
 
 def _run(settings: ConnectorSettings, index: int) -> None:
     run_agent(dataclasses.replace(settings, worker=index))
@@ -70,9 +67,11 @@ def connector_run(args: argparse.Namespace) -> int:
 
 
 def _log_files(args: argparse.Namespace, state_dir: Path) -> LogFiles:
+    from backhaul.connector.state import LOG_DIR
+
     try:
         return LogFiles(
-            directory=Path(args.log_dir) if args.log_dir else state_dir / DEFAULT_LOG_DIR,
+            directory=Path(args.log_dir) if args.log_dir else state_dir / LOG_DIR,
             max_bytes=args.log_max_bytes,
             backups=args.log_backups,
         )
