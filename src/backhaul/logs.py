@@ -96,6 +96,25 @@ class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self._drop_if_rotated()
         super().emit(record)
 
+    def write_line(self, line: str) -> None:
+        """Append one line formatted by the caller: the same file discipline as ``emit``,
+        without a LogRecord or a second formatting pass (the session log writes one per stream)."""
+        self.acquire()
+        try:
+            self._drop_if_rotated()
+            if self.stream is None:
+                self.stream = self._open()
+            if self.stream.seek(0, os.SEEK_END) + len(line) + 1 >= self.maxBytes:
+                self.doRollover()
+                if self.stream is None:
+                    self.stream = self._open()
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            self.release()
+
     def doRollover(self) -> None:
         with open(self._lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -27,7 +27,11 @@ def _writer(path: str, tag: str, lines: int, start) -> None:
     handler.handleError = failures.append  # a failed write or rotation must not pass unseen
     start.wait(10)
     for i in range(lines):
-        handler.handle(logging.makeLogRecord({"msg": json.dumps({"w": tag, "i": i, "pad": "x" * 60})}))
+        line = json.dumps({"w": tag, "i": i, "pad": "x" * 60})
+        if tag == "c":  # the session log's path: a line formatted by the caller
+            handler.write_line(line)
+        else:
+            handler.handle(logging.makeLogRecord({"msg": line}))
     handler.close()
     sys.exit(3 if failures else 0)
 

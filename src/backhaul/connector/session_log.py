@@ -14,7 +14,6 @@ tick. The file is size-rotated and shared by the workers (logs.SharedRotatingFil
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from backhaul.config import LogFiles
-from backhaul.logs import rotating_file
+from backhaul.logs import SharedRotatingFileHandler, rotating_file
 from backhaul.protocol.constants import ErrorCode
 
 SESSION_LOG = "session.log"
@@ -59,7 +58,7 @@ class SessionLog:
         self.connector_id = connector_id
         self.worker = worker
         self.enabled = False
-        self._handler: logging.Handler | None = None
+        self._handler: SharedRotatingFileHandler | None = None
 
     @property
     def path(self) -> Path | None:
@@ -73,7 +72,6 @@ class SessionLog:
             raise ValueError("the session log needs a log directory")
         if on:
             self._handler = rotating_file(self.path, self.files)
-            self._handler.setFormatter(logging.Formatter("%(message)s"))
         elif self._handler is not None:
             self._handler.close()
             self._handler = None
@@ -115,5 +113,4 @@ class SessionLog:
             "connector": self.connector_id,
             "worker": self.worker,
         }
-        record = logging.makeLogRecord({"msg": orjson.dumps(line).decode(), "levelno": logging.INFO})
-        self._handler.handle(record)
+        self._handler.write_line(orjson.dumps(line).decode())
