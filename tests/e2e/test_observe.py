@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import socket
 import stat
 import time
@@ -71,6 +73,12 @@ def _settled(port: int) -> dict:
         return _scrape(port) if time.monotonic() - since >= SETTLE else None
 
     return wait_until(quiet, 20, f"the figures on port {port} to settle", interval=0.2)
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes a supervisor forked."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(kid) for kid in children.read().split()]
 
 
 def _session_lines(log_dir) -> list[dict]:
@@ -279,6 +287,22 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
         lambda: not any(dict(labels).get("app") == "dead" for _, labels in _scrape(relay_metrics)),
         15, "the deleted app's series to go",
     )
+
+    # a worker killed outright is restarted; its counts stay in the totals, its gauges leave
+    opened = _scrape(connector_metrics)[("backhaul_connector_streams_opened_total", C)]
+    workers = _workers(system.connectors["one"].pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+
+    def restarted():
+        now = _scrape(connector_metrics)
+        assert now[("backhaul_connector_streams_opened_total", C)] >= opened, "a counter went back"
+        fresh = set(_workers(system.connectors["one"].pid)) - set(workers)
+        return now if fresh and now[("backhaul_connector_workers", C)] == 2 and now[("backhaul_connector_tunnels", C)] >= 2 else None
+
+    now = wait_until(restarted, 30, "the killed worker to be replaced")
+    assert now[("backhaul_connector_streams_opened_total", C)] == opened
+    assert len(list((state / "run" / "stats").glob("*.json"))) == 3, "one snapshot per live worker, plus retired.json"
 
     # stopped, the connector's status says so and still shows what the state dir knows
     system.connectors["one"].stop()
