@@ -14,7 +14,11 @@ from typing import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 from backhaul.errors import ConfigError
 from backhaul.runstats import MetricSpec
@@ -47,7 +51,7 @@ class _FiguresCollector:
                 family = HistogramMetricFamily(name, spec.help, labels=labels)
                 for key, value in values.items():
                     running, buckets = 0, []
-                    for bound, count in zip(list(spec.buckets) + [float("inf")], value["b"]):
+                    for bound, count in zip(list(spec.buckets) + [float("inf")], value["b"], strict=True):
                         running += count
                         buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
                     family.add_metric(list(key), buckets, value["s"])

@@ -113,7 +113,7 @@ def _add(into: dict, key: tuple, value) -> None:
     elif isinstance(value, dict):
         if len(old["b"]) != len(value["b"]):
             raise ValueError("histogram snapshots with different buckets cannot be added")
-        old["b"] = [a + b for a, b in zip(old["b"], value["b"])]
+        old["b"] = [a + b for a, b in zip(old["b"], value["b"], strict=True)]
         old["s"] += value["s"]
     else:
         into[key] = old + value

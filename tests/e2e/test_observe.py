@@ -236,9 +236,9 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
         now = _scrape(relay_metrics)
         return now if delta(now, relay_before, "backhaul_relay_streams_opened_total", dead) == 2 else None
 
-    relay = wait_until(relay_moved, 15, "the relay's counters to count the refused streams")
+    wait_until(relay_moved, 15, "the relay's counters to count the refused streams")
     wait_until(
-        lambda: delta(relay := _scrape(relay_metrics), relay_before, "backhaul_relay_stream_bytes_total",
+        lambda: delta(_scrape(relay_metrics), relay_before, "backhaul_relay_stream_bytes_total",
                       (("app", "echo"), ("direction", "app_to_client"))) == 5 * len(payload),
         15, "the relay's stream bytes to count every payload",
     )

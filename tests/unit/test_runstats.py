@@ -104,7 +104,7 @@ def test_retired_figures_of_a_deleted_app_are_dropped(stats):
 def test_a_broken_snapshot_is_discarded_not_fatal(stats):
     (stats.path / "999999.json").write_bytes(b"{not json")
     stats.write(_snapshot(identity(), {"a": 1}, active=0, version=1))
-    merged, live = stats.collect()
+    merged, _ = stats.collect()
     assert merged["t_opened_total"] == {("a",): 1}
     assert not (stats.path / "999999.json").exists()
 

@@ -105,7 +105,7 @@ def peer_uid(transport: asyncio.BaseTransport) -> int | None:
 async def _owner_only(request: web.Request, handler):
     uid = peer_uid(request.transport)
     if uid is None or uid not in (os.geteuid(), 0):
-        raise web.HTTPForbidden(text='{"detail": "only the connector\'s own user may use its control socket"}', content_type="application/json")
+        return web.json_response({"detail": "only the connector's own user (or root) may use its control socket"}, status=403)
     return await handler(request)
 
 

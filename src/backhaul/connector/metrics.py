@@ -134,7 +134,7 @@ def _quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float |
     if not total:
         return None
     running = 0
-    for bound, count in zip(list(bounds) + [float("inf")], counts):
+    for bound, count in zip(list(bounds) + [float("inf")], counts, strict=True):
         running += count
         if running >= q * total:
             return bound

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from backhaul.connector import control_socket
 from backhaul.connector.metrics import SPECS, ConnectorMetrics, status_figures
 from backhaul.connector.session_log import SessionLog, read_switch, write_switch
+from backhaul.logs import ADMIN_LOG
 from backhaul.reporter import Reporter, adopt_socket
 
 if TYPE_CHECKING:
@@ -67,13 +68,12 @@ class Observer:
 
     def status(self) -> dict:
         merged, live = self.reporter.collect()
+        files = self.agent.settings.log_files
         return {
             "running": True,
             "figures": status_figures(merged, live),
             "session_log_path": str(self.session_log.path) if self.session_log.path else None,
-            "admin_log_path": str(self.agent.settings.log_files.directory / "admin.log")
-            if self.agent.settings.log_files.directory
-            else None,
+            "admin_log_path": str(files.directory / ADMIN_LOG) if files.directory is not None else None,
         }
 
     async def set_session_log(self, on: bool) -> dict:
