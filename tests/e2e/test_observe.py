@@ -75,6 +75,26 @@ def _settled(port: int) -> dict:
     return wait_until(quiet, 20, f"the figures on port {port} to settle", interval=0.2)
 
 
+def _wait_deltas(port: int, before: dict, expected: dict) -> dict:
+    """The first scrape in which every series in ``expected`` moved by exactly that much since ``before``
+    (workers publish once a second, so the counts of one burst may show up over two scrapes)."""
+    missing = {}
+
+    def arrived():
+        now = _scrape(port)
+        missing.clear()
+        for key, want in expected.items():
+            got = now.get(key, 0) - before.get(key, 0)
+            if got != want:
+                missing[key] = got
+        return None if missing else now
+
+    try:
+        return wait_until(arrived, 15, f"the counters on port {port} to move")
+    except AssertionError:
+        raise AssertionError(f"counters that did not move as expected (series: moved by): {missing}") from None
+
+
 def _workers(pid: int) -> list[int]:
     """The worker processes a supervisor forked."""
     with open(f"/proc/{pid}/task/{pid}/children") as children:
@@ -206,20 +226,21 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
     def delta(now, then, name, labels=C):
         return now.get((name, labels), 0) - then.get((name, labels), 0)
 
-    def connector_moved():
-        now = _scrape(connector_metrics)
-        return now if delta(now, before, "backhaul_connector_streams_opened_total") == 7 else None
-
-    after = wait_until(connector_moved, 15, "the connector's counters to count 7 streams")
     failed = (("connector", connector_id), ("reason", "CONNECT_REFUSED"))
-    assert delta(after, before, "backhaul_connector_streams_failed_total", failed) == 2
-    assert delta(after, before, "backhaul_connector_stream_open_seconds_count") == 5
-    wait_until(
-        lambda: delta(_scrape(connector_metrics), before, "backhaul_connector_tunnel_received_bytes_total") > 5 * len(payload),
-        15, "tunnel bytes received to cover the payloads",
-    )
-    after = _scrape(connector_metrics)
-    assert delta(after, before, "backhaul_connector_tunnel_sent_bytes_total") > 5 * len(payload)
+    _wait_deltas(connector_metrics, before, {
+        ("backhaul_connector_streams_opened_total", C): 7,
+        ("backhaul_connector_streams_failed_total", failed): 2,
+        ("backhaul_connector_stream_open_seconds_count", C): 5,
+    })
+    def bytes_moved():
+        now = _scrape(connector_metrics)
+        moved = all(
+            delta(now, before, f"backhaul_connector_{name}") > 5 * len(payload)
+            for name in ("tunnel_received_bytes_total", "tunnel_sent_bytes_total")
+        )
+        return now if moved else None
+
+    after = wait_until(bytes_moved, 15, "tunnel bytes both ways to cover the payloads")
     assert delta(after, before, "backhaul_connector_frames_received_total") >= 5
     assert delta(after, before, "backhaul_connector_frames_sent_total") >= 5
     assert after[("backhaul_connector_cpu_seconds_total", C)] > 0
@@ -232,23 +253,21 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
     # the relay counts the same streams, by app, and the tunnels by connector
     echo, dead = (("app", "echo"),), (("app", "dead"),)
 
-    def relay_moved():
-        now = _scrape(relay_metrics)
-        return now if delta(now, relay_before, "backhaul_relay_streams_opened_total", dead) == 2 else None
-
-    wait_until(relay_moved, 15, "the relay's counters to count the refused streams")
-    wait_until(
-        lambda: delta(_scrape(relay_metrics), relay_before, "backhaul_relay_stream_bytes_total",
-                      (("app", "echo"), ("direction", "app_to_client"))) == 5 * len(payload),
-        15, "the relay's stream bytes to count every payload",
-    )
-    relay = _scrape(relay_metrics)
-    assert delta(relay, relay_before, "backhaul_relay_streams_opened_total", echo) == 5
-    assert delta(relay, relay_before, "backhaul_relay_stream_bytes_total", (("app", "echo"), ("direction", "client_to_app"))) == 5 * len(payload)
-    assert delta(relay, relay_before, "backhaul_relay_streams_failed_total", (("app", "dead"), ("reason", "CONNECT_REFUSED"))) == 2
-    assert delta(relay, relay_before, "backhaul_relay_stream_open_seconds_count", echo) == 5
+    relay = _wait_deltas(relay_metrics, relay_before, {
+        ("backhaul_relay_streams_opened_total", echo): 5,
+        ("backhaul_relay_streams_opened_total", dead): 2,
+        ("backhaul_relay_streams_failed_total", (("app", "dead"), ("reason", "CONNECT_REFUSED"))): 2,
+        ("backhaul_relay_stream_bytes_total", (("app", "echo"), ("direction", "client_to_app"))): 5 * len(payload),
+        ("backhaul_relay_stream_bytes_total", (("app", "echo"), ("direction", "app_to_client"))): 5 * len(payload),
+        ("backhaul_relay_stream_open_seconds_count", echo): 5,
+    })
     assert relay[("backhaul_relay_tunnels", C)] >= 2
-    assert delta(relay, relay_before, "backhaul_relay_tunnel_sent_bytes_total", C) > 5 * len(payload)
+
+    def relay_bytes_moved():
+        now = _scrape(relay_metrics)
+        return now if delta(now, relay_before, "backhaul_relay_tunnel_sent_bytes_total", C) > 5 * len(payload) else None
+
+    relay = wait_until(relay_bytes_moved, 15, "the relay's tunnel bytes to cover the payloads")
     assert not any(labels and dict(labels).get("client") for _, labels in relay), "never labelled by client"
 
     # a stream held open shows as active on both sides while it lasts
