@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
     p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9465; default off)")
     p.add_argument(
         "--cert-validity", type=float, default=None, metavar="SECONDS",
         help="lifetime of the connector certificates this relay signs (default 90 days)",
@@ -97,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
         "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
     )
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9464; default off)")
+    p.add_argument("--log-dir", default=None, metavar="DIR", help="admin and session log files (default STATE_DIR/logs)")
+    p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024, metavar="N", help="rotate a log file at this size (default 10 MiB)")
+    p.add_argument("--log-backups", type=int, default=5, metavar="N", help="rotated files kept per log (default 5)")
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
-    p = connector.add_parser("status", help="show this connector's state")
+    p = connector.add_parser("status", help="show this connector's state and live figures")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.connector.service:connector_status"))
@@ -108,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per network check (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.connector.doctor:doctor"))
+    p = connector.add_parser("session-log", help="switch the running connector's session log on or off")
+    p.add_argument("switch", choices=["on", "off"])
+    p.add_argument("--state-dir", required=True)
+    p.set_defaults(func=_handler("backhaul.connector.service:connector_session_log"))
 
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")

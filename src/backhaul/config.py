@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
@@ -90,6 +91,23 @@ class UdpLimits:
             raise ValueError("max_flows, pending_bytes and socket_write_high must be at least 1")
         if self.idle_timeout <= 0 or self.connector_idle_timeout <= 0:
             raise ValueError("idle_timeout and connector_idle_timeout must be above 0 seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogFiles:
+    """The connector's log files (admin log, session log): where, and how big they may grow.
+
+    Each log is at most ``backups + 1`` files of about ``max_bytes``.
+    """
+
+    #: None: no files, JSON lines on stderr only.
+    directory: Path | None = None
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1024 or self.backups < 1:
+            raise ValueError("log files need max_bytes >= 1024 and backups >= 1")
 
 
 def default_workers() -> int:

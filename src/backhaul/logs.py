@@ -1,13 +1,25 @@
-"""Logging: JSON lines on stderr, readable by journald and by `jq`."""
+"""Logging: JSON lines on stderr, readable by journald and by `jq`; the admin log file.
+
+The admin log is a size-rotated file of the same JSON lines, shared by the supervisor
+and its workers (``SharedRotatingFileHandler``). It holds the key events (registration,
+tunnels up and down, config applied, certificate renewed, update steps) and their
+errors, not one line per stream: per-stream lines go to the ``backhaul.stream`` loggers
+and, when it is on, to the session log (connector.session_log).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import logging.handlers
 import os
 import sys
 import time
+from pathlib import Path
 
 import orjson
+
+from backhaul.config import LogFiles
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -39,3 +51,108 @@ def setup_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("BACKHAUL_LOG_LEVEL", level).upper())
     logging.Formatter.converter = time.gmtime
+
+
+#: Loggers whose records are about one stream; they stay out of the admin log.
+STREAM_LOGGER = "backhaul.stream"
+ADMIN_LOG = "admin.log"
+
+
+class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-rotated log file that several processes append to.
+
+    Each record is one ``write`` on a file opened with O_APPEND, so lines from different
+    processes never interleave. Before each record the handler checks that the path still
+    names the file it holds open (another process may have rotated it) and reopens it if
+    not; rotation itself runs under an flock on ``<file>.lock`` and is skipped when another
+    process rotated first. So the files stay bounded: ``backups + 1`` files of about
+    ``max_bytes`` each.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self._inode: tuple[int, int] | None = None
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        self._lock_path = f"{self.baseFilename}.lock"
+
+    def _open(self):
+        stream = super()._open()
+        info = os.fstat(stream.fileno())
+        self._inode = (info.st_dev, info.st_ino)
+        return stream
+
+    def _drop_if_rotated(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            info = os.stat(self.baseFilename)
+            current = (info.st_dev, info.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current != self._inode:
+            self.stream.close()
+            self.stream = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._drop_if_rotated()
+        super().emit(record)
+
+    def write_line(self, line: str) -> None:
+        """Append one line formatted by the caller: the same file discipline as ``emit``,
+        without a LogRecord or a second formatting pass (the session log writes one per stream)."""
+        self.acquire()
+        try:
+            self._drop_if_rotated()
+            if self.stream is None:
+                self.stream = self._open()
+            if self.stream.seek(0, os.SEEK_END) + len(line) + 1 >= self.maxBytes:
+                self.doRollover()
+                if self.stream is None:
+                    self.stream = self._open()
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            self.release()
+
+    def doRollover(self) -> None:
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._drop_if_rotated()
+            if self.stream is None:
+                self.stream = self._open()
+            if os.fstat(self.stream.fileno()).st_size < self.maxBytes:
+                return  # another process rotated while this one waited for the lock
+            super().doRollover()
+
+
+class _NotPerStream(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == STREAM_LOGGER or record.name.startswith(STREAM_LOGGER + "."))
+
+
+def rotating_file(path: Path, files: LogFiles) -> SharedRotatingFileHandler:
+    """A JSON-lines file handler at ``path`` rotated as ``files`` says; the directory is made 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handler = SharedRotatingFileHandler(path, files.max_bytes, files.backups)
+    handler.setFormatter(JsonLineFormatter())
+    return handler
+
+
+def add_admin_log(files: LogFiles) -> Path | None:
+    """Also write key events (INFO and up, no per-stream lines) to ``admin.log`` in ``files.directory``.
+
+    Idempotent: a process that calls it again (a worker after the supervisor) keeps one handler.
+    """
+    if files.directory is None:
+        return None
+    path = Path(files.directory) / ADMIN_LOG
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, SharedRotatingFileHandler)]:
+        root.removeHandler(old)
+        old.close()
+    handler = rotating_file(path, files)
+    handler.setLevel(logging.INFO)
+    handler.addFilter(_NotPerStream())
+    root.addHandler(handler)
+    return path

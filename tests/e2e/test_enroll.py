@@ -34,10 +34,13 @@ def test_register_writes_a_private_state_dir_without_the_token(system, tmp_path)
     info = json.loads((state / "connector.json").read_text())
     assert info["service"] == system.url and info["name"] == "edge-1"
     assert info["connector_id"] in result.stdout
-    assert sorted(p.name for p in state.iterdir()) == ["ca.pem", "cert.pem", "connector.json", "key.pem"]
+    assert sorted(p.name for p in state.iterdir()) == ["ca.pem", "cert.pem", "connector.json", "key.pem", "logs"]
+    assert sorted(p.name for p in (state / "logs").iterdir()) == ["admin.log"]
     assert stat.S_IMODE((state / "key.pem").stat().st_mode) == 0o600
-    for path in state.iterdir():
-        assert token not in path.read_text()
+    assert stat.S_IMODE((state / "logs").stat().st_mode) == 0o700
+    for path in state.rglob("*"):
+        if path.is_file():
+            assert token not in path.read_text()
     listed = system.admin_json("connector", "list")
     assert [(c["id"], c["name"], c["group"], c["status"]) for c in listed] == [(info["connector_id"], "edge-1", "default", "inactive")]
     again = _register(system, state, system.token())

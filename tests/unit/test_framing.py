@@ -503,3 +503,19 @@ def test_selector_uses_the_extension_when_built(monkeypatch):
         pytest.skip("Cython codec not built")
     framing = _reimport_framing(monkeypatch, {"BACKHAUL_REQUIRE_EXT": "1"})
     assert framing.IMPLEMENTATION == "cython"
+
+
+def test_frames_are_counted_both_ways(codec):
+    encoder = codec.FrameEncoder(max_payload=4)
+    encoder.data(1, b"0123456789", end=True)  # three DATA frames
+    encoder.window(0, 5)
+    encoder.ping(b"12345678")
+    assert encoder.frames == 5
+    decoder = codec.FrameDecoder()
+    wire = bytes(encoder.take())
+    decoder.feed(wire[:-3])
+    assert len(drain(decoder)) == 4
+    assert decoder.frames == 4, "a frame not yet complete must not be counted"
+    decoder.feed(wire[-3:])
+    drain(decoder)
+    assert decoder.frames == 5

@@ -40,6 +40,8 @@ cdef class FrameDecoder:
     cdef Py_ssize_t _end
     # The FrameError that poisoned this decoder, or None.
     cdef object _error
+    # Frames returned by next_frame(), for metrics.
+    cdef readonly unsigned long long frames
 
     cdef _raise_if_failed(self)
     cdef _fail(self, str message, int code)
@@ -64,6 +66,8 @@ cdef class FrameEncoder:
     cdef Py_ssize_t _max_payload
     # Frames encoded since the last take(); handed over whole, never copied.
     cdef bytearray _out
+    # Frames encoded so far, for metrics.
+    cdef readonly unsigned long long frames
 
     cdef _put(self, int ftype, int flags, unsigned int sid, object payload, Py_ssize_t offset, Py_ssize_t length)
     cdef _small(self, int ftype, unsigned int sid, object payload, str what)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, UdpLimits
+from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.connector import health, udp_flows
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
@@ -38,6 +38,8 @@ from backhaul.transport.sockets import parse_hostport
 from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.connector")
+#: per-stream lines: stderr and the session log, not the admin log
+stream_log = logging.getLogger("backhaul.stream.connector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,15 @@ class ConnectorSettings:
     #: On SIGTERM, how long streams in flight may take to finish before they are reset.
     drain_timeout: float = 30.0
     log_level: str = "info"
+    #: Admin and session log files.
+    log_files: LogFiles = LogFiles()
+    #: The run dir the supervisor prepared (stats, switches, control socket); None: no figures kept.
+    run_dir: Path | None = None
+    #: Listening sockets made by the supervisor, served by worker 0 (see connector.observer).
+    metrics_fd: int | None = None
+    control_fd: int | None = None
+    #: Seconds between two publications of this worker's figures.
+    stats_interval: float = 1.0
 
     @property
     def slots(self) -> int:
@@ -122,6 +133,9 @@ class ConnectorAgent:
         self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
         self.refresh_interval = 120.0
         self.origins = health.HealthMonitor(settings.health, self._origins_changed)
+        from backhaul.connector.observer import Observer
+
+        self.observer = Observer(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,6 +150,7 @@ class ConnectorAgent:
 
         self._http = control_client.connector_session(self.state, proxy=self.settings.proxy)
         try:
+            await self.observer.start()
             await self._refresh_config(initial=True)
             if self._stopping.is_set():
                 return
@@ -152,6 +167,7 @@ class ConnectorAgent:
             checker.cancel()
             await self.drain()
         finally:
+            await self.observer.stop()
             await self._http.close()
 
     def _streams_open(self) -> int:
@@ -290,7 +306,7 @@ class ConnectorAgent:
             app = apps.get(pipe.labels.get("app"))
             if app is None or app.get("target") != pipe.labels.get("target"):
                 pipe.tunnel.reset(pipe.stream_id, ErrorCode.TARGET_NOT_ALLOWED, "the app was removed or changed")
-                pipe.finish("reset: no longer allowed by the configuration", abort=True)
+                pipe.finish("reset: no longer allowed by the configuration", abort=True, code=ErrorCode.TARGET_NOT_ALLOWED)
         self.udp.apply_config(apps)
         log.info("config applied", extra={"version": self.config_version, "apps": sorted(apps)})
 
@@ -490,6 +506,7 @@ class ConnectorAgent:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.tunnels.discard(tunnel)
+        self.observer.metrics.tunnel_closed(tunnel)
         closed = tunnel.info.get("closed")
         if closed is not None and not closed.done():
             closed.set_result(None)
@@ -527,6 +544,7 @@ class ConnectorAgent:
     # ------------------------------------------------------------------ streams
 
     def stream_opened(self, tunnel: Tunnel, stream_id: int, meta: dict) -> None:
+        self.observer.metrics.streams_opened += 1
         name, target = meta.get("app"), meta.get("target")
         app = self.apps.get(name) if isinstance(name, str) else None
         if app is None:
@@ -562,12 +580,30 @@ class ConnectorAgent:
 
     def _refuse(self, tunnel: Tunnel, stream_id: int, meta: dict, code: int, reason: str) -> None:
         self.stats["streams_refused"] += 1
-        log.warning("stream refused", extra={"app": meta.get("app"), "target": meta.get("target"), "id": meta.get("id"), "reason": reason})
+        stream_log.warning("stream refused", extra={"app": meta.get("app"), "target": meta.get("target"), "id": meta.get("id"), "reason": reason})
         tunnel.reject(stream_id, code, reason)
+        self._stream_failed(meta, stream_id, time.monotonic(), code, reason)
+
+    def _stream_failed(self, meta: dict, stream_id: int, started: float, code: int, reason: str) -> None:
+        """A stream that never reached its target: count it and write its session line."""
+        self.observer.metrics.stream_failed(code)
+        self.observer.session_log.write(meta, stream=stream_id, started=started, to_app=0, to_client=0, code=code, reason=reason)
+
+    def _stream_done(self, pipe: Pipe) -> None:
+        """A stream that had a target socket ended (any way): count it and write its session line."""
+        self.pipes.discard(pipe)
+        if pipe.code != ErrorCode.NO_ERROR:
+            self.observer.metrics.stream_failed(pipe.code)
+        self.observer.session_log.write(
+            pipe.labels, stream=pipe.stream_id, started=pipe.started,
+            to_app=pipe.bytes_down, to_client=pipe.bytes_up, code=pipe.code, reason=pipe.result or "",
+        )
 
     async def _connect(self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int) -> None:
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
-        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
+        if meta.get("user") is not None:
+            labels["user"] = meta["user"]
+        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self._stream_done)
         pipe.tunnel = tunnel
         pipe.stream_id = stream_id
         loop = asyncio.get_running_loop()
@@ -575,14 +611,16 @@ class ConnectorAgent:
             await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port), self.settings.target_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = _open_failure(exc)
-            log.warning("target connect failed", extra={**labels, "reason": reason})
+            stream_log.warning("target connect failed", extra={**labels, "reason": reason})
             self.origins.recheck(labels["app"])
             if not tunnel.closed and tunnel.session.has_stream(stream_id):
                 tunnel.reject(stream_id, code, reason)
+            self._stream_failed(labels, stream_id, pipe.started, code, reason)
             return
         if tunnel.closed or not tunnel.session.has_stream(stream_id):
-            pipe.finish("cancelled by the relay before the target connected", abort=True)
+            pipe.finish("cancelled by the relay before the target connected", abort=True, code=ErrorCode.CANCEL)
             return
+        self.observer.metrics.open_latency.observe(time.monotonic() - pipe.started)
         self.pipes.add(pipe)
         tunnel.accept(stream_id, pipe)
         pipe.start()
@@ -592,4 +630,7 @@ def run_agent(settings: ConnectorSettings, reload: Callable[[], ConnectorSetting
     """Process entry point of one connector worker; ``reload`` builds fresh settings on SIGHUP."""
     import uvloop
 
+    from backhaul.logs import add_admin_log
+
+    add_admin_log(settings.log_files)
     uvloop.run(ConnectorAgent(settings, reload).run())

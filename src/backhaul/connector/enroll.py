@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import logging
 import socket
 import ssl
 from pathlib import Path
@@ -20,11 +21,13 @@ import aiohttp
 import yarl
 
 from backhaul import __version__, pki, tlsconfig
-from backhaul.connector.state import STATE_FILE, parse_service_url, write_state
+from backhaul.connector.state import LOG_DIR, STATE_FILE, parse_service_url, write_state
 from backhaul.jsonhttp import request_json
 from backhaul.transport import proxy_connect
 from backhaul.transport.proxy_connect import Proxy
 from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
+
+log = logging.getLogger("backhaul.connector.enroll")
 
 #: Seconds one registration request may take, connection included.
 REQUEST_TIMEOUT = 30.0
@@ -130,6 +133,14 @@ def register(args: argparse.Namespace) -> int:
         ca_pem=result["ca_pem"],
         cert_pem=result["cert_pem"],
         key_pem=result["key_pem"],
+    )
+    from backhaul.config import LogFiles
+    from backhaul.logs import add_admin_log
+
+    add_admin_log(LogFiles(directory=state_dir / LOG_DIR))
+    log.info(
+        "connector registered",
+        extra={"connector_id": result["connector_id"], "connector_name": name, "group": result["group"], "service": service_url},
     )
     print(f"registered connector {result['connector_id']} ({name}) in group {result['group']}; state in {state_dir}")
     return 0

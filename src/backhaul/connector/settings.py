@@ -24,9 +24,12 @@ from backhaul.errors import ConfigError
 #: Largest settings file read; a connector's settings are a few lines.
 MAX_CONFIG_BYTES = 64 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Fields the process sets at start, never the settings file: the proxy comes from
-#: `--proxy` or the environment and is chosen once, with the relay's host.
-INTERNAL = frozenset({"state_dir", "worker", "boot_id", "proxy"})
+#: Fields `connector run` sets at start, never the settings file: the proxy (from
+#: `--proxy` or the environment, chosen once with the relay's host), the log files and
+#: the run dir with the sockets bound before the workers fork.
+INTERNAL = frozenset(
+    {"state_dir", "worker", "boot_id", "proxy", "log_files", "run_dir", "metrics_fd", "control_fd"}
+)
 #: Keys a running worker applies on SIGHUP. ``keepalive`` and ``backoff`` apply to tunnels
 #: dialed from then on; ``flow`` sizes buffers made at start and ``workers`` is the process
 #: count, so those two wait for a restart.

@@ -19,6 +19,8 @@ from backhaul import pki
 from backhaul.errors import CertificateError, ConfigError
 
 STATE_FILE = "connector.json"
+#: Where the admin and session logs go unless `connector run --log-dir` says otherwise.
+LOG_DIR = "logs"
 #: Suffix of a renewed key/certificate written but not yet in place (see replace_credentials).
 NEXT = ".next"
 

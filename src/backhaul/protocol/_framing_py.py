@@ -160,6 +160,8 @@ class FrameDecoder:
         self._start = 0
         self._end = 0
         self._error = None
+        #: frames returned so far (read by metrics; a plain counter, no call per frame)
+        self.frames = 0
 
     @property
     def buffered(self):
@@ -366,6 +368,7 @@ class FrameDecoder:
                 self._buf = bytearray()
         else:
             self._start = start
+        self.frames += 1
         return _new_frame(ftype, flags, sid, payload)
 
 
@@ -407,6 +410,8 @@ class FrameEncoder:
             raise ValueError(f"max_payload must be within 1..{_MAX_PAYLOAD}, not {max_payload!r}")
         self._max_payload = max_payload
         self._out = bytearray()
+        #: frames encoded so far (read by metrics; a plain counter, no call per frame)
+        self.frames = 0
 
     @property
     def pending(self):
@@ -424,6 +429,7 @@ class FrameEncoder:
     def _put(self, ftype, flags, sid, payload, offset, length):
         """Append one frame whose payload is ``payload[offset:offset + length]`` (already validated)."""
         out: bytearray = self._out
+        self.frames += 1
         if cython.compiled:
             pos: cython.Py_ssize_t = len(out)
             view: Py_buffer

@@ -317,6 +317,14 @@ class Session:
     def has_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    @property
+    def frames_received(self) -> int:
+        return self._decoder.frames
+
+    @property
+    def frames_sent(self) -> int:
+        return self._encoder.frames
+
     # ------------------------------------------------------------------ input
 
     def receive_data(self, data: bytes) -> None:

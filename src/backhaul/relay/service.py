@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -53,4 +54,13 @@ def service_run(args: argparse.Namespace) -> int:
         keepalive=keepalive,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
     )
-    return supervise(functools.partial(_run, settings), workers, "relay")
+    if not getattr(args, "metrics", None):
+        return supervise(functools.partial(_run, settings), workers, "relay")
+    from backhaul import metrics
+    from backhaul.relay.metrics import SPECS
+    from backhaul.reporter import prepare_run_dir
+
+    with metrics.listen(args.metrics) as sock:
+        run_dir = prepare_run_dir(data_dir, SPECS)
+        settings = dataclasses.replace(settings, run_dir=run_dir, metrics_fd=sock.fileno())
+        return supervise(functools.partial(_run, settings), workers, "relay")

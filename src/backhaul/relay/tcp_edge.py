@@ -15,6 +15,7 @@ import secrets
 from backhaul.config import FlowControl
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
 from backhaul.protocol.mux import SessionError, stream_meta
+from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import NoRoute, TunnelRegistry
 from backhaul.transport.pipe import Pipe, error_name
 from backhaul.transport.sockets import reuseport_socket
@@ -29,10 +30,14 @@ OPEN_ATTEMPTS = 3
 class UserPipe(Pipe):
     """A user's connection to a TCP app; opens its stream through the app's group."""
 
-    __slots__ = ("app", "registry", "stats", "_tried", "_accepted")
+    __slots__ = ("app", "registry", "stats", "metrics", "_tried", "_accepted")
 
-    def __init__(self, app, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict) -> None:
-        super().__init__(flow, {"app": app.name, "target": app.target, "id": secrets.token_hex(8)}, buffer)
+    def __init__(
+        self, app, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict, metrics: RelayMetrics | None = None
+    ) -> None:
+        labels = {"app": app.name, "target": app.target, "id": secrets.token_hex(8)}
+        super().__init__(flow, labels, buffer, on_done=metrics.stream_done if metrics is not None else None)
+        self.metrics = metrics
         self.app = app
         self.registry = registry
         self.stats = stats
@@ -44,6 +49,8 @@ class UserPipe(Pipe):
         peer = transport.get_extra_info("peername")
         self.labels["client"] = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.stats["connections"] = self.stats.get("connections", 0) + 1
+        if self.metrics is not None:
+            self.metrics.stream_started(self)
         self._open()
 
     def _open(self) -> None:
@@ -65,11 +72,17 @@ class UserPipe(Pipe):
             self.tunnel = tunnel
             return
         self.stats["refused"] = self.stats.get("refused", 0) + 1
-        self.finish(reason or f"no active connector in group {self.app.group!r} could take the stream", abort=False)
+        self.finish(
+            reason or f"no active connector in group {self.app.group!r} could take the stream",
+            abort=False,
+            code=ErrorCode.REFUSED_STREAM,
+        )
         self.transport.close()
 
     def on_accepted(self) -> None:
         self._accepted = True
+        if self.metrics is not None:
+            self.metrics.stream_accepted(self)
         super().on_accepted()
 
     def on_rejected(self, code: int, reason: str) -> None:
@@ -83,7 +96,7 @@ class UserPipe(Pipe):
             self._open()
             return
         self.stats["failed"] = self.stats.get("failed", 0) + 1
-        self.finish(f"open refused by the connector: {error_name(code)}: {reason}")
+        self.finish(f"open refused by the connector: {error_name(code)}: {reason}", code=code)
         self.transport.close()
 
     def on_reset(self, code: int, reason: str) -> None:
@@ -104,11 +117,14 @@ class TcpApp:
 
     @classmethod
     async def start(
-        cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict
+        cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict,
+        metrics: RelayMetrics | None = None,
     ) -> "TcpApp":
         loop = asyncio.get_running_loop()
         sock = reuseport_socket(host, app.port)
-        server = await loop.create_server(lambda: UserPipe(app, registry, flow, buffer, stats), sock=sock, backlog=4096)
+        server = await loop.create_server(
+            lambda: UserPipe(app, registry, flow, buffer, stats, metrics), sock=sock, backlog=4096
+        )
         log.info("tcp app listening", extra={"app": app.name, "port": app.port, "target": app.target})
         return cls(app, server)
 

@@ -19,6 +19,7 @@ from backhaul import __version__, tlsconfig
 from backhaul.config import FlowControl, Keepalive, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import TunnelRegistry
 from backhaul.relay import udp_edge
 from backhaul.relay.tcp_edge import TcpApp
@@ -46,6 +47,12 @@ class RelaySettings:
     drain_timeout: float = 10.0
     #: Lifetime of the connector certificates this relay signs, seconds (None: the control plane's default).
     cert_validity: float | None = None
+    #: The run dir the supervisor prepared for figures; None: no metrics.
+    run_dir: Path | None = None
+    #: The metrics listening socket the supervisor made, served by worker 0.
+    metrics_fd: int | None = None
+    #: Seconds between two publications of this worker's figures.
+    stats_interval: float = 1.0
 
 
 class AlpnSplit(asyncio.Protocol):
@@ -83,6 +90,9 @@ class RelayWorker:
         self.apps: dict[str, TcpApp] = {}
         self.udp_apps: dict[str, udp_edge.UdpApp] = {}
         self.stats: dict[str, int] = {}
+        self.metrics = RelayMetrics()
+        self._reporter = None
+        self._app_names: list[str] = []
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
@@ -122,6 +132,12 @@ class RelayWorker:
         )
         self._servers.append(server)
         await self.reload()
+        if self.settings.run_dir is not None:
+            from backhaul.relay.metrics import SPECS
+            from backhaul.reporter import Reporter
+
+            self._reporter = Reporter(self.settings.run_dir, SPECS, self._snapshot, self.settings.stats_interval)
+            await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
         log.info(
             "relay worker ready",
             extra={"worker": self.settings.worker, "listen": self.settings.listen, "version": __version__},
@@ -159,6 +175,8 @@ class RelayWorker:
         for tunnel in self.registry.tunnels():
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
         self.store.mark_worker_down(self.settings.worker)
+        if self._reporter is not None:
+            await self._reporter.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
@@ -175,7 +193,10 @@ class RelayWorker:
     async def reload(self) -> None:
         """Bring listeners and tunnel groups in line with the store."""
         self.config_version = self.store.config_version()
-        wanted = {app.name: app for app in self.store.list_apps() if app.proto == "tcp"}
+        apps = self.store.list_apps()
+        self._app_names = [app.name for app in apps]
+        self.metrics.prune(set(self._app_names), self._connector_exists)
+        wanted = {app.name: app for app in apps if app.proto == "tcp"}
         for name, running in list(self.apps.items()):
             if wanted.get(name) != running.app:
                 await running.stop()
@@ -184,7 +205,7 @@ class RelayWorker:
             if name not in self.apps:
                 try:
                     self.apps[name] = await TcpApp.start(
-                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats
+                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats, self.metrics
                     )
                 except Exception as exc:
                     log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
@@ -200,6 +221,15 @@ class RelayWorker:
             self.registry.set_group(connector_id, record.group)
         for tunnel in self.registry.tunnels():
             tunnel.control({"type": "config_changed", "version": self.config_version})
+
+    def _connector_exists(self, connector_id: str) -> bool:
+        record = self.store.get_connector(connector_id)
+        return record is not None and not record.revoked
+
+    def _snapshot(self) -> dict:
+        return self.metrics.snapshot(
+            self.registry.tunnels(), self._app_names, self.config_version, self.settings.worker
+        )
 
     # ------------------------------------------------------------------ listen port
 
@@ -232,6 +262,7 @@ class RelayWorker:
     def tunnel_up(self, tunnel: Tunnel) -> None:
         connector_id = tunnel.info["connector_id"]
         self.registry.add(tunnel, connector_id, tunnel.info["group"])
+        self.metrics.tunnel_opened(connector_id)
         self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
         tunnel.info["counted"] = True
         tunnel.control(
@@ -261,6 +292,7 @@ class RelayWorker:
                     "reason": reason,
                 },
             )
+        self.metrics.tunnel_closed(tunnel)
         self._uncount(tunnel)
 
     def _uncount(self, tunnel: Tunnel) -> None:

@@ -49,6 +49,7 @@ class Pipe(asyncio.BufferedProtocol):
         "bytes_down",
         "started",
         "result",
+        "code",
         "started_stream",
         "_buffer",
         "_owed",
@@ -72,6 +73,8 @@ class Pipe(asyncio.BufferedProtocol):
         self.bytes_down = 0  # tunnel -> socket
         self.started = time.monotonic()
         self.result: str | None = None
+        #: how the stream ended, as a wire ErrorCode (NO_ERROR: completed)
+        self.code = ErrorCode.NO_ERROR
         self._buffer = buffer  # shared by every pipe of the process; only valid inside buffer_updated
         self._owed = 0  # bytes from the tunnel written while the socket was paused; credited on resume
         self._write_paused = False  # the socket's write buffer is above its high mark
@@ -105,7 +108,7 @@ class Pipe(asyncio.BufferedProtocol):
         try:
             keep_reading = self.tunnel.send(self.stream_id, self._buffer[:nbytes])
         except SessionError as exc:
-            self.finish(f"stream gone: {exc}", abort=True)
+            self.finish(f"stream gone: {exc}", abort=True, code=ErrorCode.INTERNAL_ERROR)
             return
         if not keep_reading:
             self.transport.pause_reading()
@@ -120,9 +123,10 @@ class Pipe(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.result is None:
             reason = f"socket error: {exc}" if exc else "socket closed before the stream ended"
+            code = ErrorCode.CONNECTION_RESET if exc else ErrorCode.CANCEL
             if self.tunnel is not None and self.stream_id:
-                self.tunnel.reset(self.stream_id, ErrorCode.CONNECTION_RESET if exc else ErrorCode.CANCEL, reason)
-            self.finish(reason)
+                self.tunnel.reset(self.stream_id, code, reason)
+            self.finish(reason, code=code)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -152,7 +156,7 @@ class Pipe(asyncio.BufferedProtocol):
         self.start()
 
     def on_rejected(self, code: int, reason: str) -> None:
-        self.finish(f"open refused: {error_name(code)}: {reason}", abort=True)
+        self.finish(f"open refused: {error_name(code)}: {reason}", abort=True, code=code)
 
     def on_data(self, data: bytes, end: bool) -> None:
         size = len(data)
@@ -173,7 +177,7 @@ class Pipe(asyncio.BufferedProtocol):
         self._maybe_done()
 
     def on_reset(self, code: int, reason: str) -> None:
-        self.finish(f"stream reset: {error_name(code)}: {reason}", abort=True)
+        self.finish(f"stream reset: {error_name(code)}: {reason}", abort=True, code=code)
 
     def on_write_resumed(self) -> None:
         if self.result is None and not self._socket_eof:
@@ -186,11 +190,13 @@ class Pipe(asyncio.BufferedProtocol):
             self.finish("completed")
             self.transport.close()
 
-    def finish(self, result: str, abort: bool = False) -> None:
-        """Record how the stream ended (once), log it, and close the socket if asked."""
+    def finish(self, result: str, abort: bool = False, code: int = ErrorCode.NO_ERROR) -> None:
+        """Record how the stream ended (once: ``result`` in words, ``code`` for metrics), log it,
+        and close the socket if asked."""
         if self.result is not None:
             return
         self.result = result
+        self.code = code
         if abort and self.transport is not None:
             self.transport.abort()
         log.info(

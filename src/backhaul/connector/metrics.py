@@ -1,0 +1,177 @@
+"""The connector's figures: what it counts, its metrics (docs/metrics.md) and its status.
+
+Streams are counted where they open, fail or end (a few integer additions per stream);
+tunnel bytes and frames are the plain counters the tunnel and codec keep anyway, read
+once a tick. Every metric is labelled by connector (one value per connector) and
+failures also by wire error code (a fixed set), so every label set is bounded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import TYPE_CHECKING
+
+from backhaul import __version__
+from backhaul.metrics import OPEN_LATENCY_BUCKETS
+from backhaul.protocol.constants import ErrorCode
+from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
+
+if TYPE_CHECKING:
+    from backhaul.connector.agent import ConnectorAgent
+    from backhaul.transport.tunnel import Tunnel
+
+C = ("connector",)
+P = "backhaul_connector_"
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(P + "workers", "gauge", "Worker processes reporting figures.", C),
+        MetricSpec(P + "tunnels", "gauge", "Tunnels up (the relay has answered hello).", C),
+        MetricSpec(P + "tunnels_opened_total", "counter", "Tunnel connections made to the relay.", C),
+        MetricSpec(P + "streams_active", "gauge", "Streams open now, opening ones included.", C),
+        MetricSpec(P + "streams_opened_total", "counter", "Streams the relay asked for (OPEN received), refused ones included.", C),
+        MetricSpec(
+            P + "streams_failed_total", "counter",
+            "Streams refused, not connected or not ended cleanly, by wire error code.", C + ("reason",),
+        ),
+        MetricSpec(
+            P + "stream_open_seconds", "histogram",
+            "From OPEN received to the target connected (OPEN_OK sent).", C, buckets=OPEN_LATENCY_BUCKETS,
+        ),
+        MetricSpec(P + "tunnel_received_bytes_total", "counter", "Bytes received on tunnels (frames, inside TLS).", C),
+        MetricSpec(P + "tunnel_sent_bytes_total", "counter", "Bytes sent on tunnels (frames, inside TLS).", C),
+        MetricSpec(P + "frames_received_total", "counter", "Frames received on tunnels.", C),
+        MetricSpec(P + "frames_sent_total", "counter", "Frames sent on tunnels.", C),
+        MetricSpec(P + "cpu_seconds_total", "counter", "CPU time (user + system) of the worker processes.", C),
+        MetricSpec(P + "memory_bytes", "gauge", "Resident memory of the live worker processes.", C),
+        MetricSpec(
+            P + "certificate_expiry_timestamp_seconds", "gauge",
+            "When the connector certificate expires (Unix time; the earliest any worker holds).", C, aggregate="min",
+        ),
+        MetricSpec(P + "config_version", "gauge", "Config version applied (the oldest any worker has).", C, aggregate="min"),
+        MetricSpec(P + "session_log_enabled", "gauge", "1 while every worker writes the session log.", C, aggregate="min"),
+    )
+}
+
+
+class ConnectorMetrics:
+    """Plain counters of one connector worker, and its snapshot for runstats."""
+
+    def __init__(self) -> None:
+        self.streams_opened = 0
+        self.failed: dict[str, int] = {}
+        self.open_latency = Histogram(OPEN_LATENCY_BUCKETS)
+        #: bytes and frames of tunnels already closed: [received, sent, frames received, frames sent]
+        self.closed_tunnels = [0, 0, 0, 0]
+
+    def stream_failed(self, code: int) -> None:
+        name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else "UNKNOWN"
+        self.failed[name] = self.failed.get(name, 0) + 1
+
+    def tunnel_closed(self, tunnel: "Tunnel") -> None:
+        totals = self.closed_tunnels
+        totals[0] += tunnel.bytes_in
+        totals[1] += tunnel.bytes_out
+        totals[2] += tunnel.session.frames_received
+        totals[3] += tunnel.session.frames_sent
+
+    def snapshot(self, agent: "ConnectorAgent", reporter_info: dict) -> dict:
+        cid = agent.state.connector_id
+        tunnels = list(agent.tunnels)
+        received, sent, frames_in, frames_out = self.closed_tunnels
+        for tunnel in tunnels:
+            received += tunnel.bytes_in
+            sent += tunnel.bytes_out
+            frames_in += tunnel.session.frames_received
+            frames_out += tunnel.session.frames_sent
+
+        def value(v) -> list:
+            return [[[cid], v]]
+
+        series = {
+            P + "workers": value(1),
+            P + "tunnels": value(sum(1 for t in tunnels if t.info.get("hello"))),
+            P + "tunnels_opened_total": value(agent.stats["tunnels_opened"]),
+            P + "streams_active": value(sum(t.load for t in tunnels)),
+            P + "streams_opened_total": value(self.streams_opened),
+            P + "streams_failed_total": [[[cid, reason], n] for reason, n in self.failed.items()],
+            P + "stream_open_seconds": value(self.open_latency.value()),
+            P + "tunnel_received_bytes_total": value(received),
+            P + "tunnel_sent_bytes_total": value(sent),
+            P + "frames_received_total": value(frames_in),
+            P + "frames_sent_total": value(frames_out),
+            P + "cpu_seconds_total": value(round(cpu_seconds(), 3)),
+            P + "memory_bytes": value(rss_bytes()),
+            P + "certificate_expiry_timestamp_seconds": value(agent.state.cert_not_after.timestamp()),
+            P + "session_log_enabled": value(1 if agent.observer.session_log.enabled else 0),
+        }
+        if agent.config_version is not None:
+            series[P + "config_version"] = value(agent.config_version)
+        return {
+            "worker": agent.settings.worker,
+            "known": {"connector": [cid]},
+            "info": {
+                "connector": cid,
+                "name": agent.state.name,
+                "version": __version__,
+                "session_log": agent.observer.session_log.enabled,
+                **reporter_info,
+            },
+            "series": series,
+        }
+
+
+def _one(merged: dict, name: str, default=0):
+    values = merged.get(P + name) or {}
+    return next(iter(values.values()), default)
+
+
+def _quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The bucket bound under which ``q`` of the observations fall (None without any)."""
+    total = sum(counts)
+    if not total:
+        return None
+    running = 0
+    for bound, count in zip(list(bounds) + [float("inf")], counts, strict=True):
+        running += count
+        if running >= q * total:
+            return bound
+    return float("inf")
+
+
+def status_figures(merged: dict, live: list[dict]) -> dict:
+    """The figures `connector status` prints, from the same merged figures /metrics shows."""
+    latency = _one(merged, "stream_open_seconds", {"b": [0] * (len(OPEN_LATENCY_BUCKETS) + 1), "s": 0.0})
+    opens = sum(latency["b"])
+    expiry = _one(merged, "certificate_expiry_timestamp_seconds", None)
+    info = next((s.get("info", {}) for s in live if s.get("worker") == 0), live[0].get("info", {}) if live else {})
+    return {
+        "workers": int(_one(merged, "workers")),
+        "tunnels": int(_one(merged, "tunnels")),
+        "tunnels_opened": int(_one(merged, "tunnels_opened_total")),
+        "streams_active": int(_one(merged, "streams_active")),
+        "streams_opened": int(_one(merged, "streams_opened_total")),
+        "streams_failed": {key[1]: int(v) for key, v in sorted((merged.get(P + "streams_failed_total") or {}).items())},
+        "stream_open_seconds": {
+            "count": opens,
+            "mean": round(latency["s"] / opens, 6) if opens else None,
+            "p50_under": _quantile(OPEN_LATENCY_BUCKETS, latency["b"], 0.5),
+            "p99_under": _quantile(OPEN_LATENCY_BUCKETS, latency["b"], 0.99),
+        },
+        "tunnel_bytes_received": int(_one(merged, "tunnel_received_bytes_total")),
+        "tunnel_bytes_sent": int(_one(merged, "tunnel_sent_bytes_total")),
+        "frames_received": int(_one(merged, "frames_received_total")),
+        "frames_sent": int(_one(merged, "frames_sent_total")),
+        "cpu_seconds": round(float(_one(merged, "cpu_seconds_total")), 2),
+        "memory_bytes": int(_one(merged, "memory_bytes")),
+        "certificate_expires": (
+            datetime.datetime.fromtimestamp(expiry, datetime.timezone.utc).isoformat() if expiry is not None else None
+        ),
+        "config_version": _one(merged, "config_version", None),
+        "session_log": bool(_one(merged, "session_log_enabled")),
+        "metrics": info.get("metrics"),
+        "version": info.get("version"),
+        "time": time.time(),
+    }

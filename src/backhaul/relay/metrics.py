@@ -1,0 +1,177 @@
+"""The relay's figures: streams by app, tunnels by connector (docs/metrics.md).
+
+User streams are counted where they open, are accepted and end (a few integer
+additions per stream); tunnel bytes and frames are the counters the tunnel and codec
+keep anyway, read once a tick. Labels are app names and connector ids, both bounded by
+the store: figures of an app or connector that is gone from it are dropped at the next
+reload (``prune``), and failure reasons are wire error codes, a fixed set.
+
+An edge (TCP, HTTP) reports each user stream through ``stream_started``,
+``stream_accepted`` and ``stream_done`` (the pipe's ``on_done``); the pipe must carry
+``labels["app"]``, ``started``, ``bytes_up`` (client to app), ``bytes_down`` and ``code``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from backhaul.metrics import OPEN_LATENCY_BUCKETS
+from backhaul.protocol.constants import ErrorCode
+from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
+
+if TYPE_CHECKING:
+    from backhaul.transport.pipe import Pipe
+    from backhaul.transport.tunnel import Tunnel
+
+P = "backhaul_relay_"
+A = ("app",)
+C = ("connector",)
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(P + "workers", "gauge", "Worker processes reporting figures."),
+        MetricSpec(P + "tunnels", "gauge", "Tunnels up, by connector.", C),
+        MetricSpec(P + "tunnels_opened_total", "counter", "Tunnels accepted from a connector.", C),
+        MetricSpec(P + "tunnel_received_bytes_total", "counter", "Bytes received on a connector's tunnels (frames, inside TLS).", C),
+        MetricSpec(P + "tunnel_sent_bytes_total", "counter", "Bytes sent on a connector's tunnels (frames, inside TLS).", C),
+        MetricSpec(P + "frames_received_total", "counter", "Frames received on a connector's tunnels.", C),
+        MetricSpec(P + "frames_sent_total", "counter", "Frames sent on a connector's tunnels.", C),
+        MetricSpec(P + "streams_active", "gauge", "User streams open now, by app.", A),
+        MetricSpec(P + "streams_opened_total", "counter", "User connections or requests that started a stream, by app.", A),
+        MetricSpec(
+            P + "streams_failed_total", "counter",
+            "User streams refused or not ended cleanly, by app and wire error code.", A + ("reason",),
+        ),
+        MetricSpec(
+            P + "stream_bytes_total", "counter",
+            "Stream payload bytes, by app and direction (client_to_app, app_to_client).", A + ("direction",),
+        ),
+        MetricSpec(
+            P + "stream_open_seconds", "histogram",
+            "From the user's connection to a connector's OPEN_OK (retries included), by app.", A, buckets=OPEN_LATENCY_BUCKETS,
+        ),
+        MetricSpec(P + "cpu_seconds_total", "counter", "CPU time (user + system) of the worker processes."),
+        MetricSpec(P + "memory_bytes", "gauge", "Resident memory of the live worker processes."),
+        MetricSpec(P + "config_version", "gauge", "Store config version served (the oldest any worker has).", aggregate="min"),
+    )
+}
+
+
+class _AppFigures:
+    __slots__ = ("opened", "failed", "to_app", "to_client", "latency", "live")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.failed: dict[str, int] = {}
+        self.to_app = 0  # bytes of ended streams
+        self.to_client = 0
+        self.latency = Histogram(OPEN_LATENCY_BUCKETS)
+        self.live: set = set()
+
+
+class RelayMetrics:
+    """Plain counters of one relay worker, and its snapshot for runstats."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, _AppFigures] = {}
+        #: per connector: [tunnels opened, then bytes and frames of closed tunnels: received, sent, frames in, frames out]
+        self.connectors: dict[str, list[int]] = {}
+
+    def _app(self, name: str) -> _AppFigures:
+        figures = self.apps.get(name)
+        if figures is None:
+            figures = self.apps[name] = _AppFigures()
+        return figures
+
+    # ------------------------------------------------------------------ streams (called by the edges)
+
+    def stream_started(self, pipe: "Pipe") -> None:
+        figures = self._app(pipe.labels["app"])
+        figures.opened += 1
+        figures.live.add(pipe)
+
+    def stream_accepted(self, pipe: "Pipe") -> None:
+        self._app(pipe.labels["app"]).latency.observe(time.monotonic() - pipe.started)
+
+    def stream_done(self, pipe: "Pipe") -> None:
+        figures = self._app(pipe.labels["app"])
+        figures.live.discard(pipe)
+        figures.to_app += pipe.bytes_up
+        figures.to_client += pipe.bytes_down
+        if pipe.code != ErrorCode.NO_ERROR:
+            name = ErrorCode(pipe.code).name if pipe.code in ErrorCode._value2member_map_ else "UNKNOWN"
+            figures.failed[name] = figures.failed.get(name, 0) + 1
+
+    # ------------------------------------------------------------------ tunnels
+
+    def _connector(self, connector_id: str) -> list[int]:
+        figures = self.connectors.get(connector_id)
+        if figures is None:
+            figures = self.connectors[connector_id] = [0, 0, 0, 0, 0]
+        return figures
+
+    def tunnel_opened(self, connector_id: str) -> None:
+        self._connector(connector_id)[0] += 1
+
+    def tunnel_closed(self, tunnel: "Tunnel") -> None:
+        figures = self._connector(tunnel.info["connector_id"])
+        figures[1] += tunnel.bytes_in
+        figures[2] += tunnel.bytes_out
+        figures[3] += tunnel.session.frames_received
+        figures[4] += tunnel.session.frames_sent
+
+    def prune(self, apps: set[str], connector_exists) -> None:
+        """Forget apps not in ``apps`` and connectors for which ``connector_exists(id)`` is false."""
+        for name in [n for n, f in self.apps.items() if n not in apps and not f.live]:
+            del self.apps[name]
+        for connector_id in [c for c in self.connectors if not connector_exists(c)]:
+            del self.connectors[connector_id]
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self, tunnels: list["Tunnel"], apps: list[str], config_version: int, worker: int) -> dict:
+        for name in apps:
+            self._app(name)
+        per_connector: dict[str, list[int]] = {cid: [0, *figures[1:]] for cid, figures in self.connectors.items()}
+        up: dict[str, int] = {}
+        for tunnel in tunnels:
+            cid = tunnel.info["connector_id"]
+            figures = per_connector.setdefault(cid, [0, 0, 0, 0, 0])
+            figures[1] += tunnel.bytes_in
+            figures[2] += tunnel.bytes_out
+            figures[3] += tunnel.session.frames_received
+            figures[4] += tunnel.session.frames_sent
+            up[cid] = up.get(cid, 0) + 1
+        opened = {cid: figures[0] for cid, figures in self.connectors.items()}
+        series: dict[str, list] = {
+            P + "workers": [[[], 1]],
+            P + "tunnels": [[[cid], up.get(cid, 0)] for cid in per_connector],
+            P + "tunnels_opened_total": [[[cid], n] for cid, n in opened.items()],
+            P + "tunnel_received_bytes_total": [[[cid], f[1]] for cid, f in per_connector.items()],
+            P + "tunnel_sent_bytes_total": [[[cid], f[2]] for cid, f in per_connector.items()],
+            P + "frames_received_total": [[[cid], f[3]] for cid, f in per_connector.items()],
+            P + "frames_sent_total": [[[cid], f[4]] for cid, f in per_connector.items()],
+            P + "streams_active": [],
+            P + "streams_opened_total": [],
+            P + "streams_failed_total": [],
+            P + "stream_bytes_total": [],
+            P + "stream_open_seconds": [],
+            P + "cpu_seconds_total": [[[], round(cpu_seconds(), 3)]],
+            P + "memory_bytes": [[[], rss_bytes()]],
+            P + "config_version": [[[], config_version]],
+        }
+        for name, figures in self.apps.items():
+            to_app = figures.to_app + sum(p.bytes_up for p in figures.live)
+            to_client = figures.to_client + sum(p.bytes_down for p in figures.live)
+            series[P + "streams_active"].append([[name], len(figures.live)])
+            series[P + "streams_opened_total"].append([[name], figures.opened])
+            series[P + "streams_failed_total"] += [[[name, reason], n] for reason, n in figures.failed.items()]
+            series[P + "stream_bytes_total"] += [[[name, "client_to_app"], to_app], [[name, "app_to_client"], to_client]]
+            series[P + "stream_open_seconds"].append([[name], figures.latency.value()])
+        return {
+            "worker": worker,
+            "known": {"app": sorted(self.apps), "connector": sorted(per_connector)},
+            "series": series,
+        }
