@@ -130,7 +130,7 @@ async def main(mode: str, portfile: str, port: int = 0) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("mode", choices=sorted([*MODES, *UDP_MODES]))
     parser.add_argument("portfile")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="backend")
