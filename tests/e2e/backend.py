@@ -131,8 +131,10 @@ def http_app():
         return response
 
     @routes.get("/redirect")
+    @routes.get("/base/redirect")
     async def redirect(request):
-        base = f"{request.scheme}://{request.host}"
+        # An absolute URL of its own, under the path it was reached at (/ or /base/).
+        base = f"{request.scheme}://{request.host}{request.path[: -len('/redirect')]}"
         return web.Response(
             status=302, headers={"Location": f"{base}/landed?x=1", "Content-Location": f"{base}/here"}
         )

@@ -33,7 +33,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         refresh_interval=_I,
         apps={
             "type": "array",
-            "items": _obj(["name", "proto", "target"], name=_S, proto=_S, target=_S, internal_url=_NULLABLE_S),
+            "items": _obj(
+                ["name", "proto", "target"],
+                name=_S,
+                proto=_S,
+                target=_S,
+                internal_url=_NULLABLE_S,
+                backend_ca=_NULLABLE_S,
+                backend_insecure=_B,
+            ),
         },
     ),
     "Heartbeat": _obj([], version=_S, cpu=_N, memory=_N, streams=_I, bytes_in=_I, bytes_out=_I),
@@ -54,6 +62,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         external_host=_NULLABLE_S,
         internal_url=_NULLABLE_S,
         preauth={"type": ["string", "null"], "enum": ["passthrough", "oidc", None]},
+        keep_host=_B,
+        backend_ca=_NULLABLE_S,
+        backend_insecure=_B,
     ),
     "Connector": _obj(
         ["id", "name", "group", "status", "version", "last_seen"],

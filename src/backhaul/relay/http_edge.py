@@ -438,7 +438,7 @@ class HttpConnection(asyncio.Protocol):
                 raise HttpError(400, "the request names no host")
             name = translate.split_host(host)
         except HttpError as exc:
-            self._local(exc.status, exc.reason)
+            self._local(exc.status, exc.reason, close=True)
             return
         ex.external_host = name.encode("ascii")
         ex.external_base = self.scheme.encode("ascii") + b"://" + host
@@ -837,7 +837,14 @@ class HttpConnection(asyncio.Protocol):
             external_host=ex.external_host,
             keep_length=response.framing == NO_BODY,
         )
-        close = ex.close_after or not request.keep_alive or self.edge.closing or (request.upgrade and response.status != 101)
+        close = (
+            ex.close_after
+            or not request.keep_alive
+            or self.edge.closing
+            or (request.upgrade and response.status != 101)
+            # an answer before the whole request: what is left of the request has nowhere to go
+            or not ex.request_done
+        )
         if response.framing == LENGTH:
             headers.append((b"Content-Length", str(response.length).encode("ascii")))
         elif response.framing != NO_BODY:

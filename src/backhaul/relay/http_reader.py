@@ -97,13 +97,14 @@ def _length(value: bytes, status: int) -> int:
 class _Reader:
     """What both readers share: the event deque, header accounting, the head-size guard."""
 
-    __slots__ = ("events", "_parser", "_headers", "_header_bytes", "_in_head", "_head_bytes", "_dead", "_max_bytes", "_max_count", "_status")
+    __slots__ = ("events", "_parser", "_headers", "_header_bytes", "_header_count", "_in_head", "_head_bytes", "_dead", "_max_bytes", "_max_count", "_status")
 
     def __init__(self, max_bytes: int, max_count: int, status: int) -> None:
         self.events: collections.deque = collections.deque()
         self._parser = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._header_count = 0
         self._in_head = False
         self._head_bytes = 0
         self._dead = False
@@ -129,12 +130,13 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
+        self._header_count += 1
         if self._header_bytes > self._max_bytes:
             raise HttpError(self._status, f"the header lines are larger than {self._max_bytes} bytes")
+        if self._header_count > self._max_count:
+            raise HttpError(self._status, f"more than {self._max_count} header lines")
         if self._in_head:
             self._headers.append((name, value))
-            if len(self._headers) > self._max_count:
-                raise HttpError(self._status, f"more than {self._max_count} header lines")
         # else a trailer: counted against the limits above, then dropped
 
     def on_body(self, data: bytes) -> None:
@@ -189,6 +191,7 @@ class RequestReader(_Reader):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._header_count = 0
 
     def on_url(self, fragment: bytes) -> None:
         self._url += fragment
@@ -297,6 +300,7 @@ class ResponseReader(_Reader):
         self._reason = b""
         self._headers = []
         self._header_bytes = 0
+        self._header_count = 0
 
     def on_status(self, fragment: bytes) -> None:
         if self._skip:

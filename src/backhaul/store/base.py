@@ -59,7 +59,9 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class App:
     """A published application. tcp/udp apps have ``port`` and ``target`` (host:port);
-    http apps have ``external_host``, ``internal_url`` and ``preauth``."""
+    http apps have ``external_host``, ``internal_url`` and ``preauth``, and options:
+    ``keep_host`` (the backend gets the external Host), ``backend_ca`` (PEM CA bundle the
+    connector verifies an https backend with) and ``backend_insecure`` (no verification)."""
 
     name: str
     group: str
@@ -69,6 +71,9 @@ class App:
     external_host: str | None = None
     internal_url: str | None = None
     preauth: str | None = None
+    keep_host: bool = False
+    backend_ca: str | None = None
+    backend_insecure: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
