@@ -15,11 +15,19 @@ def route(internal_url: str = "http://10.0.0.5:8080", keep_host: bool = False) -
     return translate.Route(app)
 
 
+def _tokens(message):
+    """Set the Connection tokens as the readers do."""
+    message.connection = frozenset(
+        token.strip().lower() for name, value in message.headers if name.lower() == b"connection" for token in value.split(b",")
+    )
+    return message
+
+
 def request(headers, method="GET", upgrade=False, host=b"app.example.com") -> Request:
     req = Request(method, b"/", "1.1", list(headers))
     req.host = host
     req.upgrade = upgrade
-    return req
+    return _tokens(req)
 
 
 def forwarded(r, req, **kw):
@@ -148,7 +156,7 @@ def test_cookie_path_under_the_internal_path():
 
 
 def test_response_headers():
-    response = Response(
+    response = _tokens(Response(
         302,
         b"Found",
         "1.1",
@@ -163,7 +171,7 @@ def test_response_headers():
             (b"Content-Length", b"0"),
             (b"Cache-Control", b"no-cache"),
         ],
-    )
+    ))
     out = translate.response_headers(route(), response, external_base=b"https://app.example.com", external_host=b"app.example.com")
     assert out == [
         (b"Location", b"https://app.example.com/next"),
@@ -176,7 +184,7 @@ def test_response_headers():
 
 
 def test_switching_protocols_keeps_its_upgrade():
-    response = Response(101, b"Switching Protocols", "1.1", [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Accept", b"x")])
+    response = _tokens(Response(101, b"Switching Protocols", "1.1", [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Accept", b"x")]))
     out = translate.response_headers(route(), response, external_base=b"x", external_host=b"x")
     assert out == [(b"Sec-WebSocket-Accept", b"x"), (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
 

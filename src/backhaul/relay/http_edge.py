@@ -208,9 +208,14 @@ class HttpConnection(asyncio.Protocol):
         self._user_eof = False
         self._write_paused = False
         self._owed = 0
+        # One timer handle per connection: re-arming moves a deadline (a float), and a new
+        # handle is made only when the deadline comes before the pending one.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._timer_kind = _T_NONE
         self._gate_task: asyncio.Task | None = None
+        self._host: tuple[bytes, str] = (b"", "")  # the last Host header and its host name
         self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------------ user socket
@@ -319,21 +324,30 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, seconds: float, kind: int) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, self._timed_out)
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
         self._timer_kind = kind
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._timed_out)
+            self._timer_at = deadline
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
+        self._timer_kind = _T_NONE
+        if self._closing and self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_kind = _T_NONE
 
     def _timed_out(self) -> None:
-        kind, self._timer_kind, self._timer = self._timer_kind, _T_NONE, None
-        if self._closing:
+        self._timer = None
+        if self._closing or self._timer_kind == _T_NONE:
             return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._timed_out)
+            self._timer_at = self._deadline
+            return
+        kind, self._timer_kind = self._timer_kind, _T_NONE
         if kind == _T_IDLE and not self.reader.mid_head:
             self._close()
         elif kind in (_T_IDLE, _T_HEAD):
@@ -399,7 +413,7 @@ class HttpConnection(asyncio.Protocol):
                         self._set_paused(_P_UPGRADE, True)
         finally:
             self._pumping = False
-        if not self._closing:
+        if (self.events or self._paused & _P_QUEUE) and not self._closing:
             self._set_paused(_P_QUEUE, bool(self.events))
 
     def _refuse(self, error: HttpError) -> None:
@@ -420,7 +434,7 @@ class HttpConnection(asyncio.Protocol):
         self._close()
 
     def _begin(self, request: Request) -> None:
-        self._cancel_timer()
+        self._timer_kind = _T_NONE
         ex = self.ex = _Exchange(request, f"{self.conn_id}.{self.requests + 1}")
         target = request.target
         try:
@@ -436,7 +450,11 @@ class HttpConnection(asyncio.Protocol):
                     raise HttpError(400, "the request-target must be a path")
             if host is None:
                 raise HttpError(400, "the request names no host")
-            name = translate.split_host(host)
+            if host == self._host[0]:
+                name = self._host[1]
+            else:
+                name = translate.split_host(host)
+                self._host = (host, name)
         except HttpError as exc:
             self._local(exc.status, exc.reason, close=True)
             return
@@ -759,30 +777,27 @@ class HttpConnection(asyncio.Protocol):
             if self._upgraded:
                 self._write(data)
             else:
-                self._response_bytes(data)
+                ex = self.ex
+                resp = self._resp
+                if ex is None or ex.state != _FORWARDING or resp is None:
+                    self._stream_failed("the app sent bytes no request asked for")
+                    self._pump()
+                else:
+                    try:
+                        resp.feed(data)
+                    except HttpError as exc:
+                        self._drain_response(ex)
+                        log.warning("bad response from the app", extra={"id": ex.id, "reason": exc.reason})
+                        self._stream_failed(exc.reason)
+                        self._pump()
+                    else:
+                        self._drain_response(ex)
             if self._write_paused and self._stream is stream:
                 self._owed += size
             else:
                 stream.tunnel.consumed(stream.id, size)
         if end:
             stream.on_end()
-
-    def _response_bytes(self, data: bytes) -> None:
-        ex = self.ex
-        resp = self._resp
-        if ex is None or ex.state != _FORWARDING or resp is None:
-            self._stream_failed("the app sent bytes no request asked for")
-            self._pump()
-            return
-        try:
-            resp.feed(data)
-        except HttpError as exc:
-            self._drain_response(ex)
-            log.warning("bad response from the app", extra={"id": ex.id, "reason": exc.reason})
-            self._stream_failed(exc.reason)
-            self._pump()
-            return
-        self._drain_response(ex)
 
     def _drain_response(self, ex: _Exchange) -> None:
         events = self._resp.events
@@ -796,7 +811,10 @@ class HttpConnection(asyncio.Protocol):
             elif kind == END:
                 if ex.rechunk:
                     out.append(writer.LAST_CHUNK)
-                self._write(b"".join(out))
+                data = b"".join(out)
+                if data and not self.transport.is_closing():
+                    self.bytes_out += len(data)
+                    self.transport.write(data)
                 out.clear()
                 ex.response_done = True
                 if events:
@@ -904,7 +922,10 @@ class HttpConnection(asyncio.Protocol):
             self._arm(self.limits.header_timeout, _T_HEAD)
         else:
             self._arm(self.limits.keepalive_timeout, _T_IDLE)
-        self._pump()
+        if self.events:
+            self._pump()
+        elif self._paused & _P_QUEUE:
+            self._set_paused(_P_QUEUE, False)
 
 
 class HttpEdge:

@@ -48,7 +48,10 @@ class HttpError(Exception):
 class Request:
     """A request head as the user sent it. Header names and values are the raw bytes."""
 
-    __slots__ = ("method", "target", "version", "headers", "host", "keep_alive", "framing", "length", "upgrade", "expect_continue")
+    __slots__ = (
+        "method", "target", "version", "headers", "host", "keep_alive", "framing", "length", "upgrade", "expect_continue",
+        "connection",
+    )
 
     def __init__(self, method: str, target: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> None:
         self.method = method
@@ -61,6 +64,8 @@ class Request:
         self.length = 0
         self.upgrade = False
         self.expect_continue = False
+        #: lower-cased tokens of the Connection headers (the headers they name are hop-by-hop)
+        self.connection: frozenset[bytes] = frozenset()
 
     @property
     def has_body(self) -> bool:
@@ -70,7 +75,7 @@ class Request:
 class Response:
     """A response head from a backend."""
 
-    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "framing", "length")
+    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "framing", "length", "connection")
 
     def __init__(self, status: int, reason: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -80,6 +85,7 @@ class Response:
         self.keep_alive = True
         self.framing = NO_BODY
         self.length = 0
+        self.connection: frozenset[bytes] = frozenset()
 
     @property
     def interim(self) -> bool:
@@ -92,6 +98,10 @@ def _length(value: bytes, status: int) -> int:
     if len(value) > 18:
         raise HttpError(status, "Content-Length is too large")
     return int(value)
+
+
+def _tokens(known: frozenset[bytes], value: bytes) -> frozenset[bytes]:
+    return known.union(token.strip().lower() for token in value.split(b","))
 
 
 class _Reader:
@@ -143,6 +153,7 @@ class _Reader:
         self.events.append((BODY, data))
 
     def _feed(self, data, guard: int, what: str) -> None:
+        """Parse ``data`` (the readers' ``feed`` inline this for the usual case)."""
         if self._dead:
             raise HttpError(self._status, f"no more input is taken after the {what} was refused or upgraded")
         if self._head_bytes > guard:
@@ -154,18 +165,21 @@ class _Reader:
             self._dead = True
             self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
             return
-        except HttpParserCallbackError as exc:
-            self._dead = True
-            if isinstance(exc.__context__, HttpError):
-                raise exc.__context__ from None
-            raise
         except HttpParserError as exc:
-            self._dead = True
-            raise HttpError(400 if self._status == 431 else 502, f"malformed {what}: {exc}") from None
+            self._failed(exc, what)
         if self._in_head:
             self._head_bytes += len(data)
         else:
             self._head_bytes = 0
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        """Turn a parser error into the HttpError to answer with."""
+        self._dead = True
+        if isinstance(exc, HttpParserCallbackError) and isinstance(exc.__context__, HttpError):
+            raise exc.__context__ from None
+        if isinstance(exc, HttpParserCallbackError):
+            raise exc
+        raise HttpError(400 if self._status == 431 else 502, f"malformed {what}: {exc}") from None
 
 
 class RequestReader(_Reader):
@@ -181,8 +195,21 @@ class RequestReader(_Reader):
 
     def feed(self, data) -> None:
         """Parse ``data``; events land in ``events``. Raises HttpError for a refused request."""
-        limits = self._limits
-        self._feed(data, limits.max_request_line + limits.max_header_bytes + _HEAD_SLACK, "request")
+        if self._dead or self._head_bytes or self._in_head:
+            limits = self._limits
+            self._feed(data, limits.max_request_line + limits.max_header_bytes + _HEAD_SLACK, "request")
+            return
+        # The usual case: a new request, or body bytes.
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._dead = True
+            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
+        except HttpParserError as exc:
+            self._failed(exc, "request")
+        else:
+            if self._in_head:
+                self._head_bytes = len(data)
 
     # -- httptools callbacks
 
@@ -229,6 +256,8 @@ class RequestReader(_Reader):
                 if value.strip().lower() != b"100-continue":
                     raise HttpError(417, "the only expectation supported is 100-continue")
                 request.expect_continue = True
+            elif lower == b"connection":
+                request.connection = _tokens(request.connection, value)
         if lengths > 1:
             raise HttpError(400, "more than one Content-Length header")
         if request.host is None and version == "1.1":
@@ -277,7 +306,19 @@ class ResponseReader(_Reader):
 
     def feed(self, data) -> None:
         """Parse ``data``; events land in ``events``. Raises HttpError(502) for a bad response."""
-        self._feed(data, self._limits.max_response_header_bytes + _HEAD_SLACK, "response")
+        if self._dead or self._head_bytes or self._in_head:
+            self._feed(data, self._limits.max_response_header_bytes + _HEAD_SLACK, "response")
+        else:
+            try:
+                self._parser.feed_data(data)
+            except HttpParserUpgrade as exc:
+                self._dead = True
+                self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
+            except HttpParserError as exc:
+                self._failed(exc, "response")
+            else:
+                if self._in_head:
+                    self._head_bytes = len(data)
         if self._skip:
             self._skip = False
             self._parser = httptools.HttpResponseParser(self)
@@ -309,10 +350,6 @@ class ResponseReader(_Reader):
         if len(self._reason) > 1024:
             raise HttpError(502, "the backend's status line is too long")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._skip:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         if self._skip:
             return
@@ -334,6 +371,8 @@ class ResponseReader(_Reader):
                 if value.strip().lower() != b"chunked":
                     raise HttpError(502, "the backend used a transfer coding other than chunked")
                 framing = CHUNKED
+            elif lower == b"connection":
+                response.connection = _tokens(response.connection, value)
         if status == 101:
             if not self._upgrade_ok:
                 raise HttpError(502, "the backend switched protocols for a request that did not ask to")

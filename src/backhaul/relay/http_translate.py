@@ -74,14 +74,6 @@ class Route:
         self.keep_host = bool(getattr(app, "keep_host", False))
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens)
-
-
 def request_target(route: Route, target: bytes) -> bytes:
     """The request-target the backend gets: the path under the internal URL's path."""
     if target.startswith(b"/"):
@@ -99,7 +91,7 @@ def request_headers(
     extra: tuple[tuple[bytes, bytes], ...] = (),
 ) -> list[tuple[bytes, bytes]]:
     """The headers the backend gets, without framing headers."""
-    tokens = _connection_tokens(request.headers)
+    tokens = request.connection
     out: list[tuple[bytes, bytes]] = []
     forwarded_for: list[bytes] = []
     upgrade = None
@@ -185,7 +177,7 @@ def response_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The headers the user gets, without framing headers (``keep_length``: keep Content-Length,
     for a bodiless answer such as a response to HEAD, where it describes the would-be body)."""
-    tokens = _connection_tokens(response.headers)
+    tokens = response.connection
     out: list[tuple[bytes, bytes]] = []
     upgrade = None
     for name, value in response.headers:

@@ -34,20 +34,14 @@ def chunk(data) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def _head(first_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    parts = [first_line]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
 def request_head(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return _head(b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target), headers)
+    return b"%s %s HTTP/1.1\r\n%b\r\n" % (
+        method.encode("ascii"), target, b"".join([b"%s: %s\r\n" % header for header in headers])
+    )
 
 
 def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return _head(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
+    return b"HTTP/1.1 %d %s\r\n%b\r\n" % (status, reason, b"".join([b"%s: %s\r\n" % header for header in headers]))
 
 
 def reason_phrase(status: int) -> bytes:
