@@ -75,6 +75,7 @@ def edge(tmp_path_factory):
                 ("down", "down.test", f"http://127.0.0.1:{free_port()}"),
                 ("oidc", "oidc.test", plain, "--preauth", "oidc"),
                 ("orphan", "orphan.test", plain, "--group", "empty"),
+                ("ephemeral", "ephemeral.test", plain),
             ]
             # Through the CLI, as an admin would; side by side, since each call starts a process.
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -504,3 +505,41 @@ def _drain_response(sock: socket.socket, start: bytes) -> None:
     length = int([line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")][0])
     while len(body) < length:
         body += sock.recv(4096)
+
+
+# ---------------------------------------------------------------------------- administration
+
+
+def test_publish_options_through_the_cli(edge):
+    system = edge.system
+    apps = {app["name"]: app for app in system.admin_json("app", "list")}
+    assert apps["kept"]["keep_host"] is True
+    assert apps["insecure"]["backend_insecure"] is True
+    assert apps["secure"]["backend_ca"] == (edge.work / "ca.pem").read_text().strip() + "\n"
+    refusals = [
+        (("app", "publish", "x", "--tcp", str(free_port()), "--target", "h:1", "--keep-host"), "for --http apps"),
+        (("app", "publish", "x", "--http", "x.test", "--internal-url", "https://h/", "--backend-ca", "/nonexistent.pem"), "cannot read"),
+        (("app", "publish", "x", "--http", "x.test", "--internal-url", "http://h/", "--backend-insecure"), "https://"),
+        (("app", "publish", "x", "--http", "x.test", "--internal-url", "https://h/", "--backend-ca", str(edge.work / "backend.key")), "PEM"),
+    ]
+    for args, words in refusals:
+        result = system.admin(*args, check=False)
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert "x" not in {app["name"] for app in system.admin_json("app", "list")}
+
+
+def test_deleting_an_app_closes_its_open_connections(edge):
+    import aiohttp
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{edge.port}/ws", headers={"Host": "ephemeral.test"}) as ws:
+                await ws.send_str("still here?")
+                assert (await ws.receive(timeout=10)).data == "echo: still here?"
+                await asyncio.to_thread(edge.system.admin, "app", "delete", "ephemeral")
+                message = await ws.receive(timeout=15)
+                assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+    asyncio.run(main())
+    assert request(edge, "GET", "/", host="ephemeral.test")[0].status == 404

@@ -21,8 +21,9 @@ PROTOCOLS = ("tcp", "udp", "http")
 PREAUTH = ("passthrough", "oidc")
 #: Longest free-text field (connector name, host name, version) kept from a connector.
 MAX_TEXT = 255
-#: Largest CA bundle an http app may carry (it travels in every config pull of its group).
-MAX_CA_BUNDLE = 64 * 1024
+#: Largest CA bundle an http app may carry (it travels in every config pull of its group,
+#: and the whole request must fit in ControlSettings.max_body).
+MAX_CA_BUNDLE = 32 * 1024
 #: Options only http apps take, with the value that means "not set".
 HTTP_OPTIONS = {"external_host": None, "internal_url": None, "preauth": None, "keep_host": False, "backend_ca": None, "backend_insecure": False}
 
