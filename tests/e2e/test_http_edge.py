@@ -507,6 +507,70 @@ def _drain_response(sock: socket.socket, start: bytes) -> None:
         body += sock.recv(4096)
 
 
+def _push_until_blocked(port: int, data: bytes, seconds: float) -> tuple[int, socket.socket]:
+    """Send ``data`` over and over for ``seconds`` without reading; how much the edge took."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(data)
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent, sock
+
+
+def test_pipelining_client_that_never_reads_is_held_in_bounded_memory(edge):
+    requests = b"GET /download?size=65536 HTTP/1.1\r\nHost: app.test\r\n\r\n" * 1000
+    before = _rss(edge)
+    sent, sock = _push_until_blocked(edge.port, requests, 2.0)
+    try:
+        mid = _rss(edge)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(requests)
+            except BlockingIOError:
+                time.sleep(0.01)
+        after = _rss(edge)
+    finally:
+        sock.close()
+    # The edge stops reading once answers back up: the kernel's buffers, not gigabytes.
+    assert sent < 64 * MiB, f"the edge took {sent / MiB:.0f} MiB of pipelined requests"
+    assert (after - before) * 1024 < 48 * MiB and (after - mid) * 1024 < 16 * MiB, (before, mid, after)
+
+
+def test_user_that_never_reads_holds_the_download_at_the_window(edge):
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(b"GET /download?size=%d HTTP/1.1\r\nHost: app.test\r\n\r\n" % (4096 * MiB))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        mid = _rss(edge)
+        time.sleep(2.0)
+        after = _rss(edge)
+        assert abs(after - mid) * 1024 < 16 * MiB, f"RSS moved {after - mid} KiB while nobody read"
+        got = 0
+        while got < 16 * MiB:
+            got += len(sock.recv(MiB))
+
+
+def test_bad_service_options_are_refused_with_one_line(edge, tmp_path):
+    data_dir = str(edge.system.data_dir)
+    cases = [
+        (("--https", "127.0.0.1:1"), "--https-cert"),
+        (("--https-cert", "x.pem"), "--https HOST:PORT"),
+        (("--https", "127.0.0.1:1", "--https-cert", str(tmp_path / "no.pem"), "--https-key", str(tmp_path / "no.key")), "missing"),
+        (("--http-limit", "bogus=1"), "header_timeout"),
+        (("--http-limit", "header_timeout=soon"), "not a number"),
+        (("--http-limit", "max_headers=0"), "positive"),
+    ]
+    for args, words in cases:
+        result = edge.system.cli("service", "run", "--data-dir", data_dir, "--listen", "127.0.0.1:1", *args, check=False)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------- administration
 
 

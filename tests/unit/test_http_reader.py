@@ -326,3 +326,10 @@ def test_a_response_cut_short_is_bad_gateway():
     assert info.value.status == 502
     reader, _ = respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", eof=True)
     assert reader.idle
+
+
+def test_connection_tokens_are_collected_for_hop_by_hop_removal():
+    request = read(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Foo\r\nConnection: Upgrade\r\n\r\n")[0][1]
+    assert request.connection == {b"keep-alive", b"x-foo", b"upgrade"}
+    _, events = respond(b"HTTP/1.1 200 OK\r\nConnection: close, X-Bar\r\nContent-Length: 0\r\n\r\n")
+    assert events[0][1].connection == {b"close", b"x-bar"}
