@@ -607,3 +607,14 @@ def test_deleting_an_app_closes_its_open_connections(edge):
 
     asyncio.run(main())
     assert request(edge, "GET", "/", host="ephemeral.test")[0].status == 404
+
+
+def test_half_closed_client_still_gets_its_answers(edge):
+    head = b"Host: app.test\r\n"
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(b"GET /h1 HTTP/1.1\r\n" + head + b"\r\nGET /h2 HTTP/1.1\r\n" + head + b"\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_responses(sock, 2)
+        assert sock.recv(1) == b""  # then the edge closes
+    assert [json.loads(body)["path"] for _, body, _ in answers] == ["/h1", "/h2"]
+    assert answers[1][2].getheader("Connection") == "close"

@@ -264,10 +264,10 @@ class HttpConnection(asyncio.Protocol):
                 if stream.remote_done:
                     self._close()
             return True
-        ex = self.ex
-        if ex is not None and ex.request_done and not self.events:
-            # A client may half-close once its request is sent; it still gets the answer.
-            ex.close_after = True
+        events = self.events
+        if (self.ex is not None and self.ex.request_done and not events) or (events and events[-1][0] == END):
+            # A client may half-close once its requests are sent; it still gets the answers,
+            # then the connection closes.
             return True
         return False
 
@@ -444,7 +444,7 @@ class HttpConnection(asyncio.Protocol):
                     # absolute-form: its authority overrides Host (RFC 9112, 3.2.2)
                     scheme_end = target.index(b"//") + 2
                     path_at = target.find(b"/", scheme_end)
-                    host = target[scheme_end:] if path_at < 0 else target[scheme_end:path_at]
+                    host = request.host = target[scheme_end:] if path_at < 0 else target[scheme_end:path_at]
                     request.target = b"/" if path_at < 0 else target[path_at:]
                 elif not (target == b"*" and request.method == "OPTIONS"):
                     raise HttpError(400, "the request-target must be a path")
@@ -862,6 +862,7 @@ class HttpConnection(asyncio.Protocol):
             or (request.upgrade and response.status != 101)
             # an answer before the whole request: what is left of the request has nowhere to go
             or not ex.request_done
+            or (self._user_eof and not self.events)
         )
         if response.framing == LENGTH:
             headers.append((b"Content-Length", str(response.length).encode("ascii")))
@@ -911,7 +912,7 @@ class HttpConnection(asyncio.Protocol):
                     "seconds": round(time.monotonic() - ex.started, 4),
                 },
             )
-        if ex.close_after or self._closing:
+        if ex.close_after or self._closing or (self._user_eof and not self.events):
             self._close()
             return
         stream = self._stream
