@@ -23,6 +23,9 @@ from backhaul.relay.http_reader import (
     ResponseReader,
 )
 
+#: Message handling only: no tunnel, so one run (not one per codec) is enough.
+pytestmark = pytest.mark.codec_independent
+
 NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
 MODES = ["whole", "bytes", "trailing"]
 LIMITS = HttpLimits()

@@ -9,6 +9,9 @@ from backhaul.relay import http_writer as writer
 from backhaul.relay.http_reader import HttpError, Request, Response
 from backhaul.store import App
 
+#: Message handling only: no tunnel, so one run (not one per codec) is enough.
+pytestmark = pytest.mark.codec_independent
+
 
 def route(internal_url: str = "http://10.0.0.5:8080", keep_host: bool = False) -> translate.Route:
     app = App("web", "default", "http", None, "x:1", "app.example.com", internal_url, "passthrough", keep_host=keep_host)
