@@ -290,6 +290,12 @@ def test_tls12_client_is_refused(run):
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/", "preauth": "magic"}, 400, "bad_request", "preauth"),
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/", "port": 80}, 400, "bad_request", "only for tcp/udp"),
         ({"name": "a", "group": "nope", "proto": "tcp", "port": 1, "target": "h:1"}, 404, "not_found", "nope"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "h:1", "keep_host": True}, 400, "bad_request", "only for http"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "h:1", "backend_insecure": True}, 400, "bad_request", "only for http"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/", "backend_insecure": True}, 400, "bad_request", "https://"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "backend_ca": "not a pem"}, 400, "bad_request", "PEM"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "backend_ca": "x" * 40000}, 400, "bad_request", "at most"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "keep_host": "yes"}, 400, "bad_request", "true or false"),
     ],
 )
 def test_bad_apps_are_refused_clearly(run, body, status, code, words):
@@ -300,6 +306,30 @@ def test_bad_apps_are_refused_clearly(run, body, status, code, words):
         _is_error(answer, code)
         assert words in answer["detail"]
         assert s.store.list_apps() == [] and s.store.config_version() == version
+
+    run(go)
+
+
+def test_http_app_tls_options_reach_the_connector_config(run, tmp_path):
+    ca_pem = pki.make_ca("backend CA").cert_pem.decode()
+
+    async def go(s):
+        body = {"name": "web", "proto": "http", "external_host": "web.example", "internal_url": "https://intranet/"}
+        status, answer, _ = await s.call("POST", "/v1/apps", {**body, "backend_ca": ca_pem, "backend_insecure": True})
+        assert status == 400 and "not both" in answer["detail"]
+        status, app, _ = await s.call("POST", "/v1/apps", {**body, "backend_ca": ca_pem, "keep_host": True})
+        assert status == 201 and app["backend_ca"] == ca_pem and app["keep_host"] is True and app["backend_insecure"] is False
+        assert s.store.get_app("web") == s.store.list_apps()[0] and s.store.get_app("web").backend_ca == ca_pem
+        status, app, _ = await s.call("PATCH", "/v1/apps/web", {"backend_ca": None, "backend_insecure": True})
+        assert status == 200 and app["backend_ca"] is None and app["backend_insecure"] is True
+        status, answer, _ = await s.call("PATCH", "/v1/apps/web", {"internal_url": "http://intranet/"})
+        assert status == 400 and "https://" in answer["detail"]
+        state = await s.register(tmp_path / "conn")
+        async with control_client.connector_session(state) as session:
+            _, config = await control_client.pull_config(state, session, None)
+        assert config["apps"] == [
+            {"name": "web", "proto": "http", "target": "intranet:443", "internal_url": "https://intranet/", "health_path": None, "backend_ca": None, "backend_insecure": True}
+        ]
 
     run(go)
 

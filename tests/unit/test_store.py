@@ -168,7 +168,10 @@ def test_connector_config_lists_its_groups_apps_and_etag_tracks_them(store):
     assert cfg["connector_id"] == cid and cfg["group"] == "g1" and cfg["refresh_interval"] == 60
     assert cfg["apps"] == [
         {"name": "db", "proto": "tcp", "target": "10.0.0.1:5432", "internal_url": None, "health_path": None},
-        {"name": "web", "proto": "http", "target": "intranet:80", "internal_url": "http://intranet/", "health_path": None},
+        {
+            "name": "web", "proto": "http", "target": "intranet:80", "internal_url": "http://intranet/",
+            "health_path": None, "backend_ca": None, "backend_insecure": False,
+        },
     ]
     assert cfg["version"] == store.config_version()
     store.create_app(App("more", "default", "tcp", 5002, "10.0.0.3:22"))

@@ -68,6 +68,12 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
         "--health-path", metavar="PATH", default=None,
         help="path connectors GET to check the web app (http apps; default: a TCP connect)",
     )
+    p.add_argument("--keep-host", action="store_true", help="the app gets the external Host header, not its own (http apps)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--backend-ca", metavar="FILE", help="PEM CA bundle the connector verifies an https app with")
+    tls.add_argument(
+        "--backend-insecure", action="store_true", help="do not verify the https app's certificate (testing only)"
+    )
     leaf(app, "list", app_list, "list apps")
     leaf(app, "delete", app_delete, "delete an app").add_argument("name")
 
@@ -99,6 +105,14 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> int:
 
 def _usage(message: str) -> int:
     raise ConfigError(message)
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read(1024 * 1024)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc})") from None
 
 
 # -- groups
@@ -153,11 +167,19 @@ def app_publish(args: argparse.Namespace) -> int:
         body.update(proto="http", external_host=args.http, internal_url=args.internal_url, preauth=args.preauth or "passthrough")
         if args.health_path is not None:
             body["health_path"] = args.health_path
+        if args.keep_host:
+            body["keep_host"] = True
+        if args.backend_insecure:
+            body["backend_insecure"] = True
+        if args.backend_ca is not None:
+            body["backend_ca"] = _read_text(args.backend_ca, "--backend-ca")
     else:
         if args.internal_url is not None or args.preauth is not None:
             return _usage("--internal-url and --preauth are for --http apps; a --tcp/--udp app takes --target HOST:PORT")
         if args.health_path is not None:
             return _usage("--health-path is for --http apps; a --tcp app is checked by connecting to its --target")
+        if args.keep_host or args.backend_ca is not None or args.backend_insecure:
+            return _usage("--keep-host, --backend-ca and --backend-insecure are for --http apps")
         if args.target is None:
             return _usage("a --tcp/--udp app needs --target HOST:PORT (where the connector connects)")
         proto, port = ("tcp", args.tcp) if args.tcp is not None else ("udp", args.udp)

@@ -28,6 +28,7 @@ from typing import Callable
 from backhaul import __version__, tlsconfig
 from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.connector import health, udp_flows
+from backhaul.connector.http_target import BackendTls, HttpTargetPipe
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.errors import ProxyError
@@ -89,6 +90,10 @@ def _open_failure(exc: BaseException) -> tuple[int, str]:
     """Map a failed target connect to the wire error code and a reason."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ErrorCode.CONNECT_TIMEOUT, "the target did not answer in time"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ErrorCode.CONNECT_REFUSED, f"the target's TLS certificate was not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return ErrorCode.CONNECT_REFUSED, f"TLS with the target failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return ErrorCode.CONNECT_REFUSED, "the target refused the connection"
     if isinstance(exc, socket.gaierror):
@@ -117,6 +122,8 @@ class ConnectorAgent:
         self.relay_workers: int = 1
         #: the read buffer every target socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
+        #: TLS contexts for the https backends of http apps
+        self.backend_tls = BackendTls()
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
         self.udp = udp_flows.UdpFlows(settings.udp, self.stats, _open_failure)
         #: tunnel slots by index; a retired slot stops redialing once its tunnel has closed
@@ -302,6 +309,7 @@ class ConnectorAgent:
         self.refresh_interval = float(config.get("refresh_interval", 120))
         self.apps = apps
         self.origins.set_apps(apps)
+        self.backend_tls.clear()
         for pipe in list(self.pipes):
             app = apps.get(pipe.labels.get("app"))
             if app is None or app.get("target") != pipe.labels.get("target"):
@@ -553,7 +561,7 @@ class ConnectorAgent:
         if meta.get("proto") == "udp":
             self._open_flow(tunnel, stream_id, meta, app)
             return
-        if app.get("proto") != "tcp" or app.get("target") != target:
+        if app.get("proto") not in ("tcp", "http") or meta.get("proto") != app.get("proto") or app.get("target") != target:
             self._refuse(
                 tunnel, stream_id, meta, ErrorCode.TARGET_NOT_ALLOWED, f"target {target!r} is not allowed for app {name!r}"
             )
@@ -566,8 +574,13 @@ class ConnectorAgent:
         except Exception as exc:
             self._refuse(tunnel, stream_id, meta, ErrorCode.TARGET_NOT_ALLOWED, str(exc))
             return
+        try:
+            tls = self.backend_tls.options(app) if app.get("proto") == "http" else {}
+        except (ssl.SSLError, ValueError) as exc:
+            self._refuse(tunnel, stream_id, meta, ErrorCode.CONNECT_REFUSED, f"the app's backend CA bundle is unusable: {exc}")
+            return
         self.stats["streams_opened"] += 1
-        asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port))
+        asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port, app, tls))
 
     def _open_flow(self, tunnel: Tunnel, stream_id: int, meta: dict, app: dict) -> None:
         refused = udp_flows.refusal(meta, app)
@@ -599,16 +612,21 @@ class ConnectorAgent:
             to_app=pipe.bytes_down, to_client=pipe.bytes_up, code=pipe.code, reason=pipe.result or "",
         )
 
-    async def _connect(self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int) -> None:
+    async def _connect(
+        self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int, app: dict, tls: dict
+    ) -> None:
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
         if meta.get("user") is not None:
             labels["user"] = meta["user"]
-        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self._stream_done)
+        if app.get("proto") == "http":
+            pipe = HttpTargetPipe(self.settings.flow, labels, self.read_buffer, on_done=self._stream_done)
+        else:
+            pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self._stream_done)
         pipe.tunnel = tunnel
         pipe.stream_id = stream_id
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port), self.settings.target_timeout)
+            await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port, **tls), self.settings.target_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = _open_failure(exc)
             stream_log.warning("target connect failed", extra={**labels, "reason": reason})

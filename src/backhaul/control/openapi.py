@@ -34,7 +34,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         apps={
             "type": "array",
             "items": _obj(
-                ["name", "proto", "target"], name=_S, proto=_S, target=_S, internal_url=_NULLABLE_S, health_path=_NULLABLE_S
+                ["name", "proto", "target"],
+                name=_S,
+                proto=_S,
+                target=_S,
+                internal_url=_NULLABLE_S,
+                backend_ca=_NULLABLE_S,
+                backend_insecure=_B,
+                health_path=_NULLABLE_S,
             ),
         },
     ),
@@ -65,6 +72,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         external_host=_NULLABLE_S,
         internal_url=_NULLABLE_S,
         preauth={"type": ["string", "null"], "enum": ["passthrough", "oidc", None]},
+        keep_host=_B,
+        backend_ca=_NULLABLE_S,
+        backend_insecure=_B,
         health_path=_NULLABLE_S,
     ),
     "Reachability": _obj(

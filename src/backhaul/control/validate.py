@@ -24,6 +24,11 @@ MAX_TEXT = 255
 #: Longest health check path of an http app.
 MAX_HEALTH_PATH = 1024
 _HEALTH_PATH = re.compile(r"^/[\x21-\x7e]*$")
+#: Largest CA bundle an http app may carry (it travels in every config pull of its group,
+#: and the whole request must fit in ControlSettings.max_body).
+MAX_CA_BUNDLE = 32 * 1024
+#: Options only http apps take, with the value that means "not set".
+HTTP_OPTIONS = {"external_host": None, "internal_url": None, "preauth": None, "keep_host": False, "backend_ca": None, "backend_insecure": False, "health_path": None}
 
 
 class Invalid(BackhaulError):
@@ -139,6 +144,29 @@ def health_map(value: Any, limit: int) -> dict[str, bool] | None:
     return value
 
 
+def boolean(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def ca_bundle(value: Any) -> str | None:
+    """A PEM bundle of one or more CA certificates, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_CA_BUNDLE:
+        raise Invalid(f"backend_ca must be PEM text of at most {MAX_CA_BUNDLE} bytes")
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(value.encode("ascii"))
+    except (ValueError, UnicodeError) as exc:
+        raise Invalid(f"backend_ca is not a PEM bundle of certificates ({exc})") from None
+    if not certificates:
+        raise Invalid("backend_ca holds no certificate")
+    return value.strip() + "\n"
+
+
 def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -> App:
     """An App from a publish request body."""
     proto = body.get("proto")
@@ -146,8 +174,8 @@ def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -
         raise Invalid(f"proto must be one of {', '.join(PROTOCOLS)}, not {proto!r}")
     common = {"name": name(body.get("name"), "app name"), "group": name(body.get("group", "default"), "group"), "proto": proto}
     if proto in ("tcp", "udp"):
-        for extra in ("external_host", "internal_url", "preauth", "health_path"):
-            if body.get(extra) is not None:
+        for extra, unset in HTTP_OPTIONS.items():
+            if body.get(extra, unset) not in (None, unset):
                 raise Invalid(f"{extra} is only for http apps; a {proto} app takes port and target")
         p = port(body.get("port"))
         if p in reserved_ports:
@@ -160,11 +188,20 @@ def app(body: dict[str, Any], *, reserved_ports: frozenset[int] = frozenset()) -
     preauth = body.get("preauth") or "passthrough"
     if preauth not in PREAUTH:
         raise Invalid(f"preauth must be one of {', '.join(PREAUTH)}, not {preauth!r}")
+    backend_ca = ca_bundle(body.get("backend_ca"))
+    backend_insecure = boolean(body.get("backend_insecure", False), "backend_insecure")
+    if (backend_ca is not None or backend_insecure) and not url.startswith("https:"):
+        raise Invalid("backend_ca and backend_insecure are for an https:// internal URL")
+    if backend_ca is not None and backend_insecure:
+        raise Invalid("give either backend_ca (verify with this CA) or backend_insecure (do not verify), not both")
     return App(
         **common,
         target=url_target,
         external_host=host(body.get("external_host"), "external host"),
         internal_url=url,
         preauth=preauth,
+        keep_host=boolean(body.get("keep_host", False), "keep_host"),
+        backend_ca=backend_ca,
+        backend_insecure=backend_insecure,
         health_path=health_path(body.get("health_path")),
     )

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, Keepalive, UdpLimits
+from backhaul.config import FlowControl, HttpLimits, Keepalive, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.relay.http_edge import HttpEdge
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import TunnelRegistry
 from backhaul.relay import udp_edge
@@ -36,6 +37,11 @@ class RelaySettings:
     data_dir: Path
     listen: str = "127.0.0.1:8443"
     http: str | None = None
+    #: HTTPS edge: where users reach published HTTP apps over TLS, with the operator's certificate.
+    https: str | None = None
+    https_cert: Path | None = None
+    https_key: Path | None = None
+    http_limits: HttpLimits = HttpLimits()
     worker: int = 0
     workers: int = 1
     flow: FlowControl = FlowControl()
@@ -96,6 +102,9 @@ class RelayWorker:
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
+        #: pre-authentication of oidc apps (preauth_api.Gate); None refuses them
+        self.gate = None
+        self.http_edge: HttpEdge | None = None
         self._http_server = None
         self._runner = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -115,6 +124,8 @@ class RelayWorker:
         reserved = {self._port}
         if self.settings.http:
             reserved.add(parse_hostport(self.settings.http, "--http")[1])
+        if self.settings.https:
+            reserved.add(parse_hostport(self.settings.https, "--https")[1])
         control_settings = ControlSettings(reserved_ports=frozenset(reserved))
         if self.settings.cert_validity is not None:
             control_settings = dataclasses.replace(control_settings, cert_validity=self.settings.cert_validity)
@@ -131,6 +142,12 @@ class RelayWorker:
             lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
         )
         self._servers.append(server)
+        self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats)
+        if self.settings.http:
+            await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
+        if self.settings.https:
+            edge_tls = tlsconfig.edge_context(self.settings.https_cert, self.settings.https_key)
+            await self.http_edge.listen(*parse_hostport(self.settings.https, "--https"), edge_tls)
         await self.reload()
         if self.settings.run_dir is not None:
             from backhaul.relay.metrics import SPECS
@@ -161,6 +178,8 @@ class RelayWorker:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if self.http_edge is not None:
+            await self.http_edge.stop()
         for app in list(self.apps.values()):
             await app.stop()
         self.apps.clear()
@@ -197,6 +216,8 @@ class RelayWorker:
         self._app_names = [app.name for app in apps]
         self.metrics.prune(set(self._app_names), self._connector_exists)
         wanted = {app.name: app for app in apps if app.proto == "tcp"}
+        if self.http_edge is not None:
+            self.http_edge.set_apps([app for app in apps if app.proto == "http"])
         for name, running in list(self.apps.items()):
             if wanted.get(name) != running.app:
                 await running.stop()

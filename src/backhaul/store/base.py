@@ -59,8 +59,10 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class App:
     """A published application. tcp/udp apps have ``port`` and ``target`` (host:port);
-    http apps have ``external_host``, ``internal_url`` and ``preauth``, and may have a
-    ``health_path`` that connectors GET to check the origin (else they TCP-connect)."""
+    http apps have ``external_host``, ``internal_url`` and ``preauth``, and options:
+    ``keep_host`` (the backend gets the external Host), ``backend_ca`` (PEM CA bundle the
+    connector verifies an https backend with), ``backend_insecure`` (no verification) and
+    ``health_path`` (what connectors GET to check the origin; else they TCP-connect)."""
 
     name: str
     group: str
@@ -70,6 +72,9 @@ class App:
     external_host: str | None = None
     internal_url: str | None = None
     preauth: str | None = None
+    keep_host: bool = False
+    backend_ca: str | None = None
+    backend_insecure: bool = False
     health_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,6 +73,16 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        2,
+        (
+            # Per-app options of http apps: keep the external Host for the backend; the
+            # connector's TLS to an https backend (a CA bundle in PEM, or no verification).
+            "ALTER TABLE apps ADD COLUMN keep_host INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE apps ADD COLUMN backend_ca TEXT",
+            "ALTER TABLE apps ADD COLUMN backend_insecure INTEGER NOT NULL DEFAULT 0",
+        ),
+    ),
+    (
         3,
         (
             "ALTER TABLE apps ADD COLUMN health_path TEXT",

@@ -41,7 +41,9 @@ _CONNECTOR_COLUMNS = (
     "COALESCE((SELECT SUM(t.count) FROM tunnels t WHERE t.connector_id = c.id), 0), "
     "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory"
 )
-_APP_COLUMNS = "name, grp, proto, port, target, external_host, internal_url, preauth, health_path"
+_APP_COLUMNS = (
+    "name, grp, proto, port, target, external_host, internal_url, preauth, keep_host, backend_ca, backend_insecure, health_path"
+)
 
 
 def _connector(row: tuple) -> Connector:
@@ -69,7 +71,14 @@ def _connector(row: tuple) -> Connector:
 
 
 def _app(row: tuple) -> App:
-    return App(*row)
+    return App(*row[:8], keep_host=bool(row[8]), backend_ca=row[9], backend_insecure=bool(row[10]), health_path=row[11])
+
+
+def _app_values(app: App) -> tuple:
+    return (
+        app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url, app.preauth,
+        int(app.keep_host), app.backend_ca, int(app.backend_insecure), app.health_path,
+    )
 
 
 class SqliteStore(Store):
@@ -443,8 +452,12 @@ class SqliteStore(Store):
             group = row[0]
             apps = [
                 {"name": name, "proto": proto, "target": target, "internal_url": internal_url, "health_path": health_path}
-                for name, proto, target, internal_url, health_path in db.execute(
-                    "SELECT name, proto, target, internal_url, health_path FROM apps WHERE grp = ? ORDER BY name", (group,)
+                # The connector does the TLS to an https backend, so it gets the app's TLS options.
+                | ({"backend_ca": ca, "backend_insecure": bool(insecure)} if proto == "http" else {})
+                for name, proto, target, internal_url, health_path, ca, insecure in db.execute(
+                    "SELECT name, proto, target, internal_url, health_path, backend_ca, backend_insecure FROM apps "
+                    "WHERE grp = ? ORDER BY name",
+                    (group,),
                 )
             ]
         # The ETag covers what the connector sees, not the global version, so a change
@@ -487,11 +500,8 @@ class SqliteStore(Store):
             if db.execute("SELECT COUNT(*) FROM apps").fetchone()[0] >= self.limits.max_apps:
                 raise LimitReached(f"there are already {self.limits.max_apps} apps; delete unused ones first")
             db.execute(
-                f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url,
-                    app.preauth, app.health_path, self._clock(),
-                ),
+                f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*_app_values(app), self._clock()),
             )
             self._bump(db)
         return app
@@ -503,11 +513,8 @@ class SqliteStore(Store):
             self._check_app(db, app, name)
             db.execute(
                 "UPDATE apps SET name = ?, grp = ?, proto = ?, port = ?, target = ?, external_host = ?, "
-                "internal_url = ?, preauth = ?, health_path = ? WHERE name = ?",
-                (
-                    app.name, app.group, app.proto, app.port, app.target, app.external_host, app.internal_url,
-                    app.preauth, app.health_path, name,
-                ),
+                "internal_url = ?, preauth = ?, keep_host = ?, backend_ca = ?, backend_insecure = ?, health_path = ? WHERE name = ?",
+                (*_app_values(app), name),
             )
             # What connectors said about the old app need not hold for the new one.
             db.execute("DELETE FROM app_health WHERE app = ?", (app.name,))

@@ -1,0 +1,338 @@
+"""The HTTP edge's message readers: framing, limits and hostile input.
+
+Every case is fed three ways: whole, one byte at a time, and followed by another request
+(which must never be read as part of, or instead of, a refused one: that is smuggling).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from backhaul.config import HttpLimits
+from backhaul.relay.http_reader import (
+    BODY,
+    CHUNKED,
+    END,
+    HEAD,
+    LENGTH,
+    NO_BODY,
+    UNTIL_CLOSE,
+    UPGRADE,
+    HttpError,
+    RequestReader,
+    ResponseReader,
+)
+
+#: Message handling only: no tunnel, so one run (not one per codec) is enough.
+pytestmark = pytest.mark.codec_independent
+
+NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+MODES = ["whole", "bytes", "trailing"]
+LIMITS = HttpLimits()
+
+
+def _feed(reader, data: bytes, mode: str) -> None:
+    if mode == "bytes":
+        for i in range(len(data)):
+            reader.feed(data[i : i + 1])
+    else:
+        reader.feed(data + (NEXT if mode == "trailing" else b""))
+
+
+def read(data: bytes, mode: str = "whole", limits: HttpLimits = LIMITS) -> list:
+    """The events of ``data``, with body pieces joined; HttpError propagates."""
+    reader = RequestReader(limits)
+    _feed(reader, data, mode)
+    events = []
+    for kind, value in reader.events:
+        if kind == BODY and events and events[-1][0] == BODY:
+            events[-1] = (BODY, events[-1][1] + value)
+        else:
+            events.append((kind, value))
+    if mode == "trailing" and not any(kind == UPGRADE for kind, _ in events):
+        assert events[-2][0] == HEAD and events[-2][1].target == b"/next", "the next request was not read after"
+        events = events[:-2]
+    return events
+
+
+def refused(data: bytes, mode: str, limits: HttpLimits = LIMITS) -> HttpError:
+    reader = RequestReader(limits)
+    with pytest.raises(HttpError) as info:
+        _feed(reader, data, mode)
+    # Nothing after the refused head may come out as a request of its own.
+    assert not any(kind == HEAD and value.target == b"/next" for kind, value in reader.events)
+    assert reader.dead
+    return info.value
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_get(mode):
+    events = read(b"GET /a?b=c HTTP/1.1\r\nHost: app.test:8080\r\nAccept: */*\r\n\r\n", mode)
+    assert [kind for kind, _ in events] == [HEAD, END]
+    request = events[0][1]
+    assert (request.method, request.target, request.version, request.host) == ("GET", b"/a?b=c", "1.1", b"app.test:8080")
+    assert request.headers == [(b"Host", b"app.test:8080"), (b"Accept", b"*/*")]
+    assert request.keep_alive and request.framing == NO_BODY and not request.has_body
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_content_length_body(mode):
+    events = read(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world", mode)
+    assert [kind for kind, _ in events] == [HEAD, BODY, END]
+    assert events[0][1].framing == LENGTH and events[0][1].length == 11
+    assert events[1][1] == b"hello world"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_body_is_dechunked_and_trailers_dropped(mode):
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    events = read(data, mode)
+    assert [kind for kind, _ in events] == [HEAD, BODY, END]
+    assert events[0][1].framing == CHUNKED
+    assert events[1][1] == b"hello world"
+    assert (b"X-Trailer", b"1") not in events[0][1].headers
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes"])
+def test_pipelined_requests_come_out_in_order(mode):
+    data = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET /3 HTTP/1.1\r\nHost: a\r\n\r\n"
+    events = read(data, mode)
+    assert [(k, v.target if k == HEAD else v) for k, v in events] == [
+        (HEAD, b"/1"), (END, None), (HEAD, b"/2"), (BODY, b"hi"), (END, None), (HEAD, b"/3"), (END, None)
+    ]
+
+
+def test_http10_keep_alive_follows_the_connection_header():
+    assert not read(b"GET / HTTP/1.0\r\n\r\n")[0][1].keep_alive
+    assert read(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")[0][1].keep_alive
+    assert not read(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")[0][1].keep_alive
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes"])
+def test_upgrade_hands_over_the_bytes_after_the_head(mode):
+    data = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"
+    reader = RequestReader(LIMITS)
+    if mode == "bytes":
+        # The edge stops reading at the upgrade; so does this loop.
+        for i in range(len(data)):
+            if reader.dead:
+                break
+            reader.feed(data[i : i + 1])
+    else:
+        reader.feed(data)
+    kinds = [kind for kind, _ in reader.events]
+    assert kinds[:2] == [HEAD, END] and reader.events[0][1].upgrade
+    rest = b"".join(value for kind, value in reader.events if kind == UPGRADE)
+    if mode == "whole":
+        assert rest == b"\x81\x05hello"
+    assert reader.dead
+
+
+def test_expect_100_continue_is_noted():
+    request = read(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx")[0][1]
+    assert request.expect_continue
+
+
+def test_absolute_form_target_is_kept_for_the_edge():
+    request = read(b"GET http://app.test/x HTTP/1.1\r\nHost: other\r\n\r\n")[0][1]
+    assert request.target == b"http://app.test/x"
+
+
+HOSTILE = {
+    # request smuggling: ambiguous bodies
+    "content-length and transfer-encoding": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "transfer-encoding and content-length": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", 400),
+    "duplicate content-length": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+    "conflicting content-length": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", 400),
+    "content-length list": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+    "negative content-length": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    "huge content-length": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+    "transfer-encoding twice": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "chunked not last": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400),
+    "other transfer coding": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    "identity transfer coding": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\nabc", 501),
+    "transfer-encoding in http/1.0": (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "bad chunk size": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+    "chunk size bare lf": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", 400),
+    "chunk extension bare lf": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x\nabc\r\n0\r\n\r\n", 400),
+    "chunk data too long": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n", 400),
+    # header syntax
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+    "bare lf after request line": (b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),
+    "bare lf after header": (b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400),
+    "bare cr in header": (b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 400),
+    "cr injected in value": (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+    "nul in value": (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+    "control character in value": (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n", 400),
+    "space before colon": (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    "space in name": (b"GET / HTTP/1.1\r\nHo st: a\r\n\r\n", 400),
+    "no colon": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Broken\r\n\r\n", 400),
+    "cr lf in target": (b"GET /a\rb HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "space in target": (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    # what the edge accepts
+    "two hosts": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "no host in http/1.1": (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),
+    "http/2 request line": (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "http/0.9": (b"GET /\r\n\r\n", 505),
+    "connect": (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+    "unknown method": (b"FROB / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "other expectation": (b"POST / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx", 417),
+    "upgrade with a body": (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc", 400),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_requests_are_refused(case, mode):
+    data, status = HOSTILE[case]
+    assert refused(data, mode).status == status
+
+
+SMALL = HttpLimits(max_request_line=64, max_header_bytes=256, max_headers=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_long_target_is_414(mode):
+    assert refused(b"GET /" + b"a" * 64 + b" HTTP/1.1\r\nHost: a\r\n\r\n", mode, SMALL).status == 414
+    read(b"GET /" + b"a" * 63 + b" HTTP/1.1\r\nHost: a\r\n\r\n", mode, SMALL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_too_many_or_too_large_headers_are_431(mode):
+    lines = b"".join(b"X-%d: 1\r\n" % i for i in range(5))
+    assert refused(b"GET / HTTP/1.1\r\nHost: a\r\n" + lines + b"\r\n", mode, SMALL).status == 431
+    assert refused(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 260 + b"\r\n\r\n", mode, SMALL).status == 431
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes"])
+def test_trailers_count_against_the_header_limits(mode):
+    trailers = b"".join(b"T-%d: 1\r\n" % i for i in range(10))
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + trailers + b"\r\n"
+    assert refused(data, mode, SMALL).status == 431
+
+
+def test_endless_header_line_is_cut_off_without_buffering_it():
+    reader = RequestReader(SMALL)
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: ")
+    with pytest.raises(HttpError) as info:
+        for _ in range(10_000):
+            reader.feed(b"v" * 1024)
+    assert info.value.status == 431
+    # Refused at the guard: the head plus slack, not the 10 MB offered.
+    assert reader._head_bytes < SMALL.max_request_line + SMALL.max_header_bytes + 32 * 1024
+
+
+def test_a_refused_reader_takes_no_more_input():
+    reader = RequestReader(LIMITS)
+    with pytest.raises(HttpError):
+        reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    with pytest.raises(HttpError):
+        reader.feed(NEXT)
+    assert not any(kind == HEAD for kind, _ in reader.events)
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def respond(data: bytes, *, head_request: bool = False, upgrade: bool = False, bytewise: bool = False, eof: bool = False):
+    reader = ResponseReader(LIMITS)
+    reader.expect(head_request, upgrade)
+    if bytewise:
+        for i in range(len(data)):
+            reader.feed(data[i : i + 1])
+    else:
+        reader.feed(data)
+    if eof:
+        reader.eof()
+    return reader, list(reader.events)
+
+
+def _shape(events):
+    out = []
+    for kind, value in events:
+        if kind == HEAD:
+            out.append(("HEAD", value.status))
+        elif kind == BODY:
+            if out and out[-1][0] == "BODY":
+                out[-1] = ("BODY", out[-1][1] + value)
+            else:
+                out.append(("BODY", value))
+        else:
+            out.append(({END: "END", UPGRADE: "UPGRADE"}[kind], value))
+    return out
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_response_framings(bytewise):
+    _, events = respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", bytewise=bytewise)
+    assert _shape(events) == [("HEAD", 200), ("BODY", b"hi"), ("END", None)] and events[0][1].framing == LENGTH
+    _, events = respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", bytewise=bytewise)
+    assert _shape(events) == [("HEAD", 200), ("BODY", b"hi"), ("END", None)] and events[0][1].framing == CHUNKED
+    _, events = respond(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", bytewise=bytewise, eof=True)
+    assert _shape(events) == [("HEAD", 200), ("BODY", b"until the end"), ("END", None)]
+    assert events[0][1].framing == UNTIL_CLOSE and not events[0][1].keep_alive
+
+
+def test_bodiless_responses():
+    for status in (204, 304):
+        _, events = respond(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status)
+        assert _shape(events) == [("HEAD", status), ("END", None)]
+
+
+def test_response_to_head_has_no_body_and_the_next_response_parses():
+    reader, events = respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", head_request=True)
+    assert _shape(events) == [("HEAD", 200), ("END", None)]
+    assert events[0][1].length == 1000
+    reader.events.clear()
+    reader.expect(False, False)
+    reader.feed(b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx")
+    assert _shape(reader.events) == [("HEAD", 201), ("BODY", b"x"), ("END", None)]
+
+
+def test_interim_responses_come_before_the_final_one():
+    _, events = respond(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert _shape(events) == [("HEAD", 100), ("HEAD", 200), ("END", None)]
+    assert events[0][1].interim
+
+
+def test_switching_protocols_only_for_an_upgrade_request():
+    data = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nRAW"
+    _, events = respond(data, upgrade=True)
+    assert _shape(events) == [("HEAD", 101), ("UPGRADE", b"RAW")]
+    with pytest.raises(HttpError) as info:
+        respond(data)
+    assert info.value.status == 502
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+        b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"SSH-2.0-OpenSSH\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(201)) + b"\r\n",
+    ],
+)
+def test_malformed_responses_are_bad_gateway(data):
+    with pytest.raises(HttpError) as info:
+        respond(data)
+    assert info.value.status == 502
+
+
+def test_a_response_cut_short_is_bad_gateway():
+    with pytest.raises(HttpError) as info:
+        respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", eof=True)
+    assert info.value.status == 502
+    reader, _ = respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", eof=True)
+    assert reader.idle
+
+
+def test_connection_tokens_are_collected_for_hop_by_hop_removal():
+    request = read(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Foo\r\nConnection: Upgrade\r\n\r\n")[0][1]
+    assert request.connection == {b"keep-alive", b"x-foo", b"upgrade"}
+    _, events = respond(b"HTTP/1.1 200 OK\r\nConnection: close, X-Bar\r\nContent-Length: 0\r\n\r\n")
+    assert events[0][1].connection == {b"close", b"x-bar"}

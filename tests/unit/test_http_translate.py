@@ -1,0 +1,222 @@
+"""Header translation between the external and internal view of an HTTP app, and the edge's writer."""
+
+from __future__ import annotations
+
+import pytest
+
+from backhaul.relay import http_translate as translate
+from backhaul.relay import http_writer as writer
+from backhaul.relay.http_reader import HttpError, Request, Response
+from backhaul.store import App
+
+#: Message handling only: no tunnel, so one run (not one per codec) is enough.
+pytestmark = pytest.mark.codec_independent
+
+
+def route(internal_url: str = "http://10.0.0.5:8080", keep_host: bool = False) -> translate.Route:
+    app = App("web", "default", "http", None, "x:1", "app.example.com", internal_url, "passthrough", keep_host=keep_host)
+    return translate.Route(app)
+
+
+def _tokens(message):
+    """Set the Connection tokens as the readers do."""
+    message.connection = frozenset(
+        token.strip().lower() for name, value in message.headers if name.lower() == b"connection" for token in value.split(b",")
+    )
+    return message
+
+
+def request(headers, method="GET", upgrade=False, host=b"app.example.com") -> Request:
+    req = Request(method, b"/", "1.1", list(headers))
+    req.host = host
+    req.upgrade = upgrade
+    return _tokens(req)
+
+
+def forwarded(r, req, **kw):
+    return translate.request_headers(r, req, client_ip="198.51.100.7", scheme="https", request_id="abc.1", **kw)
+
+
+def test_route_takes_the_internal_url_apart():
+    r = route("http://10.0.0.5:8080/intranet/")
+    assert (r.host, r.authority, r.prefix) == (b"10.0.0.5", b"10.0.0.5:8080", b"/intranet")
+    assert r.bases == (b"http://10.0.0.5:8080",)
+    r = route("https://Wiki.Corp")
+    assert (r.authority, r.prefix) == (b"wiki.corp", b"")
+    assert r.bases == (b"https://wiki.corp", b"https://wiki.corp:443")
+    assert route("http://[fd00::5]:81/").authority == b"[fd00::5]:81"
+
+
+def test_request_headers_rewrite_host_and_add_forwarding():
+    req = request([(b"Host", b"app.example.com"), (b"Accept", b"text/html"), (b"X-Forwarded-For", b"203.0.113.1")])
+    out = forwarded(route(), req)
+    assert out == [
+        (b"Host", b"10.0.0.5:8080"),
+        (b"Accept", b"text/html"),
+        (b"X-Forwarded-For", b"203.0.113.1, 198.51.100.7"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"app.example.com"),
+        (b"X-Request-Id", b"abc.1"),
+    ]
+
+
+def test_keep_host_passes_the_external_host():
+    out = forwarded(route(keep_host=True), request([(b"Host", b"app.example.com:8443")], host=b"app.example.com:8443"))
+    assert (b"Host", b"app.example.com:8443") in out
+
+
+def test_client_cannot_set_what_the_edge_sets():
+    req = request(
+        [
+            (b"Host", b"app.example.com"),
+            (b"X-Backhaul-User", b"admin"),
+            (b"x-backhaul-groups", b"root"),
+            (b"X-Forwarded-Proto", b"http"),
+            (b"X-Forwarded-Host", b"evil"),
+            (b"X-Request-Id", b"forged"),
+        ]
+    )
+    out = forwarded(route(), req, extra=((b"x-backhaul-user", b"alice@corp"),))
+    names = [name.lower() for name, _ in out]
+    assert names.count(b"x-forwarded-proto") == names.count(b"x-forwarded-host") == names.count(b"x-request-id") == 1
+    assert [v for n, v in out if n.lower().startswith(b"x-backhaul-")] == [b"alice@corp"]
+    assert (b"X-Request-Id", b"abc.1") in out
+
+
+def test_hop_by_hop_and_connection_listed_headers_are_dropped():
+    req = request(
+        [
+            (b"Host", b"app.example.com"),
+            (b"Connection", b"keep-alive, X-Secret"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"X-Secret", b"1"),
+            (b"TE", b"trailers"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"5"),
+            (b"Proxy-Connection", b"keep-alive"),
+            (b"Upgrade", b"websocket"),
+            (b"Cookie", b"a=b"),
+        ]
+    )
+    names = {name.lower() for name, _ in forwarded(route(), req)}
+    assert names.isdisjoint({b"connection", b"keep-alive", b"x-secret", b"te", b"transfer-encoding", b"content-length", b"proxy-connection", b"upgrade"})
+    assert b"cookie" in names
+
+
+def test_upgrade_request_keeps_its_upgrade():
+    req = request([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", b"k")], upgrade=True)
+    out = forwarded(route(), req)
+    assert out[-2:] == [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+    assert (b"Sec-WebSocket-Key", b"k") in out
+
+
+def test_request_target_goes_under_the_internal_path():
+    assert translate.request_target(route("http://h/app/"), b"/x?y=1") == b"/app/x?y=1"
+    assert translate.request_target(route("http://h/"), b"/x") == b"/x"
+    assert translate.request_target(route("http://h/app"), b"*") == b"*"
+
+
+@pytest.mark.parametrize(
+    "internal, value, expected",
+    [
+        ("http://10.0.0.5:8080", b"http://10.0.0.5:8080/login?next=/", b"https://app.example.com/login?next=/"),
+        ("http://10.0.0.5:8080", b"HTTP://10.0.0.5:8080", b"https://app.example.com/"),
+        ("http://10.0.0.5:8080", b"http://10.0.0.5:80801/x", b"http://10.0.0.5:80801/x"),
+        ("http://10.0.0.5:8080", b"http://elsewhere/x", b"http://elsewhere/x"),
+        ("http://10.0.0.5:8080", b"/relative", b"/relative"),
+        ("http://wiki", b"http://wiki:80/page", b"https://app.example.com/page"),
+        ("http://wiki", b"http://wiki/page", b"https://app.example.com/page"),
+        ("http://wiki/app/", b"http://wiki/app/page", b"https://app.example.com/page"),
+        ("http://wiki/app/", b"http://wiki/app", b"https://app.example.com/"),
+        ("http://wiki/app/", b"http://wiki/other/page", b"http://wiki/other/page"),
+        ("http://wiki/app/", b"http://wiki/application", b"http://wiki/application"),
+        ("http://wiki/app/", b"/app/page", b"/page"),
+        ("http://wiki/app/", b"/other", b"/other"),
+    ],
+)
+def test_location_rewrite(internal, value, expected):
+    assert translate.rewrite_url(route(internal), value, b"https://app.example.com") == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (b"sid=1; Domain=10.0.0.5; Path=/", b"sid=1; Domain=app.example.com; Path=/"),
+        (b"sid=1; domain=.10.0.0.5", b"sid=1; Domain=app.example.com"),
+        (b"sid=1; Domain=other.corp", b"sid=1; Domain=other.corp"),
+        (b"sid=1; Path=/", b"sid=1; Path=/"),
+        (b"sid=1", b"sid=1"),
+    ],
+)
+def test_cookie_domain_rewrite(value, expected):
+    assert translate.rewrite_cookie(route(), value, b"app.example.com") == expected
+
+
+def test_cookie_path_under_the_internal_path():
+    r = route("http://wiki/app/")
+    assert translate.rewrite_cookie(r, b"s=1; Domain=wiki; Path=/app/x", b"ext") == b"s=1; Domain=ext; Path=/x"
+    assert translate.rewrite_cookie(r, b"s=1; Path=/elsewhere", b"ext") == b"s=1; Path=/elsewhere"
+
+
+def test_response_headers():
+    response = _tokens(Response(
+        302,
+        b"Found",
+        "1.1",
+        [
+            (b"Location", b"http://10.0.0.5:8080/next"),
+            (b"Content-Location", b"http://10.0.0.5:8080/here"),
+            (b"Set-Cookie", b"a=1; Domain=10.0.0.5"),
+            (b"Connection", b"close, X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"0"),
+            (b"Cache-Control", b"no-cache"),
+        ],
+    ))
+    out = translate.response_headers(route(), response, external_base=b"https://app.example.com", external_host=b"app.example.com")
+    assert out == [
+        (b"Location", b"https://app.example.com/next"),
+        (b"Content-Location", b"https://app.example.com/here"),
+        (b"Set-Cookie", b"a=1; Domain=app.example.com"),
+        (b"Cache-Control", b"no-cache"),
+    ]
+    kept = translate.response_headers(route(), response, external_base=b"x", external_host=b"x", keep_length=True)
+    assert (b"Content-Length", b"0") in kept
+
+
+def test_switching_protocols_keeps_its_upgrade():
+    response = _tokens(Response(101, b"Switching Protocols", "1.1", [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Accept", b"x")]))
+    out = translate.response_headers(route(), response, external_base=b"x", external_host=b"x")
+    assert out == [(b"Sec-WebSocket-Accept", b"x"), (b"Connection", b"upgrade"), (b"Upgrade", b"websocket")]
+
+
+@pytest.mark.parametrize(
+    "value, host",
+    [(b"App.Example.com", "app.example.com"), (b"app.example.com:8080", "app.example.com"), (b"[::1]:80", "::1"), (b"a.", "a")],
+)
+def test_split_host(value, host):
+    assert translate.split_host(value) == host
+
+
+@pytest.mark.parametrize("value", [b"", b"a b", b"a:port", b"a:123456", b"user@a", b"a/b", b"[::1", b"a:80:80"])
+def test_split_host_refuses_garbage(value):
+    with pytest.raises(HttpError):
+        translate.split_host(value)
+
+
+def test_writer():
+    assert writer.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert writer.request_head("GET", b"/x", [(b"Host", b"h")]) == b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+    page = writer.local_response(502, "no connector", "abc.1", close=True)
+    head, body = page.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"X-Request-Id: abc.1" in head and b"Connection: close" in head
+    assert b"Content-Length: %d" % len(body) in head
+    assert b"abc.1" in body and b"no connector" in body
+    assert writer.local_response(404, "x", "i", close=False, head_only=True).endswith(b"\r\n\r\n")
+    writer.check_header(b"x-backhaul-user", "José".encode())
+    for name, value in [(b"x-a", b"a\r\nb"), (b"x-a", b"a\nb"), (b"x-a", b"a\x00"), (b"x a", b"v"), (b"x:a", b"v")]:
+        with pytest.raises(writer.UnsafeHeader):
+            writer.check_header(name, value)
