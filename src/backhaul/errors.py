@@ -25,3 +25,11 @@ class ServiceError(BackhaulError):
 
 class CertificateError(BackhaulError):
     """A certificate is missing, expired, revoked or does not match the pinned CA."""
+
+
+class IdentityProviderError(BackhaulError):
+    """The OpenID Connect issuer cannot be reached or answered something unusable."""
+
+
+class TokenError(BackhaulError):
+    """A token or cookie presented for pre-authentication is not acceptable."""
