@@ -553,3 +553,14 @@ def test_two_workers_share_logins_sessions_and_keys(data_dir, issuer):
     run_with_gate(data_dir, issuer, scenario)
     for name in ("identity.key", "session.key"):
         assert stat.S_IMODE(os.stat(data_dir / name).st_mode) == 0o600
+
+
+def test_warm_up_fetches_discovery_and_keys_before_the_first_request(data_dir, issuer):
+    async def scenario(gate):
+        gate.warm_up()
+        await gate._warm_up
+        assert issuer.hits["/.well-known/openid-configuration"] == 1 and issuer.hits["/jwks"] == 1
+        assert isinstance(await gate.check(APP, head("/", headers=bearer(issuer.mint()))), Allow)
+        assert issuer.hits["/jwks"] == 1
+
+    run_with_gate(data_dir, issuer, scenario)

@@ -9,6 +9,7 @@ client gets a 401. Paths under /.backhaul/ belong to the relay and never reach t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -77,6 +78,7 @@ class OidcGate:
         self.identity = identity
         self.cookies = cookies
         self.clock = clock
+        self._warm_up: asyncio.Task | None = None
 
     @classmethod
     def create(cls, data_dir: Path, settings: OidcSettings, *, clock: Callable[[], float] = time.time) -> OidcGate:
@@ -92,7 +94,24 @@ class OidcGate:
         )
         return cls(settings, IssuerClient(settings, clock=clock), identity, cookies, clock=clock)
 
+    def warm_up(self) -> None:
+        """Fetch the issuer's discovery and keys in the background: the first user does not wait,
+        and a misconfigured issuer shows in the log at start."""
+
+        async def fetch() -> None:
+            try:
+                await self.client.prefetch()
+            except IdentityProviderError as exc:
+                log.error("the OpenID Connect issuer cannot be used yet; oidc apps answer 503 until it can", extra={"error": str(exc)})
+            else:
+                log.info("OpenID Connect issuer ready", extra={"issuer": self.settings.issuer})
+
+        self._warm_up = asyncio.get_running_loop().create_task(fetch())
+
     async def close(self) -> None:
+        if self._warm_up is not None:
+            self._warm_up.cancel()
+            await asyncio.gather(self._warm_up, return_exceptions=True)
         await self.client.close()
 
     # ------------------------------------------------------------------ the gate

@@ -150,6 +150,11 @@ class IssuerClient:
         token_auth = "client_secret_post" if "client_secret_basic" not in methods and "client_secret_post" in methods else "client_secret_basic"
         return IssuerMetadata(issuer=doc["issuer"], token_auth=token_auth, **endpoints)
 
+    async def prefetch(self) -> None:
+        """Fetch discovery and keys now rather than at the first request."""
+        await self.metadata()
+        await self._refresh_keys(expired=True)
+
     # ------------------------------------------------------------------ keys
 
     async def _key(self, kid: str | None) -> dict[str, Any] | None:

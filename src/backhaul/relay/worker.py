@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, Keepalive
+from backhaul.config import FlowControl, Keepalive, OidcSettings
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.routing import TunnelRegistry
@@ -44,6 +44,8 @@ class RelaySettings:
     drain_timeout: float = 10.0
     #: Lifetime of the connector certificates this relay signs, seconds (None: the control plane's default).
     cert_validity: float | None = None
+    #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
+    oidc: OidcSettings | None = None
 
 
 class AlpnSplit(asyncio.Protocol):
@@ -85,6 +87,8 @@ class RelayWorker:
         self.config_version = -1
         self._http_server = None
         self._runner = None
+        #: Pre-authentication of oidc apps (a preauth_api.Gate), when an issuer is configured.
+        self.gate = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()
         self._host, self._port = parse_hostport(settings.listen, "--listen")
@@ -118,6 +122,11 @@ class RelayWorker:
             lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
         )
         self._servers.append(server)
+        if self.settings.oidc is not None:
+            from backhaul.relay.oidc import OidcGate
+
+            self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
+            self.gate.warm_up()
         await self.reload()
         log.info(
             "relay worker ready",
@@ -153,6 +162,8 @@ class RelayWorker:
         for tunnel in self.registry.tunnels():
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
         self.store.mark_worker_down(self.settings.worker)
+        if self.gate is not None:
+            await self.gate.close()
         if self._runner is not None:
             await self._runner.cleanup()
         log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
