@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
     p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
+    p.add_argument("--https", default=None, help="HOST:PORT where users reach published HTTP apps over TLS")
+    p.add_argument("--https-cert", default=None, metavar="FILE", help="PEM certificate (chain) of the HTTPS edge")
+    p.add_argument("--https-key", default=None, metavar="FILE", help="PEM private key of the HTTPS edge")
+    p.add_argument(
+        "--http-limit", action="append", default=[], metavar="NAME=VALUE",
+        help="change one limit of the HTTP edge (repeat), e.g. header_timeout=5; see backhaul.config.HttpLimits",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument(
         "--cert-validity", type=float, default=None, metavar="SECONDS",

@@ -116,3 +116,53 @@ class OidcSettings:
             raise ValueError("the scopes must include openid")
         if not self.algorithms or any(a == "none" or a.startswith("HS") for a in self.algorithms):
             raise ValueError("algorithms must be asymmetric signature algorithms (never none or HS*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpLimits:
+    """Every limit of the relay's HTTP edge (``service run --http-limit NAME=VALUE``).
+
+    Bodies are streamed and never limited in size; what a client or a backend can make
+    the edge hold is: one request head, one response head, and one socket read of
+    pipelined requests waiting for the response before them.
+    """
+
+    #: Longest request-target (the URL in the request line); beyond it: 414.
+    max_request_line: int = 8 * 1024
+    #: Bytes of all header lines of a request (trailers included); beyond it: 431.
+    max_header_bytes: int = 32 * 1024
+    #: Header lines of a request (trailers included); beyond it: 431.
+    max_headers: int = 100
+    #: Same two limits for a backend's response head; beyond them the user gets 502.
+    max_response_header_bytes: int = 64 * 1024
+    max_response_headers: int = 200
+    #: Seconds a client has to send a whole request head once it started one (slowloris); then 408.
+    header_timeout: float = 15.0
+    #: Seconds an idle keep-alive connection waits for the next request.
+    keepalive_timeout: float = 60.0
+    #: Seconds the backend has to start its response once the request is sent; then 504.
+    response_timeout: float = 60.0
+    #: Concurrent connections from one client address; more are refused with 429.
+    max_connections_per_client: int = 256
+    #: Concurrent user connections of one relay worker; more are refused with 503.
+    max_connections: int = 20_000
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"http limit {field.name} must be positive")
+
+    def replace_from(self, assignments: list[str]) -> "HttpLimits":
+        """A copy with ``NAME=VALUE`` assignments applied; ValueError says what is wrong."""
+        types = {field.name: field.type for field in dataclasses.fields(self)}
+        changes: dict[str, float | int] = {}
+        for item in assignments:
+            name, sep, raw = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                raise ValueError(f"--http-limit {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+            try:
+                changes[name] = float(raw) if types[name] in (float, "float") else int(raw)
+            except ValueError:
+                raise ValueError(f"--http-limit {item!r}: {raw!r} is not a number") from None
+        return dataclasses.replace(self, **changes)

@@ -22,6 +22,7 @@ __all__ = [
     "ALPN_TUNNEL",
     "admin_context",
     "connector_context",
+    "edge_context",
     "enroll_context",
     "peer_cert_serial",
     "peer_connector_id",
@@ -65,6 +66,23 @@ def server_context(data_dir: str | os.PathLike) -> ssl.SSLContext:
         raise ConfigError(f"cannot load the service certificate or CA from {data_dir}: {exc.reason}") from exc
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols([ALPN_TUNNEL, ALPN_HTTP])
+    return ctx
+
+
+def edge_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLContext:
+    """The HTTPS edge's server context: the operator's certificate for the published host names.
+
+    Browsers reach it, so TLS 1.2 is accepted as well as 1.3.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"HTTPS edge certificate or key {exc.filename} is missing; pass --https-cert and --https-key") from exc
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load the HTTPS edge certificate {cert} with key {key}: {exc.reason}") from exc
+    ctx.set_alpn_protocols([ALPN_HTTP])
     return ctx
 
 

@@ -1,6 +1,6 @@
 """Private-app stand-ins for end-to-end tests, run as their own processes.
 
-    python backend.py MODE PORTFILE
+    python backend.py MODE PORTFILE [CERT KEY]
 
 binds 127.0.0.1:0, writes the port to PORTFILE (readiness), and serves until killed:
   echo      every byte back, EOF passed on (half-close aware)
@@ -8,6 +8,7 @@ binds 127.0.0.1:0, writes the port to PORTFILE (readiness), and serves until kil
   hold      accept and keep connections open, never read nor write
   sink      accept and never read (a reader that never reads)
   source    send an endless stream of bytes, never read
+  http      a web app (aiohttp), over TLS with CERT and KEY; its routes are in http_app()
 """
 
 from __future__ import annotations
@@ -81,6 +82,120 @@ class Source(asyncio.Protocol):
         self.paused = True
 
 
+def pattern(size: int):
+    """``size`` bytes of a fixed pattern, in blocks; both the app and the tests can make it."""
+    block = bytes(i % 251 for i in range(256 * 1024))
+    while size > 0:
+        yield block[: min(size, len(block))]
+        size -= len(block)
+
+
+def http_app():
+    """A web app with a route for each behaviour the HTTP edge tests need."""
+    import json
+
+    from aiohttp import WSMsgType, web
+
+    routes = web.RouteTableDef()
+
+    def info(request, **extra):
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return {
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "peer_port": peer[1] if peer else None,
+            **extra,
+        }
+
+    @routes.route("*", "/upload")
+    async def upload(request):
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response(info(request, size=size, sha256=digest.hexdigest()))
+
+    @routes.get("/download")
+    async def download(request):
+        size = int(request.query.get("size", "0"))
+        response = web.StreamResponse()
+        if request.query.get("chunked"):
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = size
+        await response.prepare(request)
+        for block in pattern(size):
+            await response.write(block)
+        await response.write_eof()
+        return response
+
+    @routes.get("/redirect")
+    async def redirect(request):
+        base = f"{request.scheme}://{request.host}"
+        return web.Response(
+            status=302, headers={"Location": f"{base}/landed?x=1", "Content-Location": f"{base}/here"}
+        )
+
+    @routes.get("/cookie")
+    async def cookie(request):
+        response = web.json_response(info(request))
+        host = request.host.split(":")[0]
+        response.headers.add("Set-Cookie", f"sid=abc; Domain={host}; Path=/; HttpOnly")
+        response.headers.add("Set-Cookie", "plain=1; Path=/")
+        return response
+
+    @routes.get("/slow")
+    async def slow(request):
+        await asyncio.sleep(float(request.query.get("seconds", "1")))
+        return web.json_response(info(request))
+
+    @routes.post("/early")
+    async def early(request):
+        return web.Response(status=413, text="too large, not reading it\n")
+
+    @routes.get("/ws")
+    async def websocket(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str("echo: " + message.data)
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
+    @routes.route("*", "/{tail:.*}")
+    async def anything(request):
+        body = await request.read()
+        return web.json_response(info(request, body=body.decode("latin-1")), dumps=json.dumps)
+
+    app = web.Application(client_max_size=1024**3)
+    app.add_routes(routes)
+    return app
+
+
+async def serve_http(portfile: str, cert: str | None, key: str | None) -> None:
+    import ssl
+
+    from aiohttp import web
+
+    ctx = None
+    if cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+    runner = web.AppRunner(http_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    tmp = portfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, portfile)
+    await asyncio.Event().wait()
+
+
 MODES = {"echo": Echo, "reply": Reply, "hold": Hold, "sink": Sink, "source": Source}
 
 
@@ -97,4 +212,7 @@ async def main(mode: str, portfile: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    if sys.argv[1] == "http":
+        asyncio.run(serve_http(sys.argv[2], *(sys.argv[3:5] or (None, None))))
+    else:
+        asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -20,11 +20,11 @@ def system(tmp_path):
 
 @pytest.fixture
 def backend(tmp_path):
-    """backend(mode) -> Backend; every backend process is stopped at the end."""
+    """backend(mode, *args) -> Backend; every backend process is stopped at the end."""
     procs = []
 
-    def start(mode: str) -> Backend:
-        return Backend(mode, tmp_path, procs)
+    def start(mode: str, *args: str) -> Backend:
+        return Backend(mode, tmp_path, procs, args)
 
     try:
         yield start

@@ -8,6 +8,7 @@ through the relay's health endpoint and through a real request, never by sleepin
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -61,12 +62,12 @@ def echoes(port: int, probe: bytes = b"ping") -> bool:
 
 
 @contextlib.contextmanager
-def running_relay(workdir: Path, workers: int = 1):
+def running_relay(workdir: Path, workers: int = 1, extra: tuple[str, ...] = ()):
     """An initialized relay, running; it and everything started through it stop on exit."""
     system = System(workdir)
     try:
         system.init()
-        system.start_relay(workers=workers)
+        system.start_relay(workers=workers, extra=extra)
         yield system
     finally:
         system.stop()
@@ -158,9 +159,10 @@ def _children(pid: int) -> list[int]:
 class Backend:
     """A private app stand-in (tests/e2e/backend.py) in its own process."""
 
-    def __init__(self, mode: str, workdir: Path, procs: list) -> None:
+    def __init__(self, mode: str, workdir: Path, procs: list, args: tuple[str, ...] = ()) -> None:
         portfile = workdir / f"backend-{mode}-{len(procs)}.port"
-        self.proc = Proc(f"backend-{mode}-{len(procs)}", [sys.executable, str(HERE / "backend.py"), mode, str(portfile)], workdir)
+        argv = [sys.executable, str(HERE / "backend.py"), mode, str(portfile), *args]
+        self.proc = Proc(f"backend-{mode}-{len(procs)}", argv, workdir)
         procs.append(self.proc)
         self.port = int(wait_until(lambda: portfile.exists() and portfile.read_text(), 15, f"{mode} backend to listen"))
         self.target = f"127.0.0.1:{self.port}"
@@ -179,6 +181,8 @@ class System:
         self.relay: Proc | None = None
         self.connectors: dict[str, Proc] = {}
         self.ca_sha256 = ""
+        #: where users reach HTTP apps (the relay's --http)
+        self.http_port = free_port()
 
     # -------------------------------------------------------------- CLI
 
@@ -207,10 +211,12 @@ class System:
         out = json.loads(self.cli("service", "init", "--data-dir", str(self.data_dir), "--json").stdout)
         self.ca_sha256 = out["ca_sha256"]
 
-    def start_relay(self, workers: int = 1) -> Proc:
+    def start_relay(self, workers: int = 1, extra: tuple[str, ...] = ()) -> Proc:
         self.relay = Proc(
             f"relay-{len(self.procs)}",
-            BACKHAUL + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)],
+            BACKHAUL
+            + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)]
+            + ["--http", f"127.0.0.1:{self.http_port}", *extra],
             self.workdir,
             self.env,
         )
@@ -264,6 +270,24 @@ class System:
         port = free_port()
         self.admin("app", "publish", name, "--group", group, "--tcp", str(port), "--target", target)
         return port
+
+    def publish_http(self, name: str, host: str, internal_url: str, *flags: str, group: str = "default") -> None:
+        self.admin("app", "publish", name, "--group", group, "--http", host, "--internal-url", internal_url, *flags)
+
+    def wait_http(self, host: str, path: str = "/", timeout: float = 30) -> None:
+        """Ready when a request for ``host`` through the HTTP edge gets the app's answer (not the edge's)."""
+
+        def answered() -> bool:
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Host": host})
+                response = conn.getresponse()
+                response.read()
+                return response.status < 500 and response.status != 404
+            finally:
+                conn.close()
+
+        wait_until(answered, timeout, f"{host} to answer through the HTTP edge", interval=0.2)
 
     def wait_app(self, port: int, probe: bytes = b"ping", timeout: float = 30) -> None:
         """Ready when a real connection through the app echoes ``probe``."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from backhaul import __version__, tlsconfig
 from backhaul.config import Backoff, FlowControl, Keepalive
+from backhaul.connector.http_target import BackendTls, HttpTargetPipe
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.transport.pipe import Pipe
@@ -64,6 +65,10 @@ def _open_failure(exc: BaseException) -> tuple[int, str]:
     """Map a failed target connect to the wire error code and a reason."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ErrorCode.CONNECT_TIMEOUT, "the target did not answer in time"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ErrorCode.CONNECT_REFUSED, f"the target's TLS certificate was not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return ErrorCode.CONNECT_REFUSED, f"TLS with the target failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return ErrorCode.CONNECT_REFUSED, "the target refused the connection"
     if isinstance(exc, socket.gaierror):
@@ -90,6 +95,8 @@ class ConnectorAgent:
         self.relay_workers: int = 1
         #: the read buffer every target socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
+        #: TLS contexts for the https backends of http apps
+        self.backend_tls = BackendTls()
         self.stats = {"streams_opened": 0, "streams_refused": 0, "tunnels_opened": 0}
         self._slots: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
@@ -171,6 +178,7 @@ class ConnectorAgent:
         self.config_version = config.get("version")
         self.refresh_interval = float(config.get("refresh_interval", 120))
         self.apps = apps
+        self.backend_tls.clear()
         for pipe in list(self.pipes):
             app = apps.get(pipe.labels.get("app"))
             if app is None or app.get("target") != pipe.labels.get("target"):
@@ -343,7 +351,7 @@ class ConnectorAgent:
         if app is None:
             self._refuse(tunnel, stream_id, meta, ErrorCode.UNKNOWN_APP, f"this connector has no app {name!r}")
             return
-        if app.get("proto") != "tcp" or app.get("target") != target:
+        if app.get("proto") not in ("tcp", "http") or meta.get("proto") != app.get("proto") or app.get("target") != target:
             self._refuse(
                 tunnel, stream_id, meta, ErrorCode.TARGET_NOT_ALLOWED, f"target {target!r} is not allowed for app {name!r}"
             )
@@ -356,22 +364,34 @@ class ConnectorAgent:
         except Exception as exc:
             self._refuse(tunnel, stream_id, meta, ErrorCode.TARGET_NOT_ALLOWED, str(exc))
             return
+        try:
+            tls = self.backend_tls.options(app) if app.get("proto") == "http" else {}
+        except (ssl.SSLError, ValueError) as exc:
+            self._refuse(tunnel, stream_id, meta, ErrorCode.CONNECT_REFUSED, f"the app's backend CA bundle is unusable: {exc}")
+            return
         self.stats["streams_opened"] += 1
-        asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port))
+        asyncio.get_running_loop().create_task(self._connect(tunnel, stream_id, meta, host, port, app, tls))
 
     def _refuse(self, tunnel: Tunnel, stream_id: int, meta: dict, code: int, reason: str) -> None:
         self.stats["streams_refused"] += 1
         log.warning("stream refused", extra={"app": meta.get("app"), "target": meta.get("target"), "id": meta.get("id"), "reason": reason})
         tunnel.reject(stream_id, code, reason)
 
-    async def _connect(self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int) -> None:
+    async def _connect(
+        self, tunnel: Tunnel, stream_id: int, meta: dict, host: str, port: int, app: dict, tls: dict
+    ) -> None:
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
-        pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
+        if app.get("proto") == "http":
+            if meta.get("user") is not None:
+                labels["user"] = meta.get("user")
+            pipe = HttpTargetPipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
+        else:
+            pipe = Pipe(self.settings.flow, labels, self.read_buffer, on_done=self.pipes.discard)
         pipe.tunnel = tunnel
         pipe.stream_id = stream_id
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port), self.settings.target_timeout)
+            await asyncio.wait_for(loop.create_connection(lambda: pipe, host, port, **tls), self.settings.target_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = _open_failure(exc)
             log.warning("target connect failed", extra={**labels, "reason": reason})

@@ -6,7 +6,8 @@ import argparse
 import functools
 from pathlib import Path
 
-from backhaul.config import OidcSettings, default_workers
+from backhaul import tlsconfig
+from backhaul.config import HttpLimits, OidcSettings, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
 from backhaul.supervisor import supervise
@@ -59,6 +60,19 @@ def service_run(args: argparse.Namespace) -> int:
     parse_hostport(args.listen, "--listen")
     if args.http:
         parse_hostport(args.http, "--http")
+    https_cert = https_key = None
+    if args.https:
+        parse_hostport(args.https, "--https")
+        if not args.https_cert or not args.https_key:
+            raise ConfigError("--https needs --https-cert FILE and --https-key FILE (the certificate users see)")
+        https_cert, https_key = Path(args.https_cert), Path(args.https_key)
+        tlsconfig.edge_context(https_cert, https_key)  # refuse a bad pair now, not in every worker
+    elif args.https_cert or args.https_key:
+        raise ConfigError("--https-cert and --https-key are for the HTTPS edge; add --https HOST:PORT")
+    try:
+        http_limits = HttpLimits().replace_from(args.http_limit or [])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     workers = args.workers or default_workers()
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
@@ -66,6 +80,7 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--cert-validity must be at least 10 seconds")
     settings = RelaySettings(
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
+        https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits,
         oidc=oidc_settings(args),
     )
     return supervise(functools.partial(_run, settings), workers, "relay")

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, Keepalive, OidcSettings
+from backhaul.config import FlowControl, HttpLimits, Keepalive, OidcSettings
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.relay.http_edge import HttpEdge
 from backhaul.relay.routing import TunnelRegistry
 from backhaul.relay.tcp_edge import TcpApp
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
@@ -34,6 +35,11 @@ class RelaySettings:
     data_dir: Path
     listen: str = "127.0.0.1:8443"
     http: str | None = None
+    #: HTTPS edge: where users reach published HTTP apps over TLS, with the operator's certificate.
+    https: str | None = None
+    https_cert: Path | None = None
+    https_key: Path | None = None
+    http_limits: HttpLimits = HttpLimits()
     worker: int = 0
     workers: int = 1
     flow: FlowControl = FlowControl()
@@ -85,10 +91,11 @@ class RelayWorker:
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
+        #: pre-authentication of oidc apps (preauth_api.Gate); None refuses them
+        self.gate = None
+        self.http_edge: HttpEdge | None = None
         self._http_server = None
         self._runner = None
-        #: Pre-authentication of oidc apps (a preauth_api.Gate), when an issuer is configured.
-        self.gate = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping = asyncio.Event()
         self._host, self._port = parse_hostport(settings.listen, "--listen")
@@ -106,6 +113,8 @@ class RelayWorker:
         reserved = {self._port}
         if self.settings.http:
             reserved.add(parse_hostport(self.settings.http, "--http")[1])
+        if self.settings.https:
+            reserved.add(parse_hostport(self.settings.https, "--https")[1])
         control_settings = ControlSettings(reserved_ports=frozenset(reserved))
         if self.settings.cert_validity is not None:
             control_settings = dataclasses.replace(control_settings, cert_validity=self.settings.cert_validity)
@@ -127,6 +136,12 @@ class RelayWorker:
 
             self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
             self.gate.warm_up()
+        self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats)
+        if self.settings.http:
+            await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
+        if self.settings.https:
+            edge_tls = tlsconfig.edge_context(self.settings.https_cert, self.settings.https_key)
+            await self.http_edge.listen(*parse_hostport(self.settings.https, "--https"), edge_tls)
         await self.reload()
         log.info(
             "relay worker ready",
@@ -151,6 +166,8 @@ class RelayWorker:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if self.http_edge is not None:
+            await self.http_edge.stop()
         for app in list(self.apps.values()):
             await app.stop()
         self.apps.clear()
@@ -180,7 +197,10 @@ class RelayWorker:
     async def reload(self) -> None:
         """Bring listeners and tunnel groups in line with the store."""
         self.config_version = self.store.config_version()
-        wanted = {app.name: app for app in self.store.list_apps() if app.proto == "tcp"}
+        all_apps = self.store.list_apps()
+        wanted = {app.name: app for app in all_apps if app.proto == "tcp"}
+        if self.http_edge is not None:
+            self.http_edge.set_apps([app for app in all_apps if app.proto == "http"])
         for name, running in list(self.apps.items()):
             if wanted.get(name) != running.app:
                 await running.stop()

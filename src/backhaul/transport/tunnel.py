@@ -71,6 +71,9 @@ class Tunnel(asyncio.BufferedProtocol):
         self.write_paused = False
         #: endpoints that stopped reading their socket because of that; resumed together
         self._stalled: set[StreamEndpoint] = set()
+        #: streams whose end waits in the session's queue for credit: the session closes them
+        #: without an event, so they are looked at after each batch of input
+        self._ending: set[int] = set()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.opened_at = time.monotonic()
@@ -143,6 +146,8 @@ class Tunnel(asyncio.BufferedProtocol):
     def send(self, stream_id: int, data, end: bool = False) -> bool:
         """Queue bytes on a stream; False means: pause the socket until on_write_resumed."""
         keep_going = self.session.send_data(stream_id, data, end)
+        if end:
+            self._forget_if_closed(stream_id)
         self.schedule_flush()
         if self.write_paused:
             endpoint = self.endpoints.get(stream_id)
@@ -153,6 +158,7 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def end(self, stream_id: int) -> None:
         self.session.end_stream(stream_id)
+        self._forget_if_closed(stream_id)
         self.schedule_flush()
 
     def reset(self, stream_id: int, code: int, reason: str) -> None:
@@ -230,7 +236,21 @@ class Tunnel(asyncio.BufferedProtocol):
         dispatch = self._dispatch
         while (event := session.next_event()) is not None:
             dispatch[type(event)](event)
+        if self._ending:
+            for stream_id in list(self._ending):
+                self._forget_if_closed(stream_id)
         self.flush()
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        """Drop the endpoint of a stream the session has closed both ways."""
+        if not self.session.has_stream(stream_id):
+            self._ending.discard(stream_id)
+            self._stalled.discard(self.endpoints.pop(stream_id, None))
+        elif self.session.send_buffered(stream_id):
+            self._ending.add(stream_id)
+        else:
+            # Open the other way: the peer's end comes as an event and is looked at then.
+            self._ending.discard(stream_id)
 
     def _run_keepalive(self) -> None:
         if self.closed:
@@ -249,6 +269,8 @@ class Tunnel(asyncio.BufferedProtocol):
         endpoint = self.endpoints.get(event.stream_id)
         if endpoint is not None:
             endpoint.on_data(event.data, event.end)
+            if event.end:
+                self._forget_if_closed(event.stream_id)
         elif self.session.has_stream(event.stream_id):
             self._early.setdefault(event.stream_id, []).append((event.data, event.end))
         else:
@@ -258,6 +280,7 @@ class Tunnel(asyncio.BufferedProtocol):
         endpoint = self.endpoints.get(event.stream_id)
         if endpoint is not None:
             endpoint.on_end()
+            self._forget_if_closed(event.stream_id)
         elif self.session.has_stream(event.stream_id):
             self._early.setdefault(event.stream_id, []).append((b"", True))
 
