@@ -106,6 +106,8 @@ class OidcSettings:
     max_token: int = 8 * 1024
     #: Signed identity tokens kept for reuse (one per user and app host).
     identity_cache: int = 4096
+    #: Bearer tokens kept as verified (until they expire, or their key leaves the JWKS).
+    verified_cache: int = 4096
 
     def __post_init__(self) -> None:
         if not self.issuer.startswith("https://"):

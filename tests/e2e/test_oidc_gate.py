@@ -225,12 +225,12 @@ def test_session_cookie_is_bound_to_its_host_expires_and_cannot_be_altered(data_
         elsewhere = await gate.check(other, head("/", host="other.example.test", headers=cookie_header(session)))
         assert elsewhere.status == 401, "a session for one app host opens no other"
 
-        header_, payload, signature = session.value.split(".")
+        payload, signature = session.value.split(".")
         claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
         claims["sub"] = "someone-else"
         forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
         session_forged = http.cookies.Morsel()
-        session_forged.set("backhaul_session", f"{header_}.{forged}.{signature}", "")
+        session_forged.set("backhaul_session", f"{forged}.{signature}", "")
         assert (await gate.check(APP, head("/", headers=cookie_header(session_forged)))).status == 401
 
         clock.advance(8 * 3600 - 5)
@@ -564,3 +564,31 @@ def test_warm_up_fetches_discovery_and_keys_before_the_first_request(data_dir, i
         assert issuer.hits["/jwks"] == 1
 
     run_with_gate(data_dir, issuer, scenario)
+
+
+def test_verified_bearer_tokens_are_cached_bounded_and_dropped_with_their_key(data_dir, issuer):
+    clock = Clock()
+
+    async def scenario(gate):
+        tokens = [issuer.mint(sub=f"user-{n}") for n in range(12)]
+        for token in tokens:
+            assert isinstance(await gate.check(APP, head("/", headers=bearer(token))), Allow)
+        assert gate.client.verified == 8, "the cache of verified tokens is bounded"
+        # A cached token still expires.
+        clock.advance(300 + 31)
+        answer = await gate.check(APP, head("/", headers=bearer(tokens[-1])))
+        assert answer.status == 401 and "expired" in header(answer, "www-authenticate")
+        assert gate.client.verified == 7
+        # A key that leaves the JWKS takes the tokens it signed out of the cache with it.
+        clock.now = time.time()
+        retiring = issuer.key
+        token = issuer.mint()
+        assert isinstance(await gate.check(APP, head("/", headers=bearer(token))), Allow)
+        issuer.rotate()
+        clock.advance(31)
+        assert isinstance(await gate.check(APP, head("/", headers=bearer(issuer.mint(iat=int(clock.now), exp=int(clock.now) + 60)))), Allow)
+        assert gate.client.verified == 1
+        assert (await gate.check(APP, head("/", headers=bearer(token)))).status == 401
+        assert retiring not in issuer.published
+
+    run_with_gate(data_dir, issuer, scenario, clock=clock, verified_cache=8)

@@ -306,6 +306,8 @@ def _origin(request: RequestHead) -> str:
 
 
 def _header_value(value: str) -> str:
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
     return quote(value, safe=_HEADER_SAFE)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
+import hashlib
 import hmac
 import logging
 import ssl
@@ -66,6 +68,9 @@ class IssuerClient:
         self._keys_until = float("-inf")
         self._keys_fetched_at = float("-inf")
         self._lock = asyncio.Lock()
+        # sha256(token) -> claims of bearer tokens that verified, so a client's next requests
+        # with the same token cost a dict lookup instead of a signature check.
+        self._verified: collections.OrderedDict[bytes, dict[str, Any]] = collections.OrderedDict()
         #: Calls made to the issuer, by kind (for logs and tests).
         self.fetches = {"discovery": 0, "jwks": 0, "token": 0}
 
@@ -186,7 +191,11 @@ class IssuerClient:
             self._keys_fetched_at = self.clock()
             try:
                 metadata = await self._metadata_locked()
-                self._keys = await self._fetch_keys(metadata.jwks_uri)
+                keys = await self._fetch_keys(metadata.jwks_uri)
+                if not keys.keys() >= self._keys.keys():
+                    # A key left the JWKS: what it signed must be checked again (and fail).
+                    self._verified.clear()
+                self._keys = keys
                 self._keys_until = self.clock() + self.settings.metadata_ttl
             except IdentityProviderError as exc:
                 if not self._keys:
@@ -225,6 +234,16 @@ class IssuerClient:
         """
         if len(token) > self.settings.max_token:
             raise TokenError(f"the token is longer than {self.settings.max_token} bytes")
+        digest = hashlib.sha256(token.encode()).digest()
+        if nonce is None and digest in self._verified:
+            claims = self._verified[digest]
+            try:
+                self._check_times(claims)
+            except TokenError:
+                del self._verified[digest]
+                raise
+            self._verified.move_to_end(digest)
+            return claims
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -258,9 +277,19 @@ class IssuerClient:
         aud = claims["aud"]
         if isinstance(aud, list) and len(aud) > 1 and claims.get("azp") != self.settings.client_id:
             raise TokenError("the token has several audiences and is not authorized for this client (azp)")
-        if nonce is not None and not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
-            raise TokenError("the id_token's nonce does not match the login")
+        if nonce is not None:
+            if not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
+                raise TokenError("the id_token's nonce does not match the login")
+            return claims
+        self._verified[digest] = claims
+        while len(self._verified) > self.settings.verified_cache:
+            self._verified.popitem(last=False)
         return claims
+
+    @property
+    def verified(self) -> int:
+        """How many verified bearer tokens are kept."""
+        return len(self._verified)
 
     def _check_times(self, claims: dict[str, Any]) -> None:
         now, leeway = self.clock(), self.settings.leeway
