@@ -20,11 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backhaul.config import OidcSettings  # noqa: E402
-from backhaul.relay.oidc import JWKS_PATH, OidcGate  # noqa: E402
-from backhaul.relay.preauth_api import Allow, RequestHead  # noqa: E402
-from backhaul.store.base import App  # noqa: E402
-from tests.e2e.oidc_issuer import OidcIssuer  # noqa: E402
+from backhaul.config import OidcSettings
+from backhaul.relay.identity import User
+from backhaul.relay.oidc import JWKS_PATH, OidcGate
+from backhaul.relay.preauth_api import Allow, RequestHead
+from backhaul.store.base import App
+from tests.e2e.oidc_issuer import OidcIssuer
 
 HOST = "app.example.test"
 APP = App(name="web", group="default", proto="http", external_host=HOST, internal_url="http://127.0.0.1:9/", preauth="oidc")
@@ -54,8 +55,6 @@ async def measure(issuer: OidcIssuer, data_dir: Path, seconds: float) -> list[tu
         token = issuer.mint(lifetime=3600)
         allowed = await gate.check(APP, head(("authorization", f"Bearer {token}")))
         assert isinstance(allowed, Allow)
-        from backhaul.relay.identity import User
-
         user = User(sub="user-0001", idp=issuer.issuer, email="alice@example.test", username="alice")
         session = gate.cookies.issue_session(HOST, user, time.time())
         cases = {
