@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--udp-idle-timeout", type=float, default=None, metavar="SECONDS",
         help="a UDP flow with no datagram either way for this long ends (default 60)",
     )
+    p.add_argument("--oidc-issuer", default=None, metavar="URL", help="OpenID Connect issuer of --preauth oidc apps")
+    p.add_argument("--oidc-client-id", default=None, metavar="ID", help="the relay's client id at the issuer")
+    p.add_argument(
+        "--oidc-client-secret-file", default=None, metavar="FILE", help="file holding the client secret (none: public client)"
+    )
+    p.add_argument("--oidc-ca", default=None, metavar="FILE", help="CA bundle the issuer's certificate must chain to")
+    p.add_argument(
+        "--oidc-session-lifetime", type=float, default=None, metavar="SECONDS",
+        help="how long a browser stays signed in to an oidc app (default 8 hours)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)

@@ -142,6 +142,55 @@ class HealthChecks:
 
 
 @dataclasses.dataclass(frozen=True)
+class OidcSettings:
+    """Pre-authentication of ``--preauth oidc`` apps against one OpenID Connect issuer (docs/preauth.md)."""
+
+    issuer: str
+    client_id: str
+    #: None for a public client (PKCE only).
+    client_secret: str | None = dataclasses.field(default=None, repr=False)
+    #: CA bundle (PEM) that the issuer's HTTPS certificate must chain to; None: the system's.
+    ca_file: str | None = None
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    #: Signature algorithms accepted on the issuer's tokens; HMAC and "none" are never accepted.
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+    #: Clock skew tolerated on exp / nbf / iat, seconds.
+    leeway: float = 30.0
+    #: How long a browser session cookie stays valid, seconds.
+    session_lifetime: float = 8 * 3600.0
+    #: How long a started login may take before its callback is refused, seconds.
+    login_lifetime: float = 600.0
+    #: Lifetime of the x-backhaul-identity token the backend gets, seconds.
+    identity_lifetime: float = 120.0
+    #: Discovery document and JWKS are refetched after this long, seconds.
+    metadata_ttl: float = 3600.0
+    #: A token signed by an unknown key refetches the JWKS at most this often, seconds.
+    jwks_refetch_interval: float = 30.0
+    #: Timeout of one call to the issuer, seconds.
+    http_timeout: float = 10.0
+    #: Largest discovery document, JWKS or token response read from the issuer, bytes.
+    max_document: int = 512 * 1024
+    #: Keys kept from one JWKS; the rest are ignored.
+    max_keys: int = 32
+    #: Longest token accepted in an Authorization header or a cookie, bytes.
+    max_token: int = 8 * 1024
+    #: Signed identity tokens kept for reuse (one per user and app host).
+    identity_cache: int = 4096
+    #: Bearer tokens kept as verified (until they expire, or their key leaves the JWKS).
+    verified_cache: int = 4096
+
+    def __post_init__(self) -> None:
+        if not self.issuer.startswith("https://"):
+            raise ValueError("the OpenID Connect issuer must be an https:// URL")
+        if not self.client_id:
+            raise ValueError("the OpenID Connect client id must not be empty")
+        if "openid" not in self.scopes:
+            raise ValueError("the scopes must include openid")
+        if not self.algorithms or any(a == "none" or a.startswith("HS") for a in self.algorithms):
+            raise ValueError("algorithms must be asymmetric signature algorithms (never none or HS*)")
+
+
+@dataclasses.dataclass(frozen=True)
 class HttpLimits:
     """Every limit of the relay's HTTP edge (``service run --http-limit NAME=VALUE``).
 

@@ -29,3 +29,11 @@ class CertificateError(BackhaulError):
 
 class ProxyError(ServiceError):
     """The HTTP proxy on the way to the relay could not be reached, or refused the connection."""
+
+
+class IdentityProviderError(BackhaulError):
+    """The OpenID Connect issuer cannot be reached or answered something unusable."""
+
+
+class TokenError(BackhaulError):
+    """A token or cookie presented for pre-authentication is not acceptable."""

@@ -8,7 +8,7 @@ import functools
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import HttpLimits, Keepalive, UdpLimits, default_workers
+from backhaul.config import HttpLimits, Keepalive, OidcSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
 from backhaul.supervisor import supervise
@@ -28,6 +28,38 @@ def udp_limits(max_flows: int | None, idle_timeout: float | None) -> UdpLimits:
     if changes.get("max_flows", 1) < 1 or changes.get("idle_timeout", 1) <= 0:
         raise ConfigError("--udp-max-flows must be at least 1 and --udp-idle-timeout above 0")
     return UdpLimits(**changes)
+
+
+def oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
+    """The --oidc-* flags as settings (None without --oidc-issuer), checked before any worker starts."""
+    given = [flag for flag in ("oidc_client_id", "oidc_client_secret_file", "oidc_ca", "oidc_session_lifetime") if getattr(args, flag) is not None]
+    if args.oidc_issuer is None:
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} needs --oidc-issuer URL")
+        return None
+    if not args.oidc_client_id:
+        raise ConfigError("--oidc-issuer needs --oidc-client-id ID (the relay's client at the issuer)")
+    secret = None
+    if args.oidc_client_secret_file is not None:
+        try:
+            secret = Path(args.oidc_client_secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --oidc-client-secret-file {args.oidc_client_secret_file}: {exc}") from exc
+        if not secret:
+            raise ConfigError(f"--oidc-client-secret-file {args.oidc_client_secret_file} is empty; put the client secret in it")
+    if args.oidc_ca is not None and not Path(args.oidc_ca).is_file():
+        raise ConfigError(f"--oidc-ca {args.oidc_ca} is not a file; pass the PEM CA bundle of the issuer")
+    changes = {}
+    if args.oidc_session_lifetime is not None:
+        if args.oidc_session_lifetime < 60:
+            raise ConfigError("--oidc-session-lifetime must be at least 60 seconds")
+        changes["session_lifetime"] = args.oidc_session_lifetime
+    try:
+        return OidcSettings(
+            issuer=args.oidc_issuer, client_id=args.oidc_client_id, client_secret=secret, ca_file=args.oidc_ca, **changes
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--oidc-issuer: {exc}") from exc
 
 
 def service_run(args: argparse.Namespace) -> int:
@@ -68,6 +100,7 @@ def service_run(args: argparse.Namespace) -> int:
         https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits,
         keepalive=keepalive,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
+        oidc=oidc_settings(args),
     )
     if not getattr(args, "metrics", None):
         return supervise(functools.partial(_run, settings), workers, "relay")

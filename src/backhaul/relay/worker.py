@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, HttpLimits, Keepalive, UdpLimits
+from backhaul.config import FlowControl, HttpLimits, Keepalive, OidcSettings, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.http_edge import HttpEdge
@@ -59,6 +59,8 @@ class RelaySettings:
     metrics_fd: int | None = None
     #: Seconds between two publications of this worker's figures.
     stats_interval: float = 1.0
+    #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
+    oidc: OidcSettings | None = None
 
 
 class AlpnSplit(asyncio.Protocol):
@@ -142,6 +144,11 @@ class RelayWorker:
             lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
         )
         self._servers.append(server)
+        if self.settings.oidc is not None:
+            from backhaul.relay.oidc import OidcGate
+
+            self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
+            self.gate.warm_up()
         self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats)
         if self.settings.http:
             await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
@@ -196,6 +203,8 @@ class RelayWorker:
         self.store.mark_worker_down(self.settings.worker)
         if self._reporter is not None:
             await self._reporter.stop()
+        if self.gate is not None:
+            await self.gate.close()
         if self._runner is not None:
             await self._runner.cleanup()
         log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
