@@ -142,7 +142,7 @@ class RelayWorker:
             lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
         )
         self._servers.append(server)
-        self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats)
+        self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats, metrics=self.metrics)
         if self.settings.http:
             await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
         if self.settings.https:
