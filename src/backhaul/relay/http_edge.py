@@ -643,11 +643,12 @@ class HttpConnection(asyncio.Protocol):
             return
         self.edge.count("http_no_connector")
         self._stream_done(ex.figures, ErrorCode.REFUSED_STREAM)
-        if tried:
+        if no_route is not None and no_route.unreachable:
+            self._local(502, str(no_route))
+        elif tried:
             self._local(502, f"no connector of group {app.group!r} could take the request; try again")
         else:
-            # no active connector in the group, or none that can reach the app's origin
-            self._local(502, str(no_route))
+            self._local(502, f"no connector of group {app.group!r} is active, so the app cannot be reached")
 
     def _stream_accepted(self, stream: _Stream) -> None:
         if stream is not self._stream:
