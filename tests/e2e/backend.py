@@ -191,7 +191,7 @@ def http_app():
     return app
 
 
-async def serve_http(portfile: str, cert: str | None, key: str | None) -> None:
+async def serve_http(portfile: str, cert: str | None, key: str | None, port: int = 0) -> None:
     import ssl
 
     from aiohttp import web
@@ -202,7 +202,7 @@ async def serve_http(portfile: str, cert: str | None, key: str | None) -> None:
         ctx.load_cert_chain(cert, key)
     runner = web.AppRunner(http_app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     tmp = portfile + ".tmp"
@@ -259,6 +259,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     Greet.name = args.name.encode()
     if args.mode == "http":
-        asyncio.run(serve_http(args.portfile, args.cert, args.key))
+        asyncio.run(serve_http(args.portfile, args.cert, args.key, args.port))
     else:
         asyncio.run(main(args.mode, args.portfile, args.port))

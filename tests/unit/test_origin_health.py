@@ -280,6 +280,55 @@ def test_https_health_check_verifies_the_origin_certificate(tmp_path):
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_https_health_check_verifies_with_the_apps_own_tls_options(tmp_path):
+    """The check trusts what the app's streams trust: its backend_ca, or nothing with
+    backend_insecure; the same origin without either is unreachable."""
+
+    async def main():
+        ca = pki.make_ca("app backend CA")
+        key, cert = pki.make_service_cert(ca, ["127.0.0.1"])
+        (tmp_path / "origin.pem").write_bytes(pki.cert_to_pem(cert))
+        (tmp_path / "origin.key").write_bytes(pki.key_to_pem(key))
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+
+        async def ok(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/healthz", ok)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        base = {
+            "proto": "http", "target": f"127.0.0.1:{port}",
+            "internal_url": f"https://127.0.0.1:{port}/", "health_path": "/healthz",
+        }
+        apps = {
+            "own-ca": {**base, "name": "own-ca", "backend_ca": ca.cert_pem.decode("ascii")},
+            "insecure": {**base, "name": "insecure", "backend_insecure": True},
+            "system-ca": {**base, "name": "system-ca"},
+        }
+        seen = Recorder()
+        monitor = HealthMonitor(FAST, seen)
+        monitor.set_apps(apps)
+        task = asyncio.create_task(monitor.run())
+        try:
+            await _until(lambda: monitor.snapshot() == {"own-ca": True, "insecure": True, "system-ca": False})
+            assert "certificate" in monitor.state("system-ca").reason.lower()
+            # Dropping the CA is a change of what the check depends on: unknown, then down.
+            monitor.set_apps({**apps, "own-ca": {**base, "name": "own-ca"}})
+            assert {"own-ca": None} in seen.changes
+            await _until(lambda: monitor.snapshot().get("own-ca") is False)
+        finally:
+            task.cancel()
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 def test_checks_run_at_most_concurrency_at_once(monkeypatch):
     """Counted by wrapping the real TCP check (it still connects to a real listener)."""
 

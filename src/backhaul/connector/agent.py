@@ -139,7 +139,7 @@ class ConnectorAgent:
         self._http = None
         self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
         self.refresh_interval = 120.0
-        self.origins = health.HealthMonitor(settings.health, self._origins_changed)
+        self.origins = health.HealthMonitor(settings.health, self._origins_changed, self.backend_tls)
         from backhaul.connector.observer import Observer
 
         self.observer = Observer(self)

@@ -6,8 +6,9 @@ step), at most ``concurrency`` checks at once, each bounded by ``timeout``:
 
 - tcp apps, and http apps without a ``health_path``: a TCP connect to the target;
 - http apps with a ``health_path``: an HTTP GET of that path on the app's origin (the
-  scheme, host and port of its internal URL), TLS verified for https; a 2xx or 3xx
-  answer means reachable;
+  scheme, host and port of its internal URL), over TLS for https verified exactly as the
+  app's streams are (connector/http_target.py: the app's ``backend_ca``, or none with
+  ``backend_insecure``, else the system's CAs); a 2xx or 3xx answer means reachable;
 - udp apps are not checked (nothing to connect to proves anything): their state stays
   unknown.
 
@@ -39,6 +40,7 @@ import yarl
 
 from backhaul import __version__
 from backhaul.config import HealthChecks
+from backhaul.connector.http_target import BackendTls
 from backhaul.errors import ConfigError
 from backhaul.transport.sockets import parse_hostport
 
@@ -90,7 +92,10 @@ def checked(app: dict[str, Any]) -> bool:
 
 def _check_key(app: dict[str, Any]) -> tuple:
     """What a check depends on: a change of any of it makes the state unknown again."""
-    return (app.get("proto"), app.get("target"), app.get("internal_url"), app.get("health_path"))
+    return (
+        app.get("proto"), app.get("target"), app.get("internal_url"), app.get("health_path"),
+        app.get("backend_ca"), bool(app.get("backend_insecure")),
+    )
 
 
 def health_url(app: dict[str, Any]) -> str | None:
@@ -175,7 +180,14 @@ async def check_http(
 class HealthMonitor:
     """Checks the origins of one connector worker's apps and reports changes."""
 
-    def __init__(self, settings: HealthChecks, on_change: Callable[[dict[str, bool | None]], None]) -> None:
+    def __init__(
+        self,
+        settings: HealthChecks,
+        on_change: Callable[[dict[str, bool | None]], None],
+        backend_tls: BackendTls | None = None,
+    ) -> None:
+        """``backend_tls``: the TLS contexts the app's streams use (the agent's, which it
+        clears with each configuration); without it the monitor keeps its own."""
         self.settings = settings
         self._on_change = on_change
         self._apps: dict[str, dict[str, Any]] = {}
@@ -184,13 +196,16 @@ class HealthMonitor:
         self._due: set[str] = set()
         self._last_check: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self._ssl: ssl.SSLContext | None = None
+        self._own_tls = backend_tls is None
+        self._tls = BackendTls() if backend_tls is None else backend_tls
 
     # ------------------------------------------------------------------ what the agent calls
 
     def set_apps(self, apps: dict[str, dict[str, Any]]) -> None:
         """Follow a new configuration: new or changed apps are unknown and checked at once."""
         wanted = {name: app for name, app in apps.items() if checked(app)}
+        if self._own_tls:
+            self._tls.clear()
         changes: dict[str, bool | None] = {}
         for name, app in list(self._apps.items()):
             if name not in wanted or _check_key(wanted[name]) != _check_key(app):
@@ -280,10 +295,5 @@ class HealthMonitor:
         timeout = self.settings.timeout
         if url is None:
             return await check_tcp(app["target"], timeout)
-        return await check_http(session, url, self._backend_ssl(app) if url.startswith("https:") else None, timeout)
-
-    def _backend_ssl(self, app: dict[str, Any]) -> ssl.SSLContext:
-        """How an https app's origin is verified: as the connector verifies its traffic."""
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
+        # The health URL is the internal URL's origin: same scheme and host, so the same TLS.
+        return await check_http(session, url, self._tls.options(app).get("ssl"), timeout)

@@ -21,6 +21,11 @@ stream is accepted, so a refused open is retried on another connector. Every req
 an id (``<connection id>.<n>``): the backend gets it as X-Request-Id, the edge's own
 answers show it, and the stream's OPEN carries the id of the request that opened it, so
 the connector's log line for the stream has the connection id in it.
+
+Streams are counted in the relay's metrics as the TCP edge counts its pipes (opened, open
+latency, bytes each way, how they ended), by app: each stream carries a
+:class:`_StreamFigures`, one per stream as the user sees it, so an open retried on another
+connector is counted once.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from backhaul.relay.http_reader import (
     Response,
     ResponseReader,
 )
+from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX, Allow, RequestHead, Respond
 from backhaul.relay.routing import NoRoute, TunnelRegistry
 from backhaul.transport.pipe import error_name
@@ -82,7 +88,7 @@ class _Exchange:
     __slots__ = (
         "request", "id", "route", "state", "user", "extra", "tried", "started", "reused", "retried",
         "body_sent", "request_done", "response_started", "response_done", "rechunk", "close_after",
-        "upgrade_rest", "status", "external_base", "external_host", "backend_closes",
+        "upgrade_rest", "status", "external_base", "external_host", "backend_closes", "figures",
     )
 
     def __init__(self, request: Request, request_id: str) -> None:
@@ -107,6 +113,20 @@ class _Exchange:
         self.external_base = b""
         self.external_host = b""
         self.backend_closes = False  # the app closes its connection after this response
+        self.figures: _StreamFigures | None = None  # of the stream this request is opening
+
+
+class _StreamFigures:
+    """What RelayMetrics reads of one user stream (the attributes a Pipe has)."""
+
+    __slots__ = ("labels", "started", "bytes_up", "bytes_down", "code")
+
+    def __init__(self, app: str) -> None:
+        self.labels = {"app": app}
+        self.started = time.monotonic()
+        self.bytes_up = 0  # user to app, request heads as sent to the app
+        self.bytes_down = 0
+        self.code = ErrorCode.NO_ERROR
 
 
 class _Stream:
@@ -116,14 +136,17 @@ class _Stream:
     stream only returns credit for what still arrives, until the tunnel forgets it.
     """
 
-    __slots__ = ("conn", "tunnel", "id", "route", "user", "accepted", "remote_done", "local_done")
+    __slots__ = ("conn", "tunnel", "id", "route", "user", "figures", "accepted", "remote_done", "local_done")
 
-    def __init__(self, conn: "HttpConnection", tunnel: Tunnel, route: translate.Route, user: str | None) -> None:
+    def __init__(
+        self, conn: "HttpConnection", tunnel: Tunnel, route: translate.Route, user: str | None, figures: _StreamFigures
+    ) -> None:
         self.conn: HttpConnection | None = conn
         self.tunnel = tunnel
         self.id = 0
         self.route = route
         self.user = user
+        self.figures = figures
         self.accepted = False
         self.remote_done = False
         self.local_done = False
@@ -186,6 +209,7 @@ class HttpConnection(asyncio.Protocol):
         self.edge = edge
         self.scheme = scheme
         self.limits = edge.limits
+        self.metrics = edge.metrics
         self.transport: asyncio.Transport | None = None
         self.client_ip = "?"
         self.client = "?"
@@ -598,13 +622,19 @@ class HttpConnection(asyncio.Protocol):
         app = ex.route.app
         extra = {"user": ex.user} if ex.user is not None else {}
         tried = ex.tried
+        if not tried:  # not a retry of a refused open: a new stream
+            ex.figures = _StreamFigures(app.name)
+            if self.metrics is not None:
+                self.metrics.stream_started(ex.figures)
+        no_route = None
         while len(tried) < OPEN_ATTEMPTS:
             try:
-                tunnel = self.edge.registry.pick(app.group, tried)
-            except NoRoute:
+                tunnel = self.edge.registry.pick(app.group, tried, app=app.name)
+            except NoRoute as exc:
+                no_route = exc
                 break
             tried.append(tunnel)
-            stream = _Stream(self, tunnel, ex.route, ex.user)
+            stream = _Stream(self, tunnel, ex.route, ex.user, ex.figures)
             try:
                 stream.id = tunnel.open(stream_meta(app.name, app.target, "http", self.client, ex.id, **extra), stream)
             except SessionError:
@@ -612,7 +642,10 @@ class HttpConnection(asyncio.Protocol):
             self._stream = stream
             return
         self.edge.count("http_no_connector")
-        if tried:
+        self._stream_done(ex.figures, ErrorCode.REFUSED_STREAM)
+        if no_route is not None and no_route.unreachable:
+            self._local(502, str(no_route))
+        elif tried:
             self._local(502, f"no connector of group {app.group!r} could take the request; try again")
         else:
             self._local(502, f"no connector of group {app.group!r} is active, so the app cannot be reached")
@@ -621,6 +654,8 @@ class HttpConnection(asyncio.Protocol):
         if stream is not self._stream:
             stream.end()
             return
+        if self.metrics is not None:
+            self.metrics.stream_accepted(stream.figures)
         self._resp = ResponseReader(self.limits)
         ex = self.ex
         if ex is None or ex.state != _OPENING:
@@ -634,9 +669,12 @@ class HttpConnection(asyncio.Protocol):
         self._stream = None
         stream.conn = None
         ex = self.ex
+        retry = code in RETRYABLE_OPEN_FAILURES and ex is not None and ex.state == _OPENING
+        if not retry:
+            self._stream_done(stream.figures, code)
         if ex is None or ex.state != _OPENING:
             return
-        if code in RETRYABLE_OPEN_FAILURES:
+        if retry:
             log.info(
                 "stream open refused, retrying on another connector",
                 extra={"id": ex.id, "code": error_name(code), "reason": reason},
@@ -672,6 +710,7 @@ class HttpConnection(asyncio.Protocol):
         except SessionError as exc:
             self._stream_failed(f"the stream is gone: {exc}")
             return
+        stream.figures.bytes_up += len(data)
         if not keep_reading:
             self._set_paused(_P_TUNNEL, True)
 
@@ -696,8 +735,17 @@ class HttpConnection(asyncio.Protocol):
             self._owed = 0
         if graceful and stream.accepted:
             stream.end()
+            self._stream_done(stream.figures, ErrorCode.NO_ERROR)
         else:
             stream.reset(reason)
+            self._stream_done(stream.figures, ErrorCode.CANCEL)
+
+    def _stream_done(self, figures: _StreamFigures, code: int) -> None:
+        """Count a stream out of the metrics; a code it was reset with stays its code."""
+        if figures.code == ErrorCode.NO_ERROR:
+            figures.code = code
+        if self.metrics is not None:
+            self.metrics.stream_done(figures)
 
     def _can_retry(self, ex: _Exchange) -> bool:
         return (
@@ -725,7 +773,7 @@ class HttpConnection(asyncio.Protocol):
             log.info("kept-alive backend connection was closed; resending", extra={"id": ex.id, "reason": reason})
             ex.retried = True
             ex.reused = False
-            ex.tried.clear()
+            ex.tried.clear()  # a new stream, counted anew
             self._open(ex)
         elif not ex.response_started:
             self._local(status, f"the app's connection failed: {reason}", close=True)
@@ -740,6 +788,7 @@ class HttpConnection(asyncio.Protocol):
             # The tunnel died before the target answered: nothing is committed yet.
             self._stream_rejected(stream, ErrorCode.PEER_DEAD, reason)
             return
+        stream.figures.code = code
         self._stream_failed(f"{error_name(code)}: {reason}")
         self._pump()
 
@@ -774,6 +823,7 @@ class HttpConnection(asyncio.Protocol):
     def _stream_data(self, stream: _Stream, data: bytes, end: bool) -> None:
         size = len(data)
         if size:
+            stream.figures.bytes_down += size
             if self._upgraded:
                 self._write(data)
             else:
@@ -939,8 +989,11 @@ class HttpEdge:
         limits: HttpLimits,
         gate=None,
         stats: dict | None = None,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.registry = registry
+        #: where user streams are counted, or None
+        self.metrics = metrics
         self.flow = flow
         self.limits = limits
         #: the pre-authentication Gate (preauth_api.Gate), or None: oidc apps are then refused

@@ -24,6 +24,11 @@ MAX_APP_NAME = 63
 class NoRoute(Exception):
     """No usable tunnel for the group: no active connector, all are draining, or none can reach the app."""
 
+    def __init__(self, reason: str, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        #: the group has usable tunnels, but their connectors reported the app's origin down
+        self.unreachable = unreachable
+
 
 class TunnelRegistry:
     """The live tunnels of this worker. A tunnel's ``info`` holds its connector id and group."""
@@ -114,7 +119,7 @@ class TunnelRegistry:
         candidates = fresh or tried
         if not candidates:
             if unreachable:
-                raise NoRoute(f"no connector in group {group!r} can reach app {app!r}")
+                raise NoRoute(f"no connector in group {group!r} can reach app {app!r}", unreachable=True)
             raise NoRoute(f"no active connector in group {group!r}")
         least = min(t.load for t in candidates)
         return random.choice([t for t in candidates if t.load == least])

@@ -149,7 +149,9 @@ class RelayWorker:
 
             self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
             self.gate.warm_up()
-        self.http_edge = HttpEdge(self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats)
+        self.http_edge = HttpEdge(
+            self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats, metrics=self.metrics
+        )
         if self.settings.http:
             await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
         if self.settings.https:
