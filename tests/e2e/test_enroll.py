@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import stat
 
 import pytest
+
+from backhaul.protocol.constants import ALPN_TUNNEL
 
 from .harness import echoes, wait_until
 
@@ -73,8 +77,18 @@ def test_connector_turns_active_then_deleted_connector_is_shut_out(system, backe
     system.admin("connector", "delete", conn["id"])
     assert system.admin_json("connector", "list") == []
     wait_until(lambda: not echoes(port), 10, "the relay to drop the deleted connector's tunnels")
-    # Restarted with its revoked certificate, the connector gets no tunnel.
+    # Restarted with its revoked certificate, the connector is told to re-register and gets no tunnel.
     system.connectors["one"].stop()
-    system.start_connector("one")
-    wait_until(lambda: "tunnel refused" in system.relay.log(), 20, "the relay to refuse the revoked certificate")
+    restarted = system.start_connector("one")
+    wait_until(lambda: "re-register" in restarted.log(), 20, "the restarted connector to be told to re-register")
     assert not echoes(port)
+    # Whoever dials a tunnel with that certificate is refused at the tunnel too.
+    state = system.workdir / "conn-one"
+    tls = ssl.create_default_context(cafile=str(state / "ca.pem"))
+    tls.load_cert_chain(str(state / "cert.pem"), str(state / "key.pem"))
+    tls.set_alpn_protocols([ALPN_TUNNEL])
+    with socket.create_connection(("127.0.0.1", system.port), timeout=10) as raw:
+        with tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            assert sock.selected_alpn_protocol() == ALPN_TUNNEL
+            assert sock.recv(1) == b""  # closed by the relay, no hello
+    wait_until(lambda: "tunnel refused" in system.relay.log(), 10, "the relay to log the refused tunnel")
