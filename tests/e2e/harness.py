@@ -135,6 +135,18 @@ class Proc:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def log_entries(self, message: str) -> list[dict]:
+        """The JSON log lines this process wrote with ``msg`` equal to ``message``."""
+        entries = []
+        for line in self.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("msg") == message:
+                entries.append(entry)
+        return entries
+
     def pids(self) -> list[int]:
         """This process and all its descendants (a supervisor and its workers)."""
         return [self.popen.pid] + _children(self.popen.pid)

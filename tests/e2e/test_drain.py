@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,17 +13,6 @@ from .harness import EchoLoad
 
 pytestmark = pytest.mark.e2e
 
-
-def _log_lines(proc, message: str) -> list[dict]:
-    lines = []
-    for line in proc.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == message:
-            lines.append(entry)
-    return lines
 
 
 def _echo_once(sock: socket.socket, data: bytes) -> None:
@@ -68,7 +56,7 @@ def test_drain_finishes_a_transfer_while_new_connections_go_to_the_other_connect
     failed = [x for x in attempts if not x.ok]
     assert attempts and not failed, f"{len(failed)} of {len(attempts)} new connections failed during the drain: {failed[:3]}"
     assert a.popen.wait(10) == 0, "a drained connector exits 0"
-    [drained] = _log_lines(a, "connector worker drained")
+    [drained] = a.log_entries("connector worker drained")
     assert drained["streams_cut"] == 0 and drained["streams_ended"] >= 1, drained
 
 
@@ -107,10 +95,10 @@ def test_drain_deadline_cuts_what_is_left_and_a_lone_draining_connector_refuses_
     finally:
         held.close()
     assert a.popen.wait(10) == 0
-    [drained] = _log_lines(a, "connector worker drained")
+    [drained] = a.log_entries("connector worker drained")
     assert drained["streams_cut"] == 1 and drained["streams_in_flight"] == 1, drained
     refused = [
-        e for e in _log_lines(system.relay, "stream ended")
+        e for e in system.relay.log_entries("stream ended")
         if e["ts"] >= sigterm_at - 0.01 and "no active connector" in e.get("result", "")
     ]
     assert len(refused) == 1, "the relay refused the late connection for want of a connector"

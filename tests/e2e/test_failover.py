@@ -7,7 +7,6 @@ and the relay that black-holes or half-opens its tunnels.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,17 +18,6 @@ from .harness import EchoLoad, FaultProxy, connections_to, running_relay, wait_u
 
 pytestmark = pytest.mark.e2e
 
-
-def _log_lines(proc, message: str) -> list[dict]:
-    lines = []
-    for line in proc.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == message:
-            lines.append(entry)
-    return lines
 
 
 def _hold(port: int, count: int) -> list[socket.socket]:
@@ -81,7 +69,7 @@ def test_a_killed_worker_is_restarted_and_serves_again(system, backend):
         assert connections_to(after, echo.port) == 8
     finally:
         _close_all(held)
-    restarted = _log_lines(conn, "worker exited; restarting")
+    restarted = conn.log_entries("worker exited; restarting")
     assert [e["pid"] for e in restarted] == [before[0]] and restarted[0]["exitcode"] == -signal.SIGKILL
 
 
@@ -107,7 +95,7 @@ def test_a_connector_killed_under_load_fails_no_new_connection_and_gets_traffic_
     # Only streams that were on `a` when it died may fail: the relay counts and logs them.
     failed = [x for x in attempts if not x.ok]
     assert all(x.started < dead_at for x in failed)
-    lost = sum(e["streams"] for e in _log_lines(system.relay, "connector tunnel ended with streams on it"))
+    lost = sum(e["streams"] for e in system.relay.log_entries("connector tunnel ended with streams on it"))
     assert len(failed) <= lost, f"{len(failed)} connections failed but the relay logged only {lost} lost streams"
     slowest = max(x.ended - x.started for x in after)
     print(f"SIGKILL under load: {len(attempts)} connections, {len(after)} after the kill (slowest {slowest * 1000:.0f} ms), "
@@ -170,7 +158,7 @@ def test_dead_tunnels_are_found_by_keepalive_and_their_streams_fail_over(tmp_pat
             print(f"black hole: {len(attempts)} connections, none failed, slowest {slowest:.1f} s; "
                   f"the stream on the dead tunnel ended after {waited:.1f} s")
             dead = [
-                e for e in _log_lines(system.relay, "connector tunnel ended with streams on it")
+                e for e in system.relay.log_entries("connector tunnel ended with streams on it")
                 if e["connector"] == system.connector_info("a")["id"] and e["code"] == 14  # PEER_DEAD
             ]
             assert dead, "the relay should log the streams lost with a's dead tunnels"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,17 +13,6 @@ from .harness import echoes
 
 pytestmark = pytest.mark.e2e
 
-
-def _log_lines(proc, message: str) -> list[dict]:
-    out = []
-    for line in proc.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == message:
-            out.append(entry)
-    return out
 
 
 def test_sighup_applies_tunnels_and_drain_timeout_and_survives_a_broken_file(system, backend):
@@ -63,11 +51,11 @@ def test_sighup_applies_tunnels_and_drain_timeout_and_survives_a_broken_file(sys
     finally:
         held.close()
 
-    reloads = _log_lines(conn, "settings reloaded")
+    reloads = conn.log_entries("settings reloaded")
     assert len(reloads) >= 4, "each worker reloads on each SIGHUP the supervisor passes on"
     assert [r["need_restart"] for r in reloads[:2]] == [["flow"], ["flow"]], "buffers are sized at start"
     assert reloads[0]["applied"] == {"tunnels": 4, "drain_timeout": 1.0}
     # The broken file may or may not have been read before the good one replaced it; if it
     # was, it was refused with a reason.
-    refused = _log_lines(conn, "settings not reloaded; keeping the current ones")
+    refused = conn.log_entries("settings not reloaded; keeping the current ones")
     assert all("not valid TOML" in r["error"] for r in refused)
