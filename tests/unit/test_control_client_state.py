@@ -47,6 +47,20 @@ def test_load_reads_everything(state_dir):
     assert 89 * 86400 < st.seconds_left() <= 90 * 86400 + 600
 
 
+def test_short_lived_certificate_is_due_at_two_thirds_of_its_life_from_issue(tmp_path, ca):
+    # Back-dating by CLOCK_SKEW must not count as lifetime: a 60 s certificate is not due at once.
+    cid = pki.new_connector_id()
+    key = pki.generate_key()
+    cert = pki.sign_csr(ca, pki.make_csr(key, "x"), cid, datetime.timedelta(seconds=60))
+    d = tmp_path / "state"
+    write_state(d, service_url="https://relay.example.com:8443", connector_id=cid, name="edge", ca_pem=ca.cert_pem,
+                cert_pem=pki.cert_to_pem(cert), key_pem=pki.key_to_pem(key))
+    st = ConnectorState.load(d)
+    issued = st.cert_not_before + pki.CLOCK_SKEW
+    assert not st.renewal_due(issued + datetime.timedelta(seconds=39))
+    assert st.renewal_due(issued + datetime.timedelta(seconds=41))
+
+
 def test_missing_or_corrupt_state_says_what_to_do(tmp_path, state_dir, ca):
     with pytest.raises(ConfigError, match="not registered"):
         ConnectorState.load(tmp_path / "nowhere")

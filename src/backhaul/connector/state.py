@@ -109,8 +109,10 @@ class ConnectorState:
     def renewal_due(self, now: datetime.datetime | None = None, fraction: float = 2 / 3) -> bool:
         """True once ``fraction`` of the certificate's lifetime has passed."""
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        lifetime = self.cert_not_after - self.cert_not_before
-        return now >= self.cert_not_before + lifetime * fraction
+        # Lifetime counts from issue, not from notBefore: certificates are back-dated by
+        # CLOCK_SKEW, which would make a short-lived one due the moment it arrives.
+        issued = min(self.cert_not_before + pki.CLOCK_SKEW, self.cert_not_after)
+        return now >= issued + (self.cert_not_after - issued) * fraction
 
     def seconds_left(self, now: datetime.datetime | None = None) -> float:
         now = now or datetime.datetime.now(datetime.timezone.utc)
