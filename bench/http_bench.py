@@ -77,26 +77,12 @@ def start_nginx_proxy(procs: Processes, backend_port: int) -> tuple[int, Managed
     root = procs.workdir / "nginx-proxy"
     root.mkdir()
     port = free_port()
-    user = f"user {peers._user_name()};" if os.geteuid() == 0 else ""
     conf = root / "nginx.conf"
     conf.write_text(
-        f"""daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {root}/nginx.pid;
-error_log {root}/error.log error;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    keepalive_timeout 300s;
-    keepalive_requests 100000000;
-    upstream app {{
+        peers.nginx_conf(
+            root,
+            1,
+            f"""upstream app {{
         server 127.0.0.1:{backend_port};
         keepalive 128;
     }}
@@ -110,9 +96,8 @@ http {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
         }}
-    }}
-}}
-"""
+    }}""",
+        )
     )
     nginx = procs.start("nginx-proxy", [peers.find_program("nginx"), "-p", f"{root}/", "-c", str(conf), "-e", f"{root}/error.log"])
     wait_until("nginx reverse proxy", lambda: probe(port), time.monotonic() + peers.READY_TIMEOUT, [nginx])

@@ -340,15 +340,43 @@ class Backend:
     def _start_nginx(self) -> Managed:
         root = self.procs.workdir / "nginx"
         root.mkdir()
-        # When started as root nginx drops its workers to "nobody", who cannot enter the
-        # private temp dir; keep them as the current user instead.
-        user = f"user {_user_name()};" if os.geteuid() == 0 else ""
         body = BODY.decode().replace("\n", "\\n")
         conf = root / "nginx.conf"
         conf.write_text(
-            f"""daemon off;
+            nginx_conf(
+                root,
+                self.nginx_workers,
+                f"""server {{
+        listen 127.0.0.1:{self.nginx_port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}
+    }}""",
+            )
+        )
+        nginx = find_program("nginx")
+        return self.procs.start("nginx", [nginx, "-p", f"{root}/", "-c", str(conf), "-e", f"{root}/error.log"])
+
+    def direct(self) -> Route:
+        """The path straight to the backend."""
+        iperf = self.iperf_server("direct")
+        return Route("direct", "direct to the backend", self.nginx_port, iperf.port, iperf)
+
+
+def _user_name() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def nginx_conf(root: Path, workers: str | int, http_block: str) -> str:
+    """An nginx.conf for a benchmark peer in ``root``: no access log, keep-alive without
+    a request limit, temp paths inside ``root``, ``http_block`` inside ``http {}``."""
+    # When started as root nginx drops its workers to "nobody", who cannot enter the
+    # private temp dir; keep them as the current user instead.
+    user = f"user {_user_name()};" if os.geteuid() == 0 else ""
+    return f"""daemon off;
 master_process on;
-worker_processes {self.nginx_workers};
+worker_processes {workers};
 {user}
 pid {root}/nginx.pid;
 error_log {root}/error.log error;
@@ -362,27 +390,9 @@ http {{
     scgi_temp_path {root}/scgi;
     keepalive_timeout 300s;
     keepalive_requests 100000000;
-    server {{
-        listen 127.0.0.1:{self.nginx_port};
-        location / {{
-            default_type text/plain;
-            return 200 "{body}";
-        }}
-    }}
+    {http_block}
 }}
 """
-        )
-        nginx = find_program("nginx")
-        return self.procs.start("nginx", [nginx, "-p", f"{root}/", "-c", str(conf), "-e", f"{root}/error.log"])
-
-    def direct(self) -> Route:
-        """The path straight to the backend."""
-        iperf = self.iperf_server("direct")
-        return Route("direct", "direct to the backend", self.nginx_port, iperf.port, iperf)
-
-
-def _user_name() -> str:
-    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def start_haproxy(procs: Processes, backend: Backend) -> Route:
