@@ -16,6 +16,7 @@ import sys
 import urllib.request
 
 import aiohttp
+import yarl
 import pytest
 from aiohttp.abc import AbstractResolver
 
@@ -150,13 +151,17 @@ def test_browser_signs_in_through_the_issuer_and_the_backend_verifies_who_it_is(
             assert len(session) == 1 and session[0]["secure"] and session[0]["httponly"]
 
             # Signed in: further pages (on new connections, so either worker) go straight through,
-            # and an x-backhaul-* header the user sends is dropped, not passed on.
+            # an x-backhaul-* header the user sends is dropped, not passed on, and the backend
+            # gets the app's own cookies but never the relay's session cookie.
+            browser.cookie_jar.update_cookies({"theme": "dark"}, yarl.URL(deployment.https_url))
             sign_ins = issuer.hits["/authorize"]
             for n in range(6):
                 async with browser.get(f"{deployment.https_url}/p{n}", headers={**html, "X-Backhaul-User": "admin"}) as response:
                     seen = await _json(response)
                     assert not response.history
-                assert dict(seen["headers"])["x-backhaul-user"] == "alice"
+                headers = dict(seen["headers"])
+                assert headers["x-backhaul-user"] == "alice"
+                assert headers["cookie"] == "theme=dark"
             assert issuer.hits["/authorize"] == sign_ins
 
             # Signing out clears the cookie: the next page goes back to the issuer.

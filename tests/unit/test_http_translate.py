@@ -103,6 +103,22 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped():
     assert b"cookie" in names
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (b"backhaul_session=abc.def", None),
+        (b"theme=dark; backhaul_session=abc; lang=en", b"theme=dark; lang=en"),
+        (b"backhaul_login_XYZ=1;backhaul_session=2", None),
+        (b"theme=backhaul_session", b"theme=backhaul_session"),
+        (b"a=1; b=2", b"a=1; b=2"),
+    ],
+)
+def test_the_relays_own_cookies_never_reach_the_backend(value, expected):
+    req = request([(b"Host", b"app.example.com"), (b"Cookie", value)])
+    cookies = [v for name, v in forwarded(route(), req) if name.lower() == b"cookie"]
+    assert cookies == ([] if expected is None else [expected])
+
+
 def test_upgrade_request_keeps_its_upgrade():
     req = request([(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", b"k")], upgrade=True)
     out = forwarded(route(), req)

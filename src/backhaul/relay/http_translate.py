@@ -21,9 +21,10 @@ import re
 import yarl
 
 from backhaul.relay.http_reader import HttpError, Request, Response
-from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX
+from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX, RELAY_COOKIE_PREFIX
 
 _IDENTITY = IDENTITY_HEADER_PREFIX.encode("ascii")
+_RELAY_COOKIE = RELAY_COOKIE_PREFIX.encode("ascii")
 #: Never forwarded in either direction: they describe one hop, or the edge sets them itself.
 _HOP_BY_HOP = frozenset(
     {
@@ -74,6 +75,12 @@ class Route:
         self.keep_host = bool(getattr(app, "keep_host", False))
 
 
+def without_relay_cookies(value: bytes) -> bytes:
+    """A Cookie header value without the relay's own cookies (b"" when nothing is left)."""
+    kept = [crumb for crumb in (c.strip() for c in value.split(b";")) if crumb and not crumb.startswith(_RELAY_COOKIE)]
+    return b"; ".join(kept)
+
+
 def request_target(route: Route, target: bytes) -> bytes:
     """The request-target the backend gets: the path under the internal URL's path."""
     if target.startswith(b"/"):
@@ -103,6 +110,10 @@ def request_headers(
             forwarded_for.append(value)
         elif lower == b"upgrade":
             upgrade = value
+        elif lower == b"cookie" and _RELAY_COOKIE in value:
+            value = without_relay_cookies(value)
+            if value:
+                out.append((name, value))
         elif lower in _HOP_BY_HOP or lower in _SET_BY_EDGE or lower in tokens or lower.startswith(_IDENTITY):
             continue
         else:
@@ -190,6 +201,10 @@ def response_headers(
             out.append((name, value))
         elif lower == b"upgrade":
             upgrade = value
+        elif lower == b"cookie" and _RELAY_COOKIE in value:
+            value = without_relay_cookies(value)
+            if value:
+                out.append((name, value))
         elif lower in _HOP_BY_HOP or lower in tokens:
             continue
         else:

@@ -15,6 +15,10 @@ from typing import Protocol
 #: Request headers with this prefix are the relay's to set: the edge drops any a client
 #: sends, so a user cannot forge the identity the backend trusts.
 IDENTITY_HEADER_PREFIX = "x-backhaul-"
+#: Cookies with this prefix are the relay's own (sign-in session, login state): the edge
+#: takes them out of the Cookie header, so no backend (or its access log) ever holds a
+#: credential for the edge.
+RELAY_COOKIE_PREFIX = "backhaul_"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

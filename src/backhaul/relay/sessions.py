@@ -23,11 +23,11 @@ import orjson
 
 from backhaul.relay.identity import User
 from backhaul.relay.keyfiles import load_or_create
-from backhaul.relay.preauth_api import RequestHead
+from backhaul.relay.preauth_api import RELAY_COOKIE_PREFIX, RequestHead
 
 SESSION_KEY_FILE = "session.key"
-SESSION_COOKIE = "backhaul_session"
-LOGIN_COOKIE_PREFIX = "backhaul_login_"
+SESSION_COOKIE = RELAY_COOKIE_PREFIX + "session"
+LOGIN_COOKIE_PREFIX = RELAY_COOKIE_PREFIX + "login_"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
