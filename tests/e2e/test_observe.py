@@ -101,6 +101,15 @@ def _workers(pid: int) -> list[int]:
         return [int(kid) for kid in children.read().split()]
 
 
+def _switch(system, state, switch: str):
+    """`connector session-log on|off`, repeated until every worker has confirmed it (bounded)."""
+    def confirmed():
+        done = system.cli("connector", "session-log", switch, "--state-dir", str(state))
+        return done if "so far" not in done.stderr else None
+
+    return wait_until(confirmed, 20, f"every connector worker to switch its session log {switch}")
+
+
 def _session_lines(log_dir) -> list[dict]:
     lines = []
     for path in sorted(log_dir.glob("session.log*")):
@@ -134,19 +143,23 @@ def test_session_log_switched_live_checked_and_rotated(system, backend):
     assert "already running" in second.stderr and len(second.stderr.strip().splitlines()) == 1
 
     # -- switched on at run time, no restart; every transaction gets its line
-    on = system.cli("connector", "session-log", "on", "--state-dir", str(state))
+    on = _switch(system, state, "on")
     assert str(log_dir / "session.log") in on.stdout
     sizes = [1000, 1001, 1002, 1003]
     for size in sizes:
         assert _exchange(port, b"s" * size) == b"s" * size
     assert _refused(dead_port) == b""
-    def five_lines():
-        got = _session_lines(log_dir)
-        return got if len(got) >= 5 else None
 
-    lines = wait_until(five_lines, 15, "five session lines")
-    ok = {line["bytes_client_to_app"]: line for line in lines if line["app"] == "echo"}
+    def all_lines():
+        got = _session_lines(log_dir)
+        # The readiness probes ("ping") may end after the switch under load: only ours count.
+        echoed = {line["bytes_client_to_app"] for line in got if line["app"] == "echo"}
+        return got if set(sizes) <= echoed and any(line["app"] == "dead" for line in got) else None
+
+    lines = wait_until(all_lines, 15, "a session line for each of the five transactions")
+    ok = {line["bytes_client_to_app"]: line for line in lines if line["app"] == "echo" and line["bytes_client_to_app"] in sizes}
     assert sorted(ok) == sizes
+    assert all(line["bytes_client_to_app"] in (*sizes, len(b"ping")) for line in lines if line["app"] == "echo")
     for size, line in ok.items():
         assert line["bytes_app_to_client"] == size
         assert (line["result"], line["code"], line["reason"]) == ("ok", "NO_ERROR", "completed")
@@ -163,9 +176,9 @@ def test_session_log_switched_live_checked_and_rotated(system, backend):
     assert failed[0]["bytes_client_to_app"] == 0 and "refused" in failed[0]["reason"]
 
     # -- switched off, a transaction leaves no line; switched on again, the next one does
-    system.cli("connector", "session-log", "off", "--state-dir", str(state))
+    _switch(system, state, "off")
     assert _exchange(port, b"o" * 2222) == b"o" * 2222
-    system.cli("connector", "session-log", "on", "--state-dir", str(state))
+    _switch(system, state, "on")
     assert _exchange(port, b"n" * 3333) == b"n" * 3333
     wait_until(lambda: any(l["bytes_client_to_app"] == 3333 for l in _session_lines(log_dir)), 15, "the line of the 3333-byte exchange")
     assert not any(l["bytes_client_to_app"] == 2222 for l in _session_lines(log_dir)), "logged while switched off"
