@@ -127,8 +127,10 @@ def test_session_log_switched_live_checked_and_rotated(system, backend):
     system.start_connector(
         "one", workers=2, extra=("--log-dir", str(log_dir), "--log-max-bytes", "2048", "--log-backups", "2")
     )
-    port = system.publish_tcp("echo", echo.target)
+    # "dead" first: a relay worker applies whole config versions, so once "echo" answers,
+    # "dead" listens too.
     dead_port = system.publish_tcp("dead", f"127.0.0.1:{free_port()}")
+    port = system.publish_tcp("echo", echo.target)
     system.wait_app(port)
 
     # -- off by default: the readiness probe went through and left no session line
@@ -211,8 +213,8 @@ def test_metrics_and_status_follow_real_traffic(tmp_path, backend):
         state = system.register("one")
         connector_id = json.loads((state / "connector.json").read_text())["connector_id"]
         system.start_connector("one", workers=2, tunnels=2, extra=("--metrics", f"127.0.0.1:{connector_metrics}"))
+        dead_port = system.publish_tcp("dead", f"127.0.0.1:{free_port()}")  # first: see above
         port = system.publish_tcp("echo", echo.target)
-        dead_port = system.publish_tcp("dead", f"127.0.0.1:{free_port()}")
         system.wait_app(port)
         _check_metrics_and_status(system, state, connector_id, port, dead_port, relay_metrics, connector_metrics)
     finally:
