@@ -197,7 +197,7 @@ async def ca_certificate(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(_ctx(request).settings))
 
 
 def _expires(cert) -> float:
