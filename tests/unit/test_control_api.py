@@ -280,8 +280,8 @@ def test_tls12_client_is_refused(run):
         ({"name": "a", "proto": "tcp", "port": 1, "target": "nohostport"}, 400, "bad_request", "HOST:PORT"),
         ({"name": "a", "proto": "tcp", "port": 1, "target": "fd00::1:22"}, 400, "bad_request", "brackets"),
         ({"name": "a", "proto": "tcp", "port": 0, "target": "h:1"}, 400, "bad_request", "1 to 65535"),
-        ({"name": "a", "proto": "tcp", "port": 8443, "target": "h:1"}, 400, "bad_request", "relay itself"),
-        ({"name": "a", "proto": "udp", "port": 53, "target": "h:99999"}, 400, "bad_request", "target port"),
+        ({"name": "a", "proto": "tcp", "port": 8443, "target": "h:1"}, 409, "conflict", "relay itself"),
+        ({"name": "a", "proto": "udp", "port": 53, "target": "h:99999"}, 400, "bad_request", ":PORT (1-65535)"),
         ({"name": "a b", "proto": "tcp", "port": 1, "target": "h:1"}, 400, "bad_request", "app name"),
         ({"name": "a", "proto": "sctp", "port": 1, "target": "h:1"}, 400, "bad_request", "proto"),
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "ftp://x/"}, 400, "bad_request", "http://"),
@@ -296,6 +296,17 @@ def test_tls12_client_is_refused(run):
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "backend_ca": "not a pem"}, 400, "bad_request", "PEM"),
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "backend_ca": "x" * 40000}, 400, "bad_request", "at most"),
         ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "https://x/", "keep_host": "yes"}, 400, "bad_request", "true or false"),
+        # Python's "$" also matches before a final newline; the document's (ECMA-262) does not.
+        ({"name": "a\n", "proto": "tcp", "port": 1, "target": "h:1"}, 400, "bad_request", "app name"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "[fe80::1%eth0]:22"}, 400, "bad_request", "zone"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "[10.0.0.5]:22"}, 400, "bad_request", "IPv6 addresses only"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "h:\u0663"}, 400, "bad_request", ":PORT"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "h..:1"}, 400, "bad_request", "neither"),
+        ({"name": "a", "proto": "tcp", "port": 1, "target": "h:1", "keep_host": 0}, 400, "bad_request", "only for http"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/", "preauth": ""}, 400, "bad_request", "preauth"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x:0/"}, 400, "bad_request", "port from 1"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/a b"}, 400, "bad_request", "no spaces"),
+        ({"name": "a", "proto": "http", "external_host": "x.example", "internal_url": "http://x/", "health_path": "/h\n"}, 400, "bad_request", "health path"),
     ],
 )
 def test_bad_apps_are_refused_clearly(run, body, status, code, words):
@@ -322,8 +333,9 @@ def test_http_app_tls_options_reach_the_connector_config(run, tmp_path):
         assert s.store.get_app("web") == s.store.list_apps()[0] and s.store.get_app("web").backend_ca == ca_pem
         status, app, _ = await s.call("PATCH", "/v1/apps/web", {"backend_ca": None, "backend_insecure": True})
         assert status == 200 and app["backend_ca"] is None and app["backend_insecure"] is True
+        # Well-formed, but not for this app (it has backend_insecure): a conflict, not a bad request.
         status, answer, _ = await s.call("PATCH", "/v1/apps/web", {"internal_url": "http://intranet/"})
-        assert status == 400 and "https://" in answer["detail"]
+        assert status == 409 and "https://" in answer["detail"]
         state = await s.register(tmp_path / "conn")
         async with control_client.connector_session(state) as session:
             _, config = await control_client.pull_config(state, session, None)
@@ -341,7 +353,11 @@ def test_app_update_and_http_target_derivation(run):
         status, app, _ = await s.call("PATCH", "/v1/apps/web", {"internal_url": "http://intranet.local:8080/x"})
         assert status == 200 and app["target"] == "intranet.local:8080"
         status, body, _ = await s.call("PATCH", "/v1/apps/web", {"proto": "tcp"})
-        assert status == 400
+        assert status == 409 and "cannot change" in body["detail"]
+        status, body, _ = await s.call("PATCH", "/v1/apps/web", {"port": 5432})
+        assert status == 409 and "only for tcp/udp" in body["detail"] and "http app" in body["detail"]
+        status, body, _ = await s.call("PATCH", "/v1/apps/web", {"port": 5432, "internal_url": "http://x/"})
+        assert status == 400 and "port" in body["detail"], "no app takes both a port and an internal URL"
         status, body, _ = await s.call("PATCH", "/v1/apps/web", {"colour": "red"})
         assert status == 400 and "colour" in body["detail"]
         status, body, _ = await s.call("PATCH", "/v1/apps/nope", {"group": "default"})
@@ -406,7 +422,7 @@ def test_malformed_and_oversized_bodies(run):
 def test_openapi_describes_every_route(run):
     async def go(s):
         status, doc, _ = await s.call("GET", "/v1/openapi.json", token=None)
-        assert status == 200 and doc == orjson.loads(orjson.dumps(openapi_document()))
+        assert status == 200 and doc == orjson.loads(orjson.dumps(openapi_document(s.ctx.settings)))
         app = build_app(s.ctx)
         routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
         documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}

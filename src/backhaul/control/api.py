@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 CONTEXT = web.AppKey("backhaul_control_context", ControlContext)
 ENROLLMENT_TOKEN_PREFIX = "bht_"
 ADMIN_TOKEN_PREFIX = "bha_"
-MAX_TOKEN = 256
+MAX_TOKEN = validate.MAX_TOKEN
 #: Connectors listed by name under each app's reachability (the counts cover them all).
 MAX_LISTED_CONNECTORS = 100
 
@@ -197,7 +197,7 @@ async def ca_certificate(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(_ctx(request).settings))
 
 
 def _expires(cert) -> float:
@@ -277,10 +277,10 @@ async def connector_heartbeat(request: web.Request) -> web.Response:
     connector = await _connector_identity(request)
     ctx = _ctx(request)
     body = await _body(request)
-    big = 2**62
+    big = validate.MAX_COUNTER
     stats = ConnectorStats(
         version=validate.text(body.get("version"), "version", default=connector.version),
-        cpu=validate.number(body.get("cpu", 0.0), "cpu", 0.0, 100.0 * 4096),
+        cpu=validate.number(body.get("cpu", 0.0), "cpu", 0.0, validate.MAX_CPU),
         memory=validate.number(body.get("memory", 0.0), "memory", 0.0, float(big)),
         streams=validate.integer(body.get("streams", 0), "streams", 0, big),
         bytes_in=validate.integer(body.get("bytes_in", 0), "bytes_in", 0, big),
@@ -383,10 +383,26 @@ async def list_apps(request: web.Request) -> web.Response:
     return json_response([_app_listed(a, health.get(a.name, [])) for a in apps])
 
 
+def _app_summary(app: App) -> str:
+    if app.proto == "http":
+        return f"internal URL {app.internal_url}"
+    return f"port {app.port}, target {app.target}"
+
+
+def _published(ctx: ControlContext, body: dict[str, Any]) -> App:
+    """The app a request body describes, if the relay can publish it."""
+    app = validate.app(body)
+    # A conflict, like a port another app holds, not a malformed request: the same body
+    # is fine on a relay listening elsewhere (and so the document cannot refuse it).
+    if app.port in ctx.settings.reserved_ports:
+        raise ApiError(409, "conflict", f"port {app.port} is used by the relay itself; pick another port")
+    return app
+
+
 @_require_admin
 async def create_app(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    app = validate.app(await _body(request), reserved_ports=ctx.settings.reserved_ports)
+    app = _published(ctx, await _body(request))
     await _run(request, ctx.store.create_app, app)
     log.info("app published", extra={"app": app.name, "group": app.group, "proto": app.proto})
     return json_response(app.to_dict(), status=201)
@@ -403,13 +419,19 @@ async def update_app(request: web.Request) -> web.Response:
     unknown = set(changes) - set(current.to_dict())
     if unknown:
         raise ApiError(400, "bad_request", f"unknown fields {', '.join(sorted(unknown))}; see GET /v1/openapi.json")
+    validate.app_changes(changes, current.proto)
+    # From here the changes are well-formed (the document says as much): what still
+    # refuses them is the app they are for, a conflict with its current state.
     merged = {**current.to_dict(), **changes}
     if current.proto != merged["proto"]:
-        raise ApiError(400, "bad_request", "an app's proto cannot change; delete the app and publish it again")
+        raise ApiError(409, "conflict", "an app's proto cannot change; delete the app and publish it again")
     if current.proto == "http" and "target" not in changes:
         # An http app's target is derived from its internal URL, never set directly.
         merged["target"] = None
-    app = validate.app(merged, reserved_ports=ctx.settings.reserved_ports)
+    try:
+        app = _published(ctx, merged)
+    except validate.Invalid as exc:
+        raise ApiError(409, "conflict", f"{exc} (app {name!r} is a {current.proto} app: {_app_summary(current)})") from None
     await _run(request, ctx.store.update_app, name, app)
     log.info("app changed", extra={"app": app.name})
     return json_response(app.to_dict())

@@ -5,122 +5,255 @@ from __future__ import annotations
 from typing import Any
 
 from backhaul import __version__
+from backhaul.control import validate as v
+from backhaul.control.context import ControlSettings
+from backhaul.store import StoreLimits
+
+#: The "format" of a backend CA bundle: PEM text of one or more CA certificates.
+CA_BUNDLE_FORMAT = "pem-certificates"
 
 
 def _obj(required: list[str], **props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": props}
 
 
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _whole(pattern: str) -> str:
+    """A validate.*_PATTERN (which Python fullmatches) as a JSON Schema pattern (a search)."""
+    return f"^(?:{pattern})$"
+
+
 _S = {"type": "string"}
 _I = {"type": "integer"}
 _N = {"type": "number"}
 _B = {"type": "boolean"}
+_NULL = {"type": "null"}
 _NULLABLE_S = {"type": ["string", "null"]}
 _NULLABLE_I = {"type": ["integer", "null"]}
 
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "Error": _obj(["error", "detail"], error=_S, detail=_S),
-    "Health": _obj(["status", "worker"], status=_S, worker=_I),
-    "Ca": _obj(["ca", "ca_sha256"], ca=_S, ca_sha256=_S),
-    "EnrollRequest": _obj(["token", "csr"], token=_S, csr=_S, name=_S, hostname=_S, version=_S),
-    "EnrollResponse": _obj(["connector_id", "certificate", "ca", "group"], connector_id=_S, certificate=_S, ca=_S, group=_S),
-    "ConnectorConfig": _obj(
-        ["version", "etag", "connector_id", "group", "refresh_interval", "apps"],
-        version=_I,
-        etag=_S,
-        connector_id=_S,
-        group=_S,
-        refresh_interval=_I,
-        apps={
-            "type": "array",
-            "items": _obj(
-                ["name", "proto", "target"],
-                name=_S,
-                proto=_S,
-                target=_S,
-                internal_url=_NULLABLE_S,
-                backend_ca=_NULLABLE_S,
-                backend_insecure=_B,
-                health_path=_NULLABLE_S,
-            ),
-        },
-    ),
-    "Heartbeat": _obj(
-        [],
-        version=_S,
-        cpu=_N,
-        memory=_N,
-        streams=_I,
-        bytes_in=_I,
-        bytes_out=_I,
-        apps={"type": "object", "additionalProperties": _B, "description": "app name -> the connector can reach its origin"},
-    ),
-    "HeartbeatResponse": _obj(["status", "config_version", "refresh_interval"], status=_S, config_version=_I, refresh_interval=_I),
-    "RenewRequest": _obj(["csr"], csr=_S),
-    "RenewResponse": _obj(["certificate", "ca"], certificate=_S, ca=_S),
-    "Group": _obj(["name"], name=_S, created=_N, apps=_I, connectors=_I),
-    "GroupName": _obj(["name"], name=_S),
-    "TokenRequest": _obj([], group=_S, ttl=_I, uses=_I),
-    "Token": _obj(["token", "group", "expires", "uses"], token=_S, group=_S, expires=_N, uses=_I),
-    "App": _obj(
-        ["name", "group", "proto"],
-        name=_S,
-        group=_S,
-        proto={"type": "string", "enum": ["tcp", "udp", "http"]},
-        port=_NULLABLE_I,
-        target=_NULLABLE_S,
-        external_host=_NULLABLE_S,
-        internal_url=_NULLABLE_S,
-        preauth={"type": ["string", "null"], "enum": ["passthrough", "oidc", None]},
-        keep_host=_B,
-        backend_ca=_NULLABLE_S,
-        backend_insecure=_B,
-        health_path=_NULLABLE_S,
-    ),
-    "Reachability": _obj(
-        ["active", "reachable", "unreachable", "connectors"],
-        active=_I,
-        reachable=_I,
-        unreachable=_I,
-        connectors={
-            "type": "array",
-            "items": _obj(
-                ["id", "name", "reachable", "since"],
-                id=_S,
-                name=_S,
-                reachable={"type": ["boolean", "null"]},
-                since={"type": ["number", "null"]},
-            ),
-        },
-    ),
-    "Connector": _obj(
-        ["id", "name", "group", "status", "version", "last_seen"],
-        id=_S,
-        name=_S,
-        hostname=_S,
-        version=_S,
-        group=_S,
-        status={"type": "string", "enum": ["active", "inactive"]},
-        created=_N,
-        last_seen=_N,
-        source_addr=_S,
-        cert_serial=_S,
-        cert_expires=_N,
-        tunnels=_I,
-        active_streams=_I,
-        bytes_in=_I,
-        bytes_out=_I,
-        cpu=_N,
-        memory=_N,
-        cpu_warning=_B,
-    ),
-    "AssignRequest": _obj(["group"], group=_S),
-    "Deleted": _obj(["deleted"], deleted=_S),
+# Request fields, each a schema of its own: every number and pattern here is the one
+# control.validate checks against.
+_FIELDS: dict[str, dict[str, Any]] = {
+    "Name": {"type": "string", "minLength": 1, "maxLength": v.MAX_NAME, "pattern": _whole(v.NAME_PATTERN)},
+    "Counter": {"type": "integer", "minimum": 0, "maximum": v.MAX_COUNTER},
+    "Port": {"type": "integer", "minimum": v.PORT_RANGE[0], "maximum": v.PORT_RANGE[1]},
+    "Target": {
+        "type": "string",
+        "allOf": [{"pattern": _whole(v.TARGET_PATTERN)}, {"pattern": v.TARGET_HOST_LENGTH_PATTERN}],
+        "description": f"HOST:PORT the connector dials: a DNS name (at most {v.MAX_HOST} characters) or IPv4 address, or [IPv6]:PORT",
+    },
+    "Host": {
+        "type": "string",
+        "maxLength": v.MAX_HOST,
+        "pattern": _whole(v.HOST_PATTERN),
+        "description": "a DNS name or an IP address (IPv6 without brackets or zone)",
+    },
+    "InternalUrl": {
+        "type": "string",
+        "maxLength": v.MAX_URL,
+        "allOf": [{"pattern": _whole(v.INTERNAL_URL_PATTERN)}, {"pattern": v.URL_HOST_LENGTH_PATTERN}],
+        "description": "http(s)://HOST[:PORT][/PATH] where the connector reaches the web app; no user name or password",
+    },
+    "HealthPath": {
+        "type": ["string", "null"],
+        "maxLength": v.MAX_HEALTH_PATH,
+        "pattern": _whole(v.HEALTH_PATH_PATTERN),
+        "description": "what connectors GET to check the origin (else they TCP-connect); null for none",
+    },
+    "CaBundle": {
+        "type": ["string", "null"],
+        "format": CA_BUNDLE_FORMAT,
+        "maxLength": v.MAX_CA_BUNDLE,
+        "description": "PEM bundle of the CA certificates the connector verifies an https backend with",
+    },
 }
+_NAME = _ref("Name")
+_TEXT = _ref("Text")
+_COUNTER = _ref("Counter")
+_HTTPS_URL = {"pattern": f"^{v.HTTPS_PATTERN}:"}
 
 
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _tcp_udp_app(required: list[str]) -> dict[str, Any]:
+    """A tcp or udp app: a port on the relay and the target its connectors dial; no http option."""
+    unset = {option: _NULL if value is None else {"enum": [None, value]} for option, value in v.HTTP_OPTIONS.items()}
+    fields = {"name": _NAME, "group": _NAME, "proto": {"type": "string", "enum": [p for p in v.PROTOCOLS if p != "http"]}, "port": _ref("Port"), "target": _ref("Target")}
+    return _obj(required, **fields, **unset)
+
+
+def _http_app(required: list[str]) -> dict[str, Any]:
+    """An http app, whose backend TLS options need an https internal URL and exclude each other."""
+    schema = _obj(
+        required,
+        name=_NAME,
+        group=_NAME,
+        proto={"type": "string", "enum": ["http"]},
+        port=_NULL,
+        target=_NULL,
+        external_host=_ref("Host"),
+        internal_url=_ref("InternalUrl"),
+        preauth={"enum": [*v.PREAUTH, None], "description": "null means passthrough"},
+        keep_host=_B,
+        backend_ca=_ref("CaBundle"),
+        backend_insecure=_B,
+        health_path=_ref("HealthPath"),
+    )
+    schema["oneOf"] = [
+        {"properties": {"backend_ca": _NULL, "backend_insecure": {"const": False}}},
+        {"required": ["backend_ca"], "properties": {"internal_url": _HTTPS_URL, "backend_ca": _S, "backend_insecure": {"const": False}}},
+        {"required": ["backend_insecure"], "properties": {"internal_url": _HTTPS_URL, "backend_ca": _NULL, "backend_insecure": {"const": True}}},
+    ]
+    return schema
+
+
+def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
+    changes = (
+        "fields of a tcp/udp app or of an http app; changes that do not fit the app they are for "
+        "(another proto, an http option for a tcp app, backend_ca or backend_insecure with an http:// internal URL) are answered 409"
+    )
+    return {
+        **_FIELDS,
+        # Built on the first call, not at import: the pattern takes a scan of every code point.
+        "Text": {
+            "type": ["string", "null"],
+            "maxLength": v.MAX_TEXT,
+            "pattern": v.printable_pattern(),
+            "description": "text without control, format or separator characters (but the space); null for none",
+        },
+        "Error": _obj(["error", "detail"], error=_S, detail=_S),
+        "Health": _obj(["status", "worker"], status=_S, worker=_I),
+        "Ca": _obj(["ca", "ca_sha256"], ca=_S, ca_sha256=_S),
+        "EnrollRequest": _obj(
+            ["token", "csr"],
+            token={"type": "string", "minLength": 1, "maxLength": v.MAX_TOKEN},
+            csr={"type": "string", "description": "PEM certificate signing request"},
+            name=_TEXT,
+            hostname=_TEXT,
+            version=_TEXT,
+        ),
+        "EnrollResponse": _obj(["connector_id", "certificate", "ca", "group"], connector_id=_S, certificate=_S, ca=_S, group=_S),
+        "ConnectorConfig": _obj(
+            ["version", "etag", "connector_id", "group", "refresh_interval", "apps"],
+            version=_I,
+            etag=_S,
+            connector_id=_S,
+            group=_S,
+            refresh_interval=_I,
+            apps={
+                "type": "array",
+                "items": _obj(
+                    ["name", "proto", "target"],
+                    name=_S,
+                    proto=_S,
+                    target=_S,
+                    internal_url=_NULLABLE_S,
+                    backend_ca=_NULLABLE_S,
+                    backend_insecure=_B,
+                    health_path=_NULLABLE_S,
+                ),
+            },
+        ),
+        "Heartbeat": _obj(
+            [],
+            version=_TEXT,
+            cpu={"type": "number", "minimum": 0, "maximum": v.MAX_CPU},
+            memory={"type": "number", "minimum": 0, "maximum": v.MAX_COUNTER},
+            streams=_COUNTER,
+            bytes_in=_COUNTER,
+            bytes_out=_COUNTER,
+            apps={
+                "type": ["object", "null"],
+                "maxProperties": StoreLimits.max_apps,
+                "propertyNames": _NAME,
+                "additionalProperties": _B,
+                "description": "app name -> the connector can reach its origin",
+            },
+        ),
+        "HeartbeatResponse": _obj(["status", "config_version", "refresh_interval"], status=_S, config_version=_I, refresh_interval=_I),
+        "RenewRequest": _obj(["csr"], csr={"type": "string", "description": "PEM certificate signing request"}),
+        "RenewResponse": _obj(["certificate", "ca"], certificate=_S, ca=_S),
+        "Group": _obj(["name"], name=_S, created=_N, apps=_I, connectors=_I),
+        "GroupName": _obj(["name"], name=_NAME),
+        "TokenRequest": _obj(
+            [],
+            group=_NAME,
+            ttl={"type": "integer", "minimum": 1, "maximum": settings.token_max_ttl},
+            uses={"type": "integer", "minimum": 1, "maximum": settings.token_max_uses},
+        ),
+        "Token": _obj(["token", "group", "expires", "uses"], token=_S, group=_S, expires=_N, uses=_I),
+        "TcpUdpApp": _tcp_udp_app(["name", "proto", "port", "target"]),
+        "HttpApp": _http_app(["name", "proto", "external_host", "internal_url"]),
+        "NewApp": {
+            "oneOf": [_ref("TcpUdpApp"), _ref("HttpApp")],
+            "discriminator": {
+                "propertyName": "proto",
+                "mapping": {"tcp": "#/components/schemas/TcpUdpApp", "udp": "#/components/schemas/TcpUdpApp", "http": "#/components/schemas/HttpApp"},
+            },
+        },
+        "AppChanges": {
+            "anyOf": [
+                {**_tcp_udp_app([]), "additionalProperties": False},
+                {**_http_app([]), "additionalProperties": False},
+            ],
+            "description": changes,
+        },
+        "App": _obj(
+            ["name", "group", "proto"],
+            name=_S,
+            group=_S,
+            proto={"type": "string", "enum": list(v.PROTOCOLS)},
+            port=_NULLABLE_I,
+            target=_NULLABLE_S,
+            external_host=_NULLABLE_S,
+            internal_url=_NULLABLE_S,
+            preauth={"type": ["string", "null"], "enum": [*v.PREAUTH, None]},
+            keep_host=_B,
+            backend_ca=_NULLABLE_S,
+            backend_insecure=_B,
+            health_path=_NULLABLE_S,
+        ),
+        "Reachability": _obj(
+            ["active", "reachable", "unreachable", "connectors"],
+            active=_I,
+            reachable=_I,
+            unreachable=_I,
+            connectors={
+                "type": "array",
+                "items": _obj(
+                    ["id", "name", "reachable", "since"],
+                    id=_S,
+                    name=_S,
+                    reachable={"type": ["boolean", "null"]},
+                    since={"type": ["number", "null"]},
+                ),
+            },
+        ),
+        "Connector": _obj(
+            ["id", "name", "group", "status", "version", "last_seen"],
+            id=_S,
+            name=_S,
+            hostname=_S,
+            version=_S,
+            group=_S,
+            status={"type": "string", "enum": ["active", "inactive"]},
+            created=_N,
+            last_seen=_N,
+            source_addr=_S,
+            cert_serial=_S,
+            cert_expires=_N,
+            tunnels=_I,
+            active_streams=_I,
+            bytes_in=_I,
+            bytes_out=_I,
+            cpu=_N,
+            memory=_N,
+            cpu_warning=_B,
+        ),
+        "AssignRequest": _obj(["group"], group=_NAME),
+        "Deleted": _obj(["deleted"], deleted=_S),
+    }
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +265,7 @@ _ERRORS = {
     "401": "missing or wrong admin token",
     "403": "refused (token, certificate or revocation)",
     "404": "no such record",
-    "409": "conflicts with existing records or a limit",
+    "409": "conflicts with existing records, a limit, or a port the relay listens on",
 }
 
 # (method, path, summary, auth, request schema, status, response schema)
@@ -153,8 +286,8 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
         "get", "/v1/apps", "List published apps, with which active connectors can reach each", "admin", None, "200",
         {"type": "array", "items": {"allOf": [_ref("App"), _obj(["reachability"], reachability=_ref("Reachability"))]}},
     ),
-    ("post", "/v1/apps", "Publish an app", "admin", "App", "201", _ref("App")),
-    ("patch", "/v1/apps/{name}", "Change fields of an app", "admin", "App", "200", _ref("App")),
+    ("post", "/v1/apps", "Publish an app", "admin", "NewApp", "201", _ref("App")),
+    ("patch", "/v1/apps/{name}", "Change fields of an app", "admin", "AppChanges", "200", _ref("App")),
     ("delete", "/v1/apps/{name}", "Delete an app", "admin", None, "200", _ref("Deleted")),
     ("get", "/v1/connectors", "List connectors", "admin", None, "200", {"type": "array", "items": _ref("Connector")}),
     ("delete", "/v1/connectors/{id}", "Delete a connector and revoke its certificate", "admin", None, "200", _ref("Deleted")),
@@ -162,8 +295,8 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
 ]
 
 
-def openapi_document() -> dict[str, Any]:
-    """The whole OpenAPI document."""
+def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str, Any]:
+    """The whole OpenAPI document, with the limits of these settings."""
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, auth, request, status, response in _ROUTES:
         op: dict[str, Any] = {"summary": summary, "responses": {status: {"description": "success", **_json(response)}}}
@@ -173,6 +306,7 @@ def openapi_document() -> dict[str, Any]:
             op["responses"][code] = {"description": text, **_json(_ref("Error"))}
         if request:
             op["requestBody"] = {"required": True, **_json(_ref(request))}
+            op["responses"]["413"] = {"description": f"the request body is larger than {settings.max_body} bytes", **_json(_ref("Error"))}
         if auth == "admin":
             op["security"] = [{"adminToken": []}]
         elif auth == "mtls":
@@ -188,7 +322,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "backhaul control API", "version": __version__},
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": _schemas(settings),
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/admin.token"},
                 "connectorCertificate": {"type": "mutualTLS", "description": "the connector's client certificate"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Iterable
 
+from backhaul.control.validate import MAX_NAME
 from backhaul.store.base import StoreLimits
 from backhaul.transport.tunnel import Tunnel
 
@@ -17,8 +18,8 @@ from backhaul.transport.tunnel import Tunnel
 #: Apps one tunnel may be reported unable to reach; more reports are ignored. As many
 #: as the store allows apps, so only a misbehaving connector hits it.
 MAX_DOWN_APPS = StoreLimits.max_apps
-#: App names are at most this long (control.validate.name); longer ones cannot be apps.
-MAX_APP_NAME = 63
+#: App names are at most this long; longer ones cannot be apps.
+MAX_APP_NAME = MAX_NAME
 
 
 class NoRoute(Exception):
