@@ -196,6 +196,8 @@ def target(value: Any) -> str:
     h = host(raw_host[1:-1] if bracketed else raw_host, "target host")
     if bracketed and ":" not in h:
         raise Invalid(f"target {value!r}: brackets are for IPv6 addresses only, e.g. [fd00::5]:22")
+    # The checks above say what is wrong; this one is the served document's own pattern, so
+    # the server can never take a target the document refuses, even if the pieces drift.
     if not _TARGET.fullmatch(value) or not _TARGET_HOST_LENGTH.match(value):
         raise Invalid(f"target {value!r} must be HOST:PORT, e.g. 10.0.0.5:5432 or [fd00::5]:22")
     p = port(int(raw_port), "target port")
@@ -219,6 +221,7 @@ def internal_url(value: Any) -> tuple[str, str]:
     except ValueError as exc:
         raise Invalid(f"internal URL {value!r} has a bad port") from exc
     h = host(url.host, "internal URL host")
+    # As in target(): the document's pattern last, so server and document cannot disagree.
     if not _INTERNAL_URL.fullmatch(value) or not _URL_HOST_LENGTH.match(value):
         raise Invalid(
             f"internal URL {value!r} must be http(s)://HOST[:PORT][/PATH] with a DNS name, an IPv4 address "
