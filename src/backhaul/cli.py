@@ -78,9 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)
-    p = connector.add_parser("register", help="enroll this machine as a connector")
+    p = connector.add_parser(
+        "register", help="enroll this machine as a connector",
+        description="The enrollment token comes from exactly one of --token, --token-file or the "
+        "environment variable BACKHAUL_ENROLL_TOKEN. Prefer the last two: --token is visible to "
+        "other users in the process list.",
+    )
     p.add_argument("--service", required=True, help="https://HOST:PORT of the relay")
-    p.add_argument("--token", required=True, help="enrollment token from `backhaul admin token create`")
+    p.add_argument(
+        "--token", default=None,
+        help="enrollment token from `backhaul admin token create` (visible to other users in the process list: "
+        "prefer --token-file or BACKHAUL_ENROLL_TOKEN)",
+    )
+    p.add_argument("--token-file", default=None, metavar="FILE", help="file holding the enrollment token")
     p.add_argument("--ca-sha256", required=True, help="SHA-256 of the service CA certificate (from `service init`)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--name", default=None)

@@ -238,3 +238,32 @@ class HttpLimits:
             except ValueError:
                 raise ValueError(f"--http-limit {item!r}: {raw!r} is not a number") from None
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollLimits:
+    """Refused enrollments per client address, on each relay worker's control API.
+
+    A token bucket per address: every refused enrollment token costs one, a successful
+    enrollment nothing, so a fleet enrolling from behind one NAT address is never slowed.
+    Enrollment tokens are 256-bit random, so guessing one is hopeless anyway; the bucket
+    bounds the store lookups and log lines one address can cause. Beyond it: 429 with
+    Retry-After. Each relay worker is a process with its own table (the kernel spreads
+    connections over workers), so one address gets at most ``workers`` times the budget.
+    """
+
+    #: Refusals an address may collect at once: a few typos, a script retrying a stale token.
+    burst: int = 20
+    #: Refusals refilled per second after that: one every 6 s, a person retrying by hand.
+    refill_per_second: float = 1 / 6
+    #: Addresses tracked at once, least recently seen dropped first (about 200 bytes each:
+    #: under 1 MiB per worker). A dropped address starts again with a full bucket, so many
+    #: addresses buy an attacker burst-sized batches, never an unbounded table.
+    max_addresses: int = 4096
+    #: Seconds between two log lines about one address being refused with 429, so a flood
+    #: is logged once per address and period, not once per request.
+    log_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.burst < 1 or self.refill_per_second <= 0 or self.max_addresses < 1 or self.log_interval <= 0:
+            raise ValueError("enroll limits must be positive (burst and max_addresses at least 1)")

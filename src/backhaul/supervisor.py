@@ -6,19 +6,29 @@ running ``grace`` seconds later are killed, and the supervisor exits 0. SIGHUP r
 ``on_reload`` in the supervisor (which may return a new grace) and is passed on to
 every worker, which reloads its settings.
 
+A worker that exits with ``EXIT_NO_RESTART`` is not restarted: the supervisor logs the
+caller's reason once, stops the other workers and exits with that status itself, which
+the systemd units name in ``RestartPreventExitStatus=``.
+
 Signals wake the supervisor through a self-pipe (``signal.set_wakeup_fd``), so a stop
 or reload is acted on at once even while a restart is waiting out its backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
+
+from backhaul.errors import ConfigError
 
 log = logging.getLogger("backhaul.supervisor")
 
@@ -27,6 +37,38 @@ RESTART_INITIAL = 0.2
 RESTART_MAX = 30.0
 #: A worker that ran this long before it exited is restarted at once, its backoff reset.
 STABLE_AFTER = 60.0
+#: Exit status of a worker (and then of the whole service) that restarting cannot help:
+#: what it runs for is gone for good, e.g. an admin deleted the connector. 78 is EX_CONFIG
+#: of sysexits.h; deploy/systemd/*.service list it in RestartPreventExitStatus=.
+EXIT_NO_RESTART = 78
+
+
+@contextlib.contextmanager
+def instance_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (holding this PID) for the ``with`` body, or
+    ConfigError naming the PID of the process that holds it.
+
+    ``flock`` locks go away with the last descriptor, so a crashed holder never leaves a
+    stale lock behind; forked workers inherit the descriptor and keep it held while they
+    run. ``what`` names the running thing in the error ("a relay on data dir X").
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"cannot lock {path}: {exc.strerror}") from None
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(f"{what} is already running (PID {holder}, holding {path}); stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def restart_delay(failures: int) -> float:
@@ -52,18 +94,30 @@ def supervise(
     name: str,
     grace: float = 40.0,
     on_reload: Callable[[], float | None] | None = None,
+    no_restart_reason: str | None = None,
 ) -> int:
     """Run ``target(i)`` for i in range(workers) in child processes until told to stop.
 
     With one worker, ``target(0)`` runs in this process and handles signals itself.
+    A worker ends everything by exiting with ``EXIT_NO_RESTART`` (``raise
+    SystemExit(EXIT_NO_RESTART)``): ``no_restart_reason`` is logged once, as an error,
+    and that status is returned.
     """
+    reason = no_restart_reason or f"a {name} worker exited with status {EXIT_NO_RESTART}: restarting cannot help; stopping"
     if workers == 1:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        target(0)
+        try:
+            target(0)
+        except SystemExit as exc:
+            if exc.code != EXIT_NO_RESTART:
+                raise
+            log.error(reason, extra={"what": name, "exitcode": EXIT_NO_RESTART})
+            return EXIT_NO_RESTART
         return 0
     context = multiprocessing.get_context("fork")
     level = logging.getLogger().level
     stopping = False
+    final = False
     reloads = 0
 
     def on_signal(signum, frame) -> None:
@@ -131,6 +185,10 @@ def supervise(
                 index = running[sentinel]
                 process = processes[index]
                 process.join()
+                if process.exitcode == EXIT_NO_RESTART:
+                    log.error(reason, extra={"what": name, "worker": index, "pid": process.pid, "exitcode": EXIT_NO_RESTART})
+                    final = stopping = True
+                    break
                 ran = time.monotonic() - started_at[index]
                 failures[index] = 1 if ran >= STABLE_AFTER else failures.get(index, 0) + 1
                 delay = 0.0 if ran >= STABLE_AFTER else restart_delay(failures[index])
@@ -154,7 +212,7 @@ def supervise(
         os.close(wake_r)
         os.close(wake_w)
     log.info("workers stopped", extra={"what": name})
-    return 0
+    return EXIT_NO_RESTART if final else 0
 
 
 def _drain_pipe(fd: int) -> None:

@@ -413,7 +413,11 @@ def test_malformed_and_oversized_bodies(run):
             status, body, _ = await s.call("POST", "/v1/tokens", bad)
             assert status in (400, 404), (bad, body)
             _is_error(body)
+        # A bad token is refused before the CSR is even parsed; a good token with a bad CSR gets 400.
         status, body, _ = await s.call("POST", "/v1/enroll", {"token": "bht_x", "csr": "garbage"}, token=None)
+        assert status == 403
+        _is_error(body, "enrollment_refused")
+        status, body, _ = await s.call("POST", "/v1/enroll", {"token": await s.token(), "csr": "garbage"}, token=None)
         assert status == 400 and "CSR" in body["detail"]
 
     run(go)

@@ -12,6 +12,7 @@ from backhaul.cli import build_parser
 from backhaul.connector.agent import ConnectorSettings
 from backhaul.connector.service import GRACE_MARGIN
 from backhaul.connector.settings import SettingsSource
+from backhaul.supervisor import EXIT_NO_RESTART
 
 pytestmark = pytest.mark.codec_independent
 
@@ -50,6 +51,8 @@ def test_connector_unit_runs_a_valid_command_and_outlasts_the_drain(tmp_path):
     assert unit["ExecReload"].endswith("-HUP $MAINPID")
     assert unit["NoNewPrivileges"] == "yes" and unit["ProtectSystem"] == "strict" and unit["PrivateTmp"] == "yes"
     assert int(unit["LimitNOFILE"]) >= 65536 and unit["User"] == "backhaul"
+    # A deleted connector exits with EXIT_NO_RESTART: systemd must not bring it back.
+    assert unit["RestartPreventExitStatus"].split() == [str(EXIT_NO_RESTART)]
 
 
 def test_example_settings_are_the_defaults_written_out(tmp_path):

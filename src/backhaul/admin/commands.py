@@ -52,6 +52,10 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default="default", help="group the connector joins (default: default)")
     p.add_argument("--ttl", type=int, default=3600, help="seconds the token stays valid (default 3600)")
     p.add_argument("--uses", type=int, default=1, help="connectors it may enroll (default 1)")
+    leaf(token, "list", token_list, "list the usable enrollment tokens (never their secrets)")
+    leaf(token, "revoke", token_revoke, "revoke an enrollment token: it enrolls nothing from now on").add_argument(
+        "id", help="the token's id, from `token list` or `token create`"
+    )
 
     app = objects.add_parser("app", help="published apps").add_subparsers(dest="admin_action", required=True)
     p = leaf(app, "publish", app_publish, "publish an app")
@@ -148,10 +152,21 @@ def token_create(args: argparse.Namespace) -> int:
     # The token alone on stdout, so `TOKEN=$(backhaul admin token create)` works.
     print(data["token"])
     print(
-        f"enrollment token for group {data['group']}: {data['uses']} use(s), valid until {when(data['expires'])}",
+        f"enrollment token {data['id']} for group {data['group']}: {data['uses']} use(s), valid until {when(data['expires'])}",
         file=sys.stderr,
     )
     return 0
+
+
+def token_list(args: argparse.Namespace) -> int:
+    data = call(args, "GET", "/v1/tokens")
+    rows = [[t["id"], t["group"], t["uses_left"], when(t["expires"]), when(t["created"])] for t in data]
+    return _emit(args, data, table(["ID", "GROUP", "USES LEFT", "EXPIRES", "CREATED"], rows))
+
+
+def token_revoke(args: argparse.Namespace) -> int:
+    data = call(args, "DELETE", f"/v1/tokens/{_quote(args.id)}")
+    return _emit(args, data, f"revoked enrollment token {args.id}; it enrolls nothing from now on")
 
 
 # -- apps

@@ -135,6 +135,8 @@ class ConnectorAgent:
         self._stopping = asyncio.Event()
         self._config_changed = asyncio.Event()
         self._draining = False
+        #: the relay answered that this connector is deleted: stop, and do not come back
+        self.deleted = False
         self._ssl: ssl.SSLContext | None = None
         self._http = None
         self._last_usage: tuple[float, float] | None = None  # (monotonic, CPU seconds) at the last heartbeat
@@ -225,6 +227,18 @@ class ConnectorAgent:
             },
         )
 
+    def _deleted(self, exc: Exception) -> None:
+        """The relay says this connector is unknown or revoked: drain and stop for good.
+
+        Only that explicit answer gets here (see control_client.DELETED_CODES); the one
+        error line telling the operator to re-register is the supervisor's, once for all
+        workers.
+        """
+        if not self.deleted:
+            log.info("the relay refused this connector as deleted; stopping", extra={"worker": self.settings.worker, "error": str(exc)})
+        self.deleted = True
+        self._stopping.set()
+
     # ------------------------------------------------------------------ SIGHUP
 
     def reload(self) -> None:
@@ -286,6 +300,9 @@ class ConnectorAgent:
         while not self._stopping.is_set():
             try:
                 etag, config = await control_client.pull_config(self.state, self._http, self.etag)
+            except control_client.ConnectorDeleted as exc:
+                self._deleted(exc)
+                return
             except Exception as exc:
                 if not initial:
                     log.warning("config pull failed; keeping the current config", extra={"error": str(exc)})
@@ -359,10 +376,16 @@ class ConnectorAgent:
                 answer = await control_client.heartbeat(self.state, self._http, self._usage())
                 if answer.get("config_version") not in (None, self.config_version):
                     self._config_changed.set()
+            except control_client.ConnectorDeleted as exc:
+                self._deleted(exc)
+                return
             except Exception as exc:
                 log.warning("heartbeat failed; will retry", extra={"error": str(exc)})
             try:
                 state = await control_client.renew_if_due(self.state, self._http)
+            except control_client.ConnectorDeleted as exc:
+                self._deleted(exc)
+                return
             except Exception as exc:
                 log.warning(
                     "certificate renewal failed; will retry",
@@ -650,5 +673,10 @@ def run_agent(settings: ConnectorSettings, reload: Callable[[], ConnectorSetting
 
     from backhaul.logs import add_admin_log
 
+    from backhaul.supervisor import EXIT_NO_RESTART
+
     add_admin_log(settings.log_files)
-    uvloop.run(ConnectorAgent(settings, reload).run())
+    agent = ConnectorAgent(settings, reload)
+    uvloop.run(agent.run())
+    if agent.deleted:
+        raise SystemExit(EXIT_NO_RESTART)

@@ -26,6 +26,16 @@ from backhaul.transport.proxy_connect import Proxy
 from backhaul.jsonhttp import request_json
 from backhaul.errors import CertificateError, ServiceError
 
+#: Error codes with which the control API says this connector no longer exists: an admin
+#: deleted it (or it was removed after long absence). Nothing else means that: a network
+#: error, a 5xx, a replaced certificate or a refusal by a proxy is never taken for it.
+DELETED_CODES = frozenset({"unknown_connector", "connector_revoked"})
+
+
+class ConnectorDeleted(CertificateError):
+    """The relay answered that this connector is unknown or revoked: only re-registering helps."""
+
+
 #: Seconds one control call may take, connection included.
 REQUEST_TIMEOUT = 30.0
 #: Largest answer read from the control API.
@@ -62,6 +72,8 @@ async def _call(
     if status >= 400:
         detail = decoded.get("detail") if isinstance(decoded, dict) else f"HTTP {status}"
         if status == 403:
+            if isinstance(decoded, dict) and decoded.get("error") in DELETED_CODES:
+                raise ConnectorDeleted(f"the service refused this connector: {detail}")
             raise CertificateError(f"the service refused this connector: {detail}")
         raise ServiceError(f"{method} {path} failed: {detail}")
     return status, resp_headers, decoded

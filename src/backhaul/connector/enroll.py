@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -33,6 +34,42 @@ log = logging.getLogger("backhaul.connector.enroll")
 REQUEST_TIMEOUT = 30.0
 #: Largest answer read from the service during registration.
 MAX_RESPONSE = 256 * 1024
+#: Environment variable `connector register` reads the enrollment token from.
+TOKEN_ENV = "BACKHAUL_ENROLL_TOKEN"
+#: Longest enrollment token file read (a token is about 50 bytes).
+MAX_TOKEN_FILE = 4096
+
+
+def enrollment_token(token: str | None, token_file: str | None, environ: dict[str, str] | os._Environ) -> str:
+    """The token from exactly one of --token, --token-file and BACKHAUL_ENROLL_TOKEN;
+    ConfigError, in words, when none or several are given or the file is unusable."""
+    env = environ.get(TOKEN_ENV)
+    given = [name for name, value in (("--token", token), ("--token-file", token_file), (TOKEN_ENV, env)) if value is not None]
+    if len(given) != 1:
+        which = " and ".join(given) if given else "none of them"
+        raise ConfigError(
+            f"give the enrollment token exactly one way: --token-file FILE, {TOKEN_ENV}, or --token TOKEN "
+            f"(visible to other users in the process list); got {which}"
+        )
+    if token_file is not None:
+        try:
+            with open(token_file, "rb") as f:
+                raw = f.read(MAX_TOKEN_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {token_file}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_TOKEN_FILE:
+            raise ConfigError(f"--token-file {token_file} is larger than {MAX_TOKEN_FILE} bytes; it should hold only the token")
+        try:
+            value = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"--token-file {token_file} is not text; it should hold only the token") from None
+        source = f"--token-file {token_file}"
+    else:
+        value = (token if token is not None else env or "").strip()
+        source = given[0]
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"the enrollment token from {source} is empty or has spaces in it; paste the one line `backhaul admin token create` printed")
+    return value
 
 
 async def _request(
@@ -123,8 +160,9 @@ def register(args: argparse.Namespace) -> int:
     host, _ = parse_service_url(service_url)
     proxy = proxy_connect.choose_proxy(args.proxy, host)
     pin = pki.normalize_fingerprint(args.ca_sha256)
+    token = enrollment_token(args.token, args.token_file, os.environ)
     name = args.name or socket.gethostname()
-    result = asyncio.run(enroll(service_url, pin, args.token, name, proxy))
+    result = asyncio.run(enroll(service_url, pin, token, name, proxy))
     write_state(
         state_dir,
         service_url=service_url,

@@ -117,7 +117,18 @@ def connector_run(args: argparse.Namespace) -> int:
             "connector",
             grace=settings.drain_timeout + GRACE_MARGIN,
             on_reload=reload,
+            no_restart_reason=deleted_reason(state),
         )
+
+
+def deleted_reason(state) -> str:
+    """The one error line of a connector the relay says is deleted, with the commands that fix it."""
+    return (
+        f"connector {state.connector_id} was deleted by an admin: re-register: get a token with "
+        f"`backhaul admin token create`, then `backhaul connector register --service {state.service_url} "
+        f"--token-file FILE --ca-sha256 HEX --state-dir NEW_DIR` and run the connector with that state dir "
+        f"(this one, {state.state_dir}, holds the deleted registration)"
+    )
 
 
 def _log_files(args: argparse.Namespace, state_dir: Path) -> LogFiles:

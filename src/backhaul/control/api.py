@@ -25,6 +25,7 @@ from backhaul import pki, tlsconfig
 from backhaul.control import validate
 from backhaul.control.context import ControlContext
 from backhaul.control.openapi import openapi_document
+from backhaul.control.ratelimit import AddressLimiter
 from backhaul.errors import CertificateError
 from backhaul.store import (
     App,
@@ -43,6 +44,8 @@ from backhaul.store import (
 log = logging.getLogger(__name__)
 
 CONTEXT = web.AppKey("backhaul_control_context", ControlContext)
+#: Refused enrollments per client address, this worker's table (see config.EnrollLimits).
+ENROLL_LIMITER = web.AppKey("backhaul_enroll_limiter", AddressLimiter)
 ENROLLMENT_TOKEN_PREFIX = "bht_"
 ADMIN_TOKEN_PREFIX = "bha_"
 MAX_TOKEN = validate.MAX_TOKEN
@@ -77,8 +80,8 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    return json_response({"error": code, "detail": detail}, status=status)
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": code, "detail": detail}, status=status, headers=headers)
 
 
 _STORE_STATUS: list[tuple[type[StoreError], int, str]] = [
@@ -162,6 +165,12 @@ def _require_admin(handler: Callable[[web.Request], Awaitable[web.StreamResponse
 
 async def _connector_identity(request: web.Request) -> Connector:
     """The connector named by the verified client certificate of this connection."""
+    connector, _ = await _identity(request)
+    return connector
+
+
+async def _identity(request: web.Request) -> tuple[Connector, int]:
+    """The connector of this connection's client certificate, and that certificate's serial."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     connector_id = tlsconfig.peer_connector_id(ssl_object)
@@ -174,9 +183,24 @@ async def _connector_identity(request: web.Request) -> Connector:
         raise ApiError(403, "unknown_connector", f"connector {connector_id} is not known to the service; re-register it with a new token")
     if connector.revoked:
         raise ApiError(403, "connector_revoked", f"connector {connector_id} was deleted by an admin; re-register it with a new token")
-    if not connector.accepts_serial(serial, ctx.clock()):
+    now = ctx.clock()
+    if not connector.accepts_serial(serial, now):
         raise ApiError(403, "certificate_replaced", "this certificate was replaced by a newer one; use the current certificate or re-register")
-    return connector
+    grace_end = now + ctx.settings.replaced_cert_grace
+    if (
+        serial == connector.cert_serial
+        and connector.previous_serial is not None
+        and connector.previous_expires is not None
+        and connector.previous_expires > grace_end
+    ):
+        # The first call with the renewed certificate: the connector has it, so the old
+        # one is good only for the grace its other workers need to switch over.
+        await _run(request, ctx.store.retire_previous_cert, connector.id, serial, grace_end)
+        log.info(
+            "connector uses its renewed certificate; the previous one is refused after the grace",
+            extra={"connector_id": connector.id, "grace_seconds": ctx.settings.replaced_cert_grace},
+        )
+    return connector, serial
 
 
 def _peer(request: web.Request) -> str:
@@ -206,10 +230,31 @@ def _expires(cert) -> float:
 
 async def enroll(request: web.Request) -> web.Response:
     ctx = _ctx(request)
+    limiter = request.app[ENROLL_LIMITER]
+    peer = _peer(request)
+    wait = limiter.retry_after(peer)
+    if wait:
+        if limiter.should_log(peer):
+            log.warning(
+                "enrollments refused from this address for a while: too many bad tokens",
+                extra={"peer": peer, "retry_after": wait, "burst": ctx.settings.enroll.burst},
+            )
+        return error_response(
+            429, "too_many_attempts", f"too many refused enrollments from this address; retry in {wait} s",
+            {"Retry-After": str(wait)},
+        )
     body = await _body(request)
     token = body.get("token")
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
+        _enrollment_refused(request, limiter, "malformed", None)
         raise ApiError(400, "bad_request", "token must be the enrollment token from `backhaul admin token create`")
+    hashed = token_hash(token)
+    # Check first so a bad token costs no CSR parsing nor signature; enroll() re-checks atomically.
+    try:
+        await _run(request, ctx.store.check_token, hashed)
+    except InvalidToken as exc:
+        _enrollment_refused(request, limiter, exc.reason, exc.token_id)
+        raise
     csr_pem = body.get("csr")
     if not isinstance(csr_pem, str):
         raise ApiError(400, "bad_request", "csr must be a PEM certificate signing request")
@@ -217,9 +262,6 @@ async def enroll(request: web.Request) -> web.Response:
     hostname = validate.text(body.get("hostname"), "hostname")
     name = validate.text(body.get("name"), "name") or hostname
     version = validate.text(body.get("version"), "version")
-    hashed = token_hash(token)
-    # Check first so a bad token costs no signature; enroll() re-checks atomically.
-    await _run(request, ctx.store.check_token, hashed)
     connector_id = pki.new_connector_id()
     cert = pki.sign_csr(ctx.ca, csr, connector_id, datetime.timedelta(seconds=ctx.settings.cert_validity))
     record = Connector(
@@ -234,7 +276,12 @@ async def enroll(request: web.Request) -> web.Response:
         cert_serial=cert.serial_number,
         cert_expires=_expires(cert),
     )
-    stored = await _run(request, ctx.store.enroll, hashed, record)
+    try:
+        stored = await _run(request, ctx.store.enroll, hashed, record)
+    except InvalidToken as exc:
+        # Used up (or revoked) by a concurrent enrollment since the check above.
+        _enrollment_refused(request, limiter, exc.reason, exc.token_id)
+        raise
     log.info("connector enrolled", extra={"connector_id": connector_id, "group": stored.group, "peer": _peer(request)})
     return json_response(
         {
@@ -245,6 +292,16 @@ async def enroll(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+def _enrollment_refused(request: web.Request, limiter: AddressLimiter, reason: str, token_id: str | None) -> None:
+    """Log a refused enrollment (never the token: at most its public id) and charge the address."""
+    peer = _peer(request)
+    limiter.failed(peer)
+    extra: dict[str, Any] = {"peer": peer, "reason": reason}
+    if token_id is not None:
+        extra["token_id"] = token_id
+    log.warning("enrollment refused: bad, expired or used-up token", extra=extra)
 
 
 # -- connector endpoints (mTLS)
@@ -295,7 +352,7 @@ async def connector_heartbeat(request: web.Request) -> web.Response:
 
 
 async def connector_renew(request: web.Request) -> web.Response:
-    connector = await _connector_identity(request)
+    connector, presented = await _identity(request)
     ctx = _ctx(request)
     body = await _body(request)
     csr_pem = body.get("csr")
@@ -303,7 +360,7 @@ async def connector_renew(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "csr must be a PEM certificate signing request")
     csr = pki.load_csr(csr_pem)
     cert = pki.sign_csr(ctx.ca, csr, connector.id, datetime.timedelta(seconds=ctx.settings.cert_validity))
-    await _run(request, ctx.store.renew_connector_cert, connector.id, cert.serial_number, _expires(cert))
+    await _run(request, ctx.store.renew_connector_cert, connector.id, cert.serial_number, _expires(cert), presented)
     log.info("connector certificate renewed", extra={"connector_id": connector.id})
     return json_response({"certificate": pki.cert_to_pem(cert).decode("ascii"), "ca": ctx.ca.cert_pem.decode("ascii")})
 
@@ -355,9 +412,23 @@ async def create_token(request: web.Request) -> web.Response:
     uses = validate.integer(body.get("uses", 1), "uses", 1, ctx.settings.token_max_uses)
     token = new_enrollment_token()
     expires = ctx.clock() + ttl
-    await _run(request, ctx.store.create_token, token_hash(token), group, expires, uses)
-    log.info("enrollment token created", extra={"group": group, "ttl": ttl, "uses": uses})
-    return json_response({"token": token, "group": group, "expires": expires, "uses": uses}, status=201)
+    token_id = await _run(request, ctx.store.create_token, token_hash(token), group, expires, uses)
+    log.info("enrollment token created", extra={"token_id": token_id, "group": group, "ttl": ttl, "uses": uses})
+    return json_response({"token": token, "id": token_id, "group": group, "expires": expires, "uses": uses}, status=201)
+
+
+@_require_admin
+async def list_tokens(request: web.Request) -> web.Response:
+    tokens = await _run(request, _ctx(request).store.list_tokens)
+    return json_response([t.to_dict() for t in tokens])
+
+
+@_require_admin
+async def revoke_token(request: web.Request) -> web.Response:
+    token_id = request.match_info["id"]
+    await _run(request, _ctx(request).store.revoke_token, token_id)
+    log.info("enrollment token revoked", extra={"token_id": token_id})
+    return json_response({"revoked": token_id})
 
 
 def _app_listed(app: App, reports: list[OriginReport]) -> dict[str, Any]:
@@ -508,6 +579,7 @@ def build_app(ctx: ControlContext) -> web.Application:
     """The control API as an aiohttp Application (no socket of its own)."""
     app = web.Application(middlewares=[_errors], client_max_size=ctx.settings.max_body)
     app[CONTEXT] = ctx
+    app[ENROLL_LIMITER] = AddressLimiter(ctx.settings.enroll, ctx.clock)
     r = app.router
     r.add_get("/v1/health", health)
     r.add_get("/v1/ca", ca_certificate)
@@ -521,6 +593,8 @@ def build_app(ctx: ControlContext) -> web.Application:
     r.add_delete("/v1/groups/{name}", delete_group)
     r.add_patch("/v1/groups/{name}", rename_group)
     r.add_post("/v1/tokens", create_token)
+    r.add_get("/v1/tokens", list_tokens)
+    r.add_delete("/v1/tokens/{id}", revoke_token)
     r.add_get("/v1/apps", list_apps)
     r.add_post("/v1/apps", create_app)
     r.add_patch("/v1/apps/{name}", update_app)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from backhaul import pki
+from backhaul.config import EnrollLimits
 from backhaul.store import Store, open_store
 
 DAY = 86400.0
@@ -35,6 +36,22 @@ class ControlSettings:
     max_body: int = 64 * 1024
     #: CPU percentage above which `connector list` flags a connector.
     cpu_warning: float = 70.0
+    #: Refused enrollments per client address (see config.EnrollLimits).
+    enroll: EnrollLimits = EnrollLimits()
+    #: Longest time a renewed connector's previous certificate is still accepted once the
+    #: connector has used its new one (see ``replaced_cert_grace``). The connector's other
+    #: worker processes pick the new certificate up at their next heartbeat (every 30 s by
+    #: default) and a tunnel dial or control call under way with the old one takes up to
+    #: 30 s more: five minutes covers several such rounds, and is short next to the up
+    #: to 90 days the old certificate would otherwise stay good for.
+    replaced_cert_grace_max: float = 300.0
+
+    @property
+    def replaced_cert_grace(self) -> float:
+        """Seconds the previous certificate stays good after the first use of the new one:
+        ``replaced_cert_grace_max``, or a tenth of the certificate lifetime when that is
+        shorter (short-lived certificates, as in tests, renew more often than every 5 min)."""
+        return min(self.replaced_cert_grace_max, self.cert_validity / 10)
 
 
 @dataclasses.dataclass(frozen=True)

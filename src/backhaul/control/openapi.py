@@ -182,7 +182,12 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             ttl={"type": "integer", "minimum": 1, "maximum": settings.token_max_ttl},
             uses={"type": "integer", "minimum": 1, "maximum": settings.token_max_uses},
         ),
-        "Token": _obj(["token", "group", "expires", "uses"], token=_S, group=_S, expires=_N, uses=_I),
+        "Token": _obj(["token", "id", "group", "expires", "uses"], token=_S, id=_S, group=_S, expires=_N, uses=_I),
+        "TokenListed": {
+            **_obj(["id", "group", "uses_left", "expires", "created"], id=_S, group=_S, uses_left=_I, expires=_N, created=_N),
+            "description": "an enrollment token as listed: never its secret",
+        },
+        "Revoked": _obj(["revoked"], revoked=_S),
         "TcpUdpApp": _tcp_udp_app(["name", "proto", "port", "target"]),
         "HttpApp": _http_app(["name", "proto", "external_host", "internal_url"]),
         "NewApp": {
@@ -282,6 +287,8 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
     ("delete", "/v1/groups/{name}", "Delete an empty connector group", "admin", None, "200", _ref("Deleted")),
     ("patch", "/v1/groups/{name}", "Rename a connector group", "admin", "GroupName", "200", _ref("Group")),
     ("post", "/v1/tokens", "Create an enrollment token", "admin", "TokenRequest", "201", _ref("Token")),
+    ("get", "/v1/tokens", "List the usable enrollment tokens (never their secrets)", "admin", None, "200", {"type": "array", "items": _ref("TokenListed")}),
+    ("delete", "/v1/tokens/{id}", "Revoke an enrollment token: it enrolls nothing from now on", "admin", None, "200", _ref("Revoked")),
     (
         "get", "/v1/apps", "List published apps, with which active connectors can reach each", "admin", None, "200",
         {"type": "array", "items": {"allOf": [_ref("App"), _obj(["reachability"], reachability=_ref("Reachability"))]}},
@@ -302,6 +309,12 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
         op: dict[str, Any] = {"summary": summary, "responses": {status: {"description": "success", **_json(response)}}}
         if method == "get" and path == "/v1/connector/config":
             op["responses"]["304"] = {"description": "not modified since the ETag sent in If-None-Match"}
+        if path == "/v1/enroll":
+            op["responses"]["429"] = {
+                "description": "too many refused enrollments from this address; see the Retry-After header",
+                "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds to wait"}},
+                **_json(_ref("Error")),
+            }
         for code, text in _ERRORS.items():
             op["responses"][code] = {"description": text, **_json(_ref("Error"))}
         if request:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
 from backhaul.config import HttpLimits, Keepalive, OidcSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
-from backhaul.supervisor import supervise
+from backhaul.supervisor import instance_lock, supervise
 from backhaul.transport.sockets import parse_hostport
 
+log = logging.getLogger("backhaul.relay")
 
 def _run(settings: RelaySettings, index: int) -> None:
     import dataclasses
@@ -102,6 +104,28 @@ def service_run(args: argparse.Namespace) -> int:
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),
     )
+    with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
+        _warn_loose_modes(data_dir)
+        return _supervise(args, data_dir, settings, workers)
+
+
+#: In the data dir: locked by the running relay (holds its PID), so a second `service run`
+#: on the same dir refuses to start instead of sharing its ports through SO_REUSEPORT.
+LOCK_FILE = "relay.lock"
+
+
+def _warn_loose_modes(data_dir: Path) -> None:
+    from backhaul.control.init import chmod_command, loose_modes
+
+    loose = loose_modes(data_dir)
+    if loose:
+        log.warning(
+            "the data dir or its secrets can be read by other users; make them private",
+            extra={"files": [str(p) for p in loose], "fix": chmod_command(loose)},
+        )
+
+
+def _supervise(args: argparse.Namespace, data_dir: Path, settings: RelaySettings, workers: int) -> int:
     if not getattr(args, "metrics", None):
         return supervise(functools.partial(_run, settings), workers, "relay")
     from backhaul import metrics

@@ -24,6 +24,7 @@ from backhaul.store.base import (
     Store,
     StoreError,
     StoreLimits,
+    Token,
     Unavailable,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "StoreError",
     "StoreLimits",
     "STORE_FILE",
+    "Token",
     "Unavailable",
     "open_store",
 ]

@@ -28,7 +28,16 @@ class LimitReached(StoreError):
 
 
 class InvalidToken(StoreError):
-    """An enrollment token is unknown, expired or used up."""
+    """An enrollment token is unknown (never issued, revoked or used up) or expired.
+
+    The message is the same for every case (the caller must not learn which); ``reason``
+    ("unknown" or "expired") and ``token_id`` (when the token exists) are for the relay's log.
+    """
+
+    def __init__(self, message: str, *, reason: str = "unknown", token_id: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.token_id = token_id
 
 
 class Unavailable(StoreError):
@@ -54,6 +63,20 @@ class Group:
     created: float
     apps: int = 0
     connectors: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """An enrollment token as listed: never its secret nor the secret's hash."""
+
+    id: str
+    group: str
+    uses_left: int
+    expires: float
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +142,9 @@ class Connector:
     cert_expires: float
     revoked: bool = False
     #: The serial of the certificate replaced by the last renewal: still accepted until
-    #: it expires, so a renewal whose answer was lost does not lock the connector out.
+    #: ``previous_expires``, so a renewal whose answer was lost does not lock the connector
+    #: out. That is the old certificate's own expiry until the connector first uses the new
+    #: one; from then on a short grace (see ``retire_previous_cert``).
     previous_serial: int | None = None
     previous_expires: float | None = None
     tunnels: int = 0
@@ -187,7 +212,16 @@ class Store(abc.ABC):
 
     # -- enrollment tokens (only their SHA-256 is stored)
     @abc.abstractmethod
-    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> None: ...
+    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> str:
+        """Store a new token; returns its public id (what `token list` and `token revoke` name)."""
+
+    @abc.abstractmethod
+    def list_tokens(self) -> list[Token]:
+        """The usable tokens (unexpired, uses left), oldest first."""
+
+    @abc.abstractmethod
+    def revoke_token(self, token_id: str) -> None:
+        """Delete a token: it enrolls nothing from now on. NotFound if there is no such token."""
 
     @abc.abstractmethod
     def check_token(self, token_hash: str) -> str:
@@ -216,7 +250,17 @@ class Store(abc.ABC):
         """Delete a connector: its certificates are refused from now on."""
 
     @abc.abstractmethod
-    def renew_connector_cert(self, connector_id: str, serial: int, expires: float) -> None: ...
+    def renew_connector_cert(self, connector_id: str, serial: int, expires: float, presented: int | None = None) -> None:
+        """Make ``serial`` the connector's certificate. The one the renewal was asked with
+        (``presented``; None: the current one) becomes the previous certificate, so a
+        connector whose renewal answer was lost, and which asks again with its old
+        certificate, keeps that one usable."""
+
+    @abc.abstractmethod
+    def retire_previous_cert(self, connector_id: str, serial: int, until: float) -> None:
+        """The connector used its current certificate ``serial``: its previous one is
+        accepted only until ``until`` (or its own expiry, if sooner). Nothing happens when
+        ``serial`` is not the current one."""
 
     @abc.abstractmethod
     def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None: ...

@@ -98,4 +98,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX app_health_app ON app_health (app)",
         ),
     ),
+    (
+        4,
+        (
+            # A short public id per enrollment token, separate from the secret, so an admin can
+            # list tokens and revoke one without ever seeing the token (only its hash is stored).
+            "ALTER TABLE tokens ADD COLUMN id TEXT",
+            "UPDATE tokens SET id = lower(hex(randomblob(6))) WHERE id IS NULL",
+            "CREATE UNIQUE INDEX tokens_id ON tokens (id)",
+        ),
+    ),
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -31,6 +33,7 @@ from backhaul.store.base import (
     OriginReport,
     Store,
     StoreLimits,
+    Token,
     Unavailable,
 )
 from backhaul.store.migrations import MIGRATIONS
@@ -91,6 +94,10 @@ class SqliteStore(Store):
         self._lock = threading.Lock()
         if not self.path.parent.is_dir():
             raise ConfigError(f"directory {self.path.parent} of the store does not exist; run `backhaul service init`")
+        # The store holds token hashes, the inventory, internal URLs and CA bundles: the
+        # file and SQLite's -wal/-shm files, made by this process or by a later write, are
+        # its owner's only (umask 077 while the connection creates them).
+        old_umask = os.umask(0o077)
         try:
             self._db = sqlite3.connect(
                 self.path, timeout=limits.busy_timeout, isolation_level=None, check_same_thread=False
@@ -102,6 +109,8 @@ class SqliteStore(Store):
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"cannot open the store {self.path}: {exc}; restore it from a backup") from exc
+        finally:
+            os.umask(old_umask)
 
     # -- plumbing
 
@@ -254,29 +263,55 @@ class SqliteStore(Store):
 
     # -- tokens
 
-    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> None:
+    def create_token(self, token_hash: str, group: str, expires: float, uses: int) -> str:
         now = self._clock()
+        token_id = secrets.token_hex(6)
         with self._write() as db:
             self._require_group(db, group)
             db.execute("DELETE FROM tokens WHERE expires <= ? OR uses_left <= 0", (now,))
             if db.execute("SELECT COUNT(*) FROM tokens").fetchone()[0] >= self.limits.max_tokens:
                 raise LimitReached(
-                    f"there are already {self.limits.max_tokens} unused enrollment tokens; wait for some to expire"
+                    f"there are already {self.limits.max_tokens} unused enrollment tokens; "
+                    "revoke some (`backhaul admin token list`, `token revoke ID`) or wait for them to expire"
                 )
             db.execute(
-                "INSERT INTO tokens (hash, grp, expires, uses_left, created) VALUES (?, ?, ?, ?, ?)",
-                (token_hash, group, expires, uses, now),
+                "INSERT INTO tokens (hash, grp, expires, uses_left, created, id) VALUES (?, ?, ?, ?, ?, ?)",
+                (token_hash, group, expires, uses, now, token_id),
             )
+        return token_id
+
+    def list_tokens(self) -> list[Token]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, grp, uses_left, expires, created FROM tokens WHERE expires > ? AND uses_left > 0 "
+                "ORDER BY created, id",
+                (self._clock(),),
+            )
+            return [Token(*row) for row in rows]
+
+    def revoke_token(self, token_id: str) -> None:
+        with self._write() as db:
+            if db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount == 0:
+                raise NotFound(f"there is no enrollment token {token_id!r} (used up, expired or revoked); see `backhaul admin token list`")
 
     _TOKEN_REFUSED = "the enrollment token is unknown, expired or used up; create a new one with `backhaul admin token create`"
 
+    def _refused(self, db: sqlite3.Connection, token_hash: str, now: float) -> InvalidToken:
+        """Why a token was refused, for the relay's log (the caller gets one message for all)."""
+        row = db.execute("SELECT id, expires FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+        if row is None:
+            # Used-up tokens are deleted at their last use, revoked ones at once: all look unknown.
+            return InvalidToken(self._TOKEN_REFUSED)
+        return InvalidToken(self._TOKEN_REFUSED, reason="expired" if row[1] <= now else "used up", token_id=row[0])
+
     def check_token(self, token_hash: str) -> str:
+        now = self._clock()
         with self._read() as db:
             row = db.execute(
-                "SELECT grp FROM tokens WHERE hash = ? AND expires > ? AND uses_left > 0", (token_hash, self._clock())
+                "SELECT grp FROM tokens WHERE hash = ? AND expires > ? AND uses_left > 0", (token_hash, now)
             ).fetchone()
-        if row is None:
-            raise InvalidToken(self._TOKEN_REFUSED)
+            if row is None:
+                raise self._refused(db, token_hash, now)
         return row[0]
 
     def enroll(self, token_hash: str, connector: Connector) -> Connector:
@@ -287,7 +322,7 @@ class SqliteStore(Store):
                 (token_hash, now),
             ).fetchone()
             if row is None:
-                raise InvalidToken(self._TOKEN_REFUSED)
+                raise self._refused(db, token_hash, now)
             group = row[0]
             if db.execute("SELECT COUNT(*) FROM connectors").fetchone()[0] >= self.limits.max_connectors:
                 raise LimitReached(f"there are already {self.limits.max_connectors} connectors; delete unused ones first")
@@ -343,13 +378,32 @@ class SqliteStore(Store):
             db.execute("UPDATE connectors SET revoked = 1 WHERE id = ?", (connector_id,))
             self._bump(db)
 
-    def renew_connector_cert(self, connector_id: str, serial: int, expires: float) -> None:
+    def renew_connector_cert(self, connector_id: str, serial: int, expires: float, presented: int | None = None) -> None:
         with self._write() as db:
             self._require_connector(db, connector_id)
+            if presented is not None and db.execute(
+                "SELECT 1 FROM connectors WHERE id = ? AND prev_serial = ? AND cert_serial != ?",
+                (connector_id, format(presented, "x"), format(presented, "x")),
+            ).fetchone():
+                # Asked with the previous certificate: the current one never reached the
+                # connector (it would have used it). Keep the one it holds; replace the lost one.
+                db.execute(
+                    "UPDATE connectors SET cert_serial = ?, cert_expires = ? WHERE id = ?",
+                    (format(serial, "x"), expires, connector_id),
+                )
+                return
             db.execute(
                 "UPDATE connectors SET prev_serial = cert_serial, prev_expires = cert_expires, "
                 "cert_serial = ?, cert_expires = ? WHERE id = ?",
                 (format(serial, "x"), expires, connector_id),
+            )
+
+    def retire_previous_cert(self, connector_id: str, serial: int, until: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE connectors SET prev_expires = MIN(prev_expires, ?) "
+                "WHERE id = ? AND cert_serial = ? AND prev_serial IS NOT NULL",
+                (until, connector_id, format(serial, "x")),
             )
 
     def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None:
