@@ -503,3 +503,93 @@ def test_renew_if_due_renews_once_across_concurrent_callers(run, tmp_path):
         assert record.cert_serial == first.cert_serial and record.previous_serial == state.cert_serial
 
     run(go)
+
+
+def test_refused_enrollments_are_logged_with_the_peer_and_braked(service_dir, clock, caplog):
+    from backhaul.config import EnrollLimits
+
+    settings = ControlSettings(housekeeping_interval=0, enroll=EnrollLimits(burst=3, refill_per_second=0.1))
+    ctx = ControlContext.load(service_dir, clock=clock, settings=settings)
+    bogus = "bht_" + "x" * 43
+
+    async def main():
+        async with Service(service_dir, ctx) as s:
+            good = await s.token()
+            expiring = await s.token(ttl=5)
+            clock.offset += 6
+            with caplog.at_level("WARNING", logger="backhaul.control.api"):
+                for token in (bogus, expiring, bogus):
+                    status, body, _ = await s.call("POST", "/v1/enroll", {"token": token, "csr": "x"}, token=None)
+                    assert status == 403, body
+                    _is_error(body, "enrollment_refused")
+                refused = [r for r in caplog.records if r.getMessage().startswith("enrollment refused")]
+                assert [(r.levelname, r.peer, r.reason) for r in refused] == [
+                    ("WARNING", "127.0.0.1", "unknown"), ("WARNING", "127.0.0.1", "expired"), ("WARNING", "127.0.0.1", "unknown"),
+                ]
+                (expired_id,) = {r.token_id for r in refused if r.reason == "expired"}
+                assert len(expired_id) == 12
+                # The budget is spent: even a good token waits now, with Retry-After.
+                for _ in range(3):
+                    status, body, headers = await s.call("POST", "/v1/enroll", {"token": good, "csr": "x"}, token=None)
+                    assert status == 429 and body["error"] == "too_many_attempts", body
+                    assert 1 <= int(headers["Retry-After"]) <= 10
+                braked = [r for r in caplog.records if r.getMessage().startswith("enrollments refused from this address")]
+                assert len(braked) == 1 and braked[0].peer == "127.0.0.1"  # logged once, not per request
+            for record in caplog.records:
+                assert bogus not in record.getMessage() and bogus not in str(record.__dict__)
+                assert good not in str(record.__dict__) and expiring not in str(record.__dict__)
+            clock.offset += 10  # one refusal refilled
+            assert (await s.call("POST", "/v1/enroll", {"token": good, "csr": "x"}, token=None))[0] == 400  # reached the CSR
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ctx.store.close()
+
+
+def test_tokens_are_listed_without_secrets_and_revoked(run):
+    async def go(s):
+        status, made, _ = await s.call("POST", "/v1/tokens", {"uses": 3, "ttl": 600})
+        assert status == 201 and set(made) == {"token", "id", "group", "expires", "uses"}
+        status, listed, _ = await s.call("GET", "/v1/tokens")
+        assert status == 200
+        assert listed == [{"id": made["id"], "group": "default", "uses_left": 3, "expires": made["expires"], "created": listed[0]["created"]}]
+        assert made["token"] not in orjson.dumps(listed).decode() and token_hash(made["token"]) not in orjson.dumps(listed).decode()
+        status, body, _ = await s.call("DELETE", f"/v1/tokens/{made['id']}")
+        assert status == 200 and body == {"revoked": made["id"]}
+        with pytest.raises(EnrollmentError, match="unknown, expired or used up"):
+            await enroll(s.url, s.pin, made["token"], "late")
+        status, body, _ = await s.call("DELETE", f"/v1/tokens/{made['id']}")
+        assert status == 404
+        _is_error(body, "not_found")
+        assert (await s.call("GET", "/v1/tokens"))[1] == []
+        assert (await s.call("GET", "/v1/tokens", token=None))[0] == 401
+        assert (await s.call("DELETE", "/v1/tokens/x", token=None))[0] == 401
+
+    run(go)
+
+
+def test_old_certificate_is_refused_after_the_grace_once_the_new_one_is_used(run, tmp_path, clock):
+    async def go(s):
+        grace = s.ctx.settings.replaced_cert_grace
+        assert grace == 300.0  # 90-day certificates
+        state = await s.register(tmp_path / "c")
+        old_state = ConnectorState.load(state.state_dir)
+        async with control_client.connector_session(state) as old:
+            new_state = await control_client.renew(state, old)
+            clock.offset += 3600  # the new one unused: the old one stays good (a lost renewal answer)
+            await control_client.pull_config(old_state, old, None)
+            async with control_client.connector_session(new_state) as new:
+                await control_client.pull_config(new_state, new, None)  # first use of the new certificate
+                clock.offset += grace - 5
+                await control_client.pull_config(old_state, old, None)  # other workers still switching
+                clock.offset += 10
+                with pytest.raises(CertificateError, match="replaced by a newer one") as refused:
+                    await control_client.pull_config(old_state, old, None)
+                assert not isinstance(refused.value, control_client.ConnectorDeleted)  # not mistaken for a deletion
+                await control_client.pull_config(new_state, new, None)
+                s.ctx.store.revoke_connector(state.connector_id)
+                with pytest.raises(control_client.ConnectorDeleted, match="deleted by an admin"):
+                    await control_client.heartbeat(new_state, new, {})
+
+    run(go)

@@ -355,3 +355,109 @@ def test_a_store_held_busy_too_long_is_reported_and_recovers(tmp_path):
     finally:
         blocker.close()
         store.close()
+
+
+def test_tokens_are_listed_by_id_without_secrets_and_can_be_revoked(store, clock):
+    first = store.create_token("hash-one", "default", clock.now + 60, 2)
+    clock.now += 1
+    store.create_group("branch")
+    second = store.create_token("hash-two", "branch", clock.now + 600, 1)
+    assert first != second and len(first) == 12 and all(c in "0123456789abcdef" for c in first)
+    listed = store.list_tokens()
+    assert [(t.id, t.group, t.uses_left) for t in listed] == [(first, "default", 2), (second, "branch", 1)]
+    assert listed[0].expires == clock.now - 1 + 60 and listed[0].created == clock.now - 1
+    assert not any("hash" in str(value) for t in listed for value in t.to_dict().values())
+    store.enroll("hash-one", _connector("c-aaaaaaaaaaaa"))
+    assert [t.uses_left for t in store.list_tokens()] == [1, 1]
+    store.revoke_token(first)
+    assert [t.id for t in store.list_tokens()] == [second]
+    with pytest.raises(InvalidToken) as refused:
+        store.enroll("hash-one", _connector("c-bbbbbbbbbbbb"))
+    assert refused.value.reason == "unknown"  # revoked: gone, like a used-up one
+    assert store.get_connector("c-bbbbbbbbbbbb") is None
+    with pytest.raises(NotFound, match="token list"):
+        store.revoke_token(first)
+    with pytest.raises(NotFound):
+        store.revoke_token("no-such-id")
+    clock.now += 601  # expired tokens are not listed
+    assert store.list_tokens() == []
+
+
+def test_refused_tokens_say_why_for_the_log_only(store, clock):
+    token_id = store.create_token("hash-t", "default", clock.now + 10, 1)
+    with pytest.raises(InvalidToken) as unknown:
+        store.check_token("hash-never")
+    assert (unknown.value.reason, unknown.value.token_id) == ("unknown", None)
+    clock.now += 11
+    with pytest.raises(InvalidToken) as expired:
+        store.check_token("hash-t")
+    assert (expired.value.reason, expired.value.token_id) == ("expired", token_id)
+    # The message the client gets is the same whatever the reason.
+    assert str(unknown.value) == str(expired.value)
+
+
+def test_migration_gives_existing_tokens_an_id(tmp_path, clock):
+    s = open_store(tmp_path, clock=clock)
+    s.create_token("hash-old", "default", clock.now + 60, 1)
+    s.close()
+    # A store from before migration 4: the token has no id column yet.
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    db.execute("DROP INDEX tokens_id")
+    db.execute("ALTER TABLE tokens DROP COLUMN id")
+    db.execute("DELETE FROM schema_migrations WHERE version = 4")
+    db.commit()
+    db.close()
+    s = open_store(tmp_path, clock=clock)
+    try:
+        (token,) = s.list_tokens()
+        assert len(token.id) == 12
+        s.revoke_token(token.id)
+        assert s.list_tokens() == []
+    finally:
+        s.close()
+
+
+def test_previous_certificate_is_retired_once_the_new_one_is_used(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa", serial=11).id
+    store.renew_connector_cert(cid, 12, clock.now + 90 * DAY, presented=11)
+    c = store.get_connector(cid)
+    assert c.accepts_serial(11, clock.now + DAY)  # the new one is unused: the old one is good until it expires
+    store.retire_previous_cert(cid, 11, clock.now + 60)  # not the current serial: nothing happens
+    assert store.get_connector(cid).accepts_serial(11, clock.now + DAY)
+    store.retire_previous_cert(cid, 12, clock.now + 60)
+    c = store.get_connector(cid)
+    assert c.accepts_serial(11, clock.now + 59) and not c.accepts_serial(11, clock.now + 60)
+    assert c.accepts_serial(12, clock.now + DAY)
+    store.retire_previous_cert(cid, 12, clock.now + 3600)  # a later use never extends the grace
+    assert store.get_connector(cid).previous_expires == clock.now + 60
+
+
+def test_renewal_asked_with_the_old_certificate_keeps_it(store, clock):
+    """A renewal whose answer was lost: the connector asks again with the certificate it holds."""
+    cid = _enroll(store, "c-aaaaaaaaaaaa", serial=11).id
+    store.renew_connector_cert(cid, 12, clock.now + 90 * DAY, presented=11)  # answer lost
+    store.renew_connector_cert(cid, 13, clock.now + 90 * DAY, presented=11)  # asked again with 11
+    c = store.get_connector(cid)
+    assert (c.cert_serial, c.previous_serial) == (13, 11)
+    assert c.accepts_serial(11, clock.now) and c.accepts_serial(13, clock.now) and not c.accepts_serial(12, clock.now)
+    store.renew_connector_cert(cid, 14, clock.now + 90 * DAY, presented=13)  # the normal case
+    c = store.get_connector(cid)
+    assert (c.cert_serial, c.previous_serial) == (14, 13)
+
+
+def test_store_files_are_private_whatever_the_umask(tmp_path, clock):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        s = open_store(tmp_path, clock=clock)
+        assert os.umask(0o022) == 0o022  # the store put the process umask back
+        s.create_group("g")
+        names = [p.name for p in tmp_path.iterdir() if p.name.startswith("store.sqlite")]
+        assert "store.sqlite" in names and "store.sqlite-wal" in names
+        for name in names:
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        s.close()
+    finally:
+        os.umask(old)
