@@ -10,6 +10,7 @@ import stat
 import pytest
 
 from backhaul.protocol.constants import ALPN_TUNNEL
+from backhaul.supervisor import EXIT_NO_RESTART
 
 from .harness import echoes, wait_until
 
@@ -77,10 +78,14 @@ def test_connector_turns_active_then_deleted_connector_is_shut_out(system, backe
     system.admin("connector", "delete", conn["id"])
     assert system.admin_json("connector", "list") == []
     wait_until(lambda: not echoes(port), 10, "the relay to drop the deleted connector's tunnels")
-    # Restarted with its revoked certificate, the connector is told to re-register and gets no tunnel.
+    # Restarted with its revoked certificate, the connector is told to re-register, gets no
+    # tunnel, and stops for good with EXIT_NO_RESTART (systemd's RestartPreventExitStatus).
     system.connectors["one"].stop()
     restarted = system.start_connector("one")
-    wait_until(lambda: "re-register" in restarted.log(), 20, "the restarted connector to be told to re-register")
+    wait_until(lambda: not restarted.alive(), 20, "the restarted connector to stop")
+    assert restarted.popen.returncode == EXIT_NO_RESTART
+    errors = [line for line in restarted.log().splitlines() if '"level":"error"' in line]
+    assert len(errors) == 1 and "deleted by an admin: re-register" in errors[0], errors
     assert not echoes(port)
     # Whoever dials a tunnel with that certificate is refused at the tunnel too.
     state = system.workdir / "conn-one"

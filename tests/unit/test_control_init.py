@@ -73,3 +73,37 @@ def test_bad_name_is_refused_before_anything_is_written(tmp_path):
     result = _init(data_dir, "--name", "not a host")
     assert result.returncode == 2 and "--name" in result.stderr
     assert not data_dir.exists() or list(data_dir.iterdir()) == []
+
+
+def test_init_into_an_existing_open_dir_makes_it_private(tmp_path):
+    import os
+
+    from backhaul.control.init import chmod_command, initialize, loose_modes
+
+    data_dir = tmp_path / "open"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        initialize(data_dir, ["127.0.0.1"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for path in data_dir.iterdir():
+        if path.name.startswith("store.sqlite") or path.name in ("ca.key", "service.key", "admin.token"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    assert loose_modes(data_dir) == []
+    (data_dir / "admin.token").chmod(0o640)
+    data_dir.chmod(0o750)
+    loose = loose_modes(data_dir)
+    assert loose == [data_dir, data_dir / "admin.token"]
+    assert chmod_command(loose) == f"chmod 700 {data_dir} && chmod 600 {data_dir / 'admin.token'}"
+
+
+def test_init_refuses_a_file_where_the_dir_should_be(tmp_path):
+    from backhaul.control.init import initialize
+    from backhaul.errors import ConfigError
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="not a directory"):
+        initialize(tmp_path / "f", ["127.0.0.1"])

@@ -47,13 +47,13 @@ def chmod_command(paths: list[Path]) -> str:
 
 def _own_private_dir(data_dir: Path) -> None:
     """Make ``data_dir`` (created or existing) 0700, or refuse when it is not ours to tighten."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"{data_dir} is not a directory; give --data-dir a directory (it is created if missing)")
     try:
         data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        info = data_dir.lstat()
+        info = data_dir.stat()
     except OSError as exc:
         raise ConfigError(f"cannot create {data_dir}: {exc.strerror}") from exc
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"{data_dir} is not a directory (or is a symlink); give --data-dir a real directory")
     if info.st_uid != os.geteuid():
         raise ConfigError(
             f"{data_dir} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}): it cannot be made private; "
