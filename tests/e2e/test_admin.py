@@ -42,6 +42,11 @@ def test_groups_tokens_apps_round_trip(system):
     token = system.admin("token", "create", "--group", "branch", "--ttl", "60", "--uses", "2")
     assert token.stdout.strip().startswith("bht_") and len(token.stdout.strip().splitlines()) == 1
     assert "branch" in token.stderr
+    (listed,) = system.admin_json("token", "list")
+    assert listed["group"] == "branch" and listed["uses_left"] == 2 and listed["id"] in token.stderr
+    tokens = system.admin("token", "list").stdout
+    assert tokens.splitlines()[0].split() == ["ID", "GROUP", "USES", "LEFT", "EXPIRES", "CREATED"]
+    assert listed["id"] in tokens and token.stdout.strip() not in tokens
     system.admin("app", "publish", "db", "--group", "branch", "--tcp", "25432", "--target", "10.0.0.5:5432")
     system.admin("app", "publish", "dns", "--group", "branch", "--udp", "25353", "--target", "10.0.0.53:53")
     system.admin("app", "publish", "wiki", "--group", "branch", "--http", "wiki.example.com", "--internal-url", "http://wiki.lan:8080/", "--preauth", "oidc")
@@ -77,6 +82,7 @@ def test_groups_tokens_apps_round_trip(system):
         (["connector", "delete", "c-aaaaaaaaaaaa"], "no connector"),
         (["token", "create", "--uses", "0"], "uses"),
         (["token", "create", "--group", "ghost"], "ghost"),
+        (["token", "revoke", "0123456789ab"], "no enrollment token"),
     ],
 )
 def test_refusals_are_one_clear_line(shared_system, args, words):

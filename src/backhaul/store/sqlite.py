@@ -402,8 +402,8 @@ class SqliteStore(Store):
         with self._write() as db:
             db.execute(
                 "UPDATE connectors SET prev_expires = MIN(prev_expires, ?) "
-                "WHERE id = ? AND cert_serial = ? AND prev_serial IS NOT NULL",
-                (until, connector_id, format(serial, "x")),
+                "WHERE id = ? AND cert_serial = ? AND prev_serial IS NOT NULL AND prev_expires > ?",
+                (until, connector_id, format(serial, "x"), until),
             )
 
     def heartbeat(self, connector_id: str, stats: ConnectorStats, peer: str) -> None:
