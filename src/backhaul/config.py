@@ -256,8 +256,9 @@ class EnrollLimits:
     burst: int = 20
     #: Refusals refilled per second after that: one every 6 s, a person retrying by hand.
     refill_per_second: float = 1 / 6
-    #: Addresses tracked at once, least recently seen dropped first (about 200 bytes each:
-    #: under 1 MiB per worker). A dropped address starts again with a full bucket, so many
+    #: Addresses tracked at once, least recently seen dropped first (about 280 bytes each
+    #: with the address string: 1.1 MiB per worker when full). A dropped address starts
+    #: again with a full bucket, so many
     #: addresses buy an attacker burst-sized batches, never an unbounded table.
     max_addresses: int = 4096
     #: Seconds between two log lines about one address being refused with 429, so a flood

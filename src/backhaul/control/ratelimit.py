@@ -10,7 +10,7 @@ from typing import Callable
 from backhaul.config import EnrollLimits
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Bucket:
     tokens: float
     stamp: float
