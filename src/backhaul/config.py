@@ -258,8 +258,8 @@ class EnrollLimits:
     refill_per_second: float = 1 / 6
     #: Addresses tracked at once, least recently seen dropped first (about 280 bytes each
     #: with the address string: 1.1 MiB per worker when full). A dropped address starts
-    #: again with a full bucket, so many
-    #: addresses buy an attacker burst-sized batches, never an unbounded table.
+    #: again with a full bucket, so many addresses buy an attacker burst-sized batches,
+    #: never an unbounded table.
     max_addresses: int = 4096
     #: Seconds between two log lines about one address being refused with 429, so a flood
     #: is logged once per address and period, not once per request.
