@@ -50,6 +50,7 @@ MiB = 1024 * 1024
 BODY_TIMEOUT = 1.0
 RATE_GRACE = 1.0
 MIN_RATE = 2000
+RESPONSE_TIMEOUT = 2.5
 
 
 class RawBackend:
@@ -125,6 +126,7 @@ def edge(tmp_path_factory):
         "--http-limit", f"body_timeout={BODY_TIMEOUT}",
         "--http-limit", f"body_rate_grace={RATE_GRACE}",
         "--http-limit", f"body_min_rate={MIN_RATE}",
+        "--http-limit", f"response_timeout={RESPONSE_TIMEOUT}",
     )
     procs: list = []
     raw = RawBackend()
@@ -171,6 +173,34 @@ def test_a_stalled_body_gets_408_and_releases_the_backend_connection(edge):
     entries = wait_until(lambda: _body_timeouts(edge, "body_timeout")[before:], 5, "the relay's log line")
     assert entries[0]["app"] == "raw" and entries[0]["bytes"] == 10 and entries[0]["client"].startswith("127.0.0.1:")
     assert entries[0]["id"] in answer.decode()
+
+
+def test_a_client_waiting_for_100_continue_is_not_timed_until_it_gets_it(edge):
+    head = b"PUT /wait HTTP/1.1\r\nHost: raw.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    # The backend never says 100: the client rightly waits, so no 408; the backend's
+    # silence is bounded by response_timeout instead.
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(head)
+        backend_conn, _ = edge.raw.accept_request()
+        with backend_conn:
+            started = time.monotonic()
+            answer = _read_answer(sock, RESPONSE_TIMEOUT + 5)
+            waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 504 "), answer[:200]
+            assert RESPONSE_TIMEOUT * 0.9 <= waited < RESPONSE_TIMEOUT + 1.0, waited
+            assert _ended(backend_conn, 5)
+    # The backend says 100: from then on the body is the client's to send.
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as sock:
+        sock.sendall(head)
+        backend_conn, _ = edge.raw.accept_request()
+        with backend_conn:
+            backend_conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            started = time.monotonic()
+            answer = _read_answer(sock, BODY_TIMEOUT + 5)
+            waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 408 "), answer[:200]
+            assert waited < BODY_TIMEOUT * 1.25 + 1.0, waited
+            assert _ended(backend_conn, 5)
 
 
 def test_a_body_trickling_below_the_minimum_rate_gets_408(edge):

@@ -22,6 +22,12 @@ an id (``<connection id>.<n>``): the backend gets it as X-Request-Id, the edge's
 answers show it, and the stream's OPEN carries the id of the request that opened it, so
 the connector's log line for the stream has the connection id in it.
 
+One timer per connection covers every wait, each bounded by an HttpLimits field: the
+head (header_timeout), the idle keep-alive (keepalive_timeout), the backend's answer or
+its 100 (response_timeout), and the request body (body_timeout, body_min_rate): the body
+clock counts only the time the edge spends reading the user's socket for a body, so
+backpressure from the tunnel never counts against the client.
+
 Streams are counted in the relay's metrics as the TCP edge counts its pipes (opened, open
 latency, bytes each way, how they ended), by app: each stream carries a
 :class:`_StreamFigures`, one per stream as the user sees it, so an open retried on another
@@ -116,8 +122,9 @@ class _Exchange:
         self.figures: _StreamFigures | None = None  # of the stream this request is opening
         # The client may be expected to send the body: it did not ask for 100-continue, or
         # the backend's 100 came, or the body started anyway. Until then the body clock
-        # does not run (the client waits for the backend, as it was told it may).
-        self.continued = not request.expect_continue
+        # does not run (the client waits for the backend, as it was told it may). HTTP/1.0
+        # has no 100: its expectation is ignored (RFC 9110, 10.1.1).
+        self.continued = not (request.expect_continue and request.version == "1.1")
 
 
 class _StreamFigures:
