@@ -450,7 +450,7 @@ class HttpConnection(asyncio.Protocol):
         """Look at the body's progress: time it out, or look again later.
 
         Progress is seen at these looks only (nothing is done per read), so they come at
-        least every quarter of ``body_timeout``: a stall is seen within 1.25 of it.
+        least every quarter of ``body_timeout``: a stall is cut within 1.25 times it.
         """
         limits = self.limits
         active = self._body_active + (now - self._body_since)
