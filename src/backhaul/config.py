@@ -212,16 +212,44 @@ class HttpLimits:
     header_timeout: float = 15.0
     #: Seconds an idle keep-alive connection waits for the next request.
     keepalive_timeout: float = 60.0
-    #: Seconds the backend has to start its response once the request is sent; then 504.
+    #: Seconds the backend has to start its response once the request is sent (or to answer
+    #: an ``Expect: 100-continue`` with its 100); then 504.
     response_timeout: float = 60.0
+    #: Seconds a request body may go without a byte while the edge is reading it; then 408
+    #: (or, once a response has started, the connection is aborted). Half nginx's 60 s
+    #: client_body_timeout: that clock also runs while nginx's own upstream holds it back,
+    #: this one stops whenever the edge itself stopped reading (the tunnel pushes back), so
+    #: it needs no margin for a slow backend, and a client silent for 30 s mid-upload is
+    #: gone or hostile. A stalled body holds a tunnel stream and a backend connection.
+    body_timeout: float = 30.0
+    #: Once ``body_rate_grace`` seconds of reading have passed, a body must average at least
+    #: this many bytes a second (Apache mod_reqtimeout's ``body=20,MinRate=500``); then 408.
+    #: Trickling a byte now and then under ``body_timeout`` would hold a stream for hours;
+    #: 500 B/s is far below any real link (2G EDGE does 20 KB/s). Time the edge was not
+    #: reading (backpressure) does not count.
+    body_min_rate: int = 500
+    body_rate_grace: float = 20.0
     #: Concurrent connections from one client address; more are refused with 429.
     max_connections_per_client: int = 256
     #: Concurrent user connections of one relay worker; more are refused with 503.
     max_connections: int = 20_000
+    #: Whether request headers with "_" in their name reach backends (1) or are dropped (0,
+    #: nginx's ``underscores_in_headers off``). CGI and WSGI servers fold "_" and "-" alike,
+    #: so ``X_Backhaul_User`` would reach them as the identity header. Even when kept, a
+    #: name that reads as one the edge sets (``x-backhaul-*``, ``X-Forwarded-*``,
+    #: ``X-Request-Id``, framing and hop-by-hop headers) with "_" as "-" is dropped.
+    underscore_headers: int = 0
+
+    #: Fields that are switches (0 off, 1 on) rather than positive limits.
+    _SWITCHES = ("underscore_headers",)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0:
+            value = getattr(self, field.name)
+            if field.name in self._SWITCHES:
+                if value not in (0, 1):
+                    raise ValueError(f"http limit {field.name} is a switch: 0 (off) or 1 (on)")
+            elif value <= 0:
                 raise ValueError(f"http limit {field.name} must be positive")
 
     def replace_from(self, assignments: list[str]) -> "HttpLimits":

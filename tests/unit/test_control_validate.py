@@ -14,9 +14,11 @@ import sys
 
 import jsonschema_rs
 import pytest
+import yarl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backhaul.connector import health
 from backhaul.control import validate
 from backhaul.control.openapi import openapi_document
 
@@ -70,6 +72,18 @@ def test_text_pattern_is_what_the_server_accepts_for_every_code_point():
         ("Host", "a.."),
         ("InternalUrl", "http://x:0/"),
         ("InternalUrl", "http://user:pw@x/"),
+        # A health path names no host: a network-path reference, a backslash read as "/", a URL.
+        ("HealthPath", "//127.0.0.1:19003/x"),
+        ("HealthPath", "//"),
+        ("HealthPath", "/\\127.0.0.1/x"),
+        ("HealthPath", "/a\\b"),
+        ("HealthPath", "http://127.0.0.1/x"),
+        ("HealthPath", "healthz"),
+        ("HealthPath", "/a b"),
+        ("HealthPath", "/a\tb"),
+        ("HealthPath", "/#x"),
+        ("HealthPath", "/h\u00e9"),
+        ("HealthPath", "/" + "x" * validate.MAX_HEALTH_PATH),
     ],
 )
 def test_the_document_and_the_server_refuse_the_same_odd_values(field, value):
@@ -144,3 +158,41 @@ def test_the_ipv6_pattern_is_exactly_what_ipaddress_reads(tokens):
     except ValueError:
         parsed = False
     assert bool(re.fullmatch(validate.IPV6_PATTERN, text)) == parsed, text
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("//127.0.0.1:19003/x", "two slashes"),
+        ("/\\evil/x", "two slashes"),
+        ("/a\\b", "backslash"),
+        ("http://intranet/healthz", "not a path"),
+        ("healthz", "not a path"),
+        ("/a b", "space"),
+        ("/" + "x" * validate.MAX_HEALTH_PATH, "longer than"),
+        (7, "not text"),
+    ],
+)
+def test_a_refused_health_path_says_why_in_one_line(value, why):
+    with pytest.raises(validate.Invalid) as info:
+        validate.health_path(value)
+    message = str(info.value)
+    assert why in message and "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("value", ["/", "/healthz", "/a//b", "/h?next=//x&y=1", "/?q", "/-/ready", "/%2F%2Fx"])
+def test_plain_health_paths_are_accepted(value):
+    assert validate.health_path(value) == value and _document_accepts("HealthPath")(value)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["/", "\\", "a", "?", "#", " ", ":", "@", ".", "%", "\x7f", "\u00e9", "h"]), max_size=8))
+def test_the_connector_refuses_exactly_what_the_server_refuses(value):
+    """connector/health.py reads the path again before dialing, with its own pattern: both agree,
+    and what they take is GET on the app's origin."""
+    server_ok = _server_accepts(validate.health_path, value)
+    assert (health.health_path_problem(value) is None) == server_ok == _document_accepts("HealthPath")(value), value
+    if server_ok:
+        app = {"proto": "http", "target": "intranet:8443", "internal_url": "https://intranet:8443/app/", "health_path": value}
+        assert health.health_url(app).startswith("https://intranet:8443/")
+        assert yarl.URL(health.health_url(app), encoded=True).raw_authority == "intranet:8443"

@@ -128,6 +128,59 @@ def test_upgrade_hands_over_the_bytes_after_the_head(mode):
     assert reader.dead
 
 
+def _body_progress(data: bytes, mode: str) -> list[tuple[bool, int]]:
+    """(mid_body, body_bytes - body_start) after each piece fed, the edge's view of a body.
+
+    With trailing data, the next (bodiless) request's head starts a new count: then the
+    second figure is the body bytes of the first request, and the next one is not mid-body."""
+    reader = RequestReader(LIMITS)
+    seen = []
+    pieces = [data[i : i + 1] for i in range(len(data))] if mode == "bytes" else [data + (NEXT if mode == "trailing" else b"")]
+    for piece in pieces:
+        reader.feed(piece)
+        if mode == "trailing":
+            assert reader.body_start == reader.body_bytes and reader.events[-2][1].target == b"/next"
+            seen.append((reader.mid_body, reader.body_bytes))
+        else:
+            seen.append((reader.mid_body, reader.body_bytes - reader.body_start))
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_body_progress_counts_body_bytes_only(mode):
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+    seen = _body_progress(head + b"hello", mode)
+    assert seen[-1] == (False, 5)
+    if mode == "bytes":
+        # Nothing is a body before the head ends; then every byte counts, and the last ends it.
+        assert seen[: len(head) - 1] == [(False, 0)] * (len(head) - 1)
+        assert seen[len(head) - 1 :] == [(True, 0), (True, 1), (True, 2), (True, 3), (True, 4), (False, 5)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunk_framing_and_extensions_are_not_body_progress(mode):
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # A trickle of chunk extensions carries no body: the body clock must not see progress.
+    stalling = head + b"5;" + b"x" * 200
+    seen = _body_progress(stalling, "whole" if mode == "trailing" else mode)
+    assert seen[-1] == (True, 0)
+    seen = _body_progress(head + b"5;ext=1\r\nhello\r\n0\r\n\r\n", mode)
+    assert seen[-1] == (False, 5)
+
+
+def test_body_start_follows_each_request_of_a_connection():
+    reader = RequestReader(LIMITS)
+    reader.feed(b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    assert (reader.mid_body, reader.body_bytes, reader.body_start) == (False, 3, 0)
+    reader.feed(b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nde")
+    assert (reader.mid_body, reader.body_bytes, reader.body_start) == (True, 5, 3)
+    reader.feed(b"fgGET /3 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (reader.mid_body, reader.body_bytes, reader.body_start) == (False, 7, 7)
+    # A head without a body (or with Content-Length: 0) is never mid-body.
+    reader.feed(b"POST /4 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    assert not reader.mid_body
+
+
 def test_expect_100_continue_is_noted():
     request = read(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx")[0][1]
     assert request.expect_continue

@@ -83,6 +83,98 @@ def test_client_cannot_set_what_the_edge_sets():
     assert (b"X-Request-Id", b"abc.1") in out
 
 
+FORGED = [
+    (b"X_Backhaul_User", b"mallory"),
+    (b"X-Backhaul_User", b"mallory"),
+    (b"x_backhaul-email", b"mallory@evil"),
+    (b"X_Forwarded_For", b"10.0.0.1"),
+    (b"X_Forwarded_Proto", b"https"),
+    (b"X_Forwarded-Host", b"intranet"),
+    (b"X_Forwarded_Anything", b"1"),
+    (b"X_Request_Id", b"forged"),
+    (b"Content_Length", b"0"),
+    (b"Transfer_Encoding", b"chunked"),
+]
+
+
+@pytest.mark.parametrize("underscores", [False, True])
+def test_identity_and_edge_headers_cannot_be_forged_with_underscores(underscores):
+    # CGI and WSGI servers read "_" as "-": X_Backhaul_User would arrive as HTTP_X_BACKHAUL_USER.
+    req = request([(b"Host", b"app.example.com"), *FORGED, (b"Accept", b"*/*")])
+    dropped: list[bytes] = []
+    out = forwarded(route(), req, extra=((b"x-backhaul-user", b"alice@corp"),), underscores=underscores, dropped=dropped)
+    folded = [name.lower().replace(b"_", b"-") for name, _ in out]
+    assert folded.count(b"x-backhaul-user") == 1 and (b"x-backhaul-user", b"alice@corp") in out
+    assert b"mallory" not in b"".join(value for _, value in out)
+    assert [name for name, _ in out if b"_" in name] == []
+    assert folded.count(b"x-forwarded-for") == folded.count(b"x-request-id") == 1
+    assert (b"X-Forwarded-For", b"198.51.100.7") in out
+    assert b"content-length" not in folded and b"transfer-encoding" not in folded
+    assert dropped == [name for name, _ in FORGED]
+    assert (b"Accept", b"*/*") in out
+
+
+def test_other_underscore_headers_are_dropped_unless_the_switch_keeps_them():
+    req = request([(b"Host", b"a"), (b"X_Custom_Token", b"t"), (b"Connection", b"X_Hop"), (b"X_Hop", b"1")])
+    dropped: list[bytes] = []
+    assert (b"X_Custom_Token", b"t") not in forwarded(route(), req, dropped=dropped)
+    assert dropped == [b"X_Custom_Token"]  # X_Hop went as hop-by-hop
+    kept = forwarded(route(), req, underscores=True)
+    assert (b"X_Custom_Token", b"t") in kept
+    assert (b"X_Hop", b"1") not in kept  # named in Connection: hop-by-hop, whatever its spelling
+
+
+@pytest.mark.parametrize(
+    "name, reserved",
+    [
+        (b"x-backhaul-user", True), (b"x-backhaul-anything", True), (b"x-forwarded-for", True),
+        (b"x-forwarded-port", True), (b"x-request-id", True), (b"host", True), (b"content-length", True),
+        (b"transfer-encoding", True), (b"connection", True), (b"x-custom", False), (b"x-backhaul", False),
+        (b"accept", False), (b"x-real-ip", False),
+    ],
+)
+def test_reserved_names(name, reserved):
+    assert translate.reserved(name) is reserved
+
+
+def test_absolute_form_request_on_a_keep_host_app_gets_the_uris_authority_as_host():
+    # The edge routes by the URI's authority and puts it in request.host (RFC 9112 3.2.2).
+    req = request([(b"Host", b"unrelated.example"), (b"Accept", b"*/*")], host=b"kept.example.com:8080")
+    out = forwarded(route(keep_host=True), req)
+    assert [v for n, v in out if n.lower() == b"host"] == [b"kept.example.com:8080"]
+    assert out[0] == (b"Host", b"kept.example.com:8080")
+    assert (b"X-Forwarded-Host", b"kept.example.com:8080") in out
+    # Not keeping the host: the internal URL's, as always; one Host either way.
+    out = forwarded(route(), req)
+    assert [v for n, v in out if n.lower() == b"host"] == [b"10.0.0.5:8080"]
+
+
+def test_http10_request_without_host_gets_one():
+    req = Request("GET", b"/", "1.0", [(b"Accept", b"*/*")])
+    assert forwarded(route(), req)[0] == (b"Host", b"10.0.0.5:8080")
+
+
+@pytest.mark.parametrize(
+    "target, authority, rest",
+    [
+        (b"http://app.test/x?y=1", b"app.test", b"/x?y=1"),
+        (b"https://app.test:8443", b"app.test:8443", b"/"),
+        (b"HTTP://App.Test?q=/x", b"App.Test", b"/?q=/x"),
+        (b"http://[fd00::1]:81/a", b"[fd00::1]:81", b"/a"),
+        (b"http://user@app.test/", b"user@app.test", b"/"),  # split_host refuses it afterwards
+    ],
+)
+def test_absolute_form(target, authority, rest):
+    assert translate.absolute_form(target) == (authority, rest)
+
+
+@pytest.mark.parametrize("target", [b"http:///x", b"http://", b"http://?x", b"https:///"])
+def test_absolute_form_without_a_host_is_400(target):
+    with pytest.raises(HttpError) as info:
+        translate.absolute_form(target)
+    assert info.value.status == 400
+
+
 def test_hop_by_hop_and_connection_listed_headers_are_dropped():
     req = request(
         [

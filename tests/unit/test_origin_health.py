@@ -88,6 +88,21 @@ def test_health_url_is_the_path_on_the_internal_urls_origin():
     assert health_url({"proto": "tcp", "target": "h:1", "health_path": "/x"}) is None
 
 
+@pytest.mark.parametrize("path", ["//127.0.0.1:19003/x", "/\\127.0.0.1:19003/x", "http://127.0.0.1:19003/x", "healthz", "/a b", "/a#b"])
+def test_health_url_refuses_a_path_that_is_not_on_the_origin(path):
+    app = {"proto": "http", "target": "intranet:8443", "internal_url": "https://intranet:8443/", "health_path": path}
+    assert health.health_path_problem(path) is not None
+    with pytest.raises(health.UnsafeHealthPath):
+        health_url(app)
+
+
+def test_health_url_never_leaves_the_origin_for_odd_but_plain_paths():
+    app = {"proto": "http", "target": "intranet:8443", "internal_url": "https://intranet:8443/", "health_path": "/"}
+    for path in ["/..//127.0.0.1:19003/x", "/%2F%2F127.0.0.1/x", "/a//b?to=//evil", "/?//evil"]:
+        url = health_url({**app, "health_path": path})
+        assert url == "https://intranet:8443" + path, url
+
+
 # ---------------------------------------------------------------- real checks
 
 
@@ -362,3 +377,57 @@ def test_checks_run_at_most_concurrency_at_once(monkeypatch):
             server.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_refused_health_path_never_dials_and_leaves_the_app_unchecked(caplog):
+    """A config pulled from a relay that took ``//host:port/x`` (before validation refused it):
+    the connector must not GET that host. A listener on the named port sees no connection."""
+
+    async def main():
+        dialed: list = []
+        trap = await asyncio.get_running_loop().create_server(lambda: _Trap(dialed), "127.0.0.1", 0)
+        trap_port = trap.sockets[0].getsockname()[1]
+        origin = await _tcp_server(0)
+        origin_port = origin.sockets[0].getsockname()[1]
+        seen = Recorder()
+        monitor = HealthMonitor(FAST, seen)
+        bad = {
+            "name": "web", "proto": "http", "target": f"127.0.0.1:{origin_port}",
+            "internal_url": f"http://127.0.0.1:{origin_port}/", "health_path": f"//127.0.0.1:{trap_port}/x",
+        }
+        good = {"name": "db", "proto": "tcp", "target": f"127.0.0.1:{origin_port}"}
+        monitor.set_apps({"web": bad, "db": good})
+        monitor.set_apps({"web": dict(bad), "db": good})  # the same config pulled again: logged once
+        task = asyncio.create_task(monitor.run())
+        try:
+            # Rounds run (db is checked, and checked again) while web never is.
+            await _until(lambda: seen.changes == [{"db": True}])
+            rounds = monitor._last_check["db"]
+            await _until(lambda: monitor._last_check["db"] > rounds)
+            await _until(lambda: monitor._last_check["db"] > rounds + 3 * FAST.interval)
+            assert dialed == []
+            assert monitor.state("web") is None and "web" not in monitor.snapshot()
+            # Fixed by the admin: checked (on its own origin) from the next pull.
+            monitor.set_apps({"web": {**bad, "health_path": "/x"}, "db": good})
+            await _until(lambda: monitor.state("web") is not None and monitor.state("web").up is not None)
+            assert dialed == []
+        finally:
+            task.cancel()
+            trap.close()
+            origin.close()
+
+    with caplog.at_level("ERROR", logger="backhaul.connector.health"):
+        asyncio.run(asyncio.wait_for(main(), 30))
+    refused = [r for r in caplog.records if r.getMessage() == "health path refused: the app is not checked"]
+    assert len(refused) == 1 and refused[0].app == "web" and "//" in refused[0].reason
+
+
+class _Trap(asyncio.Protocol):
+    """A listener that records every connection it gets (none is the point)."""
+
+    def __init__(self, dialed: list) -> None:
+        self.dialed = dialed
+
+    def connection_made(self, transport) -> None:
+        self.dialed.append(transport.get_extra_info("peername"))
+        transport.close()

@@ -12,6 +12,13 @@ step), at most ``concurrency`` checks at once, each bounded by ``timeout``:
 - udp apps are not checked (nothing to connect to proves anything): their state stays
   unknown.
 
+The health path is checked again here before anything is dialed, whatever the relay
+sent (an older relay took ``//host:port/x``, which made the connector GET another host
+of the private network): a path that is not a plain path on the origin (two leading
+slashes, a backslash, a scheme, spaces or control characters, too long) leaves the app
+unchecked (unknown, so routing goes on as if reachable), logged once as an error, and
+the check URL is built from the origin's parts so that no path can carry an authority.
+
 A state only flips after ``fall`` failed checks in a row (down) or ``rise`` good ones
 (up), so one lost SYN does not move traffic. Unknown (never checked yet, or the app's
 target just changed) is reported as absent, and the relay routes as if reachable, so a
@@ -29,6 +36,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 import ssl
 import time
@@ -45,6 +53,12 @@ from backhaul.errors import ConfigError
 from backhaul.transport.sockets import parse_hostport
 
 log = logging.getLogger("backhaul.connector.health")
+
+#: Longest health path the connector GETs: the control API's bound (control/validate.py).
+MAX_HEALTH_PATH = 1024
+#: One "/", then anything printable but "/" or "\\", then printable ASCII without
+#: space, "#" or "\\" (the control API's HEALTH_PATH_PATTERN, read again here).
+_HEALTH_PATH = re.compile(r"/(?![/\\])[\x21\x22\x24-\x5b\x5d-\x7e]*")
 
 #: Type of the CONTROL message that carries origin health (protocol.md).
 HEALTH_MESSAGE = "health"
@@ -98,12 +112,45 @@ def _check_key(app: dict[str, Any]) -> tuple:
     )
 
 
+class UnsafeHealthPath(ValueError):
+    """A health path that could make the check GET something else than the app's origin."""
+
+
+def health_path_problem(path: Any) -> str | None:
+    """Why this health path is not GET on the app's origin (None: it is a plain path)."""
+    if not isinstance(path, str):
+        return "the health path is not text"
+    if len(path) > MAX_HEALTH_PATH:
+        return f"the health path is longer than {MAX_HEALTH_PATH} characters"
+    if not _HEALTH_PATH.fullmatch(path):
+        return (
+            "the health path is not a plain path on the app's origin (one leading '/', not '//', "
+            "no scheme, no '\\', '#', space or control character)"
+        )
+    return None
+
+
 def health_url(app: dict[str, Any]) -> str | None:
-    """The URL an http app's check GETs, or None when the check is a TCP connect."""
+    """The URL an http app's check GETs, or None when the check is a TCP connect.
+
+    Built from the internal URL's scheme and authority and the path's own characters,
+    never by resolving the path against the URL (a reference could name another host).
+    Raises UnsafeHealthPath for a path health_path_problem() refuses.
+    """
     path = app.get("health_path")
     if app.get("proto") != "http" or not path or not app.get("internal_url"):
         return None
-    return str(yarl.URL(app["internal_url"]).origin().join(yarl.URL(path)))
+    problem = health_path_problem(path)
+    if problem is not None:
+        raise UnsafeHealthPath(f"{problem}: {str(path)[:80]!r}")
+    origin = yarl.URL(app["internal_url"]).origin()
+    raw_path, _, query = path.partition("?")
+    url = yarl.URL.build(
+        scheme=origin.scheme, authority=origin.raw_authority, path=raw_path, query_string=query, encoded=True
+    )
+    if url.origin() != origin:  # cannot happen with a path the pattern took; never dial elsewhere
+        raise UnsafeHealthPath(f"the health path {str(path)[:80]!r} would leave the app's origin")
+    return str(url)
 
 
 def control_messages(states: dict[str, bool | None], budget: int = MESSAGE_BUDGET) -> list[dict[str, Any]]:
@@ -165,8 +212,9 @@ async def check_http(
 
     ``ssl_context`` verifies an https origin (None: the system's default verification)."""
     try:
+        # encoded: the URL health_url() built is sent as it is, not parsed and normalised again.
         async with session.get(
-            url, ssl=ssl_context if ssl_context is not None else True, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+            yarl.URL(url, encoded=True), ssl=ssl_context if ssl_context is not None else True, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as response:
             if 200 <= response.status < 400:
                 return None
@@ -196,6 +244,8 @@ class HealthMonitor:
         self._due: set[str] = set()
         self._last_check: dict[str, float] = {}
         self._wake = asyncio.Event()
+        #: apps left unchecked for a health path refused here, with that path (logged once)
+        self._refused: dict[str, Any] = {}
         self._own_tls = backend_tls is None
         self._tls = BackendTls() if backend_tls is None else backend_tls
 
@@ -203,7 +253,24 @@ class HealthMonitor:
 
     def set_apps(self, apps: dict[str, dict[str, Any]]) -> None:
         """Follow a new configuration: new or changed apps are unknown and checked at once."""
-        wanted = {name: app for name, app in apps.items() if checked(app)}
+        wanted = {}
+        refused: dict[str, Any] = {}
+        for name, app in apps.items():
+            if not checked(app):
+                continue
+            path = app.get("health_path")
+            problem = health_path_problem(path) if app.get("proto") == "http" and path else None
+            if problem is None:
+                wanted[name] = app
+                continue
+            # Unknown, not down: routing goes on as before, and nothing is dialed for it.
+            refused[name] = path
+            if name not in self._refused or self._refused[name] != path:
+                log.error(
+                    "health path refused: the app is not checked",
+                    extra={"app": name, "health_path": str(path)[:200], "reason": problem},
+                )
+        self._refused = refused
         if self._own_tls:
             self._tls.clear()
         changes: dict[str, bool | None] = {}

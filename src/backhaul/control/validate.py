@@ -87,8 +87,12 @@ INTERNAL_URL_PATTERN = (
     rf"[Hh][Tt][Tt][Pp](?:[Ss])?://(?:{DNS_NAME_PATTERN}|\[{IPV6_PATTERN}\])(?::{PORT_PATTERN})?(?:[/?#][^\x00-\x20\x7f]*)?"
 )
 URL_HOST_LENGTH_PATTERN = rf"^[^:]+://(?:\[|[^:/?#]{{1,{MAX_HOST}}}(?:[:/?#]|$))"
-#: Absolute path, printable ASCII without spaces or '#', optionally with a ?query.
-HEALTH_PATH_PATTERN = r"/[\x21\x22\x24-\x7e]*"
+#: A path on the app's own origin, optionally with a ?query: printable ASCII without spaces,
+#: '#' or '\\', one leading '/' and not two ("//host/x" is a reference to another host,
+#: and clients read '\\' as '/'), so the connector can only ever GET its app's origin.
+_HEALTH_CHAR = r"[\x21\x22\x24-\x5b\x5d-\x7e]"
+_HEALTH_SECOND = r"[\x21\x22\x24-\x2e\x30-\x5b\x5d-\x7e]"
+HEALTH_PATH_PATTERN = rf"/(?:{_HEALTH_SECOND}{_HEALTH_CHAR}*)?"
 
 _NAME = re.compile(NAME_PATTERN)
 _HOST = re.compile(HOST_PATTERN)
@@ -232,13 +236,27 @@ def internal_url(value: Any) -> tuple[str, str]:
 
 
 def health_path(value: Any) -> str | None:
-    """An http app's health check path: absolute, printable ASCII without spaces, optional query."""
+    """An http app's health check path: a path on the app's origin, never a host of its own."""
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > MAX_HEALTH_PATH or not _HEALTH_PATH.fullmatch(value):
+        shown = repr(value)[:80]
+        if not isinstance(value, str):
+            why = "it is not text"
+        elif len(value) > MAX_HEALTH_PATH:
+            why = f"it is longer than {MAX_HEALTH_PATH} characters"
+        elif "://" in value.split("?", 1)[0] or not value.startswith(("/", "\\")):
+            why = "it is not a path (give the path alone: /healthz, not http://host/healthz)"
+        elif value.startswith(("//", "/\\")):
+            why = "it starts with two slashes, which name another host (//host/path)"
+        elif "\\" in value:
+            why = "it holds a backslash, which clients read as '/'"
+        else:
+            why = "it holds a space, a control character, '#' or a character outside of printable ASCII"
         raise Invalid(
-            f"health path {value!r} must be an absolute path such as /healthz (optionally with ?query), "
-            f"printable ASCII without spaces or '#', at most {MAX_HEALTH_PATH} characters"
+            f"health path {shown} is refused: {why}; a health path is a path on the app's own origin "
+            f"such as /healthz (optionally with ?query), printable ASCII without spaces, '#' or '\\', "
+            f"at most {MAX_HEALTH_PATH} characters"
         )
     return value
 

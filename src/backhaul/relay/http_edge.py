@@ -22,6 +22,12 @@ an id (``<connection id>.<n>``): the backend gets it as X-Request-Id, the edge's
 answers show it, and the stream's OPEN carries the id of the request that opened it, so
 the connector's log line for the stream has the connection id in it.
 
+One timer per connection covers every wait, each bounded by an HttpLimits field: the
+head (header_timeout), the idle keep-alive (keepalive_timeout), the backend's answer or
+its 100 (response_timeout), and the request body (body_timeout, body_min_rate): the body
+clock counts only the time the edge spends reading the user's socket for a body, so
+backpressure from the tunnel never counts against the client.
+
 Streams are counted in the relay's metrics as the TCP edge counts its pipes (opened, open
 latency, bytes each way, how they ended), by app: each stream carries a
 :class:`_StreamFigures`, one per stream as the user sees it, so an open retried on another
@@ -79,7 +85,7 @@ _P_UPGRADE = 4  # bytes after an Upgrade head wait for the backend's 101
 _ROUTING, _GATING, _OPENING, _FORWARDING, _DISCARDING = range(5)
 
 # What the connection's timer is for.
-_T_NONE, _T_IDLE, _T_HEAD, _T_RESPONSE = range(4)
+_T_NONE, _T_IDLE, _T_HEAD, _T_RESPONSE, _T_BODY = range(5)
 
 
 class _Exchange:
@@ -88,7 +94,7 @@ class _Exchange:
     __slots__ = (
         "request", "id", "route", "state", "user", "extra", "tried", "started", "reused", "retried",
         "body_sent", "request_done", "response_started", "response_done", "rechunk", "close_after",
-        "upgrade_rest", "status", "external_base", "external_host", "backend_closes", "figures",
+        "upgrade_rest", "status", "external_base", "external_host", "backend_closes", "figures", "continued",
     )
 
     def __init__(self, request: Request, request_id: str) -> None:
@@ -114,6 +120,11 @@ class _Exchange:
         self.external_host = b""
         self.backend_closes = False  # the app closes its connection after this response
         self.figures: _StreamFigures | None = None  # of the stream this request is opening
+        # The client may be expected to send the body: it did not ask for 100-continue, or
+        # the backend's 100 came, or the body started anyway. Until then the body clock
+        # does not run (the client waits for the backend, as it was told it may). HTTP/1.0
+        # has no 100: its expectation is ignored (RFC 9110, 10.1.1).
+        self.continued = not (request.expect_continue and request.version == "1.1")
 
 
 class _StreamFigures:
@@ -240,6 +251,16 @@ class HttpConnection(asyncio.Protocol):
         self._timer_kind = _T_NONE
         self._gate_task: asyncio.Task | None = None
         self._host: tuple[bytes, str] = (b"", "")  # the last Host header and its host name
+        # The body clock (see _body_sync): it runs only while the edge reads the user's
+        # socket for a body it waits for, and counts only that time ("active" seconds).
+        self._body_on = False
+        self._body_ex: _Exchange | None = None  # the exchange whose body it times
+        self._body_active = 0.0  # active seconds before the current run
+        self._body_since = 0.0  # loop time the current run started
+        self._body_base = 0  # reader.body_bytes when the body began
+        self._body_seen = 0  # reader.body_bytes at the last look that saw progress
+        self._body_seen_at = 0.0  # active seconds at that look
+        self._dropped_logged = False  # headers dropped for their "_" are logged once a connection
         self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------------ user socket
@@ -343,9 +364,12 @@ class HttpConnection(asyncio.Protocol):
         if paused and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+            if self._body_on:
+                self._body_sync()
         elif not paused and self._reading_paused and not self._closing:
             self._reading_paused = False
             self.transport.resume_reading()
+            self._body_sync()
 
     def _arm(self, seconds: float, kind: int) -> None:
         deadline = self._loop.time() + seconds
@@ -381,6 +405,94 @@ class HttpConnection(asyncio.Protocol):
             if ex is not None and not ex.response_started:
                 self._drop_stream(graceful=False, reason="the backend did not answer in time")
                 self._local(504, f"the app did not answer within {self.limits.response_timeout:g} s", close=True)
+        elif kind == _T_BODY and self._body_on:
+            self._body_check(self._loop.time())
+
+    # ------------------------------------------------------------------ the body clock
+
+    def _body_sync(self) -> None:
+        """Start or stop the body clock as the connection's state asks.
+
+        It runs while a request body is outstanding and the edge is reading the user's
+        socket for it: not while reading is paused (the tunnel pushes back, or earlier
+        events wait: a slow backend is not a slow client), not before a client that asked
+        for 100-continue got it, and not once a response has started (an early answer
+        ends the exchange by the existing rules: the connection closes after it).
+        """
+        ex = self.ex
+        want = (
+            ex is not None
+            and ex.continued
+            and not ex.response_started
+            and self.reader.mid_body
+            and not self._reading_paused
+            and not self._closing
+        )
+        if want == self._body_on:
+            return
+        now = self._loop.time()
+        if not want:
+            self._body_on = False
+            self._body_active += now - self._body_since
+            if self._timer_kind == _T_BODY:
+                self._timer_kind = _T_NONE
+            return
+        if self._body_ex is not ex:
+            # A new body: it began when its head was complete.
+            self._body_ex = ex
+            self._body_active = self._body_seen_at = 0.0
+            self._body_base = self._body_seen = self.reader.body_start
+        self._body_on = True
+        self._body_since = now
+        self._body_check(now)
+
+    def _body_check(self, now: float) -> None:
+        """Look at the body's progress: time it out, or look again later.
+
+        Progress is seen at these looks only (nothing is done per read), so they come at
+        least every quarter of ``body_timeout``: a stall is cut within 1.25 times it.
+        """
+        limits = self.limits
+        active = self._body_active + (now - self._body_since)
+        got = self.reader.body_bytes
+        if got != self._body_seen:
+            self._body_seen = got
+            self._body_seen_at = active
+        idle_left = self._body_seen_at + limits.body_timeout - active
+        # The rate rule, as a deadline: the body may take grace + bytes / rate seconds.
+        rate_left = limits.body_rate_grace + (got - self._body_base) / limits.body_min_rate - active
+        if idle_left <= 0 or rate_left <= 0:
+            self._body_timed_out(idle_left <= 0, got - self._body_base, active)
+        else:
+            self._arm(min(idle_left, rate_left, limits.body_timeout / 4), _T_BODY)
+
+    def _body_timed_out(self, idle: bool, received: int, active: float) -> None:
+        ex = self.ex
+        limits = self.limits
+        if idle:
+            reason = f"no byte of the request body came for {limits.body_timeout:g} s"
+        else:
+            reason = (
+                f"the request body came slower than {limits.body_min_rate} bytes/s "
+                f"({received} bytes in {active:.1f} s)"
+            )
+        self._body_on = False
+        self.edge.count("http_body_timeouts")
+        log.info(
+            "request body timed out",
+            extra={
+                "client": self.client,
+                "id": ex.id,
+                "app": ex.route.app.name if ex.route else None,
+                "rule": "body_timeout" if idle else "body_min_rate",
+                "bytes": received,
+                "seconds": round(active, 3),
+            },
+        )
+        # Nothing of a response has started (the clock stops when one does): the user
+        # gets 408, the stream to the connector is reset, and so is the backend connection.
+        self._drop_stream(graceful=False, reason="the request body timed out")
+        self._local(408, reason, close=True)
 
     def _close(self) -> None:
         self._closing = True
@@ -429,6 +541,8 @@ class HttpConnection(asyncio.Protocol):
                     events.popleft()
                     if kind == BODY:
                         ex.body_sent = True
+                        if not ex.continued:
+                            self._continued(ex)  # it did not wait for the 100
                         self._send(writer.chunk(value) if ex.request.framing == CHUNKED else value)
                     elif kind == END:
                         self._request_end(ex)
@@ -439,6 +553,7 @@ class HttpConnection(asyncio.Protocol):
             self._pumping = False
         if (self.events or self._paused & _P_QUEUE) and not self._closing:
             self._set_paused(_P_QUEUE, bool(self.events))
+        self._body_sync()
 
     def _refuse(self, error: HttpError) -> None:
         """Answer a request the reader refused (or that timed out) and close."""
@@ -464,12 +579,11 @@ class HttpConnection(asyncio.Protocol):
         try:
             host = request.host
             if not target.startswith(b"/"):
-                if target.startswith((b"http://", b"https://")):
-                    # absolute-form: its authority overrides Host (RFC 9112, 3.2.2)
-                    scheme_end = target.index(b"//") + 2
-                    path_at = target.find(b"/", scheme_end)
-                    host = request.host = target[scheme_end:] if path_at < 0 else target[scheme_end:path_at]
-                    request.target = b"/" if path_at < 0 else target[path_at:]
+                if target[:8].lower().startswith((b"http://", b"https://")):
+                    # absolute-form: its authority replaces Host (RFC 9112, 3.2.2), for
+                    # routing and for a --keep-host app's backend alike
+                    host, request.target = translate.absolute_form(target)
+                    request.host = host
                 elif not (target == b"*" and request.method == "OPTIONS"):
                     raise HttpError(400, "the request-target must be a path")
             if host is None:
@@ -504,9 +618,12 @@ class HttpConnection(asyncio.Protocol):
 
     def _request_head(self, request: Request, host: str) -> RequestHead:
         prefix = IDENTITY_HEADER_PREFIX
+        underscores = self.limits.underscore_headers
         headers = []
         for name, value in request.headers:
             key = name.decode("latin-1").lower()
+            if "_" in key and (not underscores or translate.reserved(key.replace("_", "-").encode("latin-1"))):
+                continue  # what the backend will not get either
             if not key.startswith(prefix):
                 headers.append((key, value.decode("latin-1")))
         return RequestHead(
@@ -688,9 +805,29 @@ class HttpConnection(asyncio.Protocol):
     def _send_head(self, ex: _Exchange) -> None:
         request = ex.request
         route = ex.route
+        dropped: list[bytes] = []
         headers = translate.request_headers(
-            route, request, client_ip=self.client_ip, scheme=self.scheme, request_id=ex.id, extra=ex.extra
+            route,
+            request,
+            client_ip=self.client_ip,
+            scheme=self.scheme,
+            request_id=ex.id,
+            extra=ex.extra,
+            underscores=bool(self.limits.underscore_headers),
+            dropped=dropped,
         )
+        if dropped and not self._dropped_logged:
+            # Once a connection: a client that sends them sends them with every request.
+            self._dropped_logged = True
+            log.info(
+                "request headers with '_' in their name dropped",
+                extra={
+                    "client": self.client,
+                    "id": ex.id,
+                    "app": route.app.name,
+                    "headers": [name.decode("latin-1") for name in dropped[:10]],
+                },
+            )
         if request.framing == LENGTH:
             headers.append((b"Content-Length", str(request.length).encode("ascii")))
         elif request.framing == CHUNKED:
@@ -698,7 +835,8 @@ class HttpConnection(asyncio.Protocol):
         self._resp.expect(request.method == "HEAD", request.upgrade)
         ex.state = _FORWARDING
         self._send(writer.request_head(request.method, translate.request_target(route, request.target), headers))
-        if ex.request_done:
+        if ex.request_done or not ex.continued:
+            # The backend has response_timeout to answer, or to say 100 to a client that waits for it.
             self._arm(self.limits.response_timeout, _T_RESPONSE)
 
     def _send(self, data) -> None:
@@ -713,6 +851,13 @@ class HttpConnection(asyncio.Protocol):
         stream.figures.bytes_up += len(data)
         if not keep_reading:
             self._set_paused(_P_TUNNEL, True)
+
+    def _continued(self, ex: _Exchange) -> None:
+        """The client of an ``Expect: 100-continue`` may send its body now: the body clock
+        takes over from the backend's response_timeout."""
+        ex.continued = True
+        if self._timer_kind == _T_RESPONSE and not ex.request_done:
+            self._timer_kind = _T_NONE
 
     def _request_end(self, ex: _Exchange) -> None:
         if ex.request.framing == CHUNKED:
@@ -888,6 +1033,9 @@ class HttpConnection(asyncio.Protocol):
         request = ex.request
         http11 = request.version == "1.1"
         if response.interim:
+            if response.status == 100 and not ex.continued:
+                self._continued(ex)
+                self._body_sync()
             if http11:
                 headers = translate.response_headers(
                     ex.route, response, external_base=ex.external_base, external_host=ex.external_host
@@ -897,6 +1045,8 @@ class HttpConnection(asyncio.Protocol):
         if self._timer_kind == _T_RESPONSE:
             self._cancel_timer()
         ex.response_started = True
+        if self._body_on:
+            self._body_sync()  # an early answer: the body is no longer waited for
         ex.status = response.status
         headers = translate.response_headers(
             ex.route,

@@ -185,12 +185,19 @@ class _Reader:
 class RequestReader(_Reader):
     """Reads the requests of one user connection."""
 
-    __slots__ = ("_limits", "_url")
+    __slots__ = ("_limits", "_url", "mid_body", "body_bytes", "body_start")
 
     def __init__(self, limits: HttpLimits) -> None:
         super().__init__(limits.max_header_bytes, limits.max_headers, 431)
         self._limits = limits
         self._url = b""
+        #: The last head read announced a body, and the body has not ended yet.
+        self.mid_body = False
+        #: Body bytes (de-chunked: chunk framing and extensions are not progress) of every
+        #: request read so far, and their count when the last head was complete; the
+        #: edge's body clock compares them between two looks.
+        self.body_bytes = 0
+        self.body_start = 0
         self._parser = httptools.HttpRequestParser(self)
 
     def feed(self, data) -> None:
@@ -266,9 +273,16 @@ class RequestReader(_Reader):
         request.upgrade = parser.should_upgrade()
         if request.upgrade and request.has_body:
             raise HttpError(400, "an Upgrade request must not carry a body")
+        self.mid_body = request.has_body
+        self.body_start = self.body_bytes
         self.events.append((HEAD, request))
 
+    def on_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        self.events.append((BODY, data))
+
     def on_message_complete(self) -> None:
+        self.mid_body = False
         self.events.append((END, None))
 
 

@@ -2,11 +2,15 @@
 
 What the application proxy does by default:
 
-- requests: Host becomes the internal URL's host (unless the app keeps the external one),
-  X-Forwarded-For gets the user's address appended, X-Forwarded-Proto and -Host say how
-  the user reached the edge, X-Request-Id carries the edge's request id, the path is put
-  under the internal URL's path; hop-by-hop headers and any header a client sends with
-  the identity prefix are dropped;
+- requests: Host becomes the internal URL's host (unless the app keeps the external one:
+  then the Host the user asked for, which for an absolute-form request is the URI's
+  authority, RFC 9112 3.2.2), X-Forwarded-For gets the user's address appended,
+  X-Forwarded-Proto and -Host say how the user reached the edge, X-Request-Id carries
+  the edge's request id, the path is put under the internal URL's path; hop-by-hop
+  headers and any header a client sends with the identity prefix are dropped, and so are
+  names with "_" (CGI and WSGI servers read "_" as "-", so ``X_Backhaul_User`` would
+  arrive as the identity header): all of them by default, as nginx does, or, with the
+  edge's ``underscore_headers`` switch on, those that read as a header the edge sets;
 - responses: Location and Content-Location pointing into the internal URL point into the
   external one, Set-Cookie Domain (and Path under the internal path) follow suit;
   hop-by-hop headers are dropped.
@@ -39,6 +43,11 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _SET_BY_EDGE = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"})
+#: Names a client may not send in any spelling, "_" read as "-": the edge or the gate
+#: sets them, or they frame the message (a backend folding Content_Length into
+#: CONTENT_LENGTH would read the body differently from the edge).
+_RESERVED = _HOP_BY_HOP | _SET_BY_EDGE | {b"host", b"x-forwarded-for"}
+_RESERVED_PREFIXES = (_IDENTITY, b"x-forwarded-")
 _HOST = re.compile(rb"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::([0-9]{1,5}))?$")
 
 
@@ -49,6 +58,31 @@ def split_host(value: bytes) -> str:
         raise HttpError(400, "malformed Host header")
     name = match.group(1) or match.group(2)
     return name.decode("ascii").lower().rstrip(".")
+
+
+def reserved(folded: bytes) -> bool:
+    """Whether a lower-cased header name, "_" already read as "-", is one clients may not send."""
+    return folded in _RESERVED or folded.startswith(_RESERVED_PREFIXES)
+
+
+def absolute_form(target: bytes) -> tuple[bytes, bytes]:
+    """The authority and the origin-form target of an absolute-form request-target.
+
+    ``target`` starts with ``http://`` or ``https://`` (any case); the authority is what
+    comes before the first "/", "?" or "#" (HttpError 400 when it is empty), the target
+    the rest, "/" put in front of it when it has no path.
+    """
+    start = target.index(b"//") + 2
+    end = len(target)
+    for stop in (b"/", b"?", b"#"):
+        at = target.find(stop, start)
+        if 0 <= at < end:
+            end = at
+    authority = target[start:end]
+    if not authority:
+        raise HttpError(400, "the absolute-form request-target names no host")
+    rest = target[end:]
+    return authority, rest if rest.startswith(b"/") else b"/" + rest
 
 
 class Route:
@@ -96,16 +130,32 @@ def request_headers(
     scheme: str,
     request_id: str,
     extra: tuple[tuple[bytes, bytes], ...] = (),
+    underscores: bool = False,
+    dropped: list[bytes] | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """The headers the backend gets, without framing headers."""
+    """The headers the backend gets, without framing headers.
+
+    ``underscores``: keep names with "_" unless they read as a reserved one; names dropped
+    for their "_" are appended to ``dropped`` when it is given (for the edge's log).
+    """
     tokens = request.connection
-    out: list[tuple[bytes, bytes]] = []
+    # Host first, as clients send it: the user's (for absolute-form, the URI's authority,
+    # which the edge put in request.host) when the app keeps it, else the internal URL's.
+    host = request.host if route.keep_host and request.host is not None else route.authority
+    out: list[tuple[bytes, bytes]] = [(b"Host", host)]
     forwarded_for: list[bytes] = []
     upgrade = None
     for name, value in request.headers:
         lower = name.lower()
         if lower == b"host":
-            out.append((b"Host", value if route.keep_host else route.authority))
+            continue
+        elif b"_" in lower:
+            if lower in tokens:
+                continue  # hop-by-hop, whatever its name
+            if underscores and not reserved(lower.replace(b"_", b"-")):
+                out.append((name, value))
+            elif dropped is not None:
+                dropped.append(name)
         elif lower == b"x-forwarded-for":
             forwarded_for.append(value)
         elif lower == b"upgrade":
@@ -118,8 +168,6 @@ def request_headers(
             continue
         else:
             out.append((name, value))
-    if request.host is None:
-        out.insert(0, (b"Host", route.authority))
     forwarded_for.append(client_ip.encode("ascii"))
     out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
     out.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
