@@ -41,6 +41,11 @@ class FlowControl:
     #: the connection is aborted. A graceful close waits for the write buffer to drain, so a
     #: peer that never reads would otherwise keep the connection and its buffer for ever.
     tunnel_close_timeout: float = 5.0
+    #: After a flood (FloodLimits) reading stops at once and the connection is aborted this
+    #: soon, instead of a TLS close, which reads (and decrypts, and discards) what the flooding
+    #: peer keeps sending until its close_notify. The GOAWAY has left by then; a peer that is
+    #: not reading may lose it to the reset, and learns the reason from the closed tunnel.
+    flood_close_timeout: float = 0.5
 
     def __post_init__(self) -> None:
         # Windows only grow on the wire, so nothing below the protocol's initial windows works.
@@ -50,8 +55,8 @@ class FlowControl:
             raise ValueError("window_update_ratio must be in (0, 1] and max_frame_payload in 1..256 KiB")
         if self.write_low > self.write_high or self.tunnel_write_low > self.tunnel_write_high:
             raise ValueError("write_low must not exceed write_high (for sockets and for tunnels)")
-        if self.tunnel_close_timeout <= 0:
-            raise ValueError("tunnel_close_timeout must be above 0 seconds")
+        if self.tunnel_close_timeout <= 0 or self.flood_close_timeout <= 0:
+            raise ValueError("tunnel_close_timeout and flood_close_timeout must be above 0 seconds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ replies while that buffer was full, see protocol/mux.py "Floods") the tunnel sto
 reading the connection, and reads again once the buffer drained. A tunnel the session
 ends for a flood (ENHANCE_YOUR_CALM) is logged at warning level with the limit, and every
 closing tunnel is aborted if its last bytes have not left after
-``FlowControl.tunnel_close_timeout``: a peer that never reads cannot keep it.
+``FlowControl.tunnel_close_timeout`` (``flood_close_timeout`` after a flood, with reading
+stopped at once): a peer that never reads cannot keep it.
 """
 
 from __future__ import annotations
@@ -408,6 +409,12 @@ class Tunnel(asyncio.BufferedProtocol):
         if self.transport is not None:
             if event.code == ErrorCode.PEER_DEAD:
                 self.transport.abort()
+            elif self.session.flood is not None:
+                # Not close(): a TLS close reads (and discards) until the peer's close_notify, so the
+                # flooding peer would keep us decrypting. Stop reading, give the GOAWAY a moment, abort.
+                if not self._reading_held and not self.transport.is_closing():
+                    self.transport.pause_reading()
+                self._abort_timer = self._loop.call_later(self._flow.flood_close_timeout, self._abort)
             else:
                 self.transport.close()
                 if not self.lost:
