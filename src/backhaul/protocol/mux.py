@@ -888,7 +888,7 @@ class Session:
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_seen(stream_id)
-            self._idle_frame(f"a frame for the closed stream {stream_id}")
+            self._idle_frame("a frame for a closed stream")
             return None
         if local and not self._is_local(stream_id):
             raise FrameError(f"OPEN_OK/OPEN_FAIL for stream {stream_id}, which the peer opened", ErrorCode.PROTOCOL_ERROR)

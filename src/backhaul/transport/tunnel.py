@@ -150,7 +150,7 @@ class Tunnel(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.session.output_blocked(False)
-        if self._reading_held:
+        if self._reading_held and not self.closed:
             # Frames read before the hold are still in the session's buffer: hand them out now.
             self._reading_held = False
             if self.transport is not None and not self.transport.is_closing():
@@ -319,7 +319,8 @@ class Tunnel(asyncio.BufferedProtocol):
         """The peer did not take our last bytes within tunnel_close_timeout: drop the connection."""
         self._abort_timer = None
         if self.transport is not None and not self.lost:
-            log.info("closing tunnel aborted: the peer did not read its last bytes", extra={"tunnel": self.name, "peer": self.peer})
+            if self.session.flood is None:
+                log.info("closing tunnel aborted: the peer did not read its last bytes", extra={"tunnel": self.name, "peer": self.peer})
             self.transport.abort()
 
     def _stop(self) -> None:
