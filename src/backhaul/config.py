@@ -95,7 +95,9 @@ class FloodLimits:
     unwanted_stream_rate: float = 1_000.0
     #: Idle frames, which bring no work: RST, FIN, OPEN_OK or OPEN_FAIL for a stream already
     #: closed, empty DATA without END (Envoy allows one in a row; we never send one), a PONG
-    #: nobody asked for, a GOAWAY after the first two (a drain, then the close). A close may
+    #: nobody asked for, a GOAWAY after the first two (a drain, then the close), a DATAGRAM for
+    #: a flow that is not open (a few cross a flow's RST; DATAGRAMs are not flow-controlled,
+    #: so a flood of them would otherwise cost a decode and a table lookup each). A close may
     #: legitimately cross a frame or two in flight, so each stream opened (either way) earns
     #: ``idle_frames_per_stream`` tokens.
     idle_frame_burst: int = 10_000

@@ -1,8 +1,8 @@
 """A connector certificate is not a licence to exhaust the relay (config.FloodLimits).
 
 A hostile client registers as a connector (in a group of its own, so no user is routed
-to it), dials a tunnel with its real certificate and floods PING, OPEN, RST, WINDOW or
-CONTROL frames without ever reading. The relay must answer GOAWAY ENHANCE_YOUR_CALM and
+to it), dials a tunnel with its real certificate and floods PING, OPEN, RST, WINDOW,
+CONTROL or DATAGRAM frames without ever reading. The relay must answer GOAWAY ENHANCE_YOUR_CALM and
 close within a bounded time, its memory must stay bounded, and a real connector's app
 must keep answering meanwhile. ``HostileConnector`` is also what bench/floods.py floods with.
 """
@@ -156,6 +156,7 @@ FLOODS = {
     "rst": "idle_frames",
     "window": "window_frames",
     "control": "control",
+    "datagram": "idle_frames",
 }
 
 

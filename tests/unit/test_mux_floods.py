@@ -234,15 +234,17 @@ def _idle_frames(codec, role: mux.Role, kind: str, session: mux.Session, count: 
             rogue.open_ok(sid)
         elif kind == "pong":
             rogue.pong(b"12345678")
+        elif kind == "datagram":
+            rogue.datagram(99, b"x" * 100)
         frames.append(empty_data(sid) if kind == "empty_data" else bytes(rogue.take()))
     return [setup + frames[0]] + frames[1:]
 
 
-@pytest.mark.parametrize("kind", ["rst", "fin", "open_ok", "empty_data", "pong"])
+@pytest.mark.parametrize("kind", ["rst", "fin", "open_ok", "empty_data", "pong", "datagram"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("role", ROLES)
 def test_idle_frame_flood(codec, role, mode, kind):
-    """RST / FIN / OPEN_OK for a closed stream, empty DATA, PONGs nobody asked for."""
+    """RST / FIN / OPEN_OK for a closed stream, empty DATA, PONGs nobody asked for, DATAGRAMs for no flow."""
     session = mux.Session(role, SMALL, floods=TIGHT, clock=Clock())
     frames = _idle_frames(codec, role, kind, session, TIGHT.idle_frame_burst + 5)
     seen, failed_at = feed_frames(session, frames, mode)
@@ -442,3 +444,47 @@ def test_bulk_data_both_ways_behind_full_buffers_never_holds():
             break
     assert got[relay] == got[connector] == size
     assert not relay.input_held and not connector.input_held
+
+
+def test_datagrams_of_open_flows_are_never_counted(codec):
+    session = mux.Session(mux.Role.CONNECTOR, SMALL, floods=TIGHT, clock=Clock())
+    rogue = codec.FrameEncoder()
+    rogue.open(2, b'{"app": "dns", "proto": "udp"}')
+    for _ in range(10 * TIGHT.idle_frame_burst):
+        rogue.datagram(2, b"q" * 64)
+    session.receive_data(bytes(rogue.take()))
+    seen = events(session)
+    assert sum(isinstance(e, mux.DatagramReceived) for e in seen) == 10 * TIGHT.idle_frame_burst
+    assert not session.closed
+
+
+def test_our_own_sender_never_sends_an_idle_frame():
+    """Empty sends, queued or not, never go out as an empty DATA without END (a peer counts those)."""
+    relay, connector = mux.Session(mux.Role.RELAY, SMALL, clock=Clock()), mux.Session(mux.Role.CONNECTOR, SMALL, clock=Clock())
+    pump(relay, connector)
+    sid = open_accepted(relay, connector)
+    relay.send_data(sid, b"x" * (SMALL.stream_window + 1000))  # some of it waits for credit
+    relay.send_data(sid, b"")
+    relay.send_data(sid, b"", end=True)
+    received = 0
+    for _ in range(100):
+        raw = bytes(relay.data_to_send())
+        decoder = FrameDecoder()
+        decoder.feed(raw)
+        for frame in iter(decoder.next_frame, None):
+            assert frame.type != FrameType.DATA or frame.payload or frame.flags, "an empty DATA without END"
+        connector.receive_data(raw)
+        for event in events(connector):
+            if isinstance(event, mux.DataReceived):
+                received += len(event.data)
+                connector.consumed(sid, len(event.data))
+        relay.receive_data(bytes(connector.data_to_send()))
+        events(relay)
+        if received == SMALL.stream_window + 1000:
+            break
+    assert received == SMALL.stream_window + 1000
+
+
+def test_flood_limits_must_be_positive():
+    with pytest.raises(ValueError, match="ping_rate"):
+        FloodLimits(ping_rate=0)

@@ -36,7 +36,7 @@ connector; nothing here depends on the role but stream-id parity):
 - *Flood limits* (``config.FloodLimits``): token buckets for PINGs, CONTROL messages,
   unwanted streams (OPENs refused without work, streams reset by the peer before they
   were accepted: rapid reset), idle frames (frames for closed streams, empty DATA, stray
-  PONGs and GOAWAYs) and a WINDOW count bounded by the frames this side sent. A frame
+  PONGs and GOAWAYs, DATAGRAMs for flows that are not open) and a WINDOW count bounded by the frames this side sent. A frame
   beyond its bucket ends the tunnel with GOAWAY ENHANCE_YOUR_CALM; ``flood`` names the
   limit. The buckets are looked at only on the frames they count; DATA never touches them.
 - *Reply backpressure*: replies (PONG, OPEN_FAIL, RST) are counted in bytes. The transport
@@ -604,7 +604,7 @@ class Session:
             if stream.queue is None:
                 stream.queue = collections.deque()
             # A memoryview of our own copy, so the partial sends of _flush_stream slice it for free.
-            # (Never an empty one: it would go out as an empty DATA, an idle frame to the peer.)
+            # (Never an empty one: it holds nothing, and the peer counts empty DATA as idle frames.)
             stream.queue.append(memoryview(bytes(data)))
             stream.queued += size
         self._blocked[stream_id] = None
@@ -706,6 +706,11 @@ class Session:
             else:
                 self._idle_frame("PONG without a PING")
         elif kind == _DATAGRAM:
+            if stream_id not in self._streams:
+                # Dropped by the owner and counted; a few may cross a flow's RST, a flood brings nothing.
+                self._idle_frame("DATAGRAM for a flow that is not open")
+                if self._closed:
+                    return
             self._events.append(DatagramReceived(stream_id, frame.payload))
         elif kind == _CONTROL:
             if not self._control_budget.take(self._last_received):
