@@ -10,6 +10,7 @@ import pytest
 
 import logging
 import socket
+import ssl
 import time
 
 from backhaul.config import FloodLimits, FlowControl
@@ -179,7 +180,9 @@ class HostileRelay(asyncio.Protocol):
         transport.pause_reading()
         transport.set_write_buffer_limits(256 * 1024, 64 * 1024)
         # Small kernel buffers, so that "TCP holds it" shows within a few MiB.
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
 
     def start(self):
         self.started = True
@@ -219,15 +222,34 @@ async def _until(predicate, timeout: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _hostile_pair(hostile: HostileRelay, flow: FlowControl, floods: FloodLimits):
+def _tls_contexts(tmp_path):
+    """(server, client) TLS contexts from a CA of our own, as between a relay and a connector."""
+    from backhaul import pki
+
+    ca = pki.make_ca()
+    key, cert = pki.make_service_cert(ca, ["127.0.0.1"])
+    (tmp_path / "ca.pem").write_bytes(pki.cert_to_pem(ca.cert))
+    (tmp_path / "service.pem").write_bytes(pki.cert_to_pem(cert))
+    (tmp_path / "service.key").write_bytes(pki.key_to_pem(key))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(tmp_path / "service.pem"), str(tmp_path / "service.key"))
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    return server, client
+
+
+async def _hostile_pair(hostile: HostileRelay, flow: FlowControl, floods: FloodLimits, tls=None):
     loop = asyncio.get_running_loop()
     owner = Owner()
-    server = await loop.create_server(lambda: hostile, "127.0.0.1", 0)
+    server_tls, client_tls = tls or (None, None)
+    server = await loop.create_server(lambda: hostile, "127.0.0.1", 0, ssl=server_tls)
     port = server.sockets[0].getsockname()[1]
     session = mux.Session(mux.Role.CONNECTOR, flow, floods=floods)
-    await loop.create_connection(lambda: Tunnel(session, owner, "connector", flow), "127.0.0.1", port)
+    extra = {"ssl": client_tls, "server_hostname": "127.0.0.1"} if client_tls else {}
+    await loop.create_connection(lambda: Tunnel(session, owner, "connector", flow), "127.0.0.1", port, **extra)
     tunnel = await asyncio.wait_for(owner.up, 5)
-    tunnel.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock = tunnel.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     await _until(lambda: hostile.transport is not None, 5)
     hostile.start()
     return server, owner, tunnel
@@ -256,16 +278,20 @@ def test_a_relay_flooding_pings_is_told_to_calm_down_and_dropped(caplog):
     assert floods and floods[0].levelno == logging.WARNING and floods[0].limit == "ping"
 
 
-def test_a_relay_that_sends_and_never_reads_is_held_by_tcp():
+@pytest.mark.parametrize("transport", ["tcp-asyncio", "tls-uvloop"])
+def test_a_relay_that_sends_and_never_reads_is_held_by_tcp(transport, tmp_path):
     """Replies behind a full write buffer: the connector stops reading, its buffer stays bounded,
-    and once the relay reads again every PING gets its PONG."""
+    and once the relay reads again every PING gets its PONG. Over plain TCP with asyncio's
+    loop, and over TLS with uvloop, as the relay and the connector run."""
     flow = FlowControl(tunnel_write_high=64 * 1024, tunnel_write_low=16 * 1024, tunnel_close_timeout=0.5)
     floods = FloodLimits(ping_burst=10**7, ping_rate=10.0**7, reply_bytes_while_blocked=16 * 1024)
     pings = 300_000  # 6 MiB of PINGs, 6 MiB of PONGs: far beyond the buffers
 
+    tls = _tls_contexts(tmp_path) if transport.startswith("tls") else None
+
     async def main():
         hostile = HostileRelay(pings)
-        server, owner, tunnel = await _hostile_pair(hostile, flow, floods)
+        server, owner, tunnel = await _hostile_pair(hostile, flow, floods, tls)
         try:
             deadline = time.monotonic() + 10
             while not tunnel._reading_held and time.monotonic() < deadline:
@@ -289,7 +315,12 @@ def test_a_relay_that_sends_and_never_reads_is_held_by_tcp():
             server.close()
             hostile.transport.abort()
 
-    asyncio.run(main())
+    if transport == "tls-uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def test_a_closing_tunnel_whose_peer_never_reads_is_aborted():
