@@ -90,9 +90,10 @@ class FloodLimits:
     #: before they were accepted (rapid reset, each costing a target connect started for
     #: nothing). Every accepted stream earns a token back, so tens of thousands of streams a
     #: second with some refusals never trip it; a pure flood does after burst + rate x seconds.
-    #: Refusals after real work (the target refused or timed out) are not counted.
-    unwanted_stream_burst: int = 10_000
-    unwanted_stream_rate: float = 1_000.0
+    #: Refusals after real work (the target refused or timed out) are not counted. nghttp2's
+    #: stream-reset limit is 1000 at once and 33 a second; ours earns from accepted streams too.
+    unwanted_stream_burst: int = 1000
+    unwanted_stream_rate: float = 100.0
     #: Idle frames, which bring no work: RST, FIN, OPEN_OK or OPEN_FAIL for a stream already
     #: closed, empty DATA without END (Envoy allows one in a row; we never send one), a PONG
     #: nobody asked for, a GOAWAY after the first two (a drain, then the close), a DATAGRAM for
