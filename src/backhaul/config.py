@@ -37,6 +37,15 @@ class FlowControl:
     #: socket feeding the tunnel stops being read, so the tunnel buffers far less than its window.
     tunnel_write_high: int = 4 * 1024 * 1024
     tunnel_write_low: int = 1024 * 1024
+    #: Seconds a closing tunnel may take to hand its last bytes (the GOAWAY) to the peer; then
+    #: the connection is aborted. A graceful close waits for the write buffer to drain, so a
+    #: peer that never reads would otherwise keep the connection and its buffer for ever.
+    tunnel_close_timeout: float = 5.0
+    #: After a flood (FloodLimits) reading stops at once and the connection is aborted this
+    #: soon, instead of a TLS close, which reads (and decrypts, and discards) what the flooding
+    #: peer keeps sending until its close_notify. The GOAWAY has left by then; a peer that is
+    #: not reading may lose it to the reset, and learns the reason from the closed tunnel.
+    flood_close_timeout: float = 0.5
 
     def __post_init__(self) -> None:
         # Windows only grow on the wire, so nothing below the protocol's initial windows works.
@@ -46,6 +55,74 @@ class FlowControl:
             raise ValueError("window_update_ratio must be in (0, 1] and max_frame_payload in 1..256 KiB")
         if self.write_low > self.write_high or self.tunnel_write_low > self.tunnel_write_high:
             raise ValueError("write_low must not exceed write_high (for sockets and for tunnels)")
+        if self.tunnel_close_timeout <= 0 or self.flood_close_timeout <= 0:
+            raise ValueError("tunnel_close_timeout and flood_close_timeout must be above 0 seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class FloodLimits:
+    """How much work that brings nothing one end of a tunnel may make the other do (mux.Session).
+
+    A connector certificate is not a licence to exhaust the relay, nor is a relay's
+    certificate one to exhaust a connector: both ends apply the same limits (docs/protocol.md,
+    "Flood limits"). HTTP/2 servers learnt this from the ping, reset and settings floods
+    (CVE-2019-9512, -9514, -9515) and rapid reset (CVE-2023-44487); the values here sit near
+    Envoy's, nghttp2's and Go's defences.
+
+    Each ``*_burst``/``*_rate`` pair is a token bucket: ``burst`` frames at once, refilled at
+    ``rate`` per second, and some buckets also earn tokens from useful work, so a legitimate
+    burst is absorbed and only a sustained flood empties them. A frame beyond its bucket ends
+    the tunnel with GOAWAY ENHANCE_YOUR_CALM. DATA is not limited here: the windows bound it.
+    """
+
+    #: PINGs: each costs a PONG. Our keepalive sends one after Keepalive.interval (10 s) of
+    #: silence, so ten a second is a hundred times what a peer of ours sends (ping flood).
+    ping_burst: int = 100
+    ping_rate: float = 10.0
+    #: CONTROL messages: each is a JSON decode and a callback into the relay or connector. Ours:
+    #: one hello per tunnel, health reports on a change (about 12 KiB of entries each, so a few
+    #: messages even for thousands of apps), one config_changed per change.
+    control_burst: int = 1000
+    control_rate: float = 100.0
+    #: Unwanted streams: OPENs refused without work (by the session, or by the owner with
+    #: PROTOCOL_ERROR, REFUSED_STREAM, UNKNOWN_APP or TARGET_NOT_ALLOWED: the relay refuses every
+    #: OPEN from a connector), each costing an OPEN_FAIL, and streams the peer opened and reset
+    #: before they were accepted (rapid reset, each costing a target connect started for
+    #: nothing). Every accepted stream earns a token back, so tens of thousands of streams a
+    #: second with some refusals never trip it; a pure flood does after burst + rate x seconds.
+    #: Refusals after real work (the target refused or timed out) are not counted. nghttp2's
+    #: stream-reset limit is 1000 at once and 33 a second; ours earns from accepted streams too.
+    unwanted_stream_burst: int = 1000
+    unwanted_stream_rate: float = 100.0
+    #: Idle frames, which bring no work: RST, FIN, OPEN_OK or OPEN_FAIL for a stream already
+    #: closed, empty DATA without END (Envoy allows one in a row; we never send one), a PONG
+    #: nobody asked for, a GOAWAY after the first two (a drain, then the close), a DATAGRAM for
+    #: a flow that is not open (a few cross a flow's RST; DATAGRAMs are not flow-controlled,
+    #: so a flood of them would otherwise cost a decode and a table lookup each). A close may
+    #: legitimately cross a frame or two in flight, so each stream opened (either way) earns
+    #: ``idle_frames_per_stream`` tokens.
+    idle_frame_burst: int = 10_000
+    idle_frame_rate: float = 1_000.0
+    idle_frames_per_stream: int = 4
+    #: WINDOW frames received: at most ``window_frames_base`` plus ``window_frames_per_frame``
+    #: per frame this side sent and per stream the peer opened. A receiver credits a stream
+    #: back once per ``FlowControl.window_update_ratio`` of its window, far under one WINDOW per
+    #: DATA frame; Envoy allows 10 per DATA frame sent (window-update flood).
+    window_frames_base: int = 1000
+    window_frames_per_frame: int = 10
+    #: Bytes of replies (PONG, OPEN_FAIL, RST) the peer may provoke while this side's write
+    #: buffer is above FlowControl.tunnel_write_high; beyond them this side stops reading the
+    #: tunnel until the buffer drains below tunnel_write_low, so a peer that sends and never
+    #: reads is held by TCP backpressure instead of growing our buffer (nghttp2 allows 1000
+    #: queued PONGs, about 20 KiB). Only replies count, never DATA or WINDOW: those are bounded
+    #: by the windows, and counting them could make two ends doing bulk DATA both ways stop
+    #: reading each other at once.
+    reply_bytes_while_blocked: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"flood limit {field.name} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

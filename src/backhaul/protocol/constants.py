@@ -146,6 +146,10 @@ class ErrorCode(enum.IntEnum):
     """The tunnel is shutting down and the stream did not finish in time."""
     CONNECTION_RESET = 16
     """The target reset an established connection."""
+    ENHANCE_YOUR_CALM = 17
+    """The peer made this side do too much work that brings nothing (a PING, OPEN, RST, WINDOW,
+    CONTROL or empty-frame flood; config.FloodLimits): the tunnel is closed (HTTP/2's code of
+    that name)."""
 
 
 #: Codes after which the relay may retry the open on another connector

@@ -25,6 +25,30 @@ protocol error that ends the tunnel.
 
 Any violation by the peer produces a ``TunnelFailed`` event, queues a GOAWAY with the
 reason, and leaves the session closed: every later ``next_event()`` returns None.
+
+Floods
+------
+A peer with a valid certificate can still try to exhaust this side with frames that
+bring no work but cost a reply or a callback. Two defences, the same for both roles
+(a connector is protected from a hostile relay exactly as the relay is from a hostile
+connector; nothing here depends on the role but stream-id parity):
+
+- *Flood limits* (``config.FloodLimits``): token buckets for PINGs, CONTROL messages,
+  unwanted streams (OPENs refused without work, streams reset by the peer before they
+  were accepted: rapid reset), idle frames (frames for closed streams, empty DATA, stray
+  PONGs and GOAWAYs, DATAGRAMs for flows that are not open) and a WINDOW count bounded by the frames this side sent. A frame
+  beyond its bucket ends the tunnel with GOAWAY ENHANCE_YOUR_CALM; ``flood`` names the
+  limit. The buckets are looked at only on the frames they count; DATA never touches them.
+- *Reply backpressure*: replies (PONG, OPEN_FAIL, RST) are counted in bytes. The transport
+  says when its write buffer goes above its high mark (``output_blocked(True)``) and below
+  its low mark (``output_blocked(False)``). Once more than
+  ``FloodLimits.reply_bytes_while_blocked`` of replies were generated while blocked, the
+  session stops handing out events (``input_held``) and the transport stops reading, so a
+  peer that sends and never reads is held by TCP backpressure. Only replies count: DATA
+  and the WINDOWs it earns are bounded by the windows, and counting them could make two
+  ends doing bulk DATA both ways stop reading each other. A legitimate peer provokes no
+  such replies in volume (a relay refuses OPENs only from a hostile connector), so two
+  honest ends never both hold, and the one that holds resumes as soon as its peer reads.
 """
 
 from __future__ import annotations
@@ -37,9 +61,10 @@ from typing import Any, Callable
 
 import orjson
 
-from backhaul.config import FlowControl, Keepalive
+from backhaul.config import FloodLimits, FlowControl, Keepalive
 from backhaul.protocol.constants import (
     CONNECTION_STREAM,
+    HEADER_SIZE,
     INITIAL_STREAM_WINDOW,
     INITIAL_TUNNEL_WINDOW,
     MAX_STREAM_ID,
@@ -75,6 +100,18 @@ _DATA, _OPEN, _OPEN_OK, _OPEN_FAIL, _FIN, _RST, _WINDOW, _PING, _PONG, _DATAGRAM
     int(FrameType.GOAWAY),
     int(FrameType.CONTROL),
 )
+
+
+#: OPEN_FAIL codes that mean "this OPEN should not have been sent": refusals that cost an
+#: OPEN_FAIL and no work, counted against FloodLimits.unwanted_stream_*. Refusals after a
+#: connect attempt (CONNECT_REFUSED, CONNECT_TIMEOUT, ...) are work done, not a flood.
+_UNWANTED_REFUSALS = frozenset(
+    {int(ErrorCode.PROTOCOL_ERROR), int(ErrorCode.REFUSED_STREAM), int(ErrorCode.UNKNOWN_APP), int(ErrorCode.TARGET_NOT_ALLOWED)}
+)
+#: Bytes of a PONG on the wire.
+_PONG_SIZE = HEADER_SIZE + 8
+#: Bytes of an OPEN_FAIL or RST on the wire without its reason.
+_ERROR_FRAME_SIZE = HEADER_SIZE + 2
 
 
 class Role(enum.Enum):
@@ -255,6 +292,36 @@ class _Stream:
         self.paused = False
 
 
+class _Budget:
+    """A token bucket of FloodLimits: ``burst`` tokens, ``rate`` more a second, ``per_work`` per unit of work.
+
+    ``work`` is a count that only grows (streams accepted, streams opened) and is read only
+    when a token is taken, so earning costs nothing where the work happens.
+    """
+
+    __slots__ = ("name", "capacity", "rate", "per_work", "tokens", "at", "work")
+
+    def __init__(self, name: str, burst: int, rate: float, per_work: int, now: float) -> None:
+        self.name = name
+        self.capacity = float(burst)
+        self.rate = rate
+        self.per_work = per_work
+        self.tokens = float(burst)
+        self.at = now
+        self.work = 0
+
+    def take(self, now: float, work: int = 0) -> bool:
+        """Take one token; False when the bucket is empty (a flood)."""
+        tokens = self.tokens + (now - self.at) * self.rate + (work - self.work) * self.per_work
+        self.at = now
+        self.work = work
+        if tokens > self.capacity:
+            tokens = self.capacity
+        tokens -= 1.0
+        self.tokens = tokens
+        return tokens >= 0.0
+
+
 class Session:
     """One end of a multiplexed tunnel. See the module docstring."""
 
@@ -264,11 +331,13 @@ class Session:
         flow: FlowControl = FlowControl(),
         keepalive: Keepalive = Keepalive(),
         clock: Callable[[], float] = time.monotonic,
+        floods: FloodLimits = FloodLimits(),
     ) -> None:
         self.role = role
         self._flow = flow
         self._keepalive = keepalive
         self._clock = clock
+        self._floods = floods
         self._decoder = FrameDecoder()
         self._encoder = FrameEncoder(flow.max_frame_payload)
         self._streams: dict[int, _Stream] = {}
@@ -283,6 +352,30 @@ class Session:
         #: streams with queued data, in the order they became blocked (round-robin on credit)
         self._blocked: dict[int, None] = {}
         self._closed = False
+        #: next_event() hands out nothing: closed, or input held (see ``input_held``)
+        self._halt = False
+        #: replies provoked while blocked went over their bound: the transport should stop reading
+        self.input_held = False
+        #: the name of the flood limit that ended the tunnel, or None
+        self.flood: str | None = None
+        #: bytes of replies (PONG, OPEN_FAIL, RST) generated so far, and when output became blocked
+        self.reply_bytes = 0
+        self._reply_mark = 0
+        self._output_blocked = False
+        now = clock()
+        self._ping_budget = _Budget("ping", floods.ping_burst, floods.ping_rate, 0, now)
+        self._control_budget = _Budget("control", floods.control_burst, floods.control_rate, 0, now)
+        self._unwanted_budget = _Budget(
+            "unwanted_streams", floods.unwanted_stream_burst, floods.unwanted_stream_rate, 1, now
+        )
+        self._idle_budget = _Budget(
+            "idle_frames", floods.idle_frame_burst, floods.idle_frame_rate, floods.idle_frames_per_stream, now
+        )
+        #: streams this side accepted (earns unwanted-stream tokens)
+        self._accepted = 0
+        self._windows_in = 0
+        self._window_allowance = floods.window_frames_base
+        self._goaways_in = 0
         self._local_goaway = False
         self._remote_goaway = False
         self._last_received = clock()
@@ -352,10 +445,10 @@ class Session:
             self._connection_lost(reason)
 
     def next_event(self) -> Event | None:
-        """The next event, or None when more input is needed."""
+        """The next event, or None when more input is needed (or input is held: ``input_held``)."""
         events = self._events
         while not events:
-            if self._closed:
+            if self._halt:
                 return None
             try:
                 frame = self._decoder.next_frame()
@@ -373,6 +466,21 @@ class Session:
     def data_to_send(self) -> bytes | bytearray:
         """Everything encoded since the last call, as one buffer; b"" when nothing."""
         return self._encoder.take()
+
+    def output_blocked(self, blocked: bool) -> None:
+        """The transport's write buffer went above its high mark (True) or below its low mark (False).
+
+        While blocked, replies the peer provokes are counted; beyond
+        ``FloodLimits.reply_bytes_while_blocked`` the session holds its input
+        (``input_held``: next_event() returns None, the transport stops reading) until
+        the buffer drains. After False the caller resumes reading and calls next_event()
+        again: frames already buffered are handed out then.
+        """
+        self._output_blocked = blocked
+        self._reply_mark = self.reply_bytes
+        if not blocked and self.input_held:
+            self.input_held = False
+            self._halt = self._closed
 
     # ------------------------------------------------------------------ keepalive
 
@@ -445,14 +553,22 @@ class Session:
         """Answer OPEN_OK: the target is connected."""
         stream = self._stream_for_app(stream_id)
         stream.accepted = True
+        self._accepted += 1
         self._encoder.open_ok(stream_id)
         stream.recv_window += self._grow_stream_window(stream_id)
 
     def reject_stream(self, stream_id: int, code: int, reason: str) -> None:
-        """Answer OPEN_FAIL; the stream is gone."""
+        """Answer OPEN_FAIL; the stream is gone.
+
+        A refusal that cost no work (PROTOCOL_ERROR, REFUSED_STREAM, UNKNOWN_APP,
+        TARGET_NOT_ALLOWED) counts against the peer's unwanted-stream budget.
+        """
         self._stream_for_app(stream_id)
         self._encoder.open_fail(stream_id, code, reason)
         self._remove(stream_id)
+        self._replied(_ERROR_FRAME_SIZE + len(reason))
+        if code in _UNWANTED_REFUSALS and not self._is_local(stream_id):
+            self._unwanted()
 
     def send_data(self, stream_id: int, data, end: bool = False) -> bool:
         """Send bytes on a stream; returns False when the caller should stop producing.
@@ -484,11 +600,13 @@ class Session:
                 self._encoder.data(stream_id, data[:allowed], False)
                 data = data[allowed:]
                 size -= allowed
-        if stream.queue is None:
-            stream.queue = collections.deque()
-        # A memoryview of our own copy, so the partial sends of _flush_stream slice it for free.
-        stream.queue.append(memoryview(bytes(data)))
-        stream.queued += size
+        if size:
+            if stream.queue is None:
+                stream.queue = collections.deque()
+            # A memoryview of our own copy, so the partial sends of _flush_stream slice it for free.
+            # (Never an empty one: it holds nothing, and the peer counts empty DATA as idle frames.)
+            stream.queue.append(memoryview(bytes(data)))
+            stream.queued += size
         self._blocked[stream_id] = None
         if end:
             stream.end_pending = True
@@ -566,23 +684,48 @@ class Session:
                     self._stream_error(stream_id, ErrorCode.STREAM_CLOSED, f"second FIN on stream {stream_id}")
         elif kind == _RST:
             code, reason = parse_error_payload(frame.payload)
-            if self._known(stream_id) is not None:
+            stream = self._known(stream_id)
+            if stream is not None:
+                if not stream.accepted and not self._is_local(stream_id):
+                    # Opened by the peer and reset before we accepted it: rapid reset.
+                    self._unwanted()
+                    if self._closed:
+                        return
                 self._remove(stream_id)
                 self._events.append(StreamReset(stream_id, code, reason))
         elif kind == _PING:
+            if not self._ping_budget.take(self._last_received):
+                self._flood(self._ping_budget, "PINGs")
+                return
             self._encoder.pong(frame.payload)
+            self._replied(_PONG_SIZE)
         elif kind == _PONG:
             if self._ping_sent_at is not None:
                 self._events.append(PongReceived(self._clock() - self._ping_sent_at))
                 self._ping_sent_at = None
+            else:
+                self._idle_frame("PONG without a PING")
         elif kind == _DATAGRAM:
+            if stream_id not in self._streams:
+                # Dropped by the owner and counted; a few may cross a flow's RST, a flood brings nothing.
+                self._idle_frame("DATAGRAM for a flow that is not open")
+                if self._closed:
+                    return
             self._events.append(DatagramReceived(stream_id, frame.payload))
         elif kind == _CONTROL:
+            if not self._control_budget.take(self._last_received):
+                self._flood(self._control_budget, "CONTROL messages")
+                return
             message = self._decode_json(frame.payload, "CONTROL")
             if not isinstance(message.get("type"), str):
                 raise FrameError("CONTROL message without a string 'type'", ErrorCode.PROTOCOL_ERROR)
             self._events.append(ControlReceived(message))
         elif kind == _GOAWAY:
+            self._goaways_in += 1
+            if self._goaways_in > 2:  # a drain, then the close: more is noise
+                self._idle_frame("GOAWAY after GOAWAY")
+                if self._closed:
+                    return
             self._on_goaway(*parse_goaway(frame.payload))
 
     def _on_data(self, stream_id: int, payload: bytes, end: int) -> None:
@@ -593,8 +736,13 @@ class Session:
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_seen(stream_id)
-            # Crossed with our RST: drop it, but keep the tunnel's credit flowing.
-            self.consumed(stream_id, size)
+            # Crossed with our RST: drop it, but keep the tunnel's credit flowing. (Not an idle
+            # frame when it carries bytes: a cancelled download may cross a window's worth, and
+            # the bytes are bounded by the tunnel window; an empty one brings nothing.)
+            if size:
+                self.consumed(stream_id, size)
+            else:
+                self._idle_frame("empty DATA")
             return
         if not stream.remote_open:
             self.consumed(stream_id, size)
@@ -609,10 +757,16 @@ class Session:
         stream.recv_window -= size
         if size or end:
             self._events.append(DataReceived(stream_id, payload, bool(end)))
+        else:
+            self._idle_frame("empty DATA")
+            return
         if end:
             self._remote_end(stream, notify=False)
 
     def _on_window(self, stream_id: int, increment: int) -> None:
+        self._windows_in += 1
+        if self._windows_in > self._window_allowance and self._window_flood():
+            return
         if stream_id == CONNECTION_STREAM:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
@@ -638,17 +792,17 @@ class Session:
             raise FrameError(f"OPEN with stream id {stream_id} not above the last one ({self._last_peer_id})", ErrorCode.PROTOCOL_ERROR)
         self._last_peer_id = stream_id
         if self._local_goaway:
-            self._encoder.open_fail(stream_id, ErrorCode.REFUSED_STREAM, "the connector is draining")
+            self._refuse_open(stream_id, ErrorCode.REFUSED_STREAM, "the connector is draining")
             return
         if len(self._streams) >= self._flow.max_streams:
-            self._encoder.open_fail(
+            self._refuse_open(
                 stream_id, ErrorCode.REFUSED_STREAM, f"the tunnel holds {len(self._streams)} streams (its limit)"
             )
             return
         try:
             meta = self._decode_json(payload, "OPEN")
         except FrameError as exc:
-            self._encoder.open_fail(stream_id, ErrorCode.PROTOCOL_ERROR, str(exc.args[0]))
+            self._refuse_open(stream_id, ErrorCode.PROTOCOL_ERROR, str(exc.args[0]))
             return
         # The peer may send DATA right after OPEN: it lands within the initial window.
         stream = _Stream(stream_id, INITIAL_STREAM_WINDOW)
@@ -661,6 +815,59 @@ class Session:
         for stream_id in [s for s in self._streams if self._is_local(s) and s > last_stream_id]:
             self._remove(stream_id)
             self._events.append(StreamRejected(stream_id, ErrorCode.REFUSED_STREAM, f"peer is going away: {reason}"))
+
+    # ------------------------------------------------------------------ flood limits
+
+    def _refuse_open(self, stream_id: int, code: int, reason: str) -> None:
+        self._encoder.open_fail(stream_id, code, reason)
+        self._replied(_ERROR_FRAME_SIZE + len(reason))
+        self._unwanted()
+
+    def _replied(self, nbytes: int) -> None:
+        """A reply the peer provoked was encoded: hold input once too many pile up behind a full buffer."""
+        self.reply_bytes += nbytes
+        if self._output_blocked and self.reply_bytes - self._reply_mark > self._floods.reply_bytes_while_blocked:
+            self.input_held = True
+            self._halt = True
+
+    def _streams_seen(self) -> int:
+        """Streams opened either way so far, from the highest ids (ids only grow, by 2)."""
+        return (self._last_local_id + self._last_peer_id + 1) >> 1
+
+    def _unwanted(self) -> None:
+        if not self._unwanted_budget.take(self._last_received, self._accepted):
+            self._flood(self._unwanted_budget, "streams refused or reset before they were accepted")
+
+    def _idle_frame(self, what: str) -> None:
+        if not self._idle_budget.take(self._last_received, self._streams_seen()):
+            self._flood(self._idle_budget, f"frames that bring no work (last: {what})")
+
+    def _window_flood(self) -> bool:
+        """More WINDOWs than counted for: recompute what the frames we sent justify; True if a flood."""
+        floods = self._floods
+        self._window_allowance = floods.window_frames_base + floods.window_frames_per_frame * (
+            self._encoder.frames + ((self._last_peer_id + 1) >> 1)
+        )
+        if self._windows_in <= self._window_allowance:
+            return False
+        self.flood = "window_frames"
+        self._fail(
+            ErrorCode.ENHANCE_YOUR_CALM,
+            f"window_frames flood: {self._windows_in} WINDOW frames for {self._encoder.frames} frames sent "
+            f"(limit {floods.window_frames_base} + {floods.window_frames_per_frame} per frame sent or stream opened)",
+        )
+        return True
+
+    def _flood(self, budget: _Budget, what: str) -> None:
+        """A flood limit ran out: GOAWAY ENHANCE_YOUR_CALM and the tunnel ends."""
+        if self._closed:
+            return
+        self.flood = budget.name
+        self._fail(
+            ErrorCode.ENHANCE_YOUR_CALM,
+            f"{budget.name} flood: too many {what} (limit {int(budget.capacity)} at once, "
+            f"{budget.rate:g} a second)",
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -686,6 +893,7 @@ class Session:
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_seen(stream_id)
+            self._idle_frame("a frame for a closed stream")
             return None
         if local and not self._is_local(stream_id):
             raise FrameError(f"OPEN_OK/OPEN_FAIL for stream {stream_id}, which the peer opened", ErrorCode.PROTOCOL_ERROR)
@@ -765,6 +973,7 @@ class Session:
     def _stream_error(self, stream_id: int, code: int, reason: str) -> None:
         """The peer broke a rule for one stream: reset it both ways, the tunnel lives on."""
         self._encoder.rst(stream_id, code, reason)
+        self._replied(_ERROR_FRAME_SIZE + len(reason))
         self._remove(stream_id)
         self._events.append(StreamReset(stream_id, code, reason))
 
@@ -783,6 +992,7 @@ class Session:
 
     def _terminate(self, code: int, reason: str) -> None:
         self._closed = True
+        self._halt = True
         for stream_id in list(self._streams):
             self._events.append(StreamReset(stream_id, code, reason))
         self._streams.clear()

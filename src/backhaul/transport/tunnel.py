@@ -4,6 +4,16 @@ It only moves buffers: bytes from the socket go into the session's decoder buffe
 (``get_buffer``/``buffer_updated``), session events are handed to the stream pipes
 and to the owner (relay or connector), and everything the session encoded during
 one loop iteration goes out in a single ``transport.write``.
+
+The session decides about floods; the tunnel only carries out its decisions. It tells
+the session when the TLS write buffer goes above ``FlowControl.tunnel_write_high`` and
+below ``tunnel_write_low``; when the session holds its input (a peer provoked too many
+replies while that buffer was full, see protocol/mux.py "Floods") the tunnel stops
+reading the connection, and reads again once the buffer drained. A tunnel the session
+ends for a flood (ENHANCE_YOUR_CALM) is logged at warning level with the limit, and every
+closing tunnel is aborted if its last bytes have not left after
+``FlowControl.tunnel_close_timeout`` (``flood_close_timeout`` after a flood, with reading
+stopped at once): a peer that never reads cannot keep it.
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ class Tunnel(asyncio.BufferedProtocol):
         self._loop = asyncio.get_event_loop()
         self._flush_scheduled = False
         self._keepalive: asyncio.TimerHandle | None = None
+        #: reading is paused because the session holds its input (a reply flood behind a full buffer)
+        self._reading_held = False
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._dispatch = {
             mux.DataReceived: self._on_data,
             mux.StreamEnded: self._on_ended,
@@ -132,15 +145,26 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.session.output_blocked(True)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.session.output_blocked(False)
+        if self._reading_held and not self.closed:
+            # Frames read before the hold are still in the session's buffer: hand them out now.
+            self._reading_held = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+            self._loop.call_soon(self._process)
         stalled, self._stalled = self._stalled, set()
         for endpoint in stalled:
             endpoint.on_write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         if not self.session.closed:
             self.session.connection_lost(f"tunnel connection lost: {exc}" if exc else "tunnel connection closed")
         self._process()
@@ -253,10 +277,24 @@ class Tunnel(asyncio.BufferedProtocol):
         dispatch = self._dispatch
         while (event := session.next_event()) is not None:
             dispatch[type(event)](event)
+        if session.input_held and not self._reading_held:
+            self._hold_reading()
         if self._ending:
             for stream_id in list(self._ending):
                 self._forget_if_closed(stream_id)
         self.flush()
+
+    def _hold_reading(self) -> None:
+        """The peer provoked too many replies while our write buffer was full: let TCP hold it."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        self._reading_held = True
+        self.transport.pause_reading()
+        log.info(
+            "tunnel reading paused: the peer sends and does not read",
+            extra={"tunnel": self.name, "connector": self.info.get("connector_id"), "peer": self.peer,
+                   "reply_bytes": self.session.reply_bytes},
+        )
 
     def _forget_if_closed(self, stream_id: int) -> None:
         """Drop the endpoint of a stream the session has closed both ways."""
@@ -276,6 +314,14 @@ class Tunnel(asyncio.BufferedProtocol):
         self._process()
         if not self.closed:
             self._keepalive = self._loop.call_later(delay, self._run_keepalive)
+
+    def _abort(self) -> None:
+        """The peer did not take our last bytes within tunnel_close_timeout: drop the connection."""
+        self._abort_timer = None
+        if self.transport is not None and not self.lost:
+            if self.session.flood is None:
+                log.info("closing tunnel aborted: the peer did not read its last bytes", extra={"tunnel": self.name, "peer": self.peer})
+            self.transport.abort()
 
     def _stop(self) -> None:
         if self._keepalive is not None:
@@ -345,23 +391,35 @@ class Tunnel(asyncio.BufferedProtocol):
             return
         self.closed = True
         self.flush()
-        log.info(
-            "tunnel closed",
-            extra={
-                "tunnel": self.name,
-                "peer": self.peer,
-                "code": ErrorCode(event.code).name if event.code in ErrorCode._value2member_map_ else event.code,
-                "reason": event.reason,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "seconds": round(time.monotonic() - self.opened_at, 3),
-            },
-        )
+        fields = {
+            "tunnel": self.name,
+            "peer": self.peer,
+            "code": ErrorCode(event.code).name if event.code in ErrorCode._value2member_map_ else event.code,
+            "reason": event.reason,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "seconds": round(time.monotonic() - self.opened_at, 3),
+        }
+        if self.session.flood is not None:
+            log.warning(
+                "tunnel closed for a flood",
+                extra={**fields, "connector": self.info.get("connector_id"), "limit": self.session.flood},
+            )
+        else:
+            log.info("tunnel closed", extra=fields)
         if self.transport is not None:
             if event.code == ErrorCode.PEER_DEAD:
                 self.transport.abort()
+            elif self.session.flood is not None:
+                # Not close(): a TLS close reads (and discards) until the peer's close_notify, so the
+                # flooding peer would keep us decrypting. Stop reading, give the GOAWAY a moment, abort.
+                if not self._reading_held and not self.transport.is_closing():
+                    self.transport.pause_reading()
+                self._abort_timer = self._loop.call_later(self._flow.flood_close_timeout, self._abort)
             else:
                 self.transport.close()
+                if not self.lost:
+                    self._abort_timer = self._loop.call_later(self._flow.tunnel_close_timeout, self._abort)
         self._stop()
         self.owner.tunnel_down(self, event.code, event.reason)
 
