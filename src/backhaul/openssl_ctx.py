@@ -17,7 +17,10 @@ here runs once per TLS handshake.
   (``SSL_select_next_proto``) answers a client whose offered protocols are all unknown
   with no protocol and no alert, so the connection looks like one that offered none.
   RFC 7301 section 3.2 says a server SHOULD then fail the handshake with the
-  ``no_application_protocol`` alert; the callback installed here does that.
+  ``no_application_protocol`` alert; the callback installed here does that. (asyncio's
+  and uvloop's TLS protocols close the socket on a failed handshake without sending
+  what OpenSSL wrote for the peer, the alert included: ``on_refused`` is told, with the
+  connection's ``ssl.SSLObject``, so that its owner can send the alert itself.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import ssl
+from typing import Callable
 
 log = logging.getLogger("backhaul.tls")
 
@@ -99,7 +103,24 @@ def _parse_protocols(wire: bytes) -> dict[bytes, int] | None:
     return names
 
 
-def refuse_unknown_alpn(ctx: ssl.SSLContext, protocols: list[str]) -> bool:
+def _ssl_object_of(lib: ctypes.CDLL, ssl_pointer: int) -> ssl.SSLObject | None:
+    """The ``ssl.SSLObject`` of an ``SSL *``: the _ssl module keeps its ``_ssl._SSLSocket``
+    as the SSL's app data (ex_data 0), and that object's ``owner`` is the SSLObject."""
+    import _ssl
+
+    address = lib.SSL_get_ex_data(ssl_pointer, 0)
+    if not address:
+        return None
+    socket_object = ctypes.cast(address, ctypes.py_object).value
+    if not isinstance(socket_object, _ssl._SSLSocket):
+        return None
+    owner = socket_object.owner
+    return owner if isinstance(owner, ssl.SSLObject) else None
+
+
+def refuse_unknown_alpn(
+    ctx: ssl.SSLContext, protocols: list[str], on_refused: Callable[[ssl.SSLObject], None] | None = None
+) -> bool:
     """Make ``ctx`` (a server context) choose among ``protocols`` in that order of preference,
     and fail the handshake with ``no_application_protocol`` when a client offers ALPN but
     none of them. A client that offers no ALPN is not affected (OpenSSL calls the
@@ -118,6 +139,12 @@ def refuse_unknown_alpn(ctx: ssl.SSLContext, protocols: list[str]) -> bool:
         return False
     set_cb.argtypes = [ctypes.c_void_p, _ALPN_SELECT_CB, ctypes.c_void_p]
     set_cb.restype = None
+    if on_refused is not None:
+        try:
+            lib.SSL_get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            lib.SSL_get_ex_data.restype = ctypes.c_void_p
+        except AttributeError:
+            return False
     preferred = [p.encode("ascii") for p in protocols]
 
     def select(_ssl, out, outlen, inp, inlen, _arg):
@@ -133,6 +160,10 @@ def refuse_unknown_alpn(ctx: ssl.SSLContext, protocols: list[str]) -> bool:
                     out[0] = inp + offset
                     outlen[0] = len(name)
                     return SSL_TLSEXT_ERR_OK
+            if on_refused is not None:
+                ssl_object = _ssl_object_of(lib, _ssl)
+                if ssl_object is not None:
+                    on_refused(ssl_object)
             return SSL_TLSEXT_ERR_ALERT_FATAL
         except Exception:  # an exception must not cross into C; behave as the ssl module does
             log.exception("ALPN selection failed; the connection goes on without ALPN")

@@ -26,6 +26,24 @@ from backhaul.relay.admission import Admission
 
 log = logging.getLogger("backhaul.relay.accept")
 
+#: A plaintext TLS alert record (RFC 8446 section 5.1, 6): fatal(2), no_application_protocol(120).
+NO_APPLICATION_PROTOCOL_ALERT = bytes([21, 3, 3, 0, 2, 2, 120])
+
+#: The attribute of a handshaking connection's SSLObject that names its socket's transport.
+_RAW = "backhaul_raw_transport"
+
+
+def send_alpn_alert(ssl_object: ssl.SSLObject) -> None:
+    """Send no_application_protocol to the client of ``ssl_object`` (the handshake is being refused).
+
+    OpenSSL writes that alert for the TLS protocol to send, but a failed handshake makes
+    uvloop (and asyncio) close the socket without sending it: so it is written here,
+    from inside the handshake (the ALPN callback, tlsconfig.server_context).
+    """
+    transport = getattr(ssl_object, _RAW, None)
+    if transport is not None and not transport.is_closing():
+        transport.write(NO_APPLICATION_PROTOCOL_ALERT)
+
 
 class Slot:
     """One accepted connection's place in the counts; ``release()`` once it closes (idempotent)."""
@@ -69,6 +87,19 @@ class TlsListener:
         #: connections open per client address (only with max_per_address)
         self.per_address: dict[str, int] = {}
         self.handshakes = 0
+        # The TLS protocol makes the connection's SSLObject (wrap_bio) in its connection_made;
+        # it is told its socket's transport there, for send_alpn_alert.
+        self._accepting: asyncio.Transport | None = None
+        self._made: ssl.SSLObject | None = None
+        self._context_wrap_bio = ssl_context.wrap_bio
+        ssl_context.wrap_bio = self._wrap_bio
+
+    def _wrap_bio(self, *args, **kwargs) -> ssl.SSLObject:
+        ssl_object = self._context_wrap_bio(*args, **kwargs)
+        if self._accepting is not None:
+            setattr(ssl_object, _RAW, self._accepting)
+            self._made = ssl_object
+        return ssl_object
 
     def __call__(self) -> asyncio.Protocol:
         return _Accepted(self)
@@ -101,12 +132,22 @@ class TlsListener:
             ssl_handshake_timeout=self.handshake_timeout,
         )
         transport.set_protocol(tls_protocol)
-        tls_protocol.connection_made(transport)
+        self._accepting = transport  # named on the SSLObject that connection_made makes (_wrap_bio)
+        try:
+            tls_protocol.connection_made(transport)
+        finally:
+            self._accepting = None
+        ssl_object, self._made = self._made, None
+        tls = tls_protocol._get_app_transport()  # made once: uvloop refuses a second call
         slot = Slot(self, ip)
-        waiter.add_done_callback(lambda done: self._handshake_done(done, transport, tls_protocol, pending, slot, peer))
+        waiter.add_done_callback(lambda done: self._handshake_done(done, transport, tls, ssl_object, pending, slot, peer))
 
-    def _handshake_done(self, waiter: asyncio.Future, raw: asyncio.Transport, tls_protocol, pending, slot: Slot, peer) -> None:
+    def _handshake_done(
+        self, waiter: asyncio.Future, raw: asyncio.Transport, tls: asyncio.Transport, ssl_object, pending, slot: Slot, peer
+    ) -> None:
         self.handshakes -= 1
+        if ssl_object is not None:
+            ssl_object.__dict__.pop(_RAW, None)
         exc = None if waiter.cancelled() else waiter.exception()
         if waiter.cancelled() or exc is not None:
             raw.abort()
@@ -114,7 +155,6 @@ class TlsListener:
             if exc is not None:
                 self._failed(exc, peer)
             return
-        tls = tls_protocol._get_app_transport()
         if pending.lost or tls.is_closing():
             tls.abort()
             slot.release()

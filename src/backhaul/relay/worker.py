@@ -19,7 +19,7 @@ from backhaul import __version__, tlsconfig
 from backhaul.config import FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
-from backhaul.relay.accept import Slot, TlsListener
+from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http_edge import HttpEdge
@@ -127,7 +127,7 @@ class RelayWorker:
         await self._runner.setup()
         self._http_server = self._runner.server
         self.admission = Admission.for_process(limits, self.stats)
-        ssl_context = tlsconfig.server_context(self.settings.data_dir)
+        ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
         self._listener = TlsListener(
             "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address, stats=self.stats
         )
