@@ -121,9 +121,13 @@ class RelayWorker:
         )
         app = build_app(control)
         limits = self.settings.listen_limits
-        # aiohttp's keep-alive timeout closes a control connection idle between requests (and
-        # before the first); ControlGuard adds the head and body timers aiohttp lacks.
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout)
+        # aiohttp's keep-alive timeout closes a control connection idle between requests;
+        # ControlGuard adds the idle-before-the-first-request, head and body timers aiohttp
+        # lacks. aiohttp's timer also runs from the connection's start, so it gets a second
+        # more than the guard's: the guard, which logs, fires first.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout + 1.0
+        )
         await self._runner.setup()
         self._http_server = self._runner.server
         self.admission = Admission.for_process(limits, self.stats)
