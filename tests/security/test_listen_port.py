@@ -73,6 +73,7 @@ def _edge_answers(system: System) -> bool:
         conn.close()
 
 
+@pytest.mark.codec_independent  # no tunnel: TLS and HTTP only
 def test_idle_and_trickling_control_connections_are_closed_while_others_are_served(tmp_path):
     limits = ("--listen-limit", "idle_timeout=1", "--listen-limit", "header_timeout=1")
     with running_relay(tmp_path, relay_args=limits) as system:
@@ -134,6 +135,7 @@ def test_idle_and_trickling_control_connections_are_closed_while_others_are_serv
         assert slow and slow[0]["peer"].startswith("127.0.0.1:")
 
 
+@pytest.mark.codec_independent  # no tunnel: TLS and HTTP only
 def test_unknown_alpn_is_refused_with_the_alert_and_no_alpn_reaches_the_control_api(tmp_path):
     with running_relay(tmp_path) as system:
         for offered in (["h2"], ["foo/1"]):

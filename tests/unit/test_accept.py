@@ -10,12 +10,15 @@ import asyncio
 import socket
 import ssl
 
+import pytest
 import uvloop
 
 from backhaul import pki, tlsconfig
 from backhaul.config import ListenLimits
 from backhaul.relay.accept import TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission
+
+pytestmark = pytest.mark.codec_independent
 
 
 def _data_dir(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 from backhaul.config import ListenLimits
 from backhaul.relay.admission import Admission, open_descriptors
 
+pytestmark = pytest.mark.codec_independent
+
 
 def test_admit_counts_up_to_the_budget_and_release_frees_a_place():
     async def run():

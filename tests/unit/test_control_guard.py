@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from backhaul.config import ListenLimits
 from backhaul.relay.control_guard import ControlGuard
+
+pytestmark = pytest.mark.codec_independent
 
 LIMITS = ListenLimits(idle_timeout=60, header_timeout=10, body_timeout=30)
 

@@ -8,6 +8,8 @@ import pytest
 
 from backhaul import openssl_ctx, pki
 
+pytestmark = pytest.mark.codec_independent
+
 
 @pytest.fixture(scope="module")
 def server_files(tmp_path_factory):
