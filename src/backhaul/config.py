@@ -78,7 +78,8 @@ class ListenLimits:
     #: Seconds from accept to the end of the TLS handshake. A connector's handshake is one
     #: round trip plus a signature; 10 s covers a slow link and bounds a silent client.
     handshake_timeout: float = 10.0
-    #: TLS handshakes in progress at once; beyond, new connections are closed at accept.
+    #: TLS handshakes in progress at once (on the listen port; the HTTPS edge counts its own
+    #: under the same cap); beyond, new connections are closed at accept.
     #: The handshake is the CPU cost of a connection (~1 ms of signing each): 1024 queued is
     #: about a second of one core, a bound on what a flood adds to the handshakes let in,
     #: and above a relay restart's reconnect wave of several hundred connectors.
