@@ -92,7 +92,7 @@ class ListenLimits:
     #: take more than a small part of a worker's descriptors.
     max_per_address: int = 512
     #: Seconds a control API connection may stay silent before its first request; between
-    #: requests, aiohttp's keep-alive timeout (set to the same) closes it. Connectors call
+    #: requests, aiohttp's keep-alive timeout (this + 1 s) closes it. Connectors call
     #: every 30 s (heartbeat) and aiohttp clients drop pooled connections after 15 s.
     idle_timeout: float = 60.0
     #: Seconds from the first byte of a control request's head to its end (slowloris): a
