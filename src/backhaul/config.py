@@ -91,6 +91,9 @@ class ListenLimits:
     #: address: 512 leaves room for 30 such connectors while one address alone cannot
     #: take more than a small part of a worker's descriptors.
     max_per_address: int = 512
+    #: And at most this share of the worker's connection budget (below): where the open-file
+    #: limit is low, one address must still not take every descriptor there is.
+    address_share: float = 0.25
     #: Seconds a control API connection may stay silent before its first request; between
     #: requests, aiohttp's keep-alive timeout (this + 1 s) closes it. Connectors call
     #: every 30 s (heartbeat) and aiohttp clients drop pooled connections after 15 s.
@@ -114,6 +117,8 @@ class ListenLimits:
         for field in dataclasses.fields(self):
             if getattr(self, field.name) <= 0:
                 raise ValueError(f"listen limit {field.name} must be positive")
+        if self.address_share > 1:
+            raise ValueError("listen limit address_share must be at most 1 (a share of the budget)")
 
     def replace_from(self, assignments: list[str]) -> "ListenLimits":
         """A copy with ``NAME=VALUE`` assignments applied; ValueError says what is wrong."""

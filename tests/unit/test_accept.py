@@ -122,7 +122,7 @@ def test_handshakes_in_progress_are_capped_and_failed_ones_free_their_place(tmp_
 
 def test_the_budget_and_the_per_address_cap_refuse_at_accept(tmp_path):
     async def run():
-        server, port, listener, admission, accepted = await _serve(tmp_path, ListenLimits(max_per_address=2), budget=3)
+        server, port, listener, admission, accepted = await _serve(tmp_path, ListenLimits(max_per_address=2, address_share=1.0), budget=3)
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         await _until(lambda: listener.handshakes == 2, "two handshakes")
         over = socket.create_connection(("127.0.0.1", port))
@@ -139,6 +139,25 @@ def test_the_budget_and_the_per_address_cap_refuse_at_accept(tmp_path):
             sock.close()
         await _until(lambda: admission.open == 0, "every place freed")
         assert listener.per_address == {}
+        server.close()
+
+    uvloop.run(run())
+
+
+def test_one_address_takes_at_most_its_share_of_a_small_budget(tmp_path):
+    async def run():
+        limits = ListenLimits(max_per_address=512, address_share=0.25)
+        server, port, listener, admission, accepted = await _serve(tmp_path, limits, budget=8)
+        mine = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        await _until(lambda: admission.stats.get("listen_refused") == 1, "the third connection refused")
+        assert listener.per_address == {"127.0.0.1": 2}  # a quarter of 8, not 512
+        other = socket.socket()
+        other.bind(("127.0.0.2", 0))
+        other.connect(("127.0.0.1", port))
+        await _until(lambda: listener.per_address.get("127.0.0.2") == 1, "another address let in")
+        for sock in mine + [other]:
+            sock.close()
+        await _until(lambda: admission.open == 0, "every place freed")
         server.close()
 
     uvloop.run(run())

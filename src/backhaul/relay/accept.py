@@ -5,8 +5,9 @@ address, and the protocol hears nothing of a handshake that fails or times out; 
 can neither refuse a connection before the handshake's CPU is spent nor count
 handshakes in progress. Here the listener accepts plain TCP: at accept it checks the
 worker's descriptor budget (``Admission``), the connections of the client's address
-and the handshakes in progress, and closes the connection at once when one is over its
-limit; otherwise it runs the handshake with the loop's own TLS protocol (uvloop's
+(at most ``max_per_address``, and at most ``address_share`` of the budget) and the
+handshakes in progress, and closes the connection at once when one is over its limit;
+otherwise it runs the handshake with the loop's own TLS protocol (uvloop's
 ``SSLProtocol``, set up as ``loop.start_tls`` does, so the TLS transport is the one
 ``create_server(ssl=...)`` makes) and hands the TLS transport to ``on_tls``, which
 returns the connection's protocol (or None to close it).
@@ -83,6 +84,7 @@ class TlsListener:
         self.max_per_address = max_per_address
         self.handshake_timeout = admission.limits.handshake_timeout
         self.max_handshakes = admission.limits.max_handshakes
+        self.address_share = admission.limits.address_share
         self.stats = stats if stats is not None else {}
         #: connections open per client address (only with max_per_address)
         self.per_address: dict[str, int] = {}
@@ -111,7 +113,9 @@ class TlsListener:
             self.admission.refuse("too many TLS handshakes in progress", self.name, ip)
             transport.abort()
             return
-        if self.max_per_address is not None and self.per_address.get(ip, 0) >= self.max_per_address:
+        if self.max_per_address is not None and self.per_address.get(ip, 0) >= min(
+            self.max_per_address, max(1, int(self.admission.budget * self.address_share))
+        ):
             self.admission.refuse("too many connections from one address", self.name, ip)
             transport.abort()
             return
