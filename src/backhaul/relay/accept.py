@@ -172,7 +172,12 @@ class TlsListener:
             tls.close()
             slot.release()
             return
-        pending.hand_off(tls, protocol)
+        try:
+            pending.hand_off(tls, protocol)
+        except Exception:
+            # The protocol has the transport now: its connection_lost releases the slot.
+            log.exception("handing a TLS connection on failed", extra={"listener": self.name, "peer": str(peer)})
+            tls.abort()
 
     def _failed(self, exc: Exception, peer) -> None:
         ip = peer[0] if peer else "?"
