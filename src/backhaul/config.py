@@ -145,6 +145,75 @@ class Backoff:
 
 
 @dataclasses.dataclass(frozen=True)
+class ListenLimits:
+    """Limits of the relay's listen port (tunnels + control API) and the descriptor reserve
+    every listener of a worker shares (``service run --listen-limit NAME=VALUE``).
+
+    Counts are per relay worker: each worker accepts on its own SO_REUSEPORT socket.
+    """
+
+    #: Seconds from accept to the end of the TLS handshake. A connector's handshake is one
+    #: round trip plus a signature; 10 s covers a slow link and bounds a silent client.
+    handshake_timeout: float = 10.0
+    #: TLS handshakes in progress at once (on the listen port; the HTTPS edge counts its own
+    #: under the same cap); beyond, new connections are closed at accept.
+    #: The handshake is the CPU cost of a connection (~1 ms of signing each): 1024 queued is
+    #: about a second of one core, a bound on what a flood adds to the handshakes let in,
+    #: and above a relay restart's reconnect wave of several hundred connectors.
+    max_handshakes: int = 1024
+    #: Connections from one client address (handshakes, tunnels and control calls alike);
+    #: beyond, new ones are closed at accept. A connector holds about (tunnels x its
+    #: workers) / relay workers tunnels on a worker (16 with 4 tunnels and 4 workers each
+    #: side) plus a few control calls, and whole sites of connectors sit behind one NAT
+    #: address: 512 leaves room for 30 such connectors while one address alone cannot
+    #: take more than a small part of a worker's descriptors.
+    max_per_address: int = 512
+    #: And at most this share of the worker's connection budget (below): where the open-file
+    #: limit is low, one address must still not take every descriptor there is.
+    address_share: float = 0.25
+    #: Seconds a control API connection may stay silent before its first request; between
+    #: requests, aiohttp's keep-alive timeout (this + 1 s) closes it. Connectors call
+    #: every 30 s (heartbeat) and aiohttp clients drop pooled connections after 15 s.
+    idle_timeout: float = 60.0
+    #: Seconds from the first byte of a control request's head to its end (slowloris): a
+    #: head is a few hundred bytes sent at once; then 408 (first request) and closed.
+    header_timeout: float = 10.0
+    #: Seconds from the end of a request's head to the end of its body: control bodies
+    #: are CSRs and app definitions, a few KiB (aiohttp refuses more than 1 MiB).
+    body_timeout: float = 30.0
+    #: Descriptors of a worker outside its connection budget: at (open-file limit -
+    #: this - listeners and files open) connections, new ones on every listener are closed
+    #: at accept, so the store, log files, the metrics snapshot and outbound calls (OIDC
+    #: issuer) still get a descriptor and established connections keep working.
+    fd_reserve: int = 64
+    #: Seconds between two log lines about refused connections of one kind (each line
+    #: says how many): a flood costs a few lines, not one per connection.
+    refusal_log_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"listen limit {field.name} must be positive")
+        if self.address_share > 1:
+            raise ValueError("listen limit address_share must be at most 1 (a share of the budget)")
+
+    def replace_from(self, assignments: list[str]) -> "ListenLimits":
+        """A copy with ``NAME=VALUE`` assignments applied; ValueError says what is wrong."""
+        types = {field.name: field.type for field in dataclasses.fields(self)}
+        changes: dict[str, float | int] = {}
+        for item in assignments:
+            name, sep, raw = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in types:
+                raise ValueError(f"--listen-limit {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+            try:
+                changes[name] = float(raw) if types[name] in (float, "float") else int(raw)
+            except ValueError:
+                raise ValueError(f"--listen-limit {item!r}: {raw!r} is not a number") from None
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
 class UdpLimits:
     """Flow tables and queues of UDP apps, on the relay (per app and worker) and the connector (per worker).
 

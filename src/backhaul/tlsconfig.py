@@ -6,14 +6,15 @@ control API, told apart by ALPN (see docs/architecture.md).
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from cryptography import x509
 
-from backhaul import pki
+from backhaul import openssl_ctx, pki
 from backhaul.errors import ConfigError
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL
 
@@ -29,6 +30,8 @@ __all__ = [
     "pinning_probe_context",
     "server_context",
 ]
+
+log = logging.getLogger("backhaul.tls")
 
 
 class ClientCredentials(Protocol):
@@ -51,11 +54,17 @@ def _require(path: Path, what: str) -> str:
     return str(path)
 
 
-def server_context(data_dir: str | os.PathLike) -> ssl.SSLContext:
+def server_context(
+    data_dir: str | os.PathLike, on_alpn_refused: Callable[[ssl.SSLObject], None] | None = None
+) -> ssl.SSLContext:
     """The relay's server context: service certificate, client certificates optional.
 
     A client certificate is requested and, when sent, must chain to the service CA.
-    Tunnels require one; the ALPN dispatcher enforces that after the handshake.
+    Tunnels require one; the ALPN dispatcher enforces that after the handshake. A client
+    offering ALPN but neither of ours fails the handshake (no_application_protocol,
+    docs/protocol.md); one offering none is the control API's (aiohttp offers none).
+    ``on_alpn_refused`` is called with the connection's SSLObject when that happens
+    (openssl_ctx.refuse_unknown_alpn).
     """
     data_dir = Path(data_dir)
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
@@ -66,6 +75,12 @@ def server_context(data_dir: str | os.PathLike) -> ssl.SSLContext:
         raise ConfigError(f"cannot load the service certificate or CA from {data_dir}: {exc.reason}") from exc
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols([ALPN_TUNNEL, ALPN_HTTP])
+    if not openssl_ctx.refuse_unknown_alpn(ctx, [ALPN_TUNNEL, ALPN_HTTP], on_alpn_refused):
+        log.warning(
+            "cannot install the ALPN check in OpenSSL: a client offering only unknown ALPN protocols "
+            "completes the handshake with none and is served as the control API",
+            extra={"openssl": ssl.OPENSSL_VERSION},
+        )
     return ctx
 
 

@@ -1155,14 +1155,53 @@ class HttpEdge:
         self._per_client: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
 
-    async def listen(self, host: str, port: int, ssl_context=None) -> None:
-        """Serve HTTP (or HTTPS with ``ssl_context``) on ``host:port``."""
+    async def listen(self, host: str, port: int, ssl_context=None, admission=None) -> None:
+        """Serve HTTP (or HTTPS with ``ssl_context``) on ``host:port``.
+
+        With ``admission`` (the worker's relay.admission.Admission) every connection counts
+        in its descriptor budget from accept until it closes, and is closed at accept once
+        the budget is spent; HTTPS handshakes then run under the worker's handshake cap and
+        timeout (relay.accept.TlsListener).
+        """
+        from backhaul.relay.accept import TlsListener
+        from backhaul.relay.admission import Refused
+
         scheme = "https" if ssl_context is not None else "http"
-        tls = {"ssl": ssl_context, "ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
         sock = reuseport_socket(host, port)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: HttpConnection(self, scheme), sock=sock, backlog=4096, **tls
-        )
+        loop = asyncio.get_running_loop()
+        if admission is None:
+            tls = {"ssl": ssl_context, "ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
+            server = await loop.create_server(lambda: HttpConnection(self, scheme), sock=sock, backlog=4096, **tls)
+            self._servers.append(server)
+            log.info("http edge listening", extra={"listen": f"{host}:{port}", "scheme": scheme})
+            return
+
+        class Counted(HttpConnection):
+            """A connection counted in the worker's budget; counted out when it closes."""
+
+            __slots__ = ("release_slot",)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    self.release_slot()
+
+        def counted(release) -> HttpConnection:
+            conn = Counted(self, scheme)
+            conn.release_slot = release
+            return conn
+
+        if ssl_context is None:
+
+            def accept() -> asyncio.Protocol:
+                # connection_made follows at once, and connection_lost every connection_made.
+                return counted(admission.release) if admission.admit("http") else Refused()
+
+            server = await loop.create_server(accept, sock=sock, backlog=4096)
+        else:
+            listener = TlsListener("https", ssl_context, admission, lambda _tls, slot: counted(slot.release), stats=self.stats)
+            server = await loop.create_server(listener, sock=sock, backlog=4096)
         self._servers.append(server)
         log.info("http edge listening", extra={"listen": f"{host}:{port}", "scheme": scheme})
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import HttpLimits, Keepalive, OidcSettings, UdpLimits, default_workers
+from backhaul.config import HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, run_worker
 from backhaul.supervisor import instance_lock, supervise
@@ -83,6 +83,7 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--https-cert and --https-key are for the HTTPS edge; add --https HOST:PORT")
     try:
         http_limits = HttpLimits().replace_from(args.http_limit or [])
+        listen_limits = ListenLimits().replace_from(getattr(args, "listen_limit", None) or [])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     workers = args.workers or default_workers()
@@ -99,7 +100,7 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--keepalive-interval must be above 0 and below --keepalive-timeout")
     settings = RelaySettings(
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
-        https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits,
+        https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits, listen_limits=listen_limits,
         keepalive=keepalive,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),

@@ -15,6 +15,7 @@ import secrets
 from backhaul.config import FlowControl
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
 from backhaul.protocol.mux import SessionError, stream_meta
+from backhaul.relay.admission import Admission, Refused
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import NoRoute, TunnelRegistry
 from backhaul.transport.pipe import Pipe, error_name
@@ -30,7 +31,7 @@ OPEN_ATTEMPTS = 3
 class UserPipe(Pipe):
     """A user's connection to a TCP app; opens its stream through the app's group."""
 
-    __slots__ = ("app", "registry", "stats", "metrics", "_tried", "_accepted")
+    __slots__ = ("app", "registry", "stats", "metrics", "admission", "_tried", "_accepted")
 
     def __init__(
         self, app, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict, metrics: RelayMetrics | None = None
@@ -43,6 +44,8 @@ class UserPipe(Pipe):
         self.stats = stats
         self._tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
         self._accepted = False  # a connector has connected the target: no retry after this
+        #: the worker's connection budget this connection counts in (released when it closes)
+        self.admission: Admission | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -78,6 +81,12 @@ class UserPipe(Pipe):
             code=ErrorCode.REFUSED_STREAM,
         )
         self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.admission is not None:
+            self.admission.release()
+            self.admission = None
 
     def on_accepted(self) -> None:
         self._accepted = True
@@ -118,13 +127,23 @@ class TcpApp:
     @classmethod
     async def start(
         cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict,
-        metrics: RelayMetrics | None = None,
+        metrics: RelayMetrics | None = None, admission: Admission | None = None,
     ) -> "TcpApp":
         loop = asyncio.get_running_loop()
         sock = reuseport_socket(host, app.port)
-        server = await loop.create_server(
-            lambda: UserPipe(app, registry, flow, buffer, stats, metrics), sock=sock, backlog=4096
-        )
+
+        def accept() -> asyncio.Protocol:
+            # A plain TCP accept calls connection_made right after this, and connection_lost
+            # follows every connection_made: the pipe releases what it takes here.
+            if admission is None:
+                return UserPipe(app, registry, flow, buffer, stats, metrics)
+            if not admission.admit("tcp_app"):
+                return Refused()
+            pipe = UserPipe(app, registry, flow, buffer, stats, metrics)
+            pipe.admission = admission
+            return pipe
+
+        server = await loop.create_server(accept, sock=sock, backlog=4096)
         log.info("tcp app listening", extra={"app": app.name, "port": app.port, "target": app.target})
         return cls(app, server)
 

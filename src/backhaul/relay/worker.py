@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, HttpLimits, Keepalive, OidcSettings, UdpLimits
+from backhaul.config import FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
+from backhaul.relay.admission import Admission, raise_open_file_limit
+from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http_edge import HttpEdge
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import TunnelRegistry
@@ -42,6 +45,8 @@ class RelaySettings:
     https_cert: Path | None = None
     https_key: Path | None = None
     http_limits: HttpLimits = HttpLimits()
+    #: The listen port's timeouts and caps, and the worker's descriptor reserve.
+    listen_limits: ListenLimits = ListenLimits()
     worker: int = 0
     workers: int = 1
     flow: FlowControl = FlowControl()
@@ -61,29 +66,6 @@ class RelaySettings:
     stats_interval: float = 1.0
     #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
     oidc: OidcSettings | None = None
-
-
-class AlpnSplit(asyncio.Protocol):
-    """First protocol of every connection on the listen port: hands it on by ALPN."""
-
-    def __init__(self, worker: "RelayWorker") -> None:
-        self.worker = worker
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        if alpn == ALPN_TUNNEL:
-            self.worker.accept_tunnel(transport, ssl_object)
-        elif alpn in (ALPN_HTTP, None):
-            protocol = self.worker.http_protocol()
-            transport.set_protocol(protocol)
-            protocol.connection_made(transport)
-        else:
-            log.warning("connection with unknown ALPN closed", extra={"alpn": alpn})
-            transport.close()
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - replaced before any data
-        raise AssertionError("AlpnSplit received data after handing the connection on")
 
 
 class RelayWorker:
@@ -110,6 +92,9 @@ class RelayWorker:
         self._http_server = None
         self._runner = None
         self._servers: list[asyncio.AbstractServer] = []
+        #: the connection budget of this process, shared by every listener (made in start())
+        self.admission: Admission | None = None
+        self._listener: TlsListener | None = None
         self._stopping = asyncio.Event()
         self._host, self._port = parse_hostport(settings.listen, "--listen")
 
@@ -135,14 +120,23 @@ class RelayWorker:
             self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )
         app = build_app(control)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        limits = self.settings.listen_limits
+        # aiohttp's keep-alive timeout closes a control connection idle between requests;
+        # ControlGuard adds the idle-before-the-first-request, head and body timers aiohttp
+        # lacks. aiohttp's timer also runs from the connection's start, so it gets a second
+        # more than the guard's: the guard, which logs, fires first.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, keepalive_timeout=limits.idle_timeout + 1.0
+        )
         await self._runner.setup()
         self._http_server = self._runner.server
-        ssl_context = tlsconfig.server_context(self.settings.data_dir)
-        sock = reuseport_socket(self._host, self._port)
-        server = await loop.create_server(
-            lambda: AlpnSplit(self), sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0, backlog=4096
+        self.admission = Admission.for_process(limits, self.stats)
+        ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
+        self._listener = TlsListener(
+            "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address, stats=self.stats
         )
+        sock = reuseport_socket(self._host, self._port)
+        server = await loop.create_server(self._listener, sock=sock, backlog=4096)
         self._servers.append(server)
         if self.settings.oidc is not None:
             from backhaul.relay.oidc import OidcGate
@@ -153,10 +147,10 @@ class RelayWorker:
             self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats, metrics=self.metrics
         )
         if self.settings.http:
-            await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"))
+            await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"), admission=self.admission)
         if self.settings.https:
             edge_tls = tlsconfig.edge_context(self.settings.https_cert, self.settings.https_key)
-            await self.http_edge.listen(*parse_hostport(self.settings.https, "--https"), edge_tls)
+            await self.http_edge.listen(*parse_hostport(self.settings.https, "--https"), edge_tls, admission=self.admission)
         await self.reload()
         if self.settings.run_dir is not None:
             from backhaul.relay.metrics import SPECS
@@ -166,7 +160,12 @@ class RelayWorker:
             await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
         log.info(
             "relay worker ready",
-            extra={"worker": self.settings.worker, "listen": self.settings.listen, "version": __version__},
+            extra={
+                "worker": self.settings.worker,
+                "listen": self.settings.listen,
+                "version": __version__,
+                "connection_budget": self.admission.budget,
+            },
         )
 
     async def run(self) -> None:
@@ -209,6 +208,8 @@ class RelayWorker:
             await self.gate.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.admission is not None:
+            self.admission.close()
         log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
 
     async def _poll(self) -> None:
@@ -237,7 +238,8 @@ class RelayWorker:
             if name not in self.apps:
                 try:
                     self.apps[name] = await TcpApp.start(
-                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats, self.metrics
+                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats, self.metrics,
+                        admission=self.admission,
                     )
                 except Exception as exc:
                     log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
@@ -253,6 +255,8 @@ class RelayWorker:
             self.registry.set_group(connector_id, record.group)
         for tunnel in self.registry.tunnels():
             tunnel.control({"type": "config_changed", "version": self.config_version})
+        if self.admission is not None:
+            self.admission.recount()  # app listeners came or went: they are descriptors too
 
     def _connector_exists(self, connector_id: str) -> bool:
         record = self.store.get_connector(connector_id)
@@ -265,29 +269,47 @@ class RelayWorker:
 
     # ------------------------------------------------------------------ listen port
 
-    def http_protocol(self) -> asyncio.Protocol:
-        return self._http_server()
+    def _tls_ready(self, transport: asyncio.Transport, slot: Slot) -> asyncio.BaseProtocol | None:
+        """The ALPN split of the listen port: what a connection becomes once its handshake is done.
 
-    def accept_tunnel(self, transport: asyncio.Transport, ssl_object) -> None:
+        ``backhaul/1`` is a tunnel; ``http/1.1`` or no ALPN (aiohttp's client offers none)
+        is the control API. A client offering only other protocols never gets here: the
+        handshake refuses it (tlsconfig.server_context). None closes the connection.
+        """
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if alpn == ALPN_TUNNEL:
+            return self.accept_tunnel(transport, ssl_object, slot)
+        if alpn in (ALPN_HTTP, None):
+            return self.http_protocol(slot)
+        log.warning("connection with unknown ALPN closed", extra={"alpn": alpn})
+        return None
+
+    def http_protocol(self, slot: Slot | None = None) -> asyncio.Protocol:
+        """aiohttp's protocol for one control API connection, behind the listen port's timers."""
+        return ControlGuard(
+            self._http_server(), self.settings.listen_limits, slot.release if slot is not None else None, self.stats
+        )
+
+    def accept_tunnel(self, transport: asyncio.Transport, ssl_object, slot: Slot | None = None) -> Tunnel | None:
+        """The tunnel protocol of an authenticated connector's connection, or None (refused, logged)."""
         peer = transport.get_extra_info("peername")
         connector_id = tlsconfig.peer_connector_id(ssl_object)
         if connector_id is None:
             log.warning("tunnel without a connector certificate refused", extra={"peer": str(peer)})
-            transport.close()
-            return
+            return None
         record = self.store.get_connector(connector_id)
         if record is None or not record.accepts_serial(tlsconfig.peer_cert_serial(ssl_object), time.time()):
             log.warning(
                 "tunnel refused: connector unknown, revoked or certificate replaced",
                 extra={"connector": connector_id, "peer": str(peer)},
             )
-            transport.close()
-            return
+            return None
         session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive)
         tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}", flow=self.settings.flow)
-        tunnel.info = {"connector_id": connector_id, "group": record.group}
-        transport.set_protocol(tunnel)
-        tunnel.connection_made(transport)
+        # The slot is released in tunnel_down, which every tunnel reaches once.
+        tunnel.info = {"connector_id": connector_id, "group": record.group, "listen_slot": slot}
+        return tunnel
 
     # ------------------------------------------------------------------ TunnelOwner
 
@@ -311,6 +333,9 @@ class RelayWorker:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.registry.remove(tunnel)
+        slot = tunnel.info.pop("listen_slot", None)
+        if slot is not None:
+            slot.release()
         if tunnel.streams_lost:
             # Streams not yet accepted were retried on another connector; the others were cut.
             self.stats["streams_lost"] = self.stats.get("streams_lost", 0) + tunnel.streams_lost
@@ -378,4 +403,7 @@ def run_worker(settings: RelaySettings) -> None:
     """Process entry point of one relay worker."""
     import uvloop
 
+    # Every tunnel and user connection holds a descriptor; Admission keeps a reserve below this.
+    soft, hard = raise_open_file_limit()
+    log.debug("open-file limit", extra={"soft": soft, "hard": hard})
     uvloop.run(RelayWorker(settings).run())
