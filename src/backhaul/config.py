@@ -9,6 +9,22 @@ from pathlib import Path
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
 
+def _replace_from(limits, assignments: list[str], flag: str):
+    """``limits`` with ``NAME=VALUE`` assignments of a command-line ``flag`` applied (ints stay ints)."""
+    types = {field.name: field.type for field in dataclasses.fields(limits)}
+    changes: dict[str, float | int] = {}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in types:
+            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+        try:
+            changes[name] = float(raw) if types[name] in (float, "float") else int(raw)
+        except ValueError:
+            raise ValueError(f"{flag} {item!r}: {raw!r} is not a number") from None
+    return dataclasses.replace(limits, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlowControl:
     """Windows and buffer limits of one tunnel; the flow-control defaults in one place.
@@ -198,19 +214,8 @@ class ListenLimits:
             raise ValueError("listen limit address_share must be at most 1 (a share of the budget)")
 
     def replace_from(self, assignments: list[str]) -> "ListenLimits":
-        """A copy with ``NAME=VALUE`` assignments applied; ValueError says what is wrong."""
-        types = {field.name: field.type for field in dataclasses.fields(self)}
-        changes: dict[str, float | int] = {}
-        for item in assignments:
-            name, sep, raw = item.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in types:
-                raise ValueError(f"--listen-limit {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
-            try:
-                changes[name] = float(raw) if types[name] in (float, "float") else int(raw)
-            except ValueError:
-                raise ValueError(f"--listen-limit {item!r}: {raw!r} is not a number") from None
-        return dataclasses.replace(self, **changes)
+        """A copy with ``NAME=VALUE`` assignments (``--listen-limit``) applied; ValueError says what is wrong."""
+        return _replace_from(self, assignments, "--listen-limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,19 +404,8 @@ class HttpLimits:
                 raise ValueError(f"http limit {field.name} must be positive")
 
     def replace_from(self, assignments: list[str]) -> "HttpLimits":
-        """A copy with ``NAME=VALUE`` assignments applied; ValueError says what is wrong."""
-        types = {field.name: field.type for field in dataclasses.fields(self)}
-        changes: dict[str, float | int] = {}
-        for item in assignments:
-            name, sep, raw = item.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in types:
-                raise ValueError(f"--http-limit {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
-            try:
-                changes[name] = float(raw) if types[name] in (float, "float") else int(raw)
-            except ValueError:
-                raise ValueError(f"--http-limit {item!r}: {raw!r} is not a number") from None
-        return dataclasses.replace(self, **changes)
+        """A copy with ``NAME=VALUE`` assignments (``--http-limit``) applied; ValueError says what is wrong."""
+        return _replace_from(self, assignments, "--http-limit")
 
 
 @dataclasses.dataclass(frozen=True)
