@@ -150,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True)
     p.set_defaults(func=_handler("backhaul.connector.service:connector_session_log"))
 
+    updater = commands.add_parser("updater", help="signed connector releases: check, install, switch, roll back").add_subparsers(
+        dest="action", required=True
+    )
+    limit_help = "change one limit of the updater (repeat), e.g. ready_deadline=30; see backhaul.config.UpdaterLimits"
+    p = updater.add_parser(
+        "run", help="check for releases at start and on an interval; install, switch and health-gate them",
+        description="SIGTERM stops it (with --supervise: the connector drains first).",
+    )
+    p.add_argument("--state-dir", required=True, help="the connector's state dir (its credentials and pinned release keys)")
+    p.add_argument("--install-root", required=True, metavar="ROOT", help="versions/<version>/venv and the current link live here")
+    p.add_argument("--check-interval", type=float, default=None, metavar="S", help="seconds between checks, jittered +-20%% (default 3600)")
+    p.add_argument("--supervise", action="store_true", help="run the connector from ROOT/current as a child (no systemd)")
+    p.add_argument("--connector-config", default=None, metavar="FILE", help="with --supervise: the connector's --config file")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE", help=limit_help)
+    p.set_defaults(func=_handler("backhaul.updater.commands:updater_run"))
+    p = updater.add_parser("apply", help="the manual update, now (the newest release, or --version)")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--install-root", required=True, metavar="ROOT")
+    p.add_argument("--version", default=None, metavar="V", help="this release (it must still be newer than the installed one)")
+    p.add_argument("--force", action="store_true", help="do not take the group's update lease (the group may lose its last connector)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE", help=limit_help)
+    p.set_defaults(func=_handler("backhaul.updater.commands:updater_apply"))
+    p = updater.add_parser("install", help="first install on a VM: lay out ROOT from a local wheelhouse, install the units")
+    p.add_argument("--install-root", required=True, metavar="ROOT")
+    p.add_argument("--wheelhouse", required=True, metavar="DIR", help="the backhaul wheel and the wheels it depends on")
+    p.add_argument("--state-dir", default=None, help="a state dir with pinned keys: the wheelhouse's signed manifest is checked")
+    p.add_argument("--no-systemd", action="store_true", help="do not write and enable the systemd units")
+    p.set_defaults(func=_handler("backhaul.updater.commands:updater_install"))
+
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     demo.set_defaults(func=_handler("backhaul.demo:demo"))

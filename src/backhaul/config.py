@@ -436,3 +436,63 @@ class EnrollLimits:
     def __post_init__(self) -> None:
         if self.burst < 1 or self.refill_per_second <= 0 or self.max_addresses < 1 or self.log_interval <= 0:
             raise ValueError("enroll limits must be positive (burst and max_addresses at least 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdaterLimits:
+    """How the updater (backhaul.updater) checks, installs and judges a new connector release.
+
+    The relay is not trusted to choose code (a pinned key signs it), nor to size what the
+    updater downloads and keeps: every count and size here bounds what a hostile or broken
+    relay, or a release that misbehaves, can make the connector host do.
+    """
+
+    #: Seconds between two checks for a release (the contract's default: hourly).
+    check_interval: float = 3600.0
+    #: Each wait is check_interval x (1 +- jitter), uniformly: a fleet started at the same
+    #: minute spreads its checks instead of asking (and restarting) at once (cloudflared #1645).
+    jitter: float = 0.2
+    #: Files one release may list: a wheelhouse of backhaul's dependencies is about 15.
+    max_files: int = 200
+    #: Bytes one release may total: the wheelhouse is about 30 MB; a manifest (or a relay
+    #: serving more bytes than it lists) cannot make the updater fill the disk beyond this.
+    max_release_bytes: int = 512 * 1024 * 1024
+    #: Free space needed before installing: the release's size times this (the wheels, the
+    #: unpacked venv, which is two to three times the wheels, and room to spare). A full disk
+    #: is refused before anything is touched, not discovered half-way through pip.
+    disk_factor: float = 4.0
+    #: Seconds one file's download may take in all, and may stall without a byte: a slow
+    #: link gets long enough (cloudflared #249), a stalled one does not hold the lease for ever.
+    download_timeout: float = 1800.0
+    download_stall: float = 60.0
+    #: Seconds the venv creation, the pip install and each self-test command may take.
+    install_timeout: float = 600.0
+    selftest_timeout: float = 60.0
+    #: Versions kept installed: the current one and the previous (for a rollback); older
+    #: ones are pruned, so the install root does not grow with every release.
+    keep_versions: int = 2
+    #: Entries kept in the state file's history (oldest dropped first).
+    max_history: int = 100
+    #: After the switch, seconds the new connector has to be ready (tunnels up, config applied).
+    ready_deadline: float = 60.0
+    #: Then seconds it must stay ready, read every status_interval (Teleport: 6 readings 2 s apart).
+    stable_period: float = 12.0
+    status_interval: float = 2.0
+    #: Exits of the new connector tolerated during the gate: more is a crash loop.
+    max_crashes: int = 2
+    #: While the relay cannot be reached by the old code either (the updater's own /v1/health
+    #: call), the gate's deadline is paused, not spent: the relay's outage is not the new
+    #: version's fault (Teleport PR #49175). At most this long; then the new version is kept
+    #: unjudged (neither healthy nor failed), and said so.
+    relay_outage_wait: float = 600.0
+    #: Seconds an old connector may take to exit after SIGTERM (its drain deadline, default
+    #: 30 s, plus the supervisor's 10 s margin and some); then it is killed.
+    stop_timeout: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.check_interval <= 0 or not 0 <= self.jitter < 1:
+            raise ValueError("check_interval must be above 0 and jitter in [0, 1)")
+        if self.max_files < 1 or self.max_release_bytes < 1 or self.disk_factor < 1 or self.keep_versions < 2:
+            raise ValueError("max_files and max_release_bytes must be positive, disk_factor >= 1, keep_versions >= 2")
+        if min(self.ready_deadline, self.stable_period, self.status_interval, self.stop_timeout) <= 0 or self.max_crashes < 0:
+            raise ValueError("the health gate's times must be above 0 and max_crashes not negative")

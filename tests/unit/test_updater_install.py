@@ -1,0 +1,34 @@
+"""What the installer hands pip, and what it keeps away from a new venv."""
+
+from __future__ import annotations
+
+import pytest
+
+from backhaul.updater.install import Wheel, clean_env, requirements
+from backhaul.updater.layout import UpdateRefused
+
+pytestmark = pytest.mark.codec_independent
+
+
+def test_every_wheel_is_pinned_with_its_signed_hash():
+    text = requirements([
+        Wheel("backhaul-1.1-cp311-cp311-linux_x86_64.whl", "a" * 64),
+        Wheel("orjson-3.10.0-cp311-cp311-manylinux_2_17_x86_64.whl", "b" * 64),
+        Wheel("orjson-3.10.0-cp311-cp311-musllinux_1_2_x86_64.whl", "c" * 64),
+        Wheel("Prometheus_Client-0.20.0-py3-none-any.whl", "d" * 64),
+    ])
+    assert text.splitlines() == [
+        f"backhaul==1.1 --hash=sha256:{'a' * 64}",
+        f"orjson==3.10.0 --hash=sha256:{'b' * 64} --hash=sha256:{'c' * 64}",
+        f"prometheus-client==0.20.0 --hash=sha256:{'d' * 64}",
+    ]
+
+
+def test_a_file_that_is_not_a_wheel_is_refused():
+    with pytest.raises(UpdateRefused, match="not a wheel"):
+        requirements([Wheel("backhaul.whl", "a" * 64)])
+
+
+def test_a_new_venv_never_sees_the_callers_python_path():
+    env = clean_env({"PYTHONPATH": "/src", "PYTHONHOME": "/x", "VIRTUAL_ENV": "/v", "PATH": "/bin", "BACKHAUL_PURE": "1"})
+    assert env == {"PATH": "/bin", "BACKHAUL_PURE": "1"}
