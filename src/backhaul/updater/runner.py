@@ -148,6 +148,39 @@ class Updater:
             check_file_name(entry.name)
         return manifest
 
+    async def apply_wheelhouse(self, directory: Path, *, force: bool = False) -> Outcome:
+        """Apply a release from a local wheelhouse (``release.manifest`` + ``release.sig`` + the
+        wheels: an air-gapped host, or a release carried over by hand). The same checks and
+        steps as a release from the relay, the download excepted; the lease is taken unless
+        ``force``. The relay is still told each step and asked for the lease."""
+        from backhaul.updater.bootstrap import MANIFEST, SIGNATURE
+
+        state = self.layout.reconcile()
+        installed = self.layout.current_version()
+        if installed is None:
+            raise ConfigError(f"nothing is installed under {self.layout.root}; run `backhaul updater install` first")
+        pinned = release_keys.load_pinned(self.state_dir)
+        if not pinned:
+            return Outcome("no_keys", reason="no release key is pinned")
+        try:
+            offer = Offer(version="", manifest=(directory / MANIFEST).read_bytes(), signature=(directory / SIGNATURE).read_bytes(), auto=False, rollout={})
+        except OSError as exc:
+            raise ConfigError(f"{directory} has no signed manifest ({MANIFEST}, {SIGNATURE}): {exc.strerror}") from None
+        async with RelayClient(self.state_dir) as client:
+            try:
+                manifest = verify(offer.manifest, offer.signature, pinned, now=self.clock(), installed=installed)
+                offer = Offer(manifest.version, offer.manifest, offer.signature, False, {})
+                manifest = self._verify(offer, pinned, installed)
+                for entry in manifest.files:
+                    check_file(entry, directory / entry.name)
+                self.layout.check_space(sum(f.size for f in manifest.files), self.limits.disk_factor)
+            except (ReleaseRefused, UpdateRefused) as exc:
+                self._note(state, offer.version or None, "refused", f"{exc.reason}: {exc}", logging.WARNING)
+                if offer.version:
+                    await self._report(client, offer.version, "refused", f"{exc.reason}: {exc}")
+                return Outcome("refused", offer.version or None, exc.reason)
+            return await self._leased(client, state, manifest, directory, installed, force=force)
+
     # ------------------------------------------------------------------ download .. finish
 
     async def _download(self, client: RelayClient, manifest: Manifest) -> Path:
@@ -185,7 +218,11 @@ class Updater:
             return Outcome("refused", version, exc.reason)
         self._note(state, version, "downloaded")
         await self._report(client, version, "downloaded")
+        return await self._leased(client, state, manifest, wheelhouse, installed, force=force)
 
+    async def _leased(self, client: RelayClient, state: State, manifest: Manifest, wheelhouse: Path, installed: str, *, force: bool) -> Outcome:
+        """Take the lease (unless ``force``), renew it while installing, switching and judging."""
+        version = manifest.version
         token = None
         if not force:
             try:
@@ -197,13 +234,16 @@ class Updater:
                 return Outcome("lease_refused", version, exc.reason)
             token = lease["token"]
             log.info("update lease taken", extra={"version": version, "token": token, "group": lease.get("group"), "expires": lease.get("expires")})
-        renewer = asyncio.create_task(self._renew(client, token, lease.get("expires") if token is not None else None))
+        else:
+            log.warning("updating without the group's lease (--force)", extra={"version": version})
+        renewer = asyncio.create_task(self._renew(client, token, lease.get("expires"))) if token is not None else None
         try:
             return await self._install_and_switch(client, state, version, wheelhouse, manifest, installed, token, renewer)
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
 
     async def _renew(self, client: RelayClient, token: int | None, expires: float | None) -> None:
         """Renew the lease at a third of its remaining life; a stale lease ends the renewals, said once."""
@@ -223,7 +263,7 @@ class Updater:
 
     async def _install_and_switch(
         self, client: RelayClient, state: State, version: str, wheelhouse: Path, manifest: Manifest,
-        installed: str, token: int | None, renewer: asyncio.Task,
+        installed: str, token: int | None, renewer: asyncio.Task | None,
     ) -> Outcome:
         wheels = [Wheel(f.name, f.sha256) for f in manifest.files]
         try:
@@ -239,7 +279,7 @@ class Updater:
             return Outcome("failed", version, str(exc))
         self._note(state, version, "installed")
         await self._report(client, version, "installed", token=token)
-        if renewer.done():
+        if renewer is not None and renewer.done():
             # The lease went stale before the switch: someone else may be updating this group now.
             self._note(state, version, "refused", "the update lease was lost before the switch; next check", logging.WARNING)
             return Outcome("lease_lost", version)
