@@ -133,7 +133,9 @@ def build_release(version: str, *, patch: dict[str, tuple[str, str]] | None = No
     home = CACHE / "releases" / f"{version}-{key}"
     wheelhouse = home / "wheelhouse"
     if not (home / ".complete").exists():
-        shutil.rmtree(home, ignore_errors=True)
+        # One build per version name is kept: the cache does not grow with every edit.
+        for stale in home.parent.glob(f"{version}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         src = home / "src"
         _copy_tree(files, src)
         pyproject = src / "pyproject.toml"
