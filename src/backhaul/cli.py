@@ -19,11 +19,18 @@ def _handler(path: str):
     return run
 
 
+def _version() -> str:
+    from backhaul import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backhaul", description="Outbound-only private network connector and relay.")
     parser.add_argument(
         "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default info (or the settings file's)"
     )
+    parser.add_argument("--version", action="version", version=f"backhaul {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     service = commands.add_parser("service", help="the relay service").add_subparsers(dest="action", required=True)
@@ -104,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reach the relay through this HTTP CONNECT proxy, http://[USER:PASSWORD@]HOST:PORT "
         "(default: HTTPS_PROXY unless NO_PROXY names the relay)",
     )
+    p.add_argument(
+        "--release-key", action="append", default=[], metavar="FILE",
+        help="public key releases must be signed with (from `backhaul release keygen`; repeat for several); "
+        "without one the updater installs nothing",
+    )
     p.set_defaults(func=_handler("backhaul.connector.enroll:register"))
     p = connector.add_parser(
         "run", help="run the connector",
@@ -182,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     demo.set_defaults(func=_handler("backhaul.demo:demo"))
+
+    release = commands.add_parser("release", help="signed connector releases (the publisher's side)").add_subparsers(
+        dest="action", required=True
+    )
+    p = release.add_parser("keygen", help="make an Ed25519 release signing key pair")
+    p.add_argument("--private", required=True, metavar="FILE", help="the private key (0600; keep it off the relay)")
+    p.add_argument("--public", required=True, metavar="FILE", help="the public key, to pin on connectors")
+    p.set_defaults(func=_handler("backhaul.release.publish:keygen"))
 
     admin = commands.add_parser("admin", help="administer the relay service")
     importlib.import_module("backhaul.admin.commands").add_parser(admin)

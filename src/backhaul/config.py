@@ -439,6 +439,41 @@ class EnrollLimits:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReleaseLimits:
+    """Bounds on the signed releases the relay stores and serves (``admin release publish``).
+
+    A release is the backhaul wheel and the wheels it depends on, about 15 files and 30 MB.
+    Only an admin can upload, but a mistaken or stolen admin token must not fill the relay's
+    disk, and the relay reads nothing from an upload beyond what the signed manifest says.
+    """
+
+    #: Bytes of a signed manifest: ~150 bytes per file, so 64 files fit in 12 KiB; 32 KiB
+    #: keeps the whole upload request (base64 manifest, signature, public key) inside
+    #: ControlSettings.max_body.
+    max_manifest: int = 32 * 1024
+    #: Files of one release: a backhaul wheelhouse has about 15 (backhaul and its dependencies).
+    max_files: int = 64
+    #: Bytes of one file: the largest wheel of the wheelhouse (cryptography, uvloop) is 4-5 MB.
+    max_file_size: int = 64 * 1024 * 1024
+    #: Bytes of one release, all files together: twice a wheelhouse with room for growth.
+    max_release_size: int = 128 * 1024 * 1024
+    #: Releases holding files at once (uploading or published): the current one, the next,
+    #: and a few to go back to. Revoking one frees its files. At most
+    #: max_stored x max_release_size (1 GiB) of the store is release files.
+    max_stored: int = 8
+    #: Release records, revoked ones included (a revoked record holds no files, ~1 KiB, and
+    #: is what stops the same version being uploaded again).
+    max_records: int = 1000
+    #: Bytes per stored chunk of a file (one SQLite BLOB row): an upload or a download holds
+    #: at most one chunk in memory, and one write transaction stays short.
+    chunk_size: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"release limit {field.name} must be positive")
+
+
 class UpdaterLimits:
     """How the updater (backhaul.updater) checks, installs and judges a new connector release.
 

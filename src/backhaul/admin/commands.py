@@ -88,6 +88,19 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("group")
     leaf(connector, "delete", connector_delete, "delete a connector and revoke its certificate").add_argument("id")
 
+    # -- releases
+    release = objects.add_parser("release", help="signed connector releases").add_subparsers(dest="admin_action", required=True)
+    p = leaf(release, "publish", release_publish, "sign a wheelhouse with your key and upload it as a release")
+    p.add_argument("wheels", nargs="+", metavar="WHEEL", help="the backhaul wheel and the wheels it depends on")
+    p.add_argument("--signing-key", required=True, metavar="FILE", help="private key from `backhaul release keygen` (stays here)")
+    p.add_argument("--auto", action="store_true", help="connectors' updaters install it without a person (default: by `updater apply`)")
+    p.add_argument(
+        "--expires", type=float, default=90.0, metavar="DAYS",
+        help="days the signed manifest stays valid; connectors refuse it afterwards (default 90)",
+    )
+    leaf(release, "list", release_list, "list releases: version, state, files")
+    leaf(release, "revoke", release_revoke, "revoke a release: never served again").add_argument("version")
+
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One admin API call with the credentials the options name."""
@@ -263,3 +276,41 @@ def connector_assign(args: argparse.Namespace) -> int:
 def connector_delete(args: argparse.Namespace) -> int:
     data = call(args, "DELETE", f"/v1/connectors/{_quote(args.id)}")
     return _emit(args, data, f"deleted connector {args.id}; its certificate is revoked")
+
+
+# -- releases
+
+
+def release_publish(args: argparse.Namespace) -> int:
+    # Imported here: building the CLI parser must not pay for aiohttp and cryptography.
+    from backhaul.admin.client import resolve_target
+    from backhaul.release.publish import publish
+
+    target = resolve_target(service=args.service, token_file=args.token_file, data_dir=args.data_dir, ca_file=args.ca)
+    data = publish(args, target)
+    human = (
+        f"release {data['version']} {data['state']}: {data['files']} file(s) signed by key {data['key_id']}, "
+        f"{'rolled out automatically' if args.auto else 'installed by `updater apply`'}, expires {when(data['expires'])}"
+    )
+    return _emit(args, data, human)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KiB"
+
+
+def release_list(args: argparse.Namespace) -> int:
+    data = call(args, "GET", "/v1/releases")
+    rows = [
+        [
+            r["version"], r["state"] + (f" ({len(r['missing'])} missing)" if r["state"] == "incomplete" else ""),
+            "yes" if r["auto"] else "no", r["key_id"], when(r["issued"]), when(r["expires"]), len(r["files"]), _size(r["size"]),
+        ]
+        for r in data
+    ]
+    return _emit(args, data, table(["VERSION", "STATE", "AUTO", "KEY", "ISSUED", "EXPIRES", "FILES", "SIZE"], rows))
+
+
+def release_revoke(args: argparse.Namespace) -> int:
+    data = call(args, "DELETE", f"/v1/releases/{_quote(args.version)}")
+    return _emit(args, data, f"revoked release {data['revoked']}; it is never served to connectors again")

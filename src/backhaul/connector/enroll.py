@@ -162,7 +162,14 @@ def register(args: argparse.Namespace) -> int:
     pin = pki.normalize_fingerprint(args.ca_sha256)
     token = enrollment_token(args.token, args.token_file, os.environ)
     name = args.name or socket.gethostname()
+    # Read before enrolling: a wrong key file must not cost the (single-use) token.
+    from backhaul.release import keys as release_keys
+
+    pinned = [release_keys.load_public(Path(path)) for path in getattr(args, "release_key", [])]
     result = asyncio.run(enroll(service_url, pin, token, name, proxy))
+    # Before connector.json, which marks the registration complete: a registered connector has its keys.
+    for key in pinned:
+        release_keys.pin(state_dir, key)
     write_state(
         state_dir,
         service_url=service_url,
@@ -178,7 +185,16 @@ def register(args: argparse.Namespace) -> int:
     add_admin_log(LogFiles(directory=state_dir / LOG_DIR))
     log.info(
         "connector registered",
-        extra={"connector_id": result["connector_id"], "connector_name": name, "group": result["group"], "service": service_url},
+        extra={
+            "connector_id": result["connector_id"], "connector_name": name, "group": result["group"], "service": service_url,
+            "release_keys": [release_keys.key_id(k) for k in pinned],
+        },
     )
     print(f"registered connector {result['connector_id']} ({name}) in group {result['group']}; state in {state_dir}")
+    if pinned:
+        from backhaul.release.manifest import key_id
+
+        print(f"release keys pinned: {', '.join(key_id(k) for k in pinned)}")
+    else:
+        print("no release key pinned (--release-key FILE): the updater will install nothing on this connector")
     return 0

@@ -145,6 +145,8 @@ def _log_files(args: argparse.Namespace, state_dir: Path) -> LogFiles:
 
 
 def _state_info(state) -> dict:
+    from backhaul.connector.state import release_keys_summary
+
     expires = state.cert_not_after
     return {
         "connector_id": state.connector_id,
@@ -152,6 +154,7 @@ def _state_info(state) -> dict:
         "service": state.service_url,
         "certificate_expires": expires.isoformat(),
         "certificate_days_left": round((expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() / 86400, 1),
+        **release_keys_summary(state.state_dir),
     }
 
 
@@ -191,6 +194,7 @@ def _status_table(info: dict) -> str:
         ("connector", f"{info['connector_id']} ({info['name']})"),
         ("service", info["service"]),
         ("certificate expires", f"{info['certificate_expires']} ({info['certificate_days_left']} days left)"),
+        ("release keys", info.get("release_keys_error") or ", ".join(info["release_keys"]) or "none pinned: the updater installs nothing"),
         ("running", "yes" if info["running"] else "no"),
     ]
     if not info["running"]:

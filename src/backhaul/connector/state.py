@@ -1,8 +1,9 @@
 """The connector's state dir: service URL, id, key, certificate and the service CA.
 
 Layout: ``connector.json`` ({"service", "connector_id", "name"}), ``ca.pem``,
-``cert.pem``, ``key.pem`` (0600). ``connector.json`` is written last at registration,
-so its presence means the registration completed.
+``cert.pem``, ``key.pem`` (0600), ``release-keys/<key_id>.pem`` (the public keys releases
+must be signed with, ``register --release-key``). ``connector.json`` is written last at
+registration, so its presence means the registration completed.
 """
 
 from __future__ import annotations
@@ -153,3 +154,14 @@ def _finish_replacement(state_dir: Path) -> None:
         os.replace(cert_next, state_dir / "cert.pem")
     elif key_next.exists():
         key_next.unlink()
+
+
+def release_keys_summary(state_dir: Path) -> dict:
+    """{"release_keys": [key ids pinned]} for `connector status`; with "release_keys_error" when
+    the pinned keys cannot be read (the connector runs regardless; its updater installs nothing)."""
+    from backhaul.release import keys
+
+    try:
+        return {"release_keys": keys.pinned_ids(Path(state_dir))}
+    except ConfigError as exc:
+        return {"release_keys": [], "release_keys_error": str(exc)}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from backhaul import pki
-from backhaul.config import EnrollLimits
+from backhaul.config import EnrollLimits, ReleaseLimits
 from backhaul.store import Store, open_store
 
 DAY = 86400.0
@@ -45,6 +45,8 @@ class ControlSettings:
     #: 30 s more: five minutes covers several such rounds, and is short next to the up
     #: to 90 days the old certificate would otherwise stay good for.
     replaced_cert_grace_max: float = 300.0
+    #: Signed releases the relay stores and serves (see config.ReleaseLimits).
+    releases: ReleaseLimits = ReleaseLimits()
 
     @property
     def replaced_cert_grace(self) -> float:

@@ -258,6 +258,70 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
         ),
         "AssignRequest": _obj(["group"], group=_NAME),
         "Deleted": _obj(["deleted"], deleted=_S),
+        **_release_schemas(settings),
+    }
+
+
+# -- releases
+
+
+def _b64_text(size: int, what: str) -> dict[str, Any]:
+    return {"type": "string", "contentEncoding": "base64", "maxLength": (size + 2) // 3 * 4, "description": what}
+
+
+def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
+    from backhaul.release import manifest as rm
+
+    limits = settings.releases
+    version = {"type": "string", "maxLength": rm.MAX_VERSION, "pattern": _whole(rm.VERSION_PATTERN)}
+    file_entry = _obj(["name", "sha256", "size"], name=_S, sha256=_S, size=_I)
+    return {
+        "ReleaseUpload": {
+            **_obj(
+                ["manifest", "signature", "public_key"],
+                manifest=_b64_text(limits.max_manifest, f"the signed manifest's exact bytes ({rm.FORMAT}, canonical JSON)"),
+                signature=_b64_text(rm.SIGNATURE_SIZE, "Ed25519 signature of the manifest bytes"),
+                public_key={"type": "string", "maxLength": 4096, "description": "PEM public key the manifest's key_id names"},
+                auto=_B,
+            ),
+            "additionalProperties": False,
+        },
+        "ReleaseFile": _obj(["name", "sha256", "size", "complete"], name=_S, sha256=_S, size=_I, complete=_B),
+        "Release": _obj(
+            ["version", "state", "auto", "key_id", "issued", "expires", "size", "files", "missing"],
+            version=_S,
+            state={"type": "string", "enum": ["incomplete", "published", "revoked"]},
+            auto=_B,
+            key_id=_S,
+            issued=_I,
+            expires=_I,
+            created=_N,
+            revoked={"type": ["number", "null"]},
+            size=_I,
+            files={"type": "array", "items": _ref("ReleaseFile")},
+            missing={"type": "array", "items": _S, "description": "files not uploaded yet"},
+        ),
+        "ReleaseFileStored": _obj(
+            ["version", "name", "state", "missing"], version=_S, name=_S, state=_S, missing={"type": "array", "items": _S}
+        ),
+        "Updates": _obj(
+            ["release"],
+            release={
+                "oneOf": [
+                    _NULL,
+                    _obj(
+                        ["version", "manifest", "signature", "auto", "files"],
+                        version=_S,
+                        manifest={"type": "string", "contentEncoding": "base64"},
+                        signature={"type": "string", "contentEncoding": "base64"},
+                        auto=_B,
+                        files={"type": "array", "items": file_entry},
+                    ),
+                ],
+                "description": "the release to look at, or null; the connector checks it against its pinned keys",
+            },
+        ),
+        "Version": version,
     }
 
 
@@ -299,6 +363,19 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
     ("get", "/v1/connectors", "List connectors", "admin", None, "200", {"type": "array", "items": _ref("Connector")}),
     ("delete", "/v1/connectors/{id}", "Delete a connector and revoke its certificate", "admin", None, "200", _ref("Deleted")),
     ("put", "/v1/connectors/{id}/group", "Move a connector to another group", "admin", "AssignRequest", "200", _ref("Connector")),
+    # -- releases
+    ("post", "/v1/releases", "Store a signed release manifest; its files follow (PUT)", "admin", "ReleaseUpload", "201", _ref("Release")),
+    ("get", "/v1/releases", "List releases", "admin", None, "200", {"type": "array", "items": _ref("Release")}),
+    ("delete", "/v1/releases/{version}", "Revoke a release: never served again, its files dropped", "admin", None, "200", _ref("Revoked")),
+    (
+        "put", "/v1/releases/{version}/files/{name}", "Upload one file of a release (raw body, exactly the manifest's size)",
+        "admin", "RawFile", "200", _ref("ReleaseFileStored"),
+    ),
+    (
+        "get", "/v1/releases/{version}/files/{name}", "Download one file of a published release", "mtls", None, "200",
+        {"type": "string", "format": "binary"},
+    ),
+    ("get", "/v1/updates", "The newest release for this connector, or the one asked for", "mtls", None, "200", _ref("Updates")),
 ]
 
 
@@ -330,6 +407,7 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
         if params:
             op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": _S} for p in params]
         paths.setdefault(path, {})[method] = op
+    _release_operations(paths, settings)
     return {
         "openapi": "3.1.0",
         "info": {"title": "backhaul control API", "version": __version__},
@@ -342,3 +420,26 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
             },
         },
     }
+
+
+def _release_operations(paths: dict[str, dict[str, Any]], settings: ControlSettings) -> None:
+    """What the release routes have beyond the common shape: raw bodies, 410, query parameters."""
+    files = "/v1/releases/{version}/files/{name}"
+    gone = {"description": "the release is revoked", **_json(_ref("Error"))}
+    upload = paths[files]["put"]
+    upload["requestBody"] = {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    upload["responses"]["413"] = {"description": "the body is longer than the signed manifest says (nothing past that is read)", **_json(_ref("Error"))}
+    download = paths[files]["get"]
+    download["responses"]["200"] = {
+        "description": "the file's bytes",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+    for op in (upload, download, paths["/v1/releases/{version}"]["delete"], paths["/v1/updates"]["get"]):
+        op["responses"]["410"] = gone
+    paths["/v1/updates"]["get"]["parameters"] = [
+        {"name": name, "in": "query", "required": False, "schema": _ref("Version"), "description": text}
+        for name, text in (
+            ("installed", "the version the connector runs: only newer releases are offered"),
+            ("version", "this release (a manual update), newer or not"),
+        )
+    ]

@@ -17,6 +17,8 @@ from backhaul import pki
 from backhaul.errors import ConfigError
 from backhaul.release.manifest import key_id
 
+__all__ = ["generate", "key_id", "load_pinned", "load_private", "load_public", "parse_public", "pin", "pinned_ids", "public_pem"]
+
 #: Directory of a connector's state dir that holds the pinned release keys.
 PINNED_DIR = "release-keys"
 #: A connector pins a handful of keys (the current one, the next during a rotation); more

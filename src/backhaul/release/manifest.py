@@ -41,6 +41,14 @@ MAX_VERSION = 64
 #: A plain wheel file name: no directory part, no "..", nothing a path join could turn into
 #: a different place. (``packaging.utils.parse_wheel_filename`` checks the structure.)
 _WHEEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl")
+#: Versions a release may have: PEP 440 public versions in normal form (what
+#: ``str(packaging.version.Version(v))`` gives), without a local part: a release is public.
+#: The control API documents the same pattern for ``?installed=`` and ``?version=``.
+VERSION_PATTERN = (
+    r"(?:[1-9][0-9]*!)?(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*"
+    r"(?:(?:a|b|rc)(?:0|[1-9][0-9]*))?(?:\.post(?:0|[1-9][0-9]*))?(?:\.dev(?:0|[1-9][0-9]*))?"
+)
+_VERSION = re.compile(VERSION_PATTERN)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -156,6 +164,10 @@ def parse_version(text: object) -> Version:
     """A PEP 440 version; ``ReleaseRefused('malformed')`` when ``text`` is not one."""
     if not isinstance(text, str) or not text or len(text) > MAX_VERSION:
         raise ReleaseRefused("malformed", f"release version {text!r} is not a version string")
+    if not _VERSION.fullmatch(text):
+        raise ReleaseRefused(
+            "malformed", f"release version {text!r} is not a public PEP 440 version in normal form (e.g. 1.2.0, 1.3.0rc1)"
+        )
     try:
         version = Version(text)
     except InvalidVersion:
@@ -267,3 +279,27 @@ def check_file(entry: FileEntry, path: Path) -> None:
             raise ReleaseRefused("bad_size", f"{entry.name} grew while it was read")
     if digest.hexdigest() != entry.sha256:
         raise ReleaseRefused("bad_hash", f"{entry.name} has sha256 {digest.hexdigest()}, the manifest says {entry.sha256}")
+
+
+#: The distribution a release is a version of (its other files are its dependencies).
+PROJECT = "backhaul"
+
+
+def check_project_wheel(manifest: Manifest) -> None:
+    """Refuse a release without a backhaul wheel of its own version, or with one of another.
+
+    A release's version is its backhaul wheel's: a manifest saying 1.3.0 around a 1.2.0
+    wheel would install something other than what it announces.
+    """
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    versions = set()
+    for entry in manifest.files:
+        name, version, _, _ = parse_wheel_filename(entry.name)
+        if name == canonicalize_name(PROJECT):
+            versions.add(str(version))
+    if versions != {manifest.version}:
+        found = ", ".join(sorted(versions)) or "none"
+        raise ReleaseRefused(
+            "malformed", f"release {manifest.version} must hold a {PROJECT} wheel of version {manifest.version} and no other (found: {found})"
+        )

@@ -174,6 +174,68 @@ class Connector:
         return data
 
 
+# -- releases
+
+
+#: States of a stored release: files still being uploaded, served to connectors, withdrawn.
+RELEASE_STATES = ("incomplete", "published", "revoked")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseFile:
+    """One file of a stored release, as the signed manifest describes it."""
+
+    name: str
+    sha256: str
+    size: int
+    #: All its bytes are stored and matched the manifest's size and SHA-256.
+    complete: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A signed release as stored: the manifest and signature exactly as signed, the
+    publisher's public key sent with them, and what the relay decides (``auto``, ``state``)."""
+
+    version: str
+    manifest: bytes
+    signature: bytes
+    public_key: str
+    key_id: str
+    issued: int
+    expires: int
+    auto: bool
+    state: str
+    created: float
+    files: tuple[ReleaseFile, ...] = ()
+    revoked: float | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def missing(self) -> list[str]:
+        """Names of the files not uploaded yet."""
+        return [f.name for f in self.files if not f.complete]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The release as listed (without the manifest and signature bytes)."""
+        return {
+            "version": self.version,
+            "state": self.state,
+            "auto": self.auto,
+            "key_id": self.key_id,
+            "issued": self.issued,
+            "expires": self.expires,
+            "created": self.created,
+            "revoked": self.revoked,
+            "size": self.size,
+            "files": [dataclasses.asdict(f) for f in self.files],
+            "missing": self.missing,
+        }
+
+
 class Store(abc.ABC):
     """Everything the control plane and the relay keep. Every method is short and blocking.
 
@@ -309,3 +371,50 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def delete_app(self, name: str) -> None: ...
+
+    # -- releases (signed connector releases; see backhaul.release)
+
+    @abc.abstractmethod
+    def create_release(self, release: Release, *, max_stored: int, max_records: int) -> tuple[Release, bool]:
+        """Store a new, ``incomplete`` release with its files (none uploaded yet).
+
+        Storing the same manifest again while it is incomplete returns the stored one (so an
+        interrupted upload can resume); another manifest of an incomplete version replaces it
+        (it was never served); (release, created) says which. Conflict for a published or
+        revoked release of that version; LimitReached beyond ``max_stored`` releases holding files
+        (incomplete or published) or ``max_records`` rows in all."""
+
+    @abc.abstractmethod
+    def list_releases(self) -> list[Release]:
+        """Every release, revoked ones included, newest first by creation."""
+
+    @abc.abstractmethod
+    def get_release(self, version: str) -> Release | None: ...
+
+    @abc.abstractmethod
+    def revoke_release(self, version: str) -> Release:
+        """Mark the release revoked (never served again) and drop its file bytes."""
+
+    @abc.abstractmethod
+    def begin_file_upload(self, version: str, name: str) -> str:
+        """Start (or restart) the upload of one file of an incomplete release; the upload id.
+        Earlier partial bytes of that file are dropped. Conflict when the release is not
+        incomplete or the file is already complete; NotFound when there is no such file."""
+
+    @abc.abstractmethod
+    def put_file_chunk(self, version: str, name: str, upload: str, seq: int, data: bytes) -> None:
+        """Store chunk ``seq`` of an upload; Conflict when ``upload`` is no longer the current one."""
+
+    @abc.abstractmethod
+    def finish_file_upload(self, version: str, name: str, upload: str) -> Release:
+        """Mark the file complete (its bytes checked by the caller); the release becomes
+        ``published`` once every file is. Conflict when ``upload`` is no longer current."""
+
+    @abc.abstractmethod
+    def abort_file_upload(self, version: str, name: str, upload: str) -> None:
+        """Drop the bytes of a refused or broken upload (if it is still the current one)."""
+
+    @abc.abstractmethod
+    def read_file_chunk(self, version: str, name: str, seq: int) -> bytes | None:
+        """Chunk ``seq`` of a complete file of a published release; None when there is none
+        (past the end, or the release was revoked meanwhile)."""

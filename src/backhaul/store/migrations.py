@@ -108,4 +108,47 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE UNIQUE INDEX tokens_id ON tokens (id)",
         ),
     ),
+    # -- releases
+    (
+        5,
+        (
+            # Signed releases as uploaded by `admin release publish`: the manifest and signature
+            # exactly as signed, the public key sent with them (the relay holds no private key),
+            # and the relay-side choices (auto). A revoked release keeps its row, never its files.
+            """CREATE TABLE releases (
+                version TEXT PRIMARY KEY,
+                manifest BLOB NOT NULL,
+                signature BLOB NOT NULL,
+                public_key TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                issued INTEGER NOT NULL,
+                expires INTEGER NOT NULL,
+                auto INTEGER NOT NULL DEFAULT 0,
+                state TEXT NOT NULL CHECK (state IN ('incomplete', 'published', 'revoked')),
+                created REAL NOT NULL,
+                revoked REAL
+            )""",
+            # One row per file of a release (from the manifest); `upload` is the id of the upload
+            # under way, so chunks of an older, abandoned upload of the same file are refused.
+            """CREATE TABLE release_files (
+                version TEXT NOT NULL REFERENCES releases (version) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                complete INTEGER NOT NULL DEFAULT 0,
+                upload TEXT,
+                PRIMARY KEY (version, name)
+            )""",
+            # File bytes in chunks of ReleaseLimits.chunk_size: written and served a chunk at a
+            # time, so neither an upload nor a download holds a whole wheel in memory.
+            """CREATE TABLE release_chunks (
+                version TEXT NOT NULL,
+                name TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                data BLOB NOT NULL,
+                PRIMARY KEY (version, name, seq),
+                FOREIGN KEY (version, name) REFERENCES release_files (version, name) ON DELETE CASCADE
+            )""",
+        ),
+    ),
 )
