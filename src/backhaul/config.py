@@ -474,6 +474,7 @@ class ReleaseLimits:
                 raise ValueError(f"release limit {field.name} must be positive")
 
 
+@dataclasses.dataclass(frozen=True)
 class UpdaterLimits:
     """How the updater (backhaul.updater) checks, installs and judges a new connector release.
 
