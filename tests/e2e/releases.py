@@ -52,9 +52,9 @@ def release_env(**extra: str) -> dict[str, str]:
     """The environment for processes that run a test release (see the module docstring).
 
     PYTHONPATH stays: the updater under test runs from the source tree; it keeps PYTHONPATH
-    away from the venvs it makes itself (updater.install.clean_env)."""
-    env = {k: v for k, v in os.environ.items() if k != "BACKHAUL_REQUIRE_EXT"}
-    return {**env, **extra}
+    away from the venvs it makes itself (updater.install.clean_env). BACKHAUL_REQUIRE_EXT is
+    set to 0 rather than removed, so that harness.Proc (which adds to os.environ) keeps it off."""
+    return {**os.environ, "BACKHAUL_REQUIRE_EXT": "0", **extra}
 
 
 def _source_files() -> list[str]:

@@ -120,7 +120,7 @@ def test_first_install_then_refusals_leave_nothing_installed(tmp_path, releases)
 
 def test_supervised_connector_updates_and_a_release_that_cannot_start_is_rolled_back(tmp_path, releases, monkeypatch):
     # The supervised connector runs a test release, built without the Cython extension.
-    monkeypatch.delenv("BACKHAUL_REQUIRE_EXT", raising=False)
+    monkeypatch.setenv("BACKHAUL_REQUIRE_EXT", "0")
     root = tmp_path / "root"
     _updater("install", "--install-root", str(root), "--wheelhouse", str(releases[V1].wheelhouse), "--no-systemd")
     key = Ed25519PrivateKey.generate()
@@ -170,3 +170,106 @@ def test_supervised_connector_updates_and_a_release_that_cannot_start_is_rolled_
             for proc in procs:
                 proc.stop()
     print("\n" + "\n".join(f"{what}: {seconds:.1f} s" for what, seconds in TIMINGS.items()), file=sys.stderr)
+
+
+def _lease_endpoints() -> bool:
+    """The relay's update leases (the rollout part of issue 11) are in this tree."""
+    import backhaul.store.base as store_base
+
+    return hasattr(store_base, "UpdateLease")
+
+
+def _steps(log: Path, step: str) -> list[dict]:
+    import json
+
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == f"update {step}":
+            out.append(entry)
+    return out
+
+
+@pytest.mark.skipif(not _lease_endpoints(), reason="needs the relay's update lease endpoints (rollout branch)")
+def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_release_halts_it(tmp_path, releases):
+    from .harness import EchoLoad, Proc
+
+    env = release_env()
+    key_priv, key_pub = tmp_path / "release.key", tmp_path / "release.pub"
+    procs: list = []
+    with running_relay(tmp_path) as system:
+        system.cli("release", "keygen", "--private", str(key_priv), "--public", str(key_pub))
+        backend = Backend("echo", tmp_path, procs)
+        port = system.publish_tcp("echo", backend.target)
+        config = tmp_path / "connector.toml"
+        config.write_text("workers = 1\ntunnels = 2\nheartbeat_interval = 1\ndrain_timeout = 5\n")
+        roots, updaters = {}, {}
+        try:
+            for name in ("c1", "c2"):
+                state = tmp_path / f"conn-{name}"
+                system.cli(
+                    "connector", "register", "--service", system.url, "--token", system.token(), "--ca-sha256", system.ca_sha256,
+                    "--state-dir", str(state), "--name", name, "--release-key", str(key_pub),
+                )
+                roots[name] = tmp_path / f"root-{name}"
+                _updater("install", "--install-root", str(roots[name]), "--wheelhouse", str(releases[V1].wheelhouse), "--no-systemd")
+                updaters[name] = Proc(
+                    f"updater-{name}",
+                    BACKHAUL + ["updater", "run", "--state-dir", str(state), "--install-root", str(roots[name]), "--supervise",
+                                "--check-interval", "1", "--connector-config", str(config),
+                                "--limit", "stable_period=3", "--limit", "status_interval=0.5", "--limit", "stop_timeout=20"],
+                    tmp_path, env,
+                )
+                procs.append(updaters[name])
+            for name in roots:
+                system.wait_tunnels(name, 2)
+            system.wait_app(port)
+
+            started = time.monotonic()
+            load = EchoLoad(port, clients=4, seconds=60, max_each=100000).start()
+            system.admin("release", "publish", *map(str, releases[V2].files), "--signing-key", str(key_priv), "--auto")
+            wait_until(
+                lambda: all(os.readlink(r / "current") == f"versions/{V2}" for r in roots.values())
+                and all(system.connector_info(n).get("version") == V2 for n in roots),
+                180, "both connectors on the new version", interval=0.5,
+            )
+            TIMINGS["publish to a group of 2 on the new version"] = time.monotonic() - started
+            wait_until(
+                lambda: all(_steps(r / "logs" / "updater.log", "healthy") for r in roots.values()), 60,
+                "both updaters to find their new version healthy", interval=0.5,
+            )
+            # Never both at once: each connector's [switched, healthy] interval is apart from the other's.
+            spans = sorted(
+                (_steps(roots[n] / "logs" / "updater.log", "switched")[-1]["ts"], _steps(roots[n] / "logs" / "updater.log", "healthy")[-1]["ts"])
+                for n in roots
+            )
+            assert spans[0][1] <= spans[1][0], spans
+            load.seconds = 0  # the threads stop at their deadline; join what ran
+            attempts = load.join(timeout=90)
+            failed = [a for a in attempts if not a.ok and a.started < time.monotonic()]
+            TIMINGS["new connections during the rollout"] = len(attempts)
+            assert attempts and not failed, f"{len(failed)} of {len(attempts)} new connections failed: {failed[:3]}"
+
+            # A release that cannot start: rolled back where it was tried, the rollout halts, the other never tries.
+            system.admin("release", "publish", *map(str, releases[BROKEN].files), "--signing-key", str(key_priv), "--auto")
+            wait_until(
+                lambda: any(_steps(r / "logs" / "updater.log", "rolled_back") for r in roots.values()), 120,
+                "the broken release to be rolled back", interval=0.5,
+            )
+            assert all(os.readlink(r / "current") == f"versions/{V2}" for r in roots.values())
+            system.wait_app(port)
+            tried = [n for n, r in roots.items() if _steps(r / "logs" / "updater.log", "rolled_back")]
+            assert len(tried) == 1
+            status = system.admin_json("rollout", "status")
+            assert "halted" in str(status) and BROKEN in str(status), status
+            for proc in updaters.values():
+                assert proc.alive(), proc.log()[-3000:]
+        finally:
+            for proc in reversed(procs):
+                proc.stop(timeout=40)
+    print("\n" + "\n".join(f"{what}: {value:.1f}" for what, value in TIMINGS.items()), file=sys.stderr)

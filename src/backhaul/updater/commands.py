@@ -50,9 +50,10 @@ def _limits(args: argparse.Namespace) -> UpdaterLimits:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
+    from backhaul.connector.state import ConnectorState
+
     path = Path(args.state_dir)
-    if not (path / "state.json").exists():
-        raise ConfigError(f"{path} is not a registered connector's state dir (no state.json); register first")
+    ConnectorState.load(path)  # fails here, in words, on a missing or expired registration
     return path
 
 
