@@ -231,7 +231,8 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
             system.wait_app(port)
 
             started = time.monotonic()
-            load = EchoLoad(port, clients=4, seconds=60, max_each=100000).start()
+            # New connections all through the rollout (about 25 s here), each a fresh stream.
+            load = EchoLoad(port, clients=4, seconds=30, max_each=100000).start()
             system.admin("release", "publish", *map(str, releases[V2].files), "--signing-key", str(key_priv), "--auto")
             wait_until(
                 lambda: all(os.readlink(r / "current") == f"versions/{V2}" for r in roots.values())
@@ -249,9 +250,8 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
                 for n in roots
             )
             assert spans[0][1] <= spans[1][0], spans
-            load.seconds = 0  # the threads stop at their deadline; join what ran
             attempts = load.join(timeout=90)
-            failed = [a for a in attempts if not a.ok and a.started < time.monotonic()]
+            failed = [a for a in attempts if not a.ok]
             TIMINGS["new connections during the rollout"] = len(attempts)
             assert attempts and not failed, f"{len(failed)} of {len(attempts)} new connections failed: {failed[:3]}"
 

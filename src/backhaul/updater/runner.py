@@ -183,9 +183,12 @@ class Updater:
 
     # ------------------------------------------------------------------ download .. finish
 
-    async def _download(self, client: RelayClient, manifest: Manifest) -> Path:
+    async def _download(self, client: RelayClient, manifest: Manifest) -> tuple[Path, int]:
+        """The release's files in downloads/V/, checked; and how many had to be fetched (0: all
+        were there from an earlier check whose lease was refused)."""
         directory = self.layout.downloads(manifest.version)
         directory.mkdir(parents=True, exist_ok=True)
+        fetched = 0
         for entry in manifest.files:
             final = directory / entry.name
             if final.exists():
@@ -203,21 +206,23 @@ class Updater:
                 path.unlink(missing_ok=True)
                 raise
             path.rename(final)
-        return directory
+            fetched += 1
+        return directory, fetched
 
     async def _apply(self, client: RelayClient, state: State, offer: Offer, manifest: Manifest, installed: str, *, force: bool) -> Outcome:
         version = manifest.version
         total = sum(f.size for f in manifest.files)
         try:
             self.layout.check_space(total, self.limits.disk_factor)
-            wheelhouse = await self._download(client, manifest)
+            wheelhouse, fetched = await self._download(client, manifest)
         except (ReleaseRefused, UpdateRefused) as exc:
             shutil.rmtree(self.layout.downloads(version), ignore_errors=True)
             self._note(state, version, "refused", f"{exc.reason}: {exc}", logging.WARNING)
             await self._report(client, version, "refused", f"{exc.reason}: {exc}")
             return Outcome("refused", version, exc.reason)
-        self._note(state, version, "downloaded")
-        await self._report(client, version, "downloaded")
+        if fetched:  # said once per release, not at every check that finds the lease taken
+            self._note(state, version, "downloaded", f"{fetched} of {len(manifest.files)} files fetched")
+            await self._report(client, version, "downloaded")
         return await self._leased(client, state, manifest, wheelhouse, installed, force=force)
 
     async def _leased(self, client: RelayClient, state: State, manifest: Manifest, wheelhouse: Path, installed: str, *, force: bool) -> Outcome:
