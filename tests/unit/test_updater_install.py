@@ -32,3 +32,22 @@ def test_a_file_that_is_not_a_wheel_is_refused():
 def test_a_new_venv_never_sees_the_callers_python_path():
     env = clean_env({"PYTHONPATH": "/src", "PYTHONHOME": "/x", "VIRTUAL_ENV": "/v", "PATH": "/bin", "BACKHAUL_PURE": "1"})
     assert env == {"PATH": "/bin", "BACKHAUL_PURE": "1"}
+
+
+def test_the_units_written_by_updater_install_run_from_current(tmp_path):
+    import shlex
+
+    from backhaul.cli import build_parser
+    from backhaul.updater.bootstrap import unit_text
+
+    root, state = tmp_path / "root", tmp_path / "state"
+    connector = unit_text("backhaul-connector.service", root, state)
+    updater = unit_text("backhaul-updater.service", root, state)
+    for text, command in ((connector, ("connector", "run")), (updater, ("updater", "run"))):
+        (exec_start,) = [line.partition("=")[2] for line in text.splitlines() if line.startswith("ExecStart=")]
+        argv = shlex.split(exec_start)
+        assert argv[0] == f"{root}/current/venv/bin/backhaul"
+        args = build_parser().parse_args(argv[1:])
+        assert (args.command, args.action) == command and args.state_dir == str(state)
+    assert build_parser().parse_args(shlex.split(updater.split("ExecStart=")[1].splitlines()[0])[1:]).install_root == str(root)
+    assert f"ReadWritePaths={root} " in updater and f"ReadOnlyPaths={state}" in updater
