@@ -157,6 +157,12 @@ def test_supervised_connector_updates_and_a_release_that_cannot_start_is_rolled_
             system.wait_app(port)
             wait_until(lambda: system.connector_info("c1").get("version") == V2, 15, "the relay to list c1 at the new version", interval=0.2)
 
+            # An updater that died during the gate: the next start judges the switch it left.
+            layout.record(layout.load_state(), V2, "switched", "as if the updater died during the health gate")
+            outcome = asyncio.run(updater.resume())
+            assert outcome is not None and outcome.step == "healthy", outcome
+            assert asyncio.run(updater.resume()) is None  # judged now: nothing left to judge
+
             started = time.monotonic()
             outcome = asyncio.run(updater.apply_wheelhouse(sign_wheelhouse(releases[BROKEN], key, tmp_path / "broken"), force=True))
             TIMINGS["rollback of a release that cannot start"] = time.monotonic() - started

@@ -133,6 +133,12 @@ async def _loop(updater: Updater, connector) -> int:
     log.info("updater running", extra={"root": str(updater.layout.root), "version": updater.layout.current_version(),
                                        "check_interval": updater.limits.check_interval})
     try:
+        try:
+            resumed = await updater.resume()
+            if resumed is not None:
+                log.info("unjudged switch judged", extra={"step": resumed.step, "version": resumed.version, "reason": resumed.reason})
+        except BackhaulError as exc:
+            log.warning("could not judge the switch an earlier run left", extra={"error": str(exc)})
         while not stop.is_set():
             task = asyncio.create_task(updater.check())
             stopper = asyncio.create_task(stop.wait())

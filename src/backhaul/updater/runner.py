@@ -82,6 +82,26 @@ class Updater:
             self._said.add(key)
             log.info(message, extra=extra)
 
+    async def resume(self) -> Outcome | None:
+        """Judge a switch an earlier updater made but did not finish judging (it was stopped or
+        crashed during the health gate): the last step of the current version is ``switched``.
+        Called at start, after the connector runs; None when there is nothing to judge."""
+        state = self.layout.reconcile()
+        current = self.layout.current_version()
+        last = next((h for h in reversed(state.history) if h.get("version") == current), None)
+        if current is None or last is None or last.get("step") not in ("switched", "reconciled") or not state.previous:
+            return None
+        if not self.layout.version_dir(state.previous).is_dir():
+            return None
+        log.info("judging a switch left unjudged by an earlier run", extra={"version": current, "previous": state.previous})
+        async with RelayClient(self.state_dir) as client:
+            decision = await self._gate(client, current)
+            if decision.verdict is Verdict.FAILED:
+                return await self._roll_back(client, state, current, state.previous, None, decision.reason, None)
+            self._note(state, current, "healthy", decision.reason)
+            await self._report(client, current, "healthy", decision.reason)
+            return Outcome("healthy", current, decision.reason)
+
     # ------------------------------------------------------------------ one check
 
     async def check(self, *, manual: bool = False, version: str | None = None, force: bool = False) -> Outcome:
@@ -294,8 +314,12 @@ class Updater:
         self.layout.set_active(state, version)
         self._note(state, version, "switched", f"from {installed}")
         await self._report(client, version, "switched", token=token)
-        await asyncio.to_thread(self.connector.restart)
-        decision = await self._gate(client, version)
+        try:
+            await asyncio.to_thread(self.connector.restart)
+        except BackhaulError as exc:
+            decision = Decision(Verdict.FAILED, f"restarting the connector failed: {exc}")
+        else:
+            decision = await self._gate(client, version)
         if decision.verdict is Verdict.FAILED:
             return await self._roll_back(client, state, version, installed, older, decision.reason, token)
         self._note(state, version, "healthy", decision.reason)
@@ -332,7 +356,10 @@ class Updater:
         state.active, state.previous = previous, older
         state.failed.append(version)
         self._note(state, version, "rolled_back", f"{reason}; {previous} runs again", logging.ERROR)
-        await asyncio.to_thread(self.connector.restart)
+        try:
+            await asyncio.to_thread(self.connector.restart)
+        except BackhaulError as exc:
+            log.error("restarting the previous version failed", extra={"version": previous, "error": str(exc)})
         await self._report(client, version, "rolled_back", reason, token)
         self.layout.prune(state, self.limits.keep_versions)
         return Outcome("rolled_back", version, reason)
