@@ -281,3 +281,61 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
             for proc in reversed(procs):
                 proc.stop(timeout=40)
     print("\n" + "\n".join(f"{what}: {value:.1f}" for what, value in TIMINGS.items()), file=sys.stderr)
+
+
+def test_releases_from_the_relay_that_must_not_be_installed_leave_the_connector_serving(tmp_path, releases):
+    """Through the relay: a wheel altered in the relay's store, a replay of an older signed
+    release, a release signed by a key that is not pinned, a revoked release."""
+    import sqlite3
+
+    from .harness import Proc
+
+    key_priv, key_pub = tmp_path / "release.key", tmp_path / "release.pub"
+    other_priv, other_pub = tmp_path / "other.key", tmp_path / "other.pub"
+    procs: list = []
+    with running_relay(tmp_path) as system:
+        try:
+            system.cli("release", "keygen", "--private", str(key_priv), "--public", str(key_pub))
+            system.cli("release", "keygen", "--private", str(other_priv), "--public", str(other_pub))
+            backend = Backend("echo", tmp_path, procs)
+            port = system.publish_tcp("echo", backend.target)
+            state = tmp_path / "conn-c1"
+            system.cli(
+                "connector", "register", "--service", system.url, "--token", system.token(), "--ca-sha256", system.ca_sha256,
+                "--state-dir", str(state), "--name", "c1", "--release-key", str(key_pub),
+            )
+            root = tmp_path / "root"
+            _updater("install", "--install-root", str(root), "--wheelhouse", str(releases[V1].wheelhouse), "--no-systemd")
+            connector = Proc("connector-c1", [str(root / "current/venv/bin/backhaul"), "connector", "run", "--state-dir", str(state),
+                                              "--workers", "1", "--tunnels", "2"], tmp_path, release_env(PYTHONPATH=""))
+            procs.append(connector)
+            system.wait_app(port)
+            system.admin("release", "publish", *map(str, releases[V1].files), "--signing-key", str(key_priv))
+            system.admin("release", "publish", *map(str, releases[V2].files), "--signing-key", str(key_priv), "--auto")
+            system.admin("release", "publish", *map(str, releases[BROKEN].files), "--signing-key", str(other_priv), "--auto")
+            # Someone with write access to the relay's store alters a stored wheel of 1.0.2.
+            with sqlite3.connect(system.data_dir / "store.sqlite") as db:
+                (name,) = db.execute("SELECT name FROM release_files WHERE version = ? AND name LIKE 'backhaul-%'", (V2,)).fetchone()
+                db.execute("UPDATE release_chunks SET data = zeroblob(length(data)) WHERE version = ? AND name = ? AND seq = 0", (V2, name))
+
+            apply = ["apply", "--state-dir", str(state), "--install-root", str(root)]
+            for extra, words in (
+                (["--version", V2], "bad_hash"),      # altered in the store: the signed sha256 does not match
+                (["--version", V1], "not_newer"),     # a replay of an older signed release
+                (["--version", BROKEN], "unknown_key"),  # signed, but not by the pinned key
+            ):
+                done = _updater(*apply, *extra, check=False)
+                assert done.returncode != 0 and words in done.stdout + done.stderr, (extra, done.stdout, done.stderr)
+                assert os.readlink(root / "current") == f"versions/{V1}"
+                assert root.joinpath("versions").exists() and sorted(p.name for p in (root / "versions").iterdir()) == [V1]
+                assert connector.alive() and echoes(port)
+            system.admin("release", "revoke", V2)
+            done = _updater(*apply, "--version", V2, check=False)
+            assert done.returncode != 0 and "revoked" in done.stderr, done.stderr
+            history = [h["reason"].split(":")[0] for h in Layout(root).load_state().history if h["step"] == "refused"]
+            assert history == ["bad_hash", "not_newer", "unknown_key"]
+            assert not list((root / "downloads").iterdir())  # the altered download was removed
+            assert connector.alive() and echoes(port)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
