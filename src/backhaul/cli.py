@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install-root", required=True, metavar="ROOT")
     p.add_argument("--version", default=None, metavar="V", help="this release (it must still be newer than the installed one)")
     p.add_argument("--force", action="store_true", help="do not take the group's update lease (the group may lose its last connector)")
+    p.add_argument(
+        "--wheelhouse", default=None, metavar="DIR",
+        help="apply the signed release in DIR (release.manifest, release.sig and the wheels) instead of the relay's",
+    )
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE", help=limit_help)
     p.set_defaults(func=_handler("backhaul.updater.commands:updater_apply"))
     p = updater.add_parser("install", help="first install on a VM: lay out ROOT from a local wheelhouse, install the units")

@@ -2,9 +2,9 @@
 
 Before the first install no key may be pinned yet, so nothing can be verified: the wheelhouse
 is installed as the admin handed it over (said in the log). When the state dir does pin keys
-and the wheelhouse carries a signed manifest (``release.manifest`` and ``release.sig``, as
-`backhaul admin release publish` makes them), it is verified like any update, and only the
-files it lists are installed.
+and the wheelhouse carries a signed manifest (``release.manifest``: the manifest's bytes as
+signed, ``release.sig``: the raw Ed25519 signature), it is verified like any update, and only
+the files it lists are installed. `updater apply --wheelhouse DIR` takes the same layout.
 """
 
 from __future__ import annotations

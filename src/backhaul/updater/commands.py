@@ -71,13 +71,18 @@ def _say(outcome: Outcome) -> int:
 def updater_apply(args: argparse.Namespace) -> int:
     """The manual update, now: the same steps as `run` once, for the newest release or ``--version``."""
     state_dir = _state_dir(args)
+    if args.wheelhouse and args.version:
+        raise ConfigError("--wheelhouse and --version exclude each other: a wheelhouse's signed manifest names its version")
     layout = Layout(args.install_root)
     limits = _limits(args)
     _log_to_root(layout.root)
     with RootLock(layout.root):
         updater = Updater(layout, state_dir, limits, SystemdConnector())
         try:
-            outcome = asyncio.run(updater.check(manual=True, version=args.version, force=args.force))
+            if args.wheelhouse:
+                outcome = asyncio.run(updater.apply_wheelhouse(Path(args.wheelhouse), force=args.force))
+            else:
+                outcome = asyncio.run(updater.check(manual=True, version=args.version, force=args.force))
         except (ReleaseRefused, UpdateRefused) as exc:
             raise ConfigError(f"refused ({exc.reason}): {exc}") from None
     code = _say(outcome)
