@@ -85,6 +85,16 @@ def test_first_install_then_refusals_leave_nothing_installed(tmp_path, releases)
     again = _updater("install", "--install-root", str(root), "--wheelhouse", str(releases[V1].wheelhouse), "--no-systemd")
     assert again.returncode == 0 and os.readlink(root / "current") == f"versions/{V1}"
 
+    # The installed updater itself (its venv has no pip, as every venv here) installs the next
+    # release: the pip it uses is the one CPython bundles (updater.install.pip_command).
+    done = subprocess.run(
+        [str(root / "current/venv/bin/backhaul"), "updater", "install", "--install-root", str(tmp_path / "root-next"),
+         "--wheelhouse", str(releases[V2].wheelhouse), "--no-systemd"],
+        capture_output=True, text=True, timeout=300, env=release_env(PYTHONPATH=""),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _venv_version(tmp_path / "root-next") == V2
+
     # With a pinned key, the wheelhouse's signed manifest is checked; each refusal installs nothing.
     state = tmp_path / "state"
     key = Ed25519PrivateKey.generate()

@@ -51,3 +51,19 @@ def test_the_units_written_by_updater_install_run_from_current(tmp_path):
         assert (args.command, args.action) == command and args.state_dir == str(state)
     assert build_parser().parse_args(shlex.split(updater.split("ExecStart=")[1].splitlines()[0])[1:]).install_root == str(root)
     assert f"ReadWritePaths={root} " in updater and f"ReadOnlyPaths={state}" in updater
+
+
+def test_the_pip_of_a_venv_without_pip_is_the_bundled_wheel(tmp_path):
+    import subprocess
+    import sys
+
+    from backhaul.updater.install import pip_command
+
+    assert pip_command() == [sys.executable, "-m", "pip"]  # this interpreter has pip
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "v")], check=True)
+    python = str(tmp_path / "v" / "bin" / "python")
+    argv = pip_command(python)
+    assert argv[1].endswith(".whl/pip")
+    out = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    major, minor = (int(x) for x in out.split()[1].split(".")[:2])
+    assert (major, minor) >= (22, 3)  # --python exists from 22.3 on

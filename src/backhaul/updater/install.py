@@ -11,6 +11,7 @@ without one, dependencies included.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -63,6 +64,24 @@ def requirements(wheels: Iterable[Wheel]) -> str:
     )
 
 
+def pip_command(python: str = sys.executable) -> list[str]:
+    """How to run a pip that installs into another venv (``--python``, pip >= 22.3).
+
+    The updater's own venv was made without pip (as every venv here is), so the pip is the
+    running interpreter's when it has one, else the wheel that CPython bundles for ensurepip,
+    run straight from the wheel (``python pip.whl/pip``, as pip documents for bootstrapping):
+    offline, and always there where ``python -m venv`` works.
+    """
+    if importlib.util.find_spec("pip") is not None and Path(python) == Path(sys.executable):
+        return [python, "-m", "pip"]
+    import ensurepip
+
+    bundled = sorted(Path(ensurepip.__file__).parent.glob("_bundled/pip-*.whl"))
+    if not bundled:
+        raise UpdateRefused("install_failed", f"no pip to install with: {python} has none and its ensurepip bundles none")
+    return [python, f"{bundled[-1]}/pip"]
+
+
 def _run(argv: list[str], timeout: float, what: str, env: dict[str, str]) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
@@ -101,14 +120,14 @@ def install_version(
     venv = target / "venv"
     env = clean_env()
     try:
-        # --without-pip, then the running interpreter's pip with --python: no pip copied into
-        # every venv (seconds saved and nothing in it that the release did not ship).
+        # --without-pip, then a pip from outside with --python: no pip copied into every venv
+        # (ensurepip costs ~6 s here) and nothing in it that the release did not ship.
         _run([python, "-m", "venv", "--without-pip", str(venv)], install_timeout, "creating the venv", env)
         reqs = target / "requirements.txt"
         reqs.write_text(requirements(wheels))
         _run(
             [
-                python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input", "--python", str(venv / "bin" / "python"),
+                *pip_command(python), "--isolated", "--disable-pip-version-check", "--no-input", "--python", str(venv / "bin" / "python"),
                 "install", "--no-index", "--find-links", str(wheelhouse), "--require-hashes", "--only-binary", ":all:",
                 "--no-compile", "--quiet", "-r", str(reqs),
             ],

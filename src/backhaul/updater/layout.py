@@ -173,7 +173,7 @@ class Layout:
         tmp = self.root / f".{CURRENT}.{os.getpid()}.tmp"
         with _suppress_missing():
             tmp.unlink()
-        os.symlink(Path(VERSIONS) / version, tmp)  # relative: the root may be moved as a whole... never its venvs
+        os.symlink(Path(VERSIONS) / version, tmp)  # relative: it reads the same through any mount of the root
         os.replace(tmp, self.current)
         fsync_dir(self.root)
 
