@@ -27,6 +27,10 @@ UPDATER_UNIT = "backhaul-updater.service"
 #: The connector's exit status when an admin deleted it (backhaul.supervisor.EXIT_NO_RESTART):
 #: restarting cannot help. Copied, not imported: the supervisor module pulls in uvloop.
 EXIT_NO_RESTART = 78
+#: A supervised connector that ran this long before it exited is restarted after the base delay.
+STABLE = 60.0
+#: The longest wait between two restarts of a supervised connector that keeps exiting.
+MAX_DELAY = 30.0
 
 
 class SystemdConnector:
@@ -93,6 +97,11 @@ class SupervisedConnector:
         self.stop_timeout = stop_timeout
         self.restart_delay = restart_delay
         self.proc: subprocess.Popen | None = None
+        #: The wait before the next restart: doubled after each exit of a connector that ran
+        #: less than STABLE seconds, up to MAX_DELAY, so a connector that cannot start (outside
+        #: an update: a broken host) is retried ever more slowly, not every 2 s for ever.
+        self._delay = restart_delay
+        self._started_at = 0.0
         self._exits = 0
         self._down_since: float | None = None
         self.gave_up: str | None = None
@@ -104,6 +113,7 @@ class SupervisedConnector:
     def start(self) -> None:
         self.proc = subprocess.Popen(self._argv(), start_new_session=True, env=clean_env(), stdin=subprocess.DEVNULL)
         self._down_since = None
+        self._started_at = time.monotonic()
         log.info("connector started", extra={"pid": self.proc.pid, "path": os.path.realpath(self.backhaul)})
 
     def alive(self) -> bool:
@@ -149,12 +159,14 @@ class SupervisedConnector:
             self._down_since = now
             self._exits += 1
             status = self.proc.returncode
-            log.warning("connector exited", extra={"pid": self.proc.pid, "status": status})
+            ran = now - self._started_at
+            self._delay = min(MAX_DELAY, self._delay * 2) if ran < STABLE else self.restart_delay
+            log.warning("connector exited", extra={"pid": self.proc.pid, "status": status, "ran": round(ran, 1), "restart_in": self._delay})
             if status == EXIT_NO_RESTART:
                 self.gave_up = "the relay says this connector was deleted; re-register it (see the connector's log)"
                 log.error("connector deleted by an admin; not restarted", extra={"status": status})
                 return
-        if now - self._down_since >= (self.restart_delay if delay is None else delay):
+        if now - self._down_since >= (self._delay if delay is None else delay):
             self.start()
 
 
