@@ -322,6 +322,7 @@ def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             },
         ),
         "Version": version,
+        "WheelName": {"type": "string", "maxLength": rm.MAX_NAME, "pattern": _whole(rm.WHEEL_NAME_PATTERN)},
     }
 
 
@@ -434,8 +435,12 @@ def _release_operations(paths: dict[str, dict[str, Any]], settings: ControlSetti
         "description": "the file's bytes",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
-    for op in (upload, download, paths["/v1/releases/{version}"]["delete"], paths["/v1/updates"]["get"]):
+    for op in (upload, download, paths["/v1/updates"]["get"]):
         op["responses"]["410"] = gone
+    # A version or file name that is not one names no release: 404 (as an unknown one).
+    for op in (upload, download, paths["/v1/releases/{version}"]["delete"]):
+        schemas = {"version": _ref("Version"), "name": _ref("WheelName")}
+        op["parameters"] = [{**param, "schema": schemas[param["name"]]} for param in op["parameters"]]
     paths["/v1/updates"]["get"]["parameters"] = [
         {"name": name, "in": "query", "required": False, "schema": _ref("Version"), "description": text}
         for name, text in (
