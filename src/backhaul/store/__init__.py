@@ -28,6 +28,19 @@ from backhaul.store.base import (
     Unavailable,
 )
 
+# -- rollout
+from backhaul.store.base import (
+    HALTING_STEPS,
+    LEASE_RELEASING_STEPS,
+    UPDATE_STEPS,
+    GroupRollout,
+    LeaseRefused,
+    ReportOutcome,
+    UpdateFailure,
+    UpdateLease,
+    UpdateReport,
+)
+
 __all__ = [
     "DEFAULT_GROUP",
     "App",
@@ -46,6 +59,16 @@ __all__ = [
     "Token",
     "Unavailable",
     "open_store",
+    # -- rollout
+    "HALTING_STEPS",
+    "LEASE_RELEASING_STEPS",
+    "UPDATE_STEPS",
+    "GroupRollout",
+    "LeaseRefused",
+    "ReportOutcome",
+    "UpdateFailure",
+    "UpdateLease",
+    "UpdateReport",
 ]
 
 #: File name of the SQLite store inside a service data dir.
