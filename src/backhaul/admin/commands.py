@@ -144,7 +144,7 @@ def group_list(args: argparse.Namespace) -> int:
         [g["name"], g["apps"], g["connectors"], yes_no(g["allow_downtime"]), g["window"] or "-", rollout_state(g)]
         for g in data
     ]
-    return _emit(args, data, table(["NAME", "APPS", "CONNECTORS", "DOWNTIME OK", "WINDOW (UTC)", "ROLLOUT"], rows))
+    return _emit(args, data, table(["NAME", "APPS", "CONNECTORS", "DOWNTIME", "WINDOW", "ROLLOUT"], rows))
 
 
 def group_delete(args: argparse.Namespace) -> int:
