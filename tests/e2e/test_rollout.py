@@ -125,6 +125,12 @@ def test_one_connector_per_group_updates_and_a_rollback_halts_the_group(tmp_path
             a.close()
             b.close()
 
+        # The connector's history keeps the steps, newest last.
+        history = system.admin("rollout", "history", a_id).stdout.splitlines()
+        assert history[0].split() == ["AT", "GROUP", "VERSION", "STEP", "LEASE", "REASON"]
+        assert "rolled_back" in history[5] and "not ready within 60 s" in history[5]
+        assert [r["step"] for r in system.admin_json("rollout", "history", a_id)][-1] == "healthy"
+
         # Every step is in the relay's log with connector, group, version, step and reason ...
         steps = system.relay.log_entries("update step reported")
         assert [(e["connector_id"], e["group"], e["version"], e["step"]) for e in steps][:5] == [

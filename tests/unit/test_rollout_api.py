@@ -53,6 +53,10 @@ def test_lease_renew_and_report_over_mtls(run, tmp_path, caplog):
         assert status == 200 and lease_b["token"] > lease["token"]
         assert s._runner.app[UPDATE_REPORTS] == {"downloaded": 1, "installed": 1, "switched": 1, "healthy": 1}
         assert [r.step for r in s.store.update_reports(a.connector_id)] == ["downloaded", "installed", "switched", "healthy"]
+        status, listed, _ = await s.call("GET", f"/v1/connectors/{a.connector_id}/updates")
+        assert status == 200 and [(r["step"], r["token"]) for r in listed][-1] == ("healthy", lease["token"])
+        status, _, _ = await s.call("GET", "/v1/connectors/c-nope/updates")
+        assert status == 404
         return a
 
     a = run(go)

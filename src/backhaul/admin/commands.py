@@ -307,6 +307,7 @@ def _rollout_parsers(objects, group, leaf) -> None:
         ("resume", rollout_resume, "resume a group's (or every group's) rollout: clears its pause and its halt"),
     ):
         leaf(rollout, name, func, help).add_argument("--group", default=None, help="one group (default: every group)")
+    leaf(rollout, "history", rollout_history, "a connector's newest update reports").add_argument("id", help="the connector's id")
 
 
 def group_update(args: argparse.Namespace) -> int:
@@ -380,3 +381,9 @@ def rollout_pause(args: argparse.Namespace) -> int:
 
 def rollout_resume(args: argparse.Namespace) -> int:
     return _rollout_change(args, "resume")
+
+
+def rollout_history(args: argparse.Namespace) -> int:
+    data = call(args, "GET", f"/v1/connectors/{_quote(args.id)}/updates")
+    rows = [[when(r["at"]), r["group"], r["version"], r["step"], "-" if r["token"] is None else r["token"], r["reason"]] for r in data]
+    return _emit(args, data, table(["AT", "GROUP", "VERSION", "STEP", "LEASE", "REASON"], rows))

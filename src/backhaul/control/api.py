@@ -709,6 +709,17 @@ async def group_updates(request: web.Request) -> web.Response:
     return json_response(state.to_dict())
 
 
+@_require_admin
+async def connector_update_reports(request: web.Request) -> web.Response:
+    store = _ctx(request).store
+    connector_id = request.match_info["id"]
+    record = await _run(request, store.get_connector, connector_id)
+    if record is None or record.revoked:
+        raise ApiError(404, "not_found", f"there is no connector {connector_id!r}; see `backhaul admin connector list`")
+    reports = await _run(request, store.update_reports, connector_id)
+    return json_response([r.to_dict() for r in reports])
+
+
 def _add_rollout_routes(app: web.Application, settings: RolloutSettings, update_reports: dict[str, int] | None) -> None:
     app[ROLLOUT] = settings
     app[UPDATE_REPORTS] = update_reports if update_reports is not None else {}
@@ -720,6 +731,7 @@ def _add_rollout_routes(app: web.Application, settings: RolloutSettings, update_
     r.add_post("/v1/rollout/pause", rollout_pause)
     r.add_post("/v1/rollout/resume", rollout_resume)
     r.add_patch("/v1/groups/{name}/updates", group_updates)
+    r.add_get("/v1/connectors/{id}/updates", connector_update_reports)
 
 
 # -- housekeeping

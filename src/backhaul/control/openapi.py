@@ -345,6 +345,10 @@ def _rollout_schemas() -> dict[str, dict[str, Any]]:
             reason=_TEXT,
             token={**token, "type": ["integer", "null"]},
         ),
+        "UpdateReportListed": _obj(
+            ["connector_id", "group", "version", "step", "reason", "token", "at"],
+            connector_id=_S, group=_S, version=_S, step=_S, reason=_S, token=_NULLABLE_I, at=_N,
+        ),
         "UpdateReportAnswer": _obj(["status", "released", "halted"], status=_S, released=_B, halted=_B),
         "RolloutTarget": {
             **_obj([], group=_NAME),
@@ -393,6 +397,7 @@ _ROUTES.extend(
         ("get", "/v1/rollout", "Each group's rollout: paused, halted and why, lease holder, versions, failures", "admin", None, "200", {"type": "array", "items": _ref("GroupRollout")}),
         ("post", "/v1/rollout/pause", "Pause a group's rollout (or every group's)", "admin", "RolloutTarget", "200", _changed("paused")),
         ("post", "/v1/rollout/resume", "Resume a group's rollout (or every group's): clears its pause and its halt", "admin", "RolloutTarget", "200", _changed("resumed")),
+        ("get", "/v1/connectors/{id}/updates", "A connector's newest update reports, oldest first", "admin", None, "200", {"type": "array", "items": _ref("UpdateReportListed")}),
         ("patch", "/v1/groups/{name}/updates", "Change a group's update settings (allow_downtime, maintenance window)", "admin", "GroupUpdates", "200", _ref("GroupRollout")),
     ]
 )
