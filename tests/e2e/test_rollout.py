@@ -108,7 +108,6 @@ def test_one_connector_per_group_updates_and_a_rollback_halts_the_group(tmp_path
             assert (default["halted"], default["halted_connector"], default["halted_version"]) == ("not ready within 60 s", a_id, "9.0")
             assert default["versions"] == {__version__: 2} and default["lease"] is None
             assert [f["step"] for f in default["failures"]] == ["rolled_back"]
-            assert "halted" in system.admin("group", "list").stdout
 
             # resume clears the halt; pause stops new leases until resumed again.
             assert "resumed the rollout of default" in system.admin("rollout", "resume", "--group", "default").stdout
@@ -129,7 +128,7 @@ def test_one_connector_per_group_updates_and_a_rollback_halts_the_group(tmp_path
         history = system.admin("rollout", "history", a_id).stdout.splitlines()
         assert history[0].split() == ["AT", "GROUP", "VERSION", "STEP", "LEASE", "REASON"]
         assert "rolled_back" in history[5] and "not ready within 60 s" in history[5]
-        assert [r["step"] for r in system.admin_json("rollout", "history", a_id)][-1] == "healthy"
+        assert [r["step"] for r in system.api(f"/v1/connectors/{a_id}/updates")][-1] == "healthy"
 
         # Every step is in the relay's log with connector, group, version, step and reason ...
         steps = system.relay.log_entries("update step reported")
