@@ -126,7 +126,7 @@ def test_connector_endpoints_pinned_keys_and_revoke(relay, signing):
         assert len(body) == entry.size and hashlib.sha256(body).hexdigest() == entry.sha256
         assert body == uploaded[entry.name]
     code, raw, _ = connector_get(state, f"{relay.url}/v1/updates?installed=1.2.0")
-    assert json.loads(raw) == {"release": None}
+    assert json.loads(raw) == {"release": None, "rollout": {"paused": False, "halted": None}}
 
     # Without the connector's certificate: refused.
     ctx = ssl.create_default_context(cafile=str(relay.data_dir / "ca.pem"))

@@ -394,7 +394,7 @@ def _rollout_schemas() -> dict[str, dict[str, Any]]:
         group=_S, connector_id=_S, version=_S, token=_I, granted=_N, expires=_N,
     )
     return {
-        "Version": {
+        "ReportedVersion": {
             "type": "string",
             "minLength": 1,
             "maxLength": v.MAX_TEXT,
@@ -410,7 +410,7 @@ def _rollout_schemas() -> dict[str, dict[str, Any]]:
                 "or daily; ends on the next day when the end is not after the start; null for none"
             ),
         },
-        "LeaseRequest": _obj(["version"], version=_ref("Version")),
+        "LeaseRequest": _obj(["version"], version=_ref("ReportedVersion")),
         "Lease": _obj(["token", "expires", "group"], token=_I, expires=_N, group=_S, renew_every=_N),
         "LeaseRefused": _obj(
             ["error", "detail", "reason"], error=_S, detail=_S, reason={"type": "string", "enum": list(LeaseRefused.REASONS)}
@@ -419,7 +419,7 @@ def _rollout_schemas() -> dict[str, dict[str, Any]]:
         "LeaseRenewed": _obj(["expires"], expires=_N),
         "UpdateReport": _obj(
             ["version", "step"],
-            version=_ref("Version"),
+            version=_ref("ReportedVersion"),
             step={"type": "string", "enum": list(UPDATE_STEPS)},
             reason=_TEXT,
             token={**token, "type": ["integer", "null"]},
