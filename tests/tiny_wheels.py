@@ -30,7 +30,7 @@ def make_wheel(directory: Path, name: str, version: str, payload: bytes = b"", *
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items()) + f"{info}/RECORD,,\n"
     path = directory / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as wheel:
-        for member, data in files.items():
-            wheel.writestr(member, data)
-        wheel.writestr(f"{info}/RECORD", record)
+        # Fixed member times: the same arguments make the same bytes (as reproducible builds do).
+        for member, data in [*files.items(), (f"{info}/RECORD", record.encode())]:
+            wheel.writestr(zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0)), data)
     return path

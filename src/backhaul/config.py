@@ -532,3 +532,47 @@ class UpdaterLimits:
             raise ValueError("max_files and max_release_bytes must be positive, disk_factor >= 1, keep_versions >= 2")
         if min(self.ready_deadline, self.stable_period, self.status_interval, self.stop_timeout) <= 0 or self.max_crashes < 0:
             raise ValueError("the health gate's times must be above 0 and max_crashes not negative")
+
+
+# -- rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """The relay's side of automatic updates: one update lease per connector group, and the
+    reports connectors send about each update step (docs/architecture.md, "Rollout").
+
+    A lease lets one connector of a group update; the updater renews it while it works and
+    gives it back with its last report. The store keeps leases, so they survive a relay
+    restart; a holder that dies frees its group when its lease expires.
+    """
+
+    #: Seconds a lease lasts unless renewed. The updater renews every ``renew_every``, so a
+    #: live holder keeps it through a slow download, pip install and health gate; a holder
+    #: that died (host lost, updater killed) blocks its group's rollout for at most this long.
+    #: Ten minutes: two missed renewals are survivable, and an admin waiting on a stuck
+    #: group waits minutes, not an hour.
+    lease_seconds: float = 600.0
+    #: The newest reports kept per connector, shown by `rollout status`: two or three whole
+    #: update attempts (downloaded, installed, switched, healthy or rolled_back). Older ones
+    #: are dropped, so a connector that reports in a loop cannot grow the store (at most
+    #: max_connectors x this rows; every step is also in the relay's log).
+    reports_per_connector: int = 20
+    #: Versions remembered per connector as failed or rolled back (the newest). The rollout of
+    #: a failed version halts; this is what `rollout status` says failed where. Bounded for
+    #: the same reason as the reports: a connector failing every release adds no more rows.
+    failures_per_connector: int = 20
+    #: Failures listed per group by `rollout status` (the newest; the count covers them all),
+    #: so the answer stays small for a group of thousands of connectors.
+    listed_failures: int = 100
+
+    @property
+    def renew_every(self) -> float:
+        """How often a holder renews: a third of the lease, so two renewals may fail in a row."""
+        return self.lease_seconds / 3
+
+    def __post_init__(self) -> None:
+        if self.lease_seconds <= 0:
+            raise ValueError("rollout lease_seconds must be positive")
+        if min(self.reports_per_connector, self.failures_per_connector, self.listed_failures) < 1:
+            raise ValueError("rollout reports_per_connector, failures_per_connector and listed_failures must be at least 1")

@@ -37,7 +37,7 @@ def _one_line_error(result):
 def test_groups_tokens_apps_round_trip(system):
     system.admin("group", "create", "branch")
     table = system.admin("group", "list").stdout.splitlines()
-    assert table[0].split() == ["NAME", "APPS", "CONNECTORS"]
+    assert table[0].split() == ["NAME", "APPS", "CONNECTORS", "DOWNTIME", "WINDOW", "ROLLOUT"]
     assert [line.split()[0] for line in table[1:]] == ["branch", "default"]
     token = system.admin("token", "create", "--group", "branch", "--ttl", "60", "--uses", "2")
     assert token.stdout.strip().startswith("bht_") and len(token.stdout.strip().splitlines()) == 1

@@ -132,7 +132,7 @@ def test_publish_serve_revoke(run, tmp_path, key):
             # Not newer, equal, pre-release ordering.
             for installed in ("1.1.0", "1.2.0", "2.0.0rc1"):
                 status, raw, _ = await get(f"/v1/updates?installed={installed}")
-                assert (status, orjson.loads(raw)) == (200, {"release": None}), installed
+                assert (status, orjson.loads(raw)) == (200, {"release": None, "rollout": {"paused": False, "halted": None}}), installed
             status, raw, _ = await get("/v1/updates?installed=1.1.0rc1")
             assert orjson.loads(raw)["release"]["version"] == "1.1.0"
             status, raw, _ = await get("/v1/updates?installed=1.1.0&version=1.1.0")
@@ -154,7 +154,7 @@ def test_publish_serve_revoke(run, tmp_path, key):
             status, raw, _ = await get(f"/v1/releases/1.1.0/files/{manifest.files[0].name}")
             assert status == 410
             status, raw, _ = await get("/v1/updates?installed=1.0.0")
-            assert orjson.loads(raw) == {"release": None}
+            assert orjson.loads(raw) == {"release": None, "rollout": {"paused": False, "halted": None}}
         status, body, _ = await s.call("POST", "/v1/releases", body_for(data, sig, key.public_key()))
         assert status == 409 and "already exists" in body["detail"]
         status, listed, _ = await s.call("GET", "/v1/releases")

@@ -10,6 +10,9 @@ from typing import Any, Callable
 import orjson
 
 from backhaul.admin.tables import table, when
+
+# -- rollout
+from backhaul.admin.tables import counts, rollout_state, yes_no
 from backhaul.errors import ConfigError
 
 #: CPU percentage above which `connector list` warns (the service flags it as cpu_warning).
@@ -101,6 +104,9 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     leaf(release, "list", release_list, "list releases: version, state, files")
     leaf(release, "revoke", release_revoke, "revoke a release: never served again").add_argument("version")
 
+    # -- rollout
+    _rollout_parsers(objects, group, leaf)
+
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One admin API call with the credentials the options name."""
@@ -142,7 +148,16 @@ def group_create(args: argparse.Namespace) -> int:
 
 def group_list(args: argparse.Namespace) -> int:
     data = call(args, "GET", "/v1/groups")
-    return _emit(args, data, table(["NAME", "APPS", "CONNECTORS"], [[g["name"], g["apps"], g["connectors"]] for g in data]))
+    # -- rollout: each group's update settings and rollout state, next to its counts
+    rollouts = {r["group"]: r for r in call(args, "GET", "/v1/rollout")}
+    for g in data:
+        r = rollouts.get(g["name"], {})
+        g.update({key: r.get(key) for key in ("allow_downtime", "window", "paused", "halted")})
+    rows = [
+        [g["name"], g["apps"], g["connectors"], yes_no(g["allow_downtime"]), g["window"] or "-", rollout_state(g)]
+        for g in data
+    ]
+    return _emit(args, data, table(["NAME", "APPS", "CONNECTORS", "DOWNTIME", "WINDOW", "ROLLOUT"], rows))
 
 
 def group_delete(args: argparse.Namespace) -> int:
@@ -314,3 +329,112 @@ def release_list(args: argparse.Namespace) -> int:
 def release_revoke(args: argparse.Namespace) -> int:
     data = call(args, "DELETE", f"/v1/releases/{_quote(args.version)}")
     return _emit(args, data, f"revoked release {data['revoked']}; it is never served to connectors again")
+
+
+# -- rollout: group update settings, rollout status, pause and resume
+
+
+def _rollout_parsers(objects, group, leaf) -> None:
+    p = leaf(group, "update", group_update, "change a group's update settings (downtime, maintenance window)")
+    p.add_argument("name")
+    p.add_argument(
+        "--allow-downtime", choices=["yes", "no"], default=None,
+        help="yes: a connector may update even when no other connector of the group is up (default no)",
+    )
+    window = p.add_mutually_exclusive_group()
+    window.add_argument(
+        "--window", metavar="SPEC", default=None,
+        help="maintenance window in UTC, e.g. 'Sat,Sun 02:00-04:00' or 'Mon-Fri 22:00-02:00': inside it a connector "
+        "may update even when it is the group's only one up",
+    )
+    window.add_argument("--no-window", action="store_true", help="remove the group's maintenance window")
+
+    rollout = objects.add_parser("rollout", help="automatic updates: one connector per group at a time").add_subparsers(
+        dest="admin_action", required=True
+    )
+    for name, func, help in (
+        ("status", rollout_status, "each group's rollout: paused or halted (why), who updates, versions, failures"),
+        ("pause", rollout_pause, "grant no update lease in a group (or every group) until resumed"),
+        ("resume", rollout_resume, "resume a group's (or every group's) rollout: clears its pause and its halt"),
+    ):
+        leaf(rollout, name, func, help).add_argument("--group", default=None, help="one group (default: every group)")
+    leaf(rollout, "history", rollout_history, "a connector's newest update reports").add_argument("id", help="the connector's id")
+
+
+def group_update(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.allow_downtime is not None:
+        body["allow_downtime"] = args.allow_downtime == "yes"
+    if args.no_window:
+        body["window"] = None
+    elif args.window is not None:
+        body["window"] = args.window
+    if not body:
+        return _usage("say what to change: --allow-downtime yes|no, --window SPEC or --no-window")
+    data = call(args, "PATCH", f"/v1/groups/{_quote(args.name)}/updates", body)
+    window = f"maintenance window {data['window']} UTC" if data["window"] else "no maintenance window"
+    downtime = "may" if data["allow_downtime"] else "may not"
+    return _emit(args, data, f"group {data['group']}: updates {downtime} leave it without an active connector; {window}")
+
+
+def _rollouts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = call(args, "GET", "/v1/rollout")
+    if args.group is None:
+        return data
+    chosen = [r for r in data if r["group"] == args.group]
+    if not chosen:
+        raise ConfigError(f"there is no connector group {args.group!r}; see `backhaul admin group list`")
+    return chosen
+
+
+def _updating(r: dict[str, Any]) -> str:
+    lease = r.get("lease")
+    if lease is None:
+        return "-"
+    return f"{lease['connector_id']} to {lease['version']} (lease until {when(lease['expires'])})"
+
+
+def rollout_status(args: argparse.Namespace) -> int:
+    data = _rollouts(args)
+    rows = [[r["group"], rollout_state(r), _updating(r), counts(r["versions"]) or "-"] for r in data]
+    lines = [table(["GROUP", "ROLLOUT", "UPDATING", "VERSIONS"], rows)]
+    for r in data:
+        if r["halted"] is not None:
+            lines.append(
+                f"group {r['group']} halted: version {r['halted_version']} failed on connector {r['halted_connector']} "
+                f"at {when(r['halted_at'])}: {r['halted']}; fix or revoke the release, then "
+                f"`backhaul admin rollout resume --group {r['group']}`"
+            )
+        for f in r["failures"]:
+            lines.append(
+                f"  {f['step'].replace('_', ' ')}: {f['version']} on {f['connector_id']} ({f['connector']}) at {when(f['at'])}"
+                + (f": {f['reason']}" if f["reason"] else "")
+            )
+        hidden = r["failures_total"] - len(r["failures"])
+        if hidden > 0:
+            lines.append(f"  ... and {hidden} older failures in group {r['group']}")
+    return _emit(args, data, "\n".join(lines))
+
+
+def _rollout_change(args: argparse.Namespace, action: str) -> int:
+    body = {} if args.group is None else {"group": args.group}
+    data = call(args, "POST", f"/v1/rollout/{action}", body)
+    key = "paused" if action == "pause" else "resumed"
+    where = f"group {args.group}" if args.group is not None else "every group"
+    changed = data[key]
+    human = f"{key} the rollout of {', '.join(changed)}" if changed else f"nothing to do: the rollout of {where} was already {'paused' if action == 'pause' else 'running'}"
+    return _emit(args, data, human)
+
+
+def rollout_pause(args: argparse.Namespace) -> int:
+    return _rollout_change(args, "pause")
+
+
+def rollout_resume(args: argparse.Namespace) -> int:
+    return _rollout_change(args, "resume")
+
+
+def rollout_history(args: argparse.Namespace) -> int:
+    data = call(args, "GET", f"/v1/connectors/{_quote(args.id)}/updates")
+    rows = [[when(r["at"]), r["group"], r["version"], r["step"], "-" if r["token"] is None else r["token"], r["reason"]] for r in data]
+    return _emit(args, data, table(["AT", "GROUP", "VERSION", "STEP", "LEASE", "REASON"], rows))

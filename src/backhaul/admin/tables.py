@@ -18,3 +18,23 @@ def when(ts: float | None) -> str:
     if ts is None:
         return ""
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# -- rollout
+
+
+def yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def counts(per_value: dict[str, int]) -> str:
+    """'1.0: 2, 1.1: 1': how many of each, in the order given."""
+    return ", ".join(f"{value}: {n}" for value, n in per_value.items())
+
+
+def rollout_state(group: dict[str, Any]) -> str:
+    """A group's rollout in a word or two: halted, paused, updating, running."""
+    words = [w for w, on in (("paused", group.get("paused")), ("halted", group.get("halted") is not None)) if on]
+    if not words:
+        words = ["updating" if group.get("lease") else "running"]
+    return ", ".join(words)

@@ -50,6 +50,10 @@ from backhaul.store import (
     Unavailable,
 )
 
+# -- rollout
+from backhaul.config import RolloutSettings
+from backhaul.store import HALTING_STEPS, UPDATE_STEPS, LeaseRefused
+
 log = logging.getLogger(__name__)
 
 CONTEXT = web.AppKey("backhaul_control_context", ControlContext)
@@ -772,17 +776,17 @@ async def _updates_answer(request: web.Request, connector: Connector, release: R
     it checks against its own pinned keys); ``auto`` is the admin's choice of rolling it out
     without a person. The rollout state of the connector's group is added here too.
     """
-    if release is None:
-        return {"release": None}
-    return {
-        "release": {
+    answer: dict[str, Any] = {"release": None}
+    if release is not None:
+        answer["release"] = {
             "version": release.version,
             "manifest": base64.b64encode(release.manifest).decode("ascii"),
             "signature": base64.b64encode(release.signature).decode("ascii"),
             "auto": release.auto,
             "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in release.files],
         }
-    }
+    answer["rollout"] = await _run(request, rollout_for_group, _ctx(request).store, connector.group)
+    return answer
 
 
 async def connector_updates(request: web.Request) -> web.Response:
@@ -831,6 +835,189 @@ async def connector_release_file(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# -- rollout: update leases, update reports, pause/resume/halt, group update settings
+# (docs/architecture.md, "Rollout"). Connector calls authenticate with the client
+# certificate, as the config pull does; the rest with the admin token.
+
+#: The rollout's limits (config.RolloutSettings).
+ROLLOUT = web.AppKey("backhaul_rollout_settings", RolloutSettings)
+#: Update reports by step, this worker's: the relay publishes them as metrics (relay.metrics).
+UPDATE_REPORTS = web.AppKey("backhaul_update_reports", dict)
+#: Largest fencing token a request may name (the store's counter starts at 1 and grows by one per grant).
+MAX_LEASE_TOKEN = validate.MAX_COUNTER
+
+
+def rollout_for_group(store, group: str) -> dict[str, Any]:
+    """The ``"rollout"`` part of GET /v1/updates for a connector of ``group`` (a blocking store call):
+    whether its group's rollout is paused, and why it is halted (None: it is not)."""
+    state = store.group_rollout(group, listed_failures=1)
+    return {"paused": state.paused, "halted": state.halted}
+
+
+def _lease_refused(exc: LeaseRefused) -> web.Response:
+    return json_response({"error": "lease_refused", "detail": str(exc), "reason": exc.reason}, status=409)
+
+
+def _report_version(body: dict[str, Any]) -> str:
+    version = validate.text(body.get("version"), "version")
+    if not version:
+        raise ApiError(400, "bad_request", "version must name the release the update is for, e.g. \"1.4.0\"")
+    return version
+
+
+def _lease_token(value: Any) -> int:
+    return validate.integer(value, "token", 1, MAX_LEASE_TOKEN)
+
+
+async def update_lease(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    version = _report_version(await _body(request))
+    seconds = request.app[ROLLOUT].lease_seconds
+    try:
+        lease = await _run(request, ctx.store.acquire_update_lease, connector.id, version, seconds)
+    except LeaseRefused as exc:
+        log.info(
+            "update lease refused",
+            extra={"connector_id": connector.id, "group": connector.group, "version": version, "reason": exc.reason, "detail": str(exc)},
+        )
+        return _lease_refused(exc)
+    log.info(
+        "update lease granted",
+        extra={"connector_id": connector.id, "group": lease.group, "version": version, "token": lease.token, "expires": lease.expires},
+    )
+    return json_response(
+        {"token": lease.token, "expires": lease.expires, "group": lease.group, "renew_every": request.app[ROLLOUT].renew_every}
+    )
+
+
+async def update_lease_renew(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    token = _lease_token((await _body(request)).get("token"))
+    try:
+        lease = await _run(request, ctx.store.renew_update_lease, connector.id, token, request.app[ROLLOUT].lease_seconds)
+    except LeaseRefused as exc:
+        log.warning(
+            "update lease renewal refused: the lease is not held any more",
+            extra={"connector_id": connector.id, "group": connector.group, "token": token, "reason": exc.reason},
+        )
+        return _lease_refused(exc)
+    log.debug("update lease renewed", extra={"connector_id": connector.id, "token": token, "expires": lease.expires})
+    return json_response({"expires": lease.expires})
+
+
+async def update_report(request: web.Request) -> web.Response:
+    connector = await _connector_identity(request)
+    ctx = _ctx(request)
+    body = await _body(request)
+    version = _report_version(body)
+    step = body.get("step")
+    if step not in UPDATE_STEPS:
+        raise ApiError(400, "bad_request", f"step must be one of {', '.join(UPDATE_STEPS)}, not {step!r}")
+    reason = validate.text(body.get("reason"), "reason")
+    token = None if body.get("token") is None else _lease_token(body.get("token"))
+    settings = request.app[ROLLOUT]
+    outcome = await _run(
+        request,
+        functools.partial(
+            ctx.store.report_update, keep=settings.reports_per_connector, keep_failures=settings.failures_per_connector
+        ),
+        connector.id, version, step, reason, token,
+    )
+    counts = request.app[UPDATE_REPORTS]
+    counts[step] = counts.get(step, 0) + 1
+    # Every step goes to the relay's log, so the admin log tells each update's story.
+    level = logging.WARNING if step in HALTING_STEPS or step == "refused" else logging.INFO
+    log.log(
+        level,
+        "update step reported",
+        extra={
+            "connector_id": connector.id, "connector": connector.name, "group": outcome.group, "version": version,
+            "step": step, "reason": reason, "token": token, "lease_released": outcome.released,
+        },
+    )
+    if outcome.halted:
+        log.warning(
+            "rollout halted: an update failed",
+            extra={"group": outcome.group, "connector_id": connector.id, "version": version, "step": step, "reason": reason},
+        )
+    return json_response({"status": "ok", "released": outcome.released, "halted": outcome.halted})
+
+
+@_require_admin
+async def rollout_status(request: web.Request) -> web.Response:
+    listed = request.app[ROLLOUT].listed_failures
+    states = await _run(request, _ctx(request).store.list_rollouts, listed)
+    return json_response([s.to_dict() for s in states])
+
+
+def _rollout_target(body: dict[str, Any]) -> str | None:
+    unknown = set(body) - {"group"}
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown fields {', '.join(sorted(unknown))}; send {{\"group\": NAME}} or {{}} for every group")
+    group = body.get("group")
+    return None if group is None else validate.name(group, "group")
+
+
+@_require_admin
+async def rollout_pause(request: web.Request) -> web.Response:
+    group = _rollout_target(await _body(request))
+    changed = await _run(request, _ctx(request).store.pause_rollout, group)
+    log.info("rollout paused", extra={"group": group or "*", "groups": changed})
+    return json_response({"paused": changed})
+
+
+@_require_admin
+async def rollout_resume(request: web.Request) -> web.Response:
+    group = _rollout_target(await _body(request))
+    changed = await _run(request, _ctx(request).store.resume_rollout, group)
+    log.info("rollout resumed (pause and halt cleared)", extra={"group": group or "*", "groups": changed})
+    return json_response({"resumed": changed})
+
+
+@_require_admin
+async def group_updates(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    body = await _body(request)
+    unknown = set(body) - {"allow_downtime", "window"}
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown fields {', '.join(sorted(unknown))}; a group's update settings are allow_downtime and window")
+    changes: dict[str, Any] = {}
+    if "allow_downtime" in body:
+        changes["allow_downtime"] = validate.boolean(body["allow_downtime"], "allow_downtime")
+    if "window" in body:
+        changes["window"] = validate.window(body["window"])
+    state = await _run(request, _ctx(request).store.set_group_updates, name, changes)
+    log.info("group update settings changed", extra={"group": name, **changes})
+    return json_response(state.to_dict())
+
+
+@_require_admin
+async def connector_update_reports(request: web.Request) -> web.Response:
+    store = _ctx(request).store
+    connector_id = request.match_info["id"]
+    record = await _run(request, store.get_connector, connector_id)
+    if record is None or record.revoked:
+        raise ApiError(404, "not_found", f"there is no connector {connector_id!r}; see `backhaul admin connector list`")
+    reports = await _run(request, store.update_reports, connector_id)
+    return json_response([r.to_dict() for r in reports])
+
+
+def _add_rollout_routes(app: web.Application, settings: RolloutSettings, update_reports: dict[str, int] | None) -> None:
+    app[ROLLOUT] = settings
+    app[UPDATE_REPORTS] = update_reports if update_reports is not None else {}
+    r = app.router
+    r.add_post("/v1/updates/lease", update_lease)
+    r.add_post("/v1/updates/lease/renew", update_lease_renew)
+    r.add_post("/v1/updates/report", update_report)
+    r.add_get("/v1/rollout", rollout_status)
+    r.add_post("/v1/rollout/pause", rollout_pause)
+    r.add_post("/v1/rollout/resume", rollout_resume)
+    r.add_patch("/v1/groups/{name}/updates", group_updates)
+    r.add_get("/v1/connectors/{id}/updates", connector_update_reports)
+
+
 # -- housekeeping
 
 
@@ -859,8 +1046,13 @@ async def _housekeeping(app: web.Application):
             await task
 
 
-def build_app(ctx: ControlContext) -> web.Application:
-    """The control API as an aiohttp Application (no socket of its own)."""
+def build_app(
+    ctx: ControlContext, *, rollout: RolloutSettings = RolloutSettings(), update_reports: dict[str, int] | None = None
+) -> web.Application:
+    """The control API as an aiohttp Application (no socket of its own).
+
+    ``update_reports`` is where update reports are counted by step (the relay's metrics);
+    None: a table of the app's own."""
     app = web.Application(middlewares=[_errors], client_max_size=ctx.settings.max_body)
     app[CONTEXT] = ctx
     app[ENROLL_LIMITER] = AddressLimiter(ctx.settings.enroll, ctx.clock)
@@ -893,5 +1085,6 @@ def build_app(ctx: ControlContext) -> web.Application:
     r.add_put("/v1/releases/{version}/files/{name}", upload_release_file)
     r.add_get("/v1/releases/{version}/files/{name}", connector_release_file)
     r.add_get("/v1/updates", connector_updates)
+    _add_rollout_routes(app, rollout, update_reports)
     app.cleanup_ctx.append(_housekeeping)
     return app

@@ -305,7 +305,8 @@ def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             ["version", "name", "state", "missing"], version=_S, name=_S, state=_S, missing={"type": "array", "items": _S}
         ),
         "Updates": _obj(
-            ["release"],
+            ["release", "rollout"],
+            rollout=_obj(["paused", "halted"], paused=_B, halted=_NULLABLE_S),
             release={
                 "oneOf": [
                     _NULL,
@@ -322,6 +323,7 @@ def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             },
         ),
         "Version": version,
+        "WheelName": {"type": "string", "maxLength": rm.MAX_NAME, "pattern": _whole(rm.WHEEL_NAME_PATTERN)},
     }
 
 
@@ -379,6 +381,110 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
 ]
 
 
+# -- rollout: update leases and reports (connector), rollout status, pause/resume and
+# group update settings (admin). See docs/architecture.md, "Rollout".
+
+
+def _rollout_schemas() -> dict[str, dict[str, Any]]:
+    from backhaul.store import UPDATE_STEPS, LeaseRefused
+
+    token = {"type": "integer", "minimum": 1, "maximum": v.MAX_COUNTER}
+    lease = _obj(
+        ["group", "connector_id", "version", "token", "granted", "expires"],
+        group=_S, connector_id=_S, version=_S, token=_I, granted=_N, expires=_N,
+    )
+    return {
+        "ReportedVersion": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": v.MAX_TEXT,
+            "pattern": v.printable_pattern(),
+            "description": "the release version the update is for",
+        },
+        "Window": {
+            "type": ["string", "null"],
+            "maxLength": v.MAX_WINDOW,
+            "pattern": _whole(v.WINDOW_PATTERN),
+            "description": (
+                "maintenance window in UTC: DAYS HH:MM-HH:MM, days a comma list of Mon..Sun and ranges (Mon-Fri) "
+                "or daily; ends on the next day when the end is not after the start; null for none"
+            ),
+        },
+        "LeaseRequest": _obj(["version"], version=_ref("ReportedVersion")),
+        "Lease": _obj(["token", "expires", "group"], token=_I, expires=_N, group=_S, renew_every=_N),
+        "LeaseRefused": _obj(
+            ["error", "detail", "reason"], error=_S, detail=_S, reason={"type": "string", "enum": list(LeaseRefused.REASONS)}
+        ),
+        "LeaseRenewRequest": _obj(["token"], token=token),
+        "LeaseRenewed": _obj(["expires"], expires=_N),
+        "UpdateReport": _obj(
+            ["version", "step"],
+            version=_ref("ReportedVersion"),
+            step={"type": "string", "enum": list(UPDATE_STEPS)},
+            reason=_TEXT,
+            token={**token, "type": ["integer", "null"]},
+        ),
+        "UpdateReportListed": _obj(
+            ["connector_id", "group", "version", "step", "reason", "token", "at"],
+            connector_id=_S, group=_S, version=_S, step=_S, reason=_S, token=_NULLABLE_I, at=_N,
+        ),
+        "UpdateReportAnswer": _obj(["status", "released", "halted"], status=_S, released=_B, halted=_B),
+        "RolloutTarget": {
+            **_obj([], group=_NAME),
+            "additionalProperties": False,
+            "description": "the group to pause or resume; {} for every group",
+        },
+        "GroupUpdates": {
+            **_obj([], allow_downtime=_B, window=_ref("Window")),
+            "additionalProperties": False,
+            "description": "fields not sent keep their value",
+        },
+        "GroupRollout": _obj(
+            ["group", "allow_downtime", "window", "paused", "halted", "lease", "versions", "failures", "failures_total"],
+            group=_S,
+            allow_downtime=_B,
+            window=_NULLABLE_S,
+            paused=_B,
+            halted={"type": ["string", "null"], "description": "why the rollout is halted (the failure's reason); null: not halted"},
+            halted_connector=_NULLABLE_S,
+            halted_version=_NULLABLE_S,
+            halted_at={"type": ["number", "null"]},
+            lease={"oneOf": [lease, _NULL]},
+            versions={"type": "object", "additionalProperties": _I, "description": "version -> connectors of the group on it"},
+            failures={
+                "type": "array",
+                "items": _obj(
+                    ["connector_id", "connector", "version", "step", "reason", "at"],
+                    connector_id=_S, connector=_S, version=_S, step=_S, reason=_S, at=_N,
+                ),
+            },
+            failures_total=_I,
+        ),
+    }
+
+
+def _changed(key: str) -> dict[str, Any]:
+    """The answer of pause/resume: the groups whose state changed."""
+    return _obj([key], **{key: {"type": "array", "items": _S}})
+
+
+_ROUTES.extend(
+    [
+        ("post", "/v1/updates/lease", "Take the group's update lease (one connector per group updates at a time)", "mtls", "LeaseRequest", "200", _ref("Lease")),
+        ("post", "/v1/updates/lease/renew", "Extend the update lease held with this fencing token", "mtls", "LeaseRenewRequest", "200", _ref("LeaseRenewed")),
+        ("post", "/v1/updates/report", "Report a step of an update (healthy/refused/failed/rolled_back with the current token give the lease back)", "mtls", "UpdateReport", "200", _ref("UpdateReportAnswer")),
+        ("get", "/v1/rollout", "Each group's rollout: paused, halted and why, lease holder, versions, failures", "admin", None, "200", {"type": "array", "items": _ref("GroupRollout")}),
+        ("post", "/v1/rollout/pause", "Pause a group's rollout (or every group's)", "admin", "RolloutTarget", "200", _changed("paused")),
+        ("post", "/v1/rollout/resume", "Resume a group's rollout (or every group's): clears its pause and its halt", "admin", "RolloutTarget", "200", _changed("resumed")),
+        ("get", "/v1/connectors/{id}/updates", "A connector's newest update reports, oldest first", "admin", None, "200", {"type": "array", "items": _ref("UpdateReportListed")}),
+        ("patch", "/v1/groups/{name}/updates", "Change a group's update settings (allow_downtime, maintenance window)", "admin", "GroupUpdates", "200", _ref("GroupRollout")),
+    ]
+)
+
+#: Operations whose 409 is a refused lease, with its machine-readable reason.
+_LEASE_OPERATIONS = {"/v1/updates/lease", "/v1/updates/lease/renew"}
+
+
 def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str, Any]:
     """The whole OpenAPI document, with the limits of these settings."""
     paths: dict[str, dict[str, Any]] = {}
@@ -394,6 +500,8 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
             }
         for code, text in _ERRORS.items():
             op["responses"][code] = {"description": text, **_json(_ref("Error"))}
+        if path in _LEASE_OPERATIONS:
+            op["responses"]["409"] = {"description": "lease refused; reason says why", **_json(_ref("LeaseRefused"))}
         if request:
             op["requestBody"] = {"required": True, **_json(_ref(request))}
             op["responses"]["413"] = {"description": f"the request body is larger than {settings.max_body} bytes", **_json(_ref("Error"))}
@@ -413,7 +521,7 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
         "info": {"title": "backhaul control API", "version": __version__},
         "paths": paths,
         "components": {
-            "schemas": _schemas(settings),
+            "schemas": {**_schemas(settings), **_rollout_schemas()},
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/admin.token"},
                 "connectorCertificate": {"type": "mutualTLS", "description": "the connector's client certificate"},
@@ -434,8 +542,12 @@ def _release_operations(paths: dict[str, dict[str, Any]], settings: ControlSetti
         "description": "the file's bytes",
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
-    for op in (upload, download, paths["/v1/releases/{version}"]["delete"], paths["/v1/updates"]["get"]):
+    for op in (upload, download, paths["/v1/updates"]["get"]):
         op["responses"]["410"] = gone
+    # A version or file name that is not one names no release: 404 (as an unknown one).
+    for op in (upload, download, paths["/v1/releases/{version}"]["delete"]):
+        schemas = {"version": _ref("Version"), "name": _ref("WheelName")}
+        op["parameters"] = [{**param, "schema": schemas[param["name"]]} for param in op["parameters"]]
     paths["/v1/updates"]["get"]["parameters"] = [
         {"name": name, "in": "query", "required": False, "schema": _ref("Version"), "description": text}
         for name, text in (

@@ -358,3 +358,22 @@ def app_changes(changes: dict[str, Any], proto: str) -> None:
             app({**_sample_app("tcp" if proto == "http" else "http"), **changes})
         except Invalid:
             raise refusal from None
+
+
+# -- rollout: a connector group's update settings
+
+from backhaul import maintenance  # noqa: E402  (kept in this block: the rollout's input rules)
+
+#: The maintenance window spec, as validated here and as the served document's pattern.
+WINDOW_PATTERN = maintenance.WINDOW_PATTERN
+MAX_WINDOW = maintenance.MAX_WINDOW
+
+
+def window(value: Any) -> str | None:
+    """A maintenance window spec (``"Sat,Sun 02:00-04:00"``, UTC) in canonical form, or None for none."""
+    if value is None:
+        return None
+    try:
+        return maintenance.canonical(value)
+    except maintenance.BadWindow as exc:
+        raise Invalid(str(exc)) from None

@@ -55,6 +55,8 @@ SPECS = {
         MetricSpec(P + "cpu_seconds_total", "counter", "CPU time (user + system) of the worker processes."),
         MetricSpec(P + "memory_bytes", "gauge", "Resident memory of the live worker processes."),
         MetricSpec(P + "config_version", "gauge", "Store config version served (the oldest any worker has).", aggregate="min"),
+        # -- rollout
+        MetricSpec(P + "update_reports_total", "counter", "Update steps connectors reported, by step.", ("step",)),
     )
 }
 
@@ -78,6 +80,9 @@ class RelayMetrics:
         self.apps: dict[str, _AppFigures] = {}
         #: per connector: [tunnels opened, then bytes and frames of closed tunnels: received, sent, frames in, frames out]
         self.connectors: dict[str, list[int]] = {}
+        # -- rollout
+        #: update reports by step, counted by the control API (its steps are a fixed set: store.UPDATE_STEPS)
+        self.update_reports: dict[str, int] = {}
 
     def _app(self, name: str) -> _AppFigures:
         figures = self.apps.get(name)
@@ -161,6 +166,8 @@ class RelayMetrics:
             P + "cpu_seconds_total": [[[], round(cpu_seconds(), 3)]],
             P + "memory_bytes": [[[], rss_bytes()]],
             P + "config_version": [[[], config_version]],
+            # -- rollout
+            P + "update_reports_total": [[[step], n] for step, n in sorted(self.update_reports.items())],
         }
         for name, figures in self.apps.items():
             to_app = figures.to_app + sum(p.bytes_up for p in figures.live)

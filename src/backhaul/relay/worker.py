@@ -119,7 +119,7 @@ class RelayWorker:
         control = ControlContext.load(
             self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )
-        app = build_app(control)
+        app = build_app(control, update_reports=self.metrics.update_reports)
         limits = self.settings.listen_limits
         # aiohttp's keep-alive timeout closes a control connection idle between requests;
         # ControlGuard adds the idle-before-the-first-request, head and body timers aiohttp
@@ -378,6 +378,25 @@ class RelayWorker:
             if other.info.get("boot") not in (None, boot):
                 # The connector restarted: its old tunnels are dead even if no FIN reached us.
                 other.close(ErrorCode.GOING_AWAY, "replaced by the connector's new instance")
+        self._record_version(connector_id, message.get("version"))
+
+    def _record_version(self, connector_id: str, version) -> None:
+        """The connector's hello names the version it runs: recorded at once, so `connector list`
+        shows a new version as soon as the connector's tunnels are up, not at its next heartbeat."""
+        from backhaul.control.validate import Invalid, text
+
+        try:
+            version = text(version, "version")
+        except Invalid:
+            log.warning("connector hello with a malformed version ignored", extra={"connector": connector_id})
+            return
+        if not version:
+            return  # a connector that does not say
+        try:
+            if self.store.set_connector_version(connector_id, version):
+                log.info("connector version recorded from its hello", extra={"connector": connector_id, "version": version})
+        except Exception:
+            log.exception("cannot record the connector's version in the store; its next heartbeat will")
 
     def _health_received(self, tunnel: Tunnel, message: dict) -> None:
         """The connector says which apps' origins it can reach; routing follows at once."""

@@ -40,7 +40,8 @@ MAX_VERSION = 64
 
 #: A plain wheel file name: no directory part, no "..", nothing a path join could turn into
 #: a different place. (``packaging.utils.parse_wheel_filename`` checks the structure.)
-_WHEEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl")
+WHEEL_NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl"
+_WHEEL_NAME = re.compile(WHEEL_NAME_PATTERN)
 #: Versions a release may have: PEP 440 public versions in normal form (what
 #: ``str(packaging.version.Version(v))`` gives), without a local part: a release is public.
 #: The control API documents the same pattern for ``?installed=`` and ``?version=``.

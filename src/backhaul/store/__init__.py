@@ -30,6 +30,19 @@ from backhaul.store.base import (
     Unavailable,
 )
 
+# -- rollout
+from backhaul.store.base import (
+    HALTING_STEPS,
+    LEASE_RELEASING_STEPS,
+    UPDATE_STEPS,
+    GroupRollout,
+    LeaseRefused,
+    ReportOutcome,
+    UpdateFailure,
+    UpdateLease,
+    UpdateReport,
+)
+
 __all__ = [
     "DEFAULT_GROUP",
     "App",
@@ -50,6 +63,16 @@ __all__ = [
     "Token",
     "Unavailable",
     "open_store",
+    # -- rollout
+    "HALTING_STEPS",
+    "LEASE_RELEASING_STEPS",
+    "UPDATE_STEPS",
+    "GroupRollout",
+    "LeaseRefused",
+    "ReportOutcome",
+    "UpdateFailure",
+    "UpdateLease",
+    "UpdateReport",
 ]
 
 #: File name of the SQLite store inside a service data dir.

@@ -236,6 +236,125 @@ class Release:
         }
 
 
+
+# -- rollout
+
+#: The steps an updater reports, in the order of one update (docs/architecture.md, "Rollout").
+UPDATE_STEPS = ("downloaded", "installed", "switched", "healthy", "refused", "failed", "rolled_back")
+#: Steps after which the updater is done with a version: with the current token, they give the lease back.
+LEASE_RELEASING_STEPS = frozenset({"healthy", "refused", "failed", "rolled_back"})
+#: Steps that halt the group's rollout and mark the version failed for the connector.
+HALTING_STEPS = frozenset({"failed", "rolled_back"})
+
+
+class LeaseRefused(Conflict):
+    """An update lease was not granted or renewed. ``reason``: busy, paused, halted, alone,
+    outside_window (a lease) or stale (a renewal); the message says why in words."""
+
+    REASONS = ("busy", "paused", "halted", "alone", "outside_window", "stale")
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateLease:
+    """The right of one connector of ``group`` to update now. ``token`` is a fencing token:
+    every grant takes a larger one, so a holder that lost its lease (expired, or granted
+    again) is told apart from the current one."""
+
+    group: str
+    connector_id: str
+    version: str
+    token: int
+    granted: float
+    expires: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateReport:
+    """One step of an update, as a connector reported it."""
+
+    connector_id: str
+    group: str
+    version: str
+    step: str
+    reason: str
+    token: int | None
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOutcome:
+    """What a report changed: whether it gave the lease back and whether it halted the group."""
+
+    group: str
+    released: bool
+    halted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateFailure:
+    """A version that failed or was rolled back on a connector."""
+
+    connector_id: str
+    connector: str
+    version: str
+    step: str
+    reason: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRollout:
+    """A group's update settings and the state of its rollout.
+
+    ``window`` is a canonical maintenance window spec (backhaul.maintenance) or None;
+    ``halted`` the reason of the failure that stopped the rollout (None: not halted);
+    ``lease`` the unexpired lease, if any; ``versions`` how many connectors (not revoked)
+    run which version; ``failures`` the newest failures in the group, ``failures_total`` all.
+    """
+
+    group: str
+    allow_downtime: bool = False
+    window: str | None = None
+    paused: bool = False
+    halted: str | None = None
+    halted_connector: str | None = None
+    halted_version: str | None = None
+    halted_at: float | None = None
+    lease: UpdateLease | None = None
+    versions: dict[str, int] = dataclasses.field(default_factory=dict)
+    failures: tuple[UpdateFailure, ...] = ()
+    failures_total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "allow_downtime": self.allow_downtime,
+            "window": self.window,
+            "paused": self.paused,
+            "halted": self.halted,
+            "halted_connector": self.halted_connector,
+            "halted_version": self.halted_version,
+            "halted_at": self.halted_at,
+            "lease": self.lease.to_dict() if self.lease is not None else None,
+            "versions": dict(self.versions),
+            "failures": [f.to_dict() for f in self.failures],
+            "failures_total": self.failures_total,
+        }
+
+
 class Store(abc.ABC):
     """Everything the control plane and the relay keep. Every method is short and blocking.
 
@@ -418,3 +537,58 @@ class Store(abc.ABC):
     def read_file_chunk(self, version: str, name: str, seq: int) -> bytes | None:
         """Chunk ``seq`` of a complete file of a published release; None when there is none
         (past the end, or the release was revoked meanwhile)."""
+
+    # -- rollout
+    @abc.abstractmethod
+    def group_rollout(self, name: str, listed_failures: int = 100) -> GroupRollout:
+        """The update settings and rollout state of one group; NotFound if there is none."""
+
+    @abc.abstractmethod
+    def list_rollouts(self, listed_failures: int = 100) -> list[GroupRollout]:
+        """``group_rollout`` of every group, by name."""
+
+    @abc.abstractmethod
+    def set_group_updates(self, name: str, changes: dict[str, Any]) -> GroupRollout:
+        """Change a group's update settings: ``allow_downtime`` (bool) and ``window`` (a
+        canonical spec or None for none); keys not given keep their value."""
+
+    @abc.abstractmethod
+    def pause_rollout(self, name: str | None) -> list[str]:
+        """Pause one group's rollout (None: every group's): no lease is granted until resumed.
+        Returns the groups that were not paused before."""
+
+    @abc.abstractmethod
+    def resume_rollout(self, name: str | None) -> list[str]:
+        """Clear the pause and the halt of one group (None: every group). Returns the groups
+        that were paused or halted before."""
+
+    @abc.abstractmethod
+    def acquire_update_lease(self, connector_id: str, version: str, seconds: float) -> UpdateLease:
+        """Grant the connector its group's update lease for ``seconds``, with a new fencing
+        token, in one transaction; LeaseRefused says why not (busy, paused, halted, alone,
+        outside_window). A connector that holds the lease already gets it again with a new
+        token (the old one is stale from then on)."""
+
+    @abc.abstractmethod
+    def renew_update_lease(self, connector_id: str, token: int, seconds: float) -> UpdateLease:
+        """Extend the lease the connector holds with ``token`` to ``seconds`` from now;
+        LeaseRefused(stale) if it does not hold that lease any more (expired, granted again,
+        released, or the connector moved to another group)."""
+
+    @abc.abstractmethod
+    def report_update(
+        self, connector_id: str, version: str, step: str, reason: str, token: int | None, *, keep: int, keep_failures: int
+    ) -> ReportOutcome:
+        """Record a step of an update (keeping the connector's newest ``keep`` reports).
+
+        A LEASE_RELEASING_STEPS step with the current token gives the lease back (an old
+        token releases nothing); a HALTING_STEPS step halts the group's rollout and marks the
+        version failed for the connector (its newest ``keep_failures`` versions are kept)."""
+
+    @abc.abstractmethod
+    def update_reports(self, connector_id: str) -> list[UpdateReport]:
+        """The connector's kept reports, oldest first."""
+
+    @abc.abstractmethod
+    def set_connector_version(self, connector_id: str, version: str) -> bool:
+        """Record the version a connector runs (from its tunnel hello); True if it changed."""

@@ -151,4 +151,59 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # -- rollout
+    (
+        6,
+        (
+            # A group's update settings and the state of its rollout; a row once something
+            # was set (no row: the defaults). Follows its group's renames and deletion.
+            """CREATE TABLE group_rollout (
+                grp TEXT PRIMARY KEY REFERENCES groups (name) ON UPDATE CASCADE ON DELETE CASCADE,
+                allow_downtime INTEGER NOT NULL DEFAULT 0,
+                update_window TEXT,
+                paused INTEGER NOT NULL DEFAULT 0,
+                halted TEXT,
+                halted_connector TEXT,
+                halted_version TEXT,
+                halted_at REAL
+            )""",
+            # At most one lease per group (the key), so at most one connector of it updates.
+            """CREATE TABLE update_leases (
+                grp TEXT PRIMARY KEY REFERENCES groups (name) ON UPDATE CASCADE ON DELETE CASCADE,
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                version TEXT NOT NULL,
+                token INTEGER NOT NULL,
+                granted REAL NOT NULL,
+                expires REAL NOT NULL
+            )""",
+            # The fencing counter: only ever grows, and lives in the store, so a token
+            # handed out before a relay restart is never handed out again.
+            """CREATE TABLE update_fence (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                token INTEGER NOT NULL
+            )""",
+            "INSERT INTO update_fence (id, token) VALUES (1, 0)",
+            # The newest reports of each connector (RolloutSettings.reports_per_connector).
+            """CREATE TABLE update_reports (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                grp TEXT NOT NULL,
+                version TEXT NOT NULL,
+                step TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                token INTEGER,
+                at REAL NOT NULL
+            )""",
+            "CREATE INDEX update_reports_connector ON update_reports (connector_id, id)",
+            # Versions that failed or were rolled back per connector (RolloutSettings.failures_per_connector).
+            """CREATE TABLE update_failures (
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                version TEXT NOT NULL,
+                step TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                at REAL NOT NULL,
+                PRIMARY KEY (connector_id, version)
+            )""",
+        ),
+    ),
 )
