@@ -385,6 +385,14 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
             assert len(tried) == 1
             status = system.admin_json("rollout", "status")
             assert "halted" in str(status) and BROKEN in str(status), status
+            # release list: per group, who is on which version, what was rolled back and why it halted.
+            listed = {r["version"]: r["groups"] for r in system.admin_json("release", "list")}
+            assert listed[V2]["default"] == {"connectors": GROUP, "on": GROUP, "updating": None, "failed": 0, "rolled_back": 0, "halted": None}
+            broken = listed[BROKEN]["default"]
+            assert (broken["on"], broken["rolled_back"], broken["updating"]) == (0, 1, None) and broken["halted"], broken
+            human = system.admin("release", "list").stdout
+            assert f"default: {GROUP}/{GROUP} on it" in human and f"default: 0/{GROUP} on it, rolled back 1, halted" in human, human
+            assert f"release {BROKEN} halted group default: {broken['halted']}" in human, human
             for proc in updaters.values():
                 assert proc.alive(), proc.log()[-3000:]
         finally:
