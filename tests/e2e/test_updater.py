@@ -89,10 +89,15 @@ class LongTransfers:
 
         self.port, self.size, self.max_each = port, size, max_each
         self.pause = seconds / (size / self.CHUNK)
+        # The threads start staggered, so their transfers do not all end at once: whenever a
+        # connector switches, one of them has more than half a transfer to go.
+        self.stagger = seconds / streams
         self.done: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, name=f"long-transfer-{i}", daemon=True) for i in range(streams)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i * self.stagger,), name=f"long-transfer-{i}", daemon=True) for i in range(streams)
+        ]
 
     def start(self) -> "LongTransfers":
         for thread in self._threads:
@@ -108,7 +113,9 @@ class LongTransfers:
         assert not any(t.is_alive() for t in self._threads), "a long transfer did not end"
         return self.done
 
-    def _loop(self) -> None:
+    def _loop(self, delay: float) -> None:
+        if self._stop.wait(delay):
+            return
         for _ in range(self.max_each):
             if self._stop.is_set():
                 return
