@@ -20,6 +20,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backhaul import __version__
+
 from .harness import System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -230,6 +232,9 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
     # every relay worker holds a tunnel of the connector; both families report two workers
     wait_until(lambda: conn("tunnels") >= 2 and conn("workers") == 2, 15, "two connector workers and two tunnels")
     assert _scrape(relay_metrics)[("backhaul_relay_workers", ())] == 2
+    # the installed version is a label: one series per connector, 1 however many workers report it
+    info = [(labels, v) for (name, labels), v in _scrape(connector_metrics).items() if name == "backhaul_connector_info"]
+    assert info == [((("connector", connector_id), ("version", __version__)), 1)], info
 
     before, relay_before = _settled(connector_metrics), _settled(relay_metrics)
     payload = bytes(range(256)) * 256  # 64 KiB

@@ -72,6 +72,97 @@ def _venv_version(root: Path) -> str:
     ).stdout.strip()
 
 
+
+class LongTransfers:
+    """``streams`` threads, each making long echo transfers back to back until stopped.
+
+    A transfer sends ``size`` random bytes paced over about ``seconds`` and reads the echo at
+    the same time; it is intact only when the sha256 of what came back is the sha256 of what
+    was sent. Paced so that some are in flight whenever a connector switches and drains.
+    Bounded: at most ``max_each`` transfers per thread, each with a socket timeout.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, port: int, streams: int = 3, size: int = 4 * 1024 * 1024, seconds: float = 5.0, max_each: int = 20) -> None:
+        import threading
+
+        self.port, self.size, self.max_each = port, size, max_each
+        self.pause = seconds / (size / self.CHUNK)
+        # The threads start staggered, so their transfers do not all end at once: whenever a
+        # connector switches, one of them has more than half a transfer to go.
+        self.stagger = seconds / streams
+        self.done: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i * self.stagger,), name=f"long-transfer-{i}", daemon=True) for i in range(streams)
+        ]
+
+    def start(self) -> "LongTransfers":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop_and_join(self, timeout: float = 60) -> list[dict]:
+        """No new transfers; wait for the ones in flight to end."""
+        self._stop.set()
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), "a long transfer did not end"
+        return self.done
+
+    def _loop(self, delay: float) -> None:
+        if self._stop.wait(delay):
+            return
+        for _ in range(self.max_each):
+            if self._stop.is_set():
+                return
+            result = self._transfer()
+            with self._lock:
+                self.done.append(result)
+
+    def _transfer(self) -> dict:
+        import hashlib
+        import socket
+        import threading
+
+        payload = os.urandom(self.size)
+        result = {"started": time.time(), "ended": None, "ok": False, "error": None, "echoed": 0}
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=20) as sock:
+                send_error: list[BaseException] = []
+
+                def send() -> None:
+                    try:
+                        for offset in range(0, self.size, self.CHUNK):
+                            sock.sendall(payload[offset:offset + self.CHUNK])
+                            time.sleep(self.pause)
+                    except OSError as exc:
+                        send_error.append(exc)
+
+                sender = threading.Thread(target=send, daemon=True)
+                sender.start()
+                got = hashlib.sha256()
+                echoed = 0
+                while echoed < self.size:
+                    chunk = sock.recv(262144)
+                    if not chunk:
+                        break
+                    got.update(chunk)
+                    echoed += len(chunk)
+                sender.join(20)
+                result["echoed"] = echoed
+                result["ok"] = not send_error and echoed == self.size and got.digest() == hashlib.sha256(payload).digest()
+                if not result["ok"]:
+                    result["error"] = f"echoed {echoed} of {self.size} bytes" + (f"; send: {send_error[0]}" if send_error else "")
+        except OSError as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        result["ended"] = time.time()
+        return result
+
+
 def test_first_install_then_refusals_leave_nothing_installed(tmp_path, releases):
     root = tmp_path / "root"
     started = time.monotonic()
@@ -225,7 +316,8 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
         backend = Backend("echo", tmp_path, procs)
         port = system.publish_tcp("echo", backend.target)
         config = tmp_path / "connector.toml"
-        config.write_text("workers = 1\ntunnels = 2\nheartbeat_interval = 1\ndrain_timeout = 5\n")
+        # The drain deadline is well above a long transfer (5 s), so a drain never needs to cut one.
+        config.write_text("workers = 1\ntunnels = 2\nheartbeat_interval = 1\ndrain_timeout = 15\n")
         roots, updaters = {}, {}
         try:
             for name in [f"c{i + 1}" for i in range(GROUP)]:
@@ -240,7 +332,7 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
                     f"updater-{name}",
                     BACKHAUL + ["updater", "run", "--state-dir", str(state), "--install-root", str(roots[name]), "--supervise",
                                 "--check-interval", "1", "--connector-config", str(config),
-                                "--limit", "stable_period=3", "--limit", "status_interval=0.5", "--limit", "stop_timeout=20"],
+                                "--limit", "stable_period=3", "--limit", "status_interval=0.5", "--limit", "stop_timeout=30"],
                     tmp_path, env,
                 )
                 procs.append(updaters[name])
@@ -251,6 +343,8 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
             started = time.monotonic()
             # New connections all through the rollout (about 25 s here), each a fresh stream.
             load = EchoLoad(port, clients=4, seconds=30, max_each=100000).start()
+            # And long transfers (4 MiB each over about 5 s), back to back, so some span each switch.
+            transfers = LongTransfers(port, streams=3).start()
             system.admin("release", "publish", *map(str, releases[V2].files), "--signing-key", str(key_priv), "--auto")
             wait_until(
                 lambda: all(os.readlink(r / "current") == f"versions/{V2}" for r in roots.values())
@@ -268,6 +362,19 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
                 for n in roots
             )
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+            # 0 transfers cut: every long transfer came back whole, some were in flight at each switch,
+            # and each old connector's drain ended its streams in flight without cutting one.
+            done = transfers.stop_and_join(timeout=60)
+            broken = [t for t in done if not t["ok"]]
+            assert done and not broken, f"{len(broken)} of {len(done)} long transfers were cut: {broken[:3]}"
+            for name, root in roots.items():
+                switched = _steps(root / "logs" / "updater.log", "switched")[-1]["ts"]
+                assert any(t["started"] < switched < t["ended"] - 1 for t in done), (name, switched, done)
+            drained = [e for proc in updaters.values() for e in proc.log_entries("connector worker drained")]
+            assert len(drained) >= GROUP and not any(e["streams_cut"] for e in drained), drained
+            assert sum(e["streams_in_flight"] for e in drained) > 0, drained
+            TIMINGS["long transfers during the rollout (none cut)"] = len(done)
+            TIMINGS["streams in flight at the old connectors' drains"] = sum(e["streams_in_flight"] for e in drained)
             attempts = load.join(timeout=90)
             failed = [a for a in attempts if not a.ok]
             TIMINGS["new connections during the rollout"] = len(attempts)
@@ -285,6 +392,14 @@ def test_a_group_updates_one_connector_at_a_time_through_the_relay_and_a_broken_
             assert len(tried) == 1
             status = system.admin_json("rollout", "status")
             assert "halted" in str(status) and BROKEN in str(status), status
+            # release list: per group, who is on which version, what was rolled back and why it halted.
+            listed = {r["version"]: r["groups"] for r in system.admin_json("release", "list")}
+            assert listed[V2]["default"] == {"connectors": GROUP, "on": GROUP, "updating": None, "failed": 0, "rolled_back": 0, "halted": None}
+            broken = listed[BROKEN]["default"]
+            assert (broken["on"], broken["rolled_back"], broken["updating"]) == (0, 1, None) and broken["halted"], broken
+            human = system.admin("release", "list").stdout
+            assert f"default: {GROUP}/{GROUP} on it" in human and f"default: 0/{GROUP} on it, rolled back 1, halted" in human, human
+            assert f"release {BROKEN} halted group default: {broken['halted']}" in human, human
             for proc in updaters.values():
                 assert proc.alive(), proc.log()[-3000:]
         finally:

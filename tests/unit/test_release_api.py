@@ -106,6 +106,8 @@ def test_publish_serve_revoke(run, tmp_path, key):
         assert status == 200 and [r["version"] for r in listed] == ["1.1.0"]
         assert listed[0]["state"] == "published" and listed[0]["auto"] is True and listed[0]["key_id"] == rm.key_id(key.public_key())
         assert listed[0]["size"] == sum(Path(w).stat().st_size for w in wheels)
+        # Its rollout per group: the one registered connector, not on it yet, nothing updating or failed.
+        assert listed[0]["groups"] == {"default": {"connectors": 1, "on": 0, "updating": None, "failed": 0, "rolled_back": 0, "halted": None}}
         # Several stored chunks per file (chunk_size 1000).
         chunks = s.store._db.execute("SELECT COUNT(*) FROM release_chunks WHERE version = '1.1.0'").fetchone()[0]
         assert chunks > 6

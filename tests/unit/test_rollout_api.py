@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from backhaul.connector import control_client
-from backhaul.control.api import UPDATE_REPORTS, rollout_for_group
+from backhaul.admin.commands import release_rollout
+from backhaul.control.api import UPDATE_REPORTS, release_groups, rollout_for_group
 
 from .test_control_api import Service, clock, run, service_dir  # noqa: F401 (fixtures)
 
@@ -71,9 +72,21 @@ def test_a_rolled_back_report_halts_and_resume_clears_it(run, tmp_path, caplog):
     async def go(s: Service):
         a, b = await _two_active(s, tmp_path)
         _, lease = await _connector_call(a, "/v1/updates/lease", {"version": "2.0"})
+        # release list's rollout per group: who is updating to which version ...
+        on_it = {"connectors": 2, "on": 0, "failed": 0, "rolled_back": 0, "halted": None}
+        assert release_groups(s.store, ["2.0", "1.9"]) == {
+            "2.0": {"default": {**on_it, "updating": "test-connector"}}, "1.9": {"default": {**on_it, "updating": None}},
+        }
+        assert release_rollout(release_groups(s.store, ["2.0"])["2.0"]) == "default: 0/2 on it, updating test-connector"
         report = {"version": "2.0", "step": "rolled_back", "reason": "not ready within 60 s", "token": lease["token"]}
         status, answer = await _connector_call(a, "/v1/updates/report", report)
         assert (status, answer) == (200, {"status": "ok", "released": True, "halted": True})
+        # ... and, once it is rolled back, how many rolled it back and why the group halted (for that version only).
+        groups = release_groups(s.store, ["2.0", "1.9"])
+        assert groups["2.0"] == {"default": {**on_it, "updating": None, "rolled_back": 1, "halted": "not ready within 60 s"}}
+        assert groups["1.9"] == {"default": {**on_it, "updating": None}}
+        assert release_rollout(groups["2.0"]) == "default: 0/2 on it, rolled back 1, halted"
+        assert release_rollout({}) == "-"
         assert rollout_for_group(s.store, "default") == {"paused": False, "halted": "not ready within 60 s"}
         status, refused = await _connector_call(b, "/v1/updates/lease", {"version": "2.0"})
         assert status == 409 and refused["reason"] == "halted" and "not ready within 60 s" in refused["detail"]

@@ -101,7 +101,7 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
         "--expires", type=float, default=90.0, metavar="DAYS",
         help="days the signed manifest stays valid; connectors refuse it afterwards (default 90)",
     )
-    leaf(release, "list", release_list, "list releases: version, state, files")
+    leaf(release, "list", release_list, "list releases: version, state, files, rollout per group")
     leaf(release, "revoke", release_revoke, "revoke a release: never served again").add_argument("version")
 
     # -- rollout
@@ -314,16 +314,43 @@ def _size(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KiB"
 
 
+def release_rollout(groups: dict[str, dict]) -> str:
+    """A release's rollout per group in one cell, e.g. ``default: 1/2 on it, updating c2; office: failed 1``."""
+    cells = []
+    for name, g in sorted(groups.items()):
+        parts = [f"{g['on']}/{g['connectors']} on it"] if g["connectors"] else []
+        if g["updating"]:
+            parts.append(f"updating {g['updating']}")
+        if g["failed"]:
+            parts.append(f"failed {g['failed']}")
+        if g["rolled_back"]:
+            parts.append(f"rolled back {g['rolled_back']}")
+        if g["halted"]:
+            parts.append("halted")
+        cells.append(f"{name}: {', '.join(parts)}")
+    return "; ".join(cells) or "-"
+
+
 def release_list(args: argparse.Namespace) -> int:
     data = call(args, "GET", "/v1/releases")
     rows = [
         [
             r["version"], r["state"] + (f" ({len(r['missing'])} missing)" if r["state"] == "incomplete" else ""),
             "yes" if r["auto"] else "no", r["key_id"], when(r["issued"]), when(r["expires"]), len(r["files"]), _size(r["size"]),
+            release_rollout(r.get("groups", {})),
         ]
         for r in data
     ]
-    return _emit(args, data, table(["VERSION", "STATE", "AUTO", "KEY", "ISSUED", "EXPIRES", "FILES", "SIZE"], rows))
+    lines = [table(["VERSION", "STATE", "AUTO", "KEY", "ISSUED", "EXPIRES", "FILES", "SIZE", "ROLLOUT"], rows)]
+    # Why a release halted a group, in words: the table has only room for "halted".
+    for r in data:
+        for name, g in sorted(r.get("groups", {}).items()):
+            if g["halted"]:
+                lines.append(
+                    f"release {r['version']} halted group {name}: {g['halted']}; fix or revoke it, then "
+                    f"`backhaul admin rollout resume --group {name}`"
+                )
+    return _emit(args, data, "\n".join(lines))
 
 
 def release_revoke(args: argparse.Namespace) -> int:

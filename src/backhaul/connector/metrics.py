@@ -27,6 +27,9 @@ P = "backhaul_connector_"
 SPECS = {
     spec.name: spec
     for spec in (
+        # The installed version as a label (value 1), so a fleet's versions are one query away
+        # during a rollout; one series per connector (a restart on a new version replaces it).
+        MetricSpec(P + "info", "gauge", "Always 1; the version label is the installed backhaul version.", C + ("version",), aggregate="max"),
         MetricSpec(P + "workers", "gauge", "Worker processes reporting figures.", C),
         MetricSpec(P + "tunnels", "gauge", "Tunnels up (the relay has answered hello).", C),
         MetricSpec(P + "tunnels_opened_total", "counter", "Tunnel connections made to the relay.", C),
@@ -91,6 +94,7 @@ class ConnectorMetrics:
             return [[[cid], v]]
 
         series = {
+            P + "info": [[[cid, __version__], 1]],
             P + "workers": value(1),
             P + "tunnels": value(sum(1 for t in tunnels if t.info.get("hello"))),
             P + "tunnels_opened_total": value(agent.stats["tunnels_opened"]),

@@ -660,8 +660,10 @@ async def create_release(request: web.Request) -> web.Response:
 
 @_require_admin
 async def list_releases(request: web.Request) -> web.Response:
-    releases = await _run(request, _ctx(request).store.list_releases)
-    return json_response([r.to_dict() for r in releases])
+    store = _ctx(request).store
+    releases = await _run(request, store.list_releases)
+    groups = await _run(request, release_groups, store, [r.version for r in releases])
+    return json_response([{**r.to_dict(), "groups": groups[r.version]} for r in releases])
 
 
 @_require_admin
@@ -852,6 +854,42 @@ def rollout_for_group(store, group: str) -> dict[str, Any]:
     whether its group's rollout is paused, and why it is halted (None: it is not)."""
     state = store.group_rollout(group, listed_failures=1)
     return {"paused": state.paused, "halted": state.halted}
+
+
+def release_groups(store, versions: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The rollout of each release per group, for GET /v1/releases (a blocking store call):
+    ``{version: {group: {connectors, on, updating, failed, rolled_back, halted}}}``.
+
+    ``on`` counts the group's connectors that run the version, ``updating`` names the one
+    holding the group's update lease for it, ``failed``/``rolled_back`` count the connectors
+    where it failed, ``halted`` is the halt reason when this version halted the group.
+    A group is listed when it has connectors or a failure of that version.
+    """
+    failures = store.update_failure_counts()
+    names: dict[str, str] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in versions}
+    for state in store.list_rollouts(0):
+        holder = None
+        if state.lease is not None:
+            if state.lease.connector_id not in names:
+                record = store.get_connector(state.lease.connector_id)
+                names[state.lease.connector_id] = record.name if record is not None else state.lease.connector_id
+            holder = names[state.lease.connector_id]
+        connectors = sum(state.versions.values())
+        for version in versions:
+            failed = failures.get((state.group, version, "failed"), 0)
+            rolled_back = failures.get((state.group, version, "rolled_back"), 0)
+            if not connectors and not failed and not rolled_back:
+                continue
+            out[version][state.group] = {
+                "connectors": connectors,
+                "on": state.versions.get(version, 0),
+                "updating": holder if state.lease is not None and state.lease.version == version else None,
+                "failed": failed,
+                "rolled_back": rolled_back,
+                "halted": state.halted if state.halted is not None and state.halted_version == version else None,
+            }
+    return out
 
 
 def _lease_refused(exc: LeaseRefused) -> web.Response:

@@ -300,6 +300,20 @@ def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             size=_I,
             files={"type": "array", "items": _ref("ReleaseFile")},
             missing={"type": "array", "items": _S, "description": "files not uploaded yet"},
+            groups={
+                "type": "object",
+                "description": "GET /v1/releases: the release's rollout per connector group (groups with connectors or a failure of it)",
+                "additionalProperties": _ref("ReleaseGroupRollout"),
+            },
+        ),
+        "ReleaseGroupRollout": _obj(
+            ["connectors", "on", "updating", "failed", "rolled_back", "halted"],
+            connectors={"type": "integer", "minimum": 0, "description": "connectors in the group (not revoked)"},
+            on={"type": "integer", "minimum": 0, "description": "of them, those that run this version"},
+            updating={"type": ["string", "null"], "description": "the connector holding the group's update lease for this version"},
+            failed={"type": "integer", "minimum": 0, "description": "connectors where this version failed"},
+            rolled_back={"type": "integer", "minimum": 0, "description": "connectors that rolled this version back"},
+            halted={"type": ["string", "null"], "description": "why this version halted the group's rollout"},
         ),
         "ReleaseFileStored": _obj(
             ["version", "name", "state", "missing"], version=_S, name=_S, state=_S, missing={"type": "array", "items": _S}
@@ -367,7 +381,10 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
     ("put", "/v1/connectors/{id}/group", "Move a connector to another group", "admin", "AssignRequest", "200", _ref("Connector")),
     # -- releases
     ("post", "/v1/releases", "Store a signed release manifest; its files follow (PUT)", "admin", "ReleaseUpload", "201", _ref("Release")),
-    ("get", "/v1/releases", "List releases", "admin", None, "200", {"type": "array", "items": _ref("Release")}),
+    (
+        "get", "/v1/releases", "List releases, each with its rollout per group", "admin", None, "200",
+        {"type": "array", "items": {"allOf": [_ref("Release"), _obj(["groups"])]}},
+    ),
     ("delete", "/v1/releases/{version}", "Revoke a release: never served again, its files dropped", "admin", None, "200", _ref("Revoked")),
     (
         "put", "/v1/releases/{version}/files/{name}", "Upload one file of a release (raw body, exactly the manifest's size)",

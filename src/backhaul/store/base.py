@@ -548,6 +548,11 @@ class Store(abc.ABC):
         """``group_rollout`` of every group, by name."""
 
     @abc.abstractmethod
+    def update_failure_counts(self) -> dict[tuple[str, str, str], int]:
+        """How many connectors (not revoked) of each group failed or rolled back each version:
+        ``{(group, version, step): count}`` with step one of HALTING_STEPS (release list)."""
+
+    @abc.abstractmethod
     def set_group_updates(self, name: str, changes: dict[str, Any]) -> GroupRollout:
         """Change a group's update settings: ``allow_downtime`` (bool) and ``window`` (a
         canonical spec or None for none); keys not given keep their value."""

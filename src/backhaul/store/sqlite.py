@@ -790,6 +790,14 @@ class SqliteStore(Store):
             ).fetchall()
             return [self._rollout(db, row, now, listed_failures) for row in rows]
 
+    def update_failure_counts(self) -> dict[tuple[str, str, str], int]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT c.grp, f.version, f.step, COUNT(*) FROM update_failures f "
+                "JOIN connectors c ON c.id = f.connector_id WHERE c.revoked = 0 GROUP BY c.grp, f.version, f.step"
+            ).fetchall()
+        return {(grp, version, step): count for grp, version, step, count in rows}
+
     @staticmethod
     def _rollout_row(db: sqlite3.Connection, name: str) -> None:
         db.execute("INSERT INTO group_rollout (grp) VALUES (?) ON CONFLICT (grp) DO NOTHING", (name,))
