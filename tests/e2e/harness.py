@@ -28,11 +28,29 @@ HERE = Path(__file__).parent
 BACKHAUL = [sys.executable, "-m", "backhaul"]
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class PortAllocator:
+    """Ports nobody listens on right now, never the same one twice in a test run.
+
+    The kernel may hand a just-released port out again at once, and the relay binds its
+    ports with SO_REUSEPORT, so two "free" ports that turn out equal (say --listen and
+    --http) would both bind and split connections between TLS and plain HTTP.
+    """
+
+    def __init__(self) -> None:
+        self._given: set[int] = set()
+
+    def __call__(self) -> int:
+        for _ in range(1000):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in self._given:
+                self._given.add(port)
+                return port
+        raise AssertionError("no free port left that this test run has not handed out already")
+
+
+free_port = PortAllocator()
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):

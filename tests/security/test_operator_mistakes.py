@@ -79,6 +79,14 @@ def test_init_tightens_modes_run_warns_and_a_second_run_is_refused(tmp_path):
         )
         line = _one_line_error(second)
         assert f"PID {relay.pid}" in line and "already running" in line
+        # Two listeners on one address would both bind (SO_REUSEPORT) and split the connections.
+        port = free_port()
+        for http in (f"127.0.0.1:{port}", f"0.0.0.0:{port}"):
+            shared = system.cli(
+                "service", "run", "--data-dir", str(system.data_dir), "--listen", f"127.0.0.1:{port}",
+                "--http", http, check=False, timeout=30,
+            )
+            assert "use the same address" in _one_line_error(shared)
         assert relay.alive() and system.health()["status"] == "ok"
         assert (system.data_dir / "relay.lock").read_text().strip() == str(relay.pid)
         # Once the first has stopped, the data dir is free again.

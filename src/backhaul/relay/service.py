@@ -64,6 +64,23 @@ def oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
         raise ConfigError(f"--oidc-issuer: {exc}") from exc
 
 
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _refuse_shared_ports(addresses: dict[str, str | None]) -> None:
+    """ConfigError when two of the relay's listeners would share an address: every port is
+    bound with SO_REUSEPORT, so they would both bind and split the connections between them."""
+    seen: list[tuple[str, str, int]] = []
+    for flag, value in addresses.items():
+        if not value:
+            continue
+        host, port = parse_hostport(value, flag)
+        for other_flag, other_host, other_port in seen:
+            if port and port == other_port and (host == other_host or host in _WILDCARDS or other_host in _WILDCARDS):
+                raise ConfigError(f"{flag} {value} and {other_flag} use the same address; give each its own port")
+        seen.append((flag, host, port))
+
+
 def service_run(args: argparse.Namespace) -> int:
     """Run the relay until SIGTERM."""
     data_dir = Path(args.data_dir)
@@ -72,6 +89,7 @@ def service_run(args: argparse.Namespace) -> int:
     parse_hostport(args.listen, "--listen")
     if args.http:
         parse_hostport(args.http, "--http")
+    _refuse_shared_ports({"--listen": args.listen, "--http": args.http, "--https": args.https})
     https_cert = https_key = None
     if args.https:
         parse_hostport(args.https, "--https")
