@@ -559,9 +559,9 @@ def test_user_that_never_reads_holds_the_download_at_the_window(edge):
 def test_bad_service_options_are_refused_with_one_line(edge, tmp_path):
     data_dir = str(edge.system.data_dir)
     cases = [
-        (("--https", "127.0.0.1:1"), "--https-cert"),
+        (("--https", "127.0.0.1:2"), "--https-cert"),
         (("--https-cert", "x.pem"), "--https HOST:PORT"),
-        (("--https", "127.0.0.1:1", "--https-cert", str(tmp_path / "no.pem"), "--https-key", str(tmp_path / "no.key")), "missing"),
+        (("--https", "127.0.0.1:2", "--https-cert", str(tmp_path / "no.pem"), "--https-key", str(tmp_path / "no.key")), "missing"),
         (("--http-limit", "bogus=1"), "header_timeout"),
         (("--http-limit", "header_timeout=soon"), "not a number"),
         (("--http-limit", "max_headers=0"), "positive"),
