@@ -22,68 +22,23 @@ import signal
 import socket
 import ssl
 import time
-from pathlib import Path
 from typing import Callable
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.connector import health, udp_flows
 from backhaul.connector.http_target import BackendTls, HttpTargetPipe
+from backhaul.connector.settings import ConnectorSettings, apply_log_level, split_changes
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
 from backhaul.errors import ProxyError
 from backhaul.transport import proxy_connect
 from backhaul.transport.pipe import Pipe
-from backhaul.transport.proxy_connect import Proxy
 from backhaul.transport.sockets import parse_hostport
 from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.connector")
 #: per-stream lines: stderr and the session log, not the admin log
 stream_log = logging.getLogger("backhaul.stream.connector")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectorSettings:
-    """What one connector worker needs to run."""
-
-    state_dir: Path
-    worker: int = 0
-    workers: int = 1
-    #: Tunnels this connector holds in all (spread over its workers), at least one per relay worker.
-    tunnels: int = 4
-    #: Same for every worker of one `connector run`; lets the relay replace stale tunnels at once.
-    boot_id: str = ""
-    flow: FlowControl = FlowControl()
-    keepalive: Keepalive = Keepalive()
-    backoff: Backoff = Backoff()
-    udp: UdpLimits = UdpLimits()
-    #: The HTTP CONNECT proxy tunnels and control calls go through (None: straight to the relay).
-    proxy: Proxy | None = None
-    connect_timeout: float = 10.0
-    target_timeout: float = 10.0
-    #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
-    max_slots: int = 64
-    #: Seconds between heartbeats (which also check whether the certificate is due for renewal).
-    heartbeat_interval: float = 30.0
-    #: How the origins of the apps are checked (see connector/health.py).
-    health: HealthChecks = HealthChecks()
-    #: On SIGTERM, how long streams in flight may take to finish before they are reset.
-    drain_timeout: float = 30.0
-    log_level: str = "info"
-    #: Admin and session log files.
-    log_files: LogFiles = LogFiles()
-    #: The run dir the supervisor prepared (stats, switches, control socket); None: no figures kept.
-    run_dir: Path | None = None
-    #: Listening sockets made by the supervisor, served by worker 0 (see connector.observer).
-    metrics_fd: int | None = None
-    control_fd: int | None = None
-    #: Seconds between two publications of this worker's figures.
-    stats_interval: float = 1.0
-
-    @property
-    def slots(self) -> int:
-        return max(1, -(-self.tunnels // self.workers))
 
 
 def _open_failure(exc: BaseException) -> tuple[int, str]:
@@ -243,7 +198,6 @@ class ConnectorAgent:
 
     def reload(self) -> None:
         """Read the settings and the state dir's credentials again; apply what can change live."""
-        from backhaul.connector.settings import apply_log_level, split_changes
         from backhaul.errors import BackhaulError
 
         if self._load_settings is None or self._draining or self._http is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backhaul import __version__
 from backhaul.metrics import OPEN_LATENCY_BUCKETS
@@ -18,8 +18,21 @@ from backhaul.protocol.constants import ErrorCode
 from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
 
 if TYPE_CHECKING:
-    from backhaul.connector.agent import ConnectorAgent
+    from backhaul.connector.settings import ConnectorSettings
+    from backhaul.connector.state import ConnectorState
     from backhaul.transport.tunnel import Tunnel
+
+
+class AgentView(Protocol):
+    """What the figures and the operations side read of a connector worker (the agent is
+    one), so neither needs the agent's module."""
+
+    settings: "ConnectorSettings"
+    state: "ConnectorState"
+    tunnels: Any  # a collection of Tunnel
+    stats: dict[str, int]
+    config_version: int | None
+    observer: Any  # has .session_log.enabled
 
 C = ("connector",)
 P = "backhaul_connector_"
@@ -80,7 +93,7 @@ class ConnectorMetrics:
         totals[2] += tunnel.session.frames_received
         totals[3] += tunnel.session.frames_sent
 
-    def snapshot(self, agent: "ConnectorAgent", reporter_info: dict) -> dict:
+    def snapshot(self, agent: AgentView, reporter_info: dict) -> dict:
         cid = agent.state.connector_id
         tunnels = list(agent.tunnels)
         received, sent, frames_in, frames_out = self.closed_tunnels

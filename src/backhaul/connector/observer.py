@@ -10,16 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
-
 from backhaul.connector import control_socket
-from backhaul.connector.metrics import SPECS, ConnectorMetrics, status_figures
+from backhaul.connector.metrics import SPECS, AgentView, ConnectorMetrics, status_figures
 from backhaul.connector.session_log import SessionLog, read_switch, write_switch
 from backhaul.logs import ADMIN_LOG
 from backhaul.reporter import Reporter, adopt_socket
-
-if TYPE_CHECKING:
-    from backhaul.connector.agent import ConnectorAgent
 
 log = logging.getLogger("backhaul.connector")
 
@@ -30,7 +25,7 @@ SWITCH_WAIT = 5.0
 class Observer:
     """Counts, publishes and logs for one connector worker (see the module docstring)."""
 
-    def __init__(self, agent: "ConnectorAgent") -> None:
+    def __init__(self, agent: AgentView) -> None:
         settings = agent.settings
         self.agent = agent
         self.metrics = ConnectorMetrics()

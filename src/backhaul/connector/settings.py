@@ -17,9 +17,52 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, UdpLimits
-from backhaul.connector.agent import ConnectorSettings
+from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.errors import ConfigError
+from backhaul.transport.proxy_connect import Proxy
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorSettings:
+    """What one connector worker needs to run."""
+
+    state_dir: Path
+    worker: int = 0
+    workers: int = 1
+    #: Tunnels this connector holds in all (spread over its workers), at least one per relay worker.
+    tunnels: int = 4
+    #: Same for every worker of one `connector run`; lets the relay replace stale tunnels at once.
+    boot_id: str = ""
+    flow: FlowControl = FlowControl()
+    keepalive: Keepalive = Keepalive()
+    backoff: Backoff = Backoff()
+    udp: UdpLimits = UdpLimits()
+    #: The HTTP CONNECT proxy tunnels and control calls go through (None: straight to the relay).
+    proxy: Proxy | None = None
+    connect_timeout: float = 10.0
+    target_timeout: float = 10.0
+    #: Hard cap on tunnel slots of one worker, whatever the relay asks for.
+    max_slots: int = 64
+    #: Seconds between heartbeats (which also check whether the certificate is due for renewal).
+    heartbeat_interval: float = 30.0
+    #: How the origins of the apps are checked (see connector/health.py).
+    health: HealthChecks = HealthChecks()
+    #: On SIGTERM, how long streams in flight may take to finish before they are reset.
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    #: Admin and session log files.
+    log_files: LogFiles = LogFiles()
+    #: The run dir the supervisor prepared (stats, switches, control socket); None: no figures kept.
+    run_dir: Path | None = None
+    #: Listening sockets made by the supervisor, served by worker 0 (see connector.observer).
+    metrics_fd: int | None = None
+    control_fd: int | None = None
+    #: Seconds between two publications of this worker's figures.
+    stats_interval: float = 1.0
+
+    @property
+    def slots(self) -> int:
+        return max(1, -(-self.tunnels // self.workers))
+
 
 #: Largest settings file read; a connector's settings are a few lines.
 MAX_CONFIG_BYTES = 64 * 1024
