@@ -16,7 +16,8 @@ from backhaul import pki, tlsconfig
 from backhaul.connector import control_client
 from backhaul.connector.enroll import enroll, fetch_pinned_ca
 from backhaul.connector.state import ConnectorState, write_state
-from backhaul.control.api import build_app, token_hash
+from backhaul.control.api import build_app
+from backhaul.control.web import token_hash
 from backhaul.control.context import ControlContext, ControlSettings
 from backhaul.control.init import initialize
 from backhaul.control.openapi import openapi_document

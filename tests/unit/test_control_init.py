@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from backhaul import pki
-from backhaul.control.api import token_hash
+from backhaul.control.web import token_hash
 from backhaul.store import open_store
 
 pytestmark = pytest.mark.codec_independent

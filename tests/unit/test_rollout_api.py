@@ -10,7 +10,7 @@ import pytest
 
 from backhaul.connector import control_client
 from backhaul.admin.commands import release_rollout
-from backhaul.control.api import UPDATE_REPORTS, release_groups, rollout_for_group
+from backhaul.control.rollout_api import UPDATE_REPORTS, release_groups, rollout_for_group
 
 from .test_control_api import Service, clock, run, service_dir  # noqa: F401 (fixtures)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 
 from backhaul import pki
-from backhaul.control.api import new_admin_token, token_hash
+from backhaul.control.web import new_admin_token, token_hash
 from backhaul.errors import ConfigError
 from backhaul.store import STORE_FILE, open_store
 
