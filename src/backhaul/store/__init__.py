@@ -12,32 +12,28 @@ from typing import Callable
 
 from backhaul.store.base import (
     DEFAULT_GROUP,
+    HALTING_STEPS,
+    LEASE_RELEASING_STEPS,
+    UPDATE_STEPS,
     App,
     Conflict,
     Connector,
     ConnectorStats,
     Group,
+    GroupRollout,
     InvalidToken,
+    LeaseRefused,
     LimitReached,
     NotFound,
     OriginReport,
     Release,
     ReleaseFile,
+    ReportOutcome,
     Store,
     StoreError,
     StoreLimits,
     Token,
     Unavailable,
-)
-
-# -- rollout
-from backhaul.store.base import (
-    HALTING_STEPS,
-    LEASE_RELEASING_STEPS,
-    UPDATE_STEPS,
-    GroupRollout,
-    LeaseRefused,
-    ReportOutcome,
     UpdateFailure,
     UpdateLease,
     UpdateReport,
@@ -63,7 +59,6 @@ __all__ = [
     "Token",
     "Unavailable",
     "open_store",
-    # -- rollout
     "HALTING_STEPS",
     "LEASE_RELEASING_STEPS",
     "UPDATE_STEPS",
