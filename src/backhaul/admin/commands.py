@@ -9,10 +9,7 @@ from typing import Any, Callable
 
 import orjson
 
-from backhaul.admin.tables import table, when
-
-# -- rollout
-from backhaul.admin.tables import counts, rollout_state, yes_no
+from backhaul.admin.tables import counts, rollout_state, table, when, yes_no
 from backhaul.errors import ConfigError
 
 #: CPU percentage above which `connector list` warns (the service flags it as cpu_warning).
