@@ -29,26 +29,12 @@ reason, and leaves the session closed: every later ``next_event()`` returns None
 Floods
 ------
 A peer with a valid certificate can still try to exhaust this side with frames that
-bring no work but cost a reply or a callback. Two defences, the same for both roles
-(a connector is protected from a hostile relay exactly as the relay is from a hostile
-connector; nothing here depends on the role but stream-id parity):
-
-- *Flood limits* (``config.FloodLimits``): token buckets for PINGs, CONTROL messages,
-  unwanted streams (OPENs refused without work, streams reset by the peer before they
-  were accepted: rapid reset), idle frames (frames for closed streams, empty DATA, stray
-  PONGs and GOAWAYs, DATAGRAMs for flows that are not open) and a WINDOW count bounded by the frames this side sent. A frame
-  beyond its bucket ends the tunnel with GOAWAY ENHANCE_YOUR_CALM; ``flood`` names the
-  limit. The buckets are looked at only on the frames they count; DATA never touches them.
-- *Reply backpressure*: replies (PONG, OPEN_FAIL, RST) are counted in bytes. The transport
-  says when its write buffer goes above its high mark (``output_blocked(True)``) and below
-  its low mark (``output_blocked(False)``). Once more than
-  ``FloodLimits.reply_bytes_while_blocked`` of replies were generated while blocked, the
-  session stops handing out events (``input_held``) and the transport stops reading, so a
-  peer that sends and never reads is held by TCP backpressure. Only replies count: DATA
-  and the WINDOWs it earns are bounded by the windows, and counting them could make two
-  ends doing bulk DATA both ways stop reading each other. A legitimate peer provokes no
-  such replies in volume (a relay refuses OPENs only from a hostile connector), so two
-  honest ends never both hold, and the one that holds resumes as soon as its peer reads.
+bring no work but cost a reply or a callback: the session asks its ``FloodGuard``
+(``protocol/floods.py``, where the rules and their reasons are) on every frame of such a
+kind, never on DATA. A flood ends the tunnel with GOAWAY ENHANCE_YOUR_CALM (``flood``
+names the limit); replies piling up behind a full write buffer hold the input
+(``input_held``: ``next_event()`` hands out nothing and the transport stops reading)
+until the transport says the buffer drained (``output_blocked(False)``).
 """
 
 from __future__ import annotations
@@ -64,7 +50,6 @@ import orjson
 from backhaul.config import FloodLimits, FlowControl, Keepalive
 from backhaul.protocol.constants import (
     CONNECTION_STREAM,
-    HEADER_SIZE,
     INITIAL_STREAM_WINDOW,
     INITIAL_TUNNEL_WINDOW,
     MAX_STREAM_ID,
@@ -73,6 +58,22 @@ from backhaul.protocol.constants import (
     Flag,
     FrameType,
 )
+from backhaul.protocol.events import (  # noqa: F401  (re-exported: mux.StreamOpened, ...)
+    Event,
+    StreamOpened,
+    StreamAccepted,
+    StreamRejected,
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    WriteResumed,
+    PongReceived,
+    GoAwayReceived,
+    ControlReceived,
+    DatagramReceived,
+    TunnelFailed,
+)
+from backhaul.protocol.floods import ERROR_FRAME_SIZE, PONG_SIZE, UNWANTED_REFUSALS, FloodGuard
 from backhaul.protocol.framing import (
     FrameDecoder,
     FrameEncoder,
@@ -102,18 +103,6 @@ _DATA, _OPEN, _OPEN_OK, _OPEN_FAIL, _FIN, _RST, _WINDOW, _PING, _PONG, _DATAGRAM
 )
 
 
-#: OPEN_FAIL codes that mean "this OPEN should not have been sent": refusals that cost an
-#: OPEN_FAIL and no work, counted against FloodLimits.unwanted_stream_*. Refusals after a
-#: connect attempt (CONNECT_REFUSED, CONNECT_TIMEOUT, ...) are work done, not a flood.
-_UNWANTED_REFUSALS = frozenset(
-    {int(ErrorCode.PROTOCOL_ERROR), int(ErrorCode.REFUSED_STREAM), int(ErrorCode.UNKNOWN_APP), int(ErrorCode.TARGET_NOT_ALLOWED)}
-)
-#: Bytes of a PONG on the wire.
-_PONG_SIZE = HEADER_SIZE + 8
-#: Bytes of an OPEN_FAIL or RST on the wire without its reason.
-_ERROR_FRAME_SIZE = HEADER_SIZE + 2
-
-
 class Role(enum.Enum):
     """Which end of the tunnel a session is; it decides stream-id parity."""
 
@@ -123,139 +112,6 @@ class Role(enum.Enum):
 
 class SessionError(Exception):
     """The application asked for something the session's state does not allow."""
-
-
-# ---------------------------------------------------------------------------- events
-
-
-class Event:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-
-class StreamOpened(Event):
-    """The peer opened a stream; answer with ``accept_stream`` or ``reject_stream``."""
-
-    __slots__ = ("stream_id", "meta")
-
-    def __init__(self, stream_id: int, meta: dict) -> None:
-        self.stream_id = stream_id
-        self.meta = meta
-
-
-class StreamAccepted(Event):
-    """The peer accepted a stream we opened (its target is connected)."""
-
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
-class StreamRejected(Event):
-    """A stream we opened was refused; nothing of it reached the target."""
-
-    __slots__ = ("stream_id", "code", "reason")
-
-    def __init__(self, stream_id: int, code: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.code = code
-        self.reason = reason
-
-
-class DataReceived(Event):
-    """Bytes for a stream. Call ``consumed(stream_id, len(data))`` once they are handed on."""
-
-    __slots__ = ("stream_id", "data", "end")
-
-    def __init__(self, stream_id: int, data: bytes, end: bool) -> None:
-        self.stream_id = stream_id
-        self.data = data
-        self.end = end
-
-
-class StreamEnded(Event):
-    """The peer will send no more bytes on the stream (half-close)."""
-
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
-class StreamReset(Event):
-    """The peer aborted the stream, or the session did because the tunnel failed."""
-
-    __slots__ = ("stream_id", "code", "reason")
-
-    def __init__(self, stream_id: int, code: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.code = code
-        self.reason = reason
-
-
-class WriteResumed(Event):
-    """The stream's send queue fell below the low mark: the caller may read its socket again."""
-
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
-class PongReceived(Event):
-    """Our PING was answered after ``rtt`` seconds."""
-
-    __slots__ = ("rtt",)
-
-    def __init__(self, rtt: float) -> None:
-        self.rtt = rtt
-
-
-class GoAwayReceived(Event):
-    """The peer drains: it accepts no new streams; ours above ``last_stream_id`` were refused."""
-
-    __slots__ = ("last_stream_id", "code", "reason")
-
-    def __init__(self, last_stream_id: int, code: int, reason: str) -> None:
-        self.last_stream_id = last_stream_id
-        self.code = code
-        self.reason = reason
-
-
-class ControlReceived(Event):
-    """A CONTROL message (a JSON object with a ``type`` key)."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: dict) -> None:
-        self.message = message
-
-
-class DatagramReceived(Event):
-    """One UDP datagram of a flow."""
-
-    __slots__ = ("flow_id", "data")
-
-    def __init__(self, flow_id: int, data: bytes) -> None:
-        self.flow_id = flow_id
-        self.data = data
-
-
-class TunnelFailed(Event):
-    """The tunnel is over: a protocol violation, a dead peer, or the byte stream ended."""
-
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------- streams
@@ -292,36 +148,6 @@ class _Stream:
         self.paused = False
 
 
-class _Budget:
-    """A token bucket of FloodLimits: ``burst`` tokens, ``rate`` more a second, ``per_work`` per unit of work.
-
-    ``work`` is a count that only grows (streams accepted, streams opened) and is read only
-    when a token is taken, so earning costs nothing where the work happens.
-    """
-
-    __slots__ = ("name", "capacity", "rate", "per_work", "tokens", "at", "work")
-
-    def __init__(self, name: str, burst: int, rate: float, per_work: int, now: float) -> None:
-        self.name = name
-        self.capacity = float(burst)
-        self.rate = rate
-        self.per_work = per_work
-        self.tokens = float(burst)
-        self.at = now
-        self.work = 0
-
-    def take(self, now: float, work: int = 0) -> bool:
-        """Take one token; False when the bucket is empty (a flood)."""
-        tokens = self.tokens + (now - self.at) * self.rate + (work - self.work) * self.per_work
-        self.at = now
-        self.work = work
-        if tokens > self.capacity:
-            tokens = self.capacity
-        tokens -= 1.0
-        self.tokens = tokens
-        return tokens >= 0.0
-
-
 class Session:
     """One end of a multiplexed tunnel. See the module docstring."""
 
@@ -337,7 +163,6 @@ class Session:
         self._flow = flow
         self._keepalive = keepalive
         self._clock = clock
-        self._floods = floods
         self._decoder = FrameDecoder()
         self._encoder = FrameEncoder(flow.max_frame_payload)
         self._streams: dict[int, _Stream] = {}
@@ -356,26 +181,8 @@ class Session:
         self._halt = False
         #: replies provoked while blocked went over their bound: the transport should stop reading
         self.input_held = False
-        #: the name of the flood limit that ended the tunnel, or None
-        self.flood: str | None = None
-        #: bytes of replies (PONG, OPEN_FAIL, RST) generated so far, and when output became blocked
-        self.reply_bytes = 0
-        self._reply_mark = 0
-        self._output_blocked = False
-        now = clock()
-        self._ping_budget = _Budget("ping", floods.ping_burst, floods.ping_rate, 0, now)
-        self._control_budget = _Budget("control", floods.control_burst, floods.control_rate, 0, now)
-        self._unwanted_budget = _Budget(
-            "unwanted_streams", floods.unwanted_stream_burst, floods.unwanted_stream_rate, 1, now
-        )
-        self._idle_budget = _Budget(
-            "idle_frames", floods.idle_frame_burst, floods.idle_frame_rate, floods.idle_frames_per_stream, now
-        )
-        #: streams this side accepted (earns unwanted-stream tokens)
-        self._accepted = 0
-        self._windows_in = 0
-        self._window_allowance = floods.window_frames_base
-        self._goaways_in = 0
+        #: what the peer may make this side do for nothing (protocol/floods.py)
+        self._guard = FloodGuard(floods, clock())
         self._local_goaway = False
         self._remote_goaway = False
         self._last_received = clock()
@@ -476,8 +283,7 @@ class Session:
         the buffer drains. After False the caller resumes reading and calls next_event()
         again: frames already buffered are handed out then.
         """
-        self._output_blocked = blocked
-        self._reply_mark = self.reply_bytes
+        self._guard.output_blocked(blocked)
         if not blocked and self.input_held:
             self.input_held = False
             self._halt = self._closed
@@ -553,7 +359,7 @@ class Session:
         """Answer OPEN_OK: the target is connected."""
         stream = self._stream_for_app(stream_id)
         stream.accepted = True
-        self._accepted += 1
+        self._guard.accepted += 1
         self._encoder.open_ok(stream_id)
         stream.recv_window += self._grow_stream_window(stream_id)
 
@@ -566,9 +372,9 @@ class Session:
         self._stream_for_app(stream_id)
         self._encoder.open_fail(stream_id, code, reason)
         self._remove(stream_id)
-        self._replied(_ERROR_FRAME_SIZE + len(reason))
-        if code in _UNWANTED_REFUSALS and not self._is_local(stream_id):
-            self._unwanted()
+        self._replied(ERROR_FRAME_SIZE + len(reason))
+        if code in UNWANTED_REFUSALS and not self._is_local(stream_id):
+            self._flood(self._guard.unwanted(self._last_received))
 
     def send_data(self, stream_id: int, data, end: bool = False) -> bool:
         """Send bytes on a stream; returns False when the caller should stop producing.
@@ -688,17 +494,15 @@ class Session:
             if stream is not None:
                 if not stream.accepted and not self._is_local(stream_id):
                     # Opened by the peer and reset before we accepted it: rapid reset.
-                    self._unwanted()
-                    if self._closed:
+                    if self._flood(self._guard.unwanted(self._last_received)):
                         return
                 self._remove(stream_id)
                 self._events.append(StreamReset(stream_id, code, reason))
         elif kind == _PING:
-            if not self._ping_budget.take(self._last_received):
-                self._flood(self._ping_budget, "PINGs")
+            if self._flood(self._guard.ping(self._last_received)):
                 return
             self._encoder.pong(frame.payload)
-            self._replied(_PONG_SIZE)
+            self._replied(PONG_SIZE)
         elif kind == _PONG:
             if self._ping_sent_at is not None:
                 self._events.append(PongReceived(self._clock() - self._ping_sent_at))
@@ -708,24 +512,21 @@ class Session:
         elif kind == _DATAGRAM:
             if stream_id not in self._streams:
                 # Dropped by the owner and counted; a few may cross a flow's RST, a flood brings nothing.
-                self._idle_frame("DATAGRAM for a flow that is not open")
-                if self._closed:
+                if self._idle_frame("DATAGRAM for a flow that is not open"):
                     return
             self._events.append(DatagramReceived(stream_id, frame.payload))
         elif kind == _CONTROL:
-            if not self._control_budget.take(self._last_received):
-                self._flood(self._control_budget, "CONTROL messages")
+            if self._flood(self._guard.control(self._last_received)):
                 return
             message = self._decode_json(frame.payload, "CONTROL")
             if not isinstance(message.get("type"), str):
                 raise FrameError("CONTROL message without a string 'type'", ErrorCode.PROTOCOL_ERROR)
             self._events.append(ControlReceived(message))
         elif kind == _GOAWAY:
-            self._goaways_in += 1
-            if self._goaways_in > 2:  # a drain, then the close: more is noise
-                self._idle_frame("GOAWAY after GOAWAY")
-                if self._closed:
-                    return
+            guard = self._guard
+            guard.goaways_in += 1
+            if guard.goaways_in > 2 and self._idle_frame("GOAWAY after GOAWAY"):  # a drain, then the close: more is noise
+                return
             self._on_goaway(*parse_goaway(frame.payload))
 
     def _on_data(self, stream_id: int, payload: bytes, end: int) -> None:
@@ -764,8 +565,11 @@ class Session:
             self._remote_end(stream, notify=False)
 
     def _on_window(self, stream_id: int, increment: int) -> None:
-        self._windows_in += 1
-        if self._windows_in > self._window_allowance and self._window_flood():
+        guard = self._guard
+        guard.windows_in += 1
+        if guard.windows_in > guard.window_allowance and self._flood(
+            guard.window_flood(self._encoder.frames, (self._last_peer_id + 1) >> 1)
+        ):
             return
         if stream_id == CONNECTION_STREAM:
             self._send_window += increment
@@ -818,56 +622,39 @@ class Session:
 
     # ------------------------------------------------------------------ flood limits
 
+    @property
+    def flood(self) -> str | None:
+        """The name of the flood limit that ended the tunnel, or None."""
+        return self._guard.flood
+
+    @property
+    def reply_bytes(self) -> int:
+        """Bytes of replies (PONG, OPEN_FAIL, RST) the peer provoked so far."""
+        return self._guard.reply_bytes
+
     def _refuse_open(self, stream_id: int, code: int, reason: str) -> None:
         self._encoder.open_fail(stream_id, code, reason)
-        self._replied(_ERROR_FRAME_SIZE + len(reason))
-        self._unwanted()
+        self._replied(ERROR_FRAME_SIZE + len(reason))
+        self._flood(self._guard.unwanted(self._last_received))
 
     def _replied(self, nbytes: int) -> None:
         """A reply the peer provoked was encoded: hold input once too many pile up behind a full buffer."""
-        self.reply_bytes += nbytes
-        if self._output_blocked and self.reply_bytes - self._reply_mark > self._floods.reply_bytes_while_blocked:
+        if self._guard.replied(nbytes):
             self.input_held = True
             self._halt = True
 
-    def _streams_seen(self) -> int:
-        """Streams opened either way so far, from the highest ids (ids only grow, by 2)."""
-        return (self._last_local_id + self._last_peer_id + 1) >> 1
+    def _idle_frame(self, what: str) -> bool:
+        """A frame that brings no work; True when it ended the tunnel."""
+        # Streams opened either way so far, from the highest ids (ids only grow, by 2).
+        seen = (self._last_local_id + self._last_peer_id + 1) >> 1
+        return self._flood(self._guard.idle_frame(self._last_received, seen, what))
 
-    def _unwanted(self) -> None:
-        if not self._unwanted_budget.take(self._last_received, self._accepted):
-            self._flood(self._unwanted_budget, "streams refused or reset before they were accepted")
-
-    def _idle_frame(self, what: str) -> None:
-        if not self._idle_budget.take(self._last_received, self._streams_seen()):
-            self._flood(self._idle_budget, f"frames that bring no work (last: {what})")
-
-    def _window_flood(self) -> bool:
-        """More WINDOWs than counted for: recompute what the frames we sent justify; True if a flood."""
-        floods = self._floods
-        self._window_allowance = floods.window_frames_base + floods.window_frames_per_frame * (
-            self._encoder.frames + ((self._last_peer_id + 1) >> 1)
-        )
-        if self._windows_in <= self._window_allowance:
-            return False
-        self.flood = "window_frames"
-        self._fail(
-            ErrorCode.ENHANCE_YOUR_CALM,
-            f"window_frames flood: {self._windows_in} WINDOW frames for {self._encoder.frames} frames sent "
-            f"(limit {floods.window_frames_base} + {floods.window_frames_per_frame} per frame sent or stream opened)",
-        )
-        return True
-
-    def _flood(self, budget: _Budget, what: str) -> None:
-        """A flood limit ran out: GOAWAY ENHANCE_YOUR_CALM and the tunnel ends."""
-        if self._closed:
-            return
-        self.flood = budget.name
-        self._fail(
-            ErrorCode.ENHANCE_YOUR_CALM,
-            f"{budget.name} flood: too many {what} (limit {int(budget.capacity)} at once, "
-            f"{budget.rate:g} a second)",
-        )
+    def _flood(self, reason: str | None) -> bool:
+        """A flood limit ran out (``reason``): GOAWAY ENHANCE_YOUR_CALM and the tunnel ends. True
+        when the tunnel is closed (by this flood or before), so the frame is not handled further."""
+        if reason is not None and not self._closed:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, reason)
+        return self._closed
 
     # ------------------------------------------------------------------ helpers
 
@@ -973,7 +760,7 @@ class Session:
     def _stream_error(self, stream_id: int, code: int, reason: str) -> None:
         """The peer broke a rule for one stream: reset it both ways, the tunnel lives on."""
         self._encoder.rst(stream_id, code, reason)
-        self._replied(_ERROR_FRAME_SIZE + len(reason))
+        self._replied(ERROR_FRAME_SIZE + len(reason))
         self._remove(stream_id)
         self._events.append(StreamReset(stream_id, code, reason))
 
