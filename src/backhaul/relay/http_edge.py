@@ -42,6 +42,7 @@ import secrets
 import time
 
 from backhaul.config import FlowControl, HttpLimits
+from backhaul.relay.body_clock import BodyClock
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay import http_translate as translate
@@ -253,13 +254,7 @@ class HttpConnection(asyncio.Protocol):
         self._host: tuple[bytes, str] = (b"", "")  # the last Host header and its host name
         # The body clock (see _body_sync): it runs only while the edge reads the user's
         # socket for a body it waits for, and counts only that time ("active" seconds).
-        self._body_on = False
-        self._body_ex: _Exchange | None = None  # the exchange whose body it times
-        self._body_active = 0.0  # active seconds before the current run
-        self._body_since = 0.0  # loop time the current run started
-        self._body_base = 0  # reader.body_bytes when the body began
-        self._body_seen = 0  # reader.body_bytes at the last look that saw progress
-        self._body_seen_at = 0.0  # active seconds at that look
+        self._body = BodyClock(self.limits)
         self._dropped_logged = False  # headers dropped for their "_" are logged once a connection
         self._loop = asyncio.get_running_loop()
 
@@ -364,7 +359,7 @@ class HttpConnection(asyncio.Protocol):
         if paused and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-            if self._body_on:
+            if self._body.running:
                 self._body_sync()
         elif not paused and self._reading_paused and not self._closing:
             self._reading_paused = False
@@ -405,7 +400,7 @@ class HttpConnection(asyncio.Protocol):
             if ex is not None and not ex.response_started:
                 self._drop_stream(graceful=False, reason="the backend did not answer in time")
                 self._local(504, f"the app did not answer within {self.limits.response_timeout:g} s", close=True)
-        elif kind == _T_BODY and self._body_on:
+        elif kind == _T_BODY and self._body.running:
             self._body_check(self._loop.time())
 
     # ------------------------------------------------------------------ the body clock
@@ -428,55 +423,36 @@ class HttpConnection(asyncio.Protocol):
             and not self._reading_paused
             and not self._closing
         )
-        if want == self._body_on:
+        clock = self._body
+        if want == clock.running:
             return
         now = self._loop.time()
         if not want:
-            self._body_on = False
-            self._body_active += now - self._body_since
+            clock.pause(now)
             if self._timer_kind == _T_BODY:
                 self._timer_kind = _T_NONE
             return
-        if self._body_ex is not ex:
-            # A new body: it began when its head was complete.
-            self._body_ex = ex
-            self._body_active = self._body_seen_at = 0.0
-            self._body_base = self._body_seen = self.reader.body_start
-        self._body_on = True
-        self._body_since = now
+        clock.run(now, ex, self.reader.body_start)
         self._body_check(now)
 
     def _body_check(self, now: float) -> None:
-        """Look at the body's progress: time it out, or look again later.
-
-        Progress is seen at these looks only (nothing is done per read), so they come at
-        least every quarter of ``body_timeout``: a stall is cut within 1.25 times it.
-        """
-        limits = self.limits
-        active = self._body_active + (now - self._body_since)
-        got = self.reader.body_bytes
-        if got != self._body_seen:
-            self._body_seen = got
-            self._body_seen_at = active
-        idle_left = self._body_seen_at + limits.body_timeout - active
-        # The rate rule, as a deadline: the body may take grace + bytes / rate seconds.
-        rate_left = limits.body_rate_grace + (got - self._body_base) / limits.body_min_rate - active
-        if idle_left <= 0 or rate_left <= 0:
-            self._body_timed_out(idle_left <= 0, got - self._body_base, active)
+        """Look at the body's progress (relay/body_clock.py): time it out, or look again later."""
+        rule, value = self._body.look(now, self.reader.body_bytes)
+        if rule is None:
+            self._arm(value, _T_BODY)
         else:
-            self._arm(min(idle_left, rate_left, limits.body_timeout / 4), _T_BODY)
+            self._body_timed_out(rule, self._body.received(self.reader.body_bytes), value)
 
-    def _body_timed_out(self, idle: bool, received: int, active: float) -> None:
+    def _body_timed_out(self, rule: str, received: int, active: float) -> None:
         ex = self.ex
         limits = self.limits
-        if idle:
+        if rule == "body_timeout":
             reason = f"no byte of the request body came for {limits.body_timeout:g} s"
         else:
             reason = (
                 f"the request body came slower than {limits.body_min_rate} bytes/s "
                 f"({received} bytes in {active:.1f} s)"
             )
-        self._body_on = False
         self.edge.count("http_body_timeouts")
         log.info(
             "request body timed out",
@@ -484,7 +460,7 @@ class HttpConnection(asyncio.Protocol):
                 "client": self.client,
                 "id": ex.id,
                 "app": ex.route.app.name if ex.route else None,
-                "rule": "body_timeout" if idle else "body_min_rate",
+                "rule": rule,
                 "bytes": received,
                 "seconds": round(active, 3),
             },
@@ -1045,7 +1021,7 @@ class HttpConnection(asyncio.Protocol):
         if self._timer_kind == _T_RESPONSE:
             self._cancel_timer()
         ex.response_started = True
-        if self._body_on:
+        if self._body.running:
             self._body_sync()  # an early answer: the body is no longer waited for
         ex.status = response.status
         headers = translate.response_headers(
