@@ -9,6 +9,17 @@ from pathlib import Path
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
 
+
+def _require_positive(limits, what: str, switches: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first field of ``limits`` that is not positive (a switch: not 0 or 1)."""
+    for field in dataclasses.fields(limits):
+        value = getattr(limits, field.name)
+        if field.name in switches:
+            if value not in (0, 1):
+                raise ValueError(f"{what} {field.name} is a switch: 0 (off) or 1 (on)")
+        elif value <= 0:
+            raise ValueError(f"{what} {field.name} must be positive")
+
 def _replace_from(limits, assignments: list[str], flag: str):
     """``limits`` with ``NAME=VALUE`` assignments of a command-line ``flag`` applied (ints stay ints)."""
     types = {field.name: field.type for field in dataclasses.fields(limits)}
@@ -136,9 +147,7 @@ class FloodLimits:
     reply_bytes_while_blocked: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0:
-                raise ValueError(f"flood limit {field.name} must be positive")
+        _require_positive(self, "flood limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +216,7 @@ class ListenLimits:
     refusal_log_interval: float = 10.0
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0:
-                raise ValueError(f"listen limit {field.name} must be positive")
+        _require_positive(self, "listen limit")
         if self.address_share > 1:
             raise ValueError("listen limit address_share must be at most 1 (a share of the budget)")
 
@@ -395,13 +402,7 @@ class HttpLimits:
     _SWITCHES = ("underscore_headers",)
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name in self._SWITCHES:
-                if value not in (0, 1):
-                    raise ValueError(f"http limit {field.name} is a switch: 0 (off) or 1 (on)")
-            elif value <= 0:
-                raise ValueError(f"http limit {field.name} must be positive")
+        _require_positive(self, "http limit", switches=self._SWITCHES)
 
     def replace_from(self, assignments: list[str]) -> "HttpLimits":
         """A copy with ``NAME=VALUE`` assignments (``--http-limit``) applied; ValueError says what is wrong."""
@@ -469,9 +470,7 @@ class ReleaseLimits:
     chunk_size: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0:
-                raise ValueError(f"release limit {field.name} must be positive")
+        _require_positive(self, "release limit")
 
 
 @dataclasses.dataclass(frozen=True)
