@@ -9,7 +9,6 @@ from pathlib import Path
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
 
-
 def _require_positive(limits, what: str, switches: tuple[str, ...] = ()) -> None:
     """ValueError naming the first field of ``limits`` that is not positive (a switch: not 0 or 1)."""
     for field in dataclasses.fields(limits):
@@ -19,6 +18,7 @@ def _require_positive(limits, what: str, switches: tuple[str, ...] = ()) -> None
                 raise ValueError(f"{what} {field.name} is a switch: 0 (off) or 1 (on)")
         elif value <= 0:
             raise ValueError(f"{what} {field.name} must be positive")
+
 
 def _replace_from(limits, assignments: list[str], flag: str):
     """``limits`` with ``NAME=VALUE`` assignments of a command-line ``flag`` applied (ints stay ints)."""
