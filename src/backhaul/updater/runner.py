@@ -106,11 +106,7 @@ class Updater:
 
     async def check(self, *, manual: bool = False, version: str | None = None, force: bool = False) -> Outcome:
         """Ask the relay for a release and, when one may be installed, install it (the whole chain)."""
-        state = self.layout.reconcile()
-        installed = self.layout.current_version()
-        if installed is None:
-            raise ConfigError(f"nothing is installed under {self.layout.root}; run `backhaul updater install` first")
-        pinned = release_keys.load_pinned(self.state_dir)
+        state, installed, pinned = self._installed()
         if not pinned:
             self._say_once(
                 "no-keys",
@@ -128,7 +124,7 @@ class Updater:
             if skip is not None:
                 return skip
             try:
-                manifest = self._verify(offer, pinned, installed)
+                manifest = self._verify(offer.manifest, offer.signature, pinned, installed, offer.version)
             except (ReleaseRefused, UpdateRefused) as exc:
                 # Not remembered as failed: a replay or a forgery says nothing about the
                 # genuine release of that version, which may still come.
@@ -153,10 +149,21 @@ class Updater:
             return Outcome("skipped", offer.version, why)
         return None
 
-    def _verify(self, offer: Offer, pinned: list, installed: str) -> Manifest:
-        manifest = verify(offer.manifest, offer.signature, pinned, now=self.clock(), installed=installed)
-        if manifest.version != offer.version:
-            raise UpdateRefused("malformed", f"the relay offered version {offer.version} with a signed manifest of version {manifest.version}")
+    def _installed(self) -> tuple[State, str, list]:
+        """The reconciled state, the installed version and the pinned keys (maybe none);
+        ConfigError when nothing is installed yet."""
+        state = self.layout.reconcile()
+        installed = self.layout.current_version()
+        if installed is None:
+            raise ConfigError(f"nothing is installed under {self.layout.root}; run `backhaul updater install` first")
+        return state, installed, release_keys.load_pinned(self.state_dir)
+
+    def _verify(self, manifest_bytes: bytes, signature: bytes, pinned: list, installed: str, offered: str | None) -> Manifest:
+        """The signed manifest, checked (keys, expiry, newer than installed, bounds, names);
+        ``offered``: the version the relay said it is (None for a local wheelhouse)."""
+        manifest = verify(manifest_bytes, signature, pinned, now=self.clock(), installed=installed)
+        if offered is not None and manifest.version != offered:
+            raise UpdateRefused("malformed", f"the relay offered version {offered} with a signed manifest of version {manifest.version}")
         total = sum(f.size for f in manifest.files)
         if len(manifest.files) > self.limits.max_files or total > self.limits.max_release_bytes:
             raise UpdateRefused(
@@ -175,11 +182,7 @@ class Updater:
         ``force``. The relay is still told each step and asked for the lease."""
         from backhaul.updater.bootstrap import MANIFEST, SIGNATURE
 
-        state = self.layout.reconcile()
-        installed = self.layout.current_version()
-        if installed is None:
-            raise ConfigError(f"nothing is installed under {self.layout.root}; run `backhaul updater install` first")
-        pinned = release_keys.load_pinned(self.state_dir)
+        state, installed, pinned = self._installed()
         if not pinned:
             return Outcome("no_keys", reason="no release key is pinned")
         try:
@@ -188,9 +191,8 @@ class Updater:
             raise ConfigError(f"{directory} has no signed manifest ({MANIFEST}, {SIGNATURE}): {exc.strerror}") from None
         async with RelayClient(self.state_dir) as client:
             try:
-                manifest = verify(offer.manifest, offer.signature, pinned, now=self.clock(), installed=installed)
+                manifest = self._verify(offer.manifest, offer.signature, pinned, installed, None)
                 offer = Offer(manifest.version, offer.manifest, offer.signature, False, {})
-                manifest = self._verify(offer, pinned, installed)
                 for entry in manifest.files:
                     check_file(entry, directory / entry.name)
                 self.layout.check_space(sum(f.size for f in manifest.files), self.limits.disk_factor)
