@@ -27,6 +27,7 @@ from backhaul.jsonhttp import request_json
 from backhaul.transport import proxy_connect
 from backhaul.transport.proxy_connect import Proxy
 from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
+from backhaul.files import read_bounded
 
 log = logging.getLogger("backhaul.connector.enroll")
 
@@ -52,13 +53,7 @@ def enrollment_token(token: str | None, token_file: str | None, environ: dict[st
             f"(visible to other users in the process list); got {which}"
         )
     if token_file is not None:
-        try:
-            with open(token_file, "rb") as f:
-                raw = f.read(MAX_TOKEN_FILE + 1)
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {token_file}: {exc.strerror or exc}") from None
-        if len(raw) > MAX_TOKEN_FILE:
-            raise ConfigError(f"--token-file {token_file} is larger than {MAX_TOKEN_FILE} bytes; it should hold only the token")
+        raw = read_bounded(token_file, MAX_TOKEN_FILE, "--token-file", "it should hold only the token")
         try:
             value = raw.decode("ascii").strip()
         except UnicodeDecodeError:

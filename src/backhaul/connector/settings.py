@@ -19,6 +19,7 @@ from typing import Any
 
 from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.errors import ConfigError
+from backhaul.files import read_bounded
 from backhaul.transport.proxy_connect import Proxy
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +172,7 @@ def _validate(settings: ConnectorSettings, source: str) -> ConnectorSettings:
 
 def read_config(path: Path) -> dict[str, Any]:
     """The parsed TOML file, bounded in size; ConfigError saying what is wrong and where."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the settings file {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"the settings file {path} is larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "the settings file", "is it the right file?")
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from backhaul import pki
 from backhaul.errors import ConfigError
+from backhaul.files import read_bounded
 from backhaul.release.manifest import key_id
 
 __all__ = ["generate", "key_id", "load_pinned", "load_private", "load_public", "parse_public", "pin", "pinned_ids", "public_pem"]
@@ -57,16 +58,7 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} is missing") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    if len(data) > MAX_KEY_FILE:
-        raise ConfigError(f"{path} is larger than {MAX_KEY_FILE} bytes: not a release key")
-    return data
+    return read_bounded(path, MAX_KEY_FILE, what, "it is not a release key")
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
