@@ -6,16 +6,9 @@ import pytest
 
 from backhaul.config import EnrollLimits
 from backhaul.control.ratelimit import AddressLimiter
+from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_burst_then_refill_with_retry_after():

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
+from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_table_refuses_flows_beyond_its_limit_and_takes_one_once_a_flow_ends():

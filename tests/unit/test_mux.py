@@ -8,6 +8,7 @@ from backhaul.config import FlowControl, Keepalive
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode, FrameType
 from backhaul.protocol.framing import FrameDecoder, FrameEncoder, parse_error_payload, parse_goaway
+from .fakes import Clock
 
 SMALL = FlowControl(
     stream_window=256 * 1024,
@@ -17,14 +18,6 @@ SMALL = FlowControl(
     write_high=64 * 1024,
     write_low=16 * 1024,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def events(session: mux.Session) -> list[mux.Event]:

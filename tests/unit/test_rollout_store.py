@@ -13,6 +13,7 @@ import pytest
 
 from backhaul.config import RolloutSettings
 from backhaul.store import Connector, LeaseRefused, NotFound, open_store
+from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
 
@@ -29,17 +30,9 @@ def utc(*when: int) -> float:
 SATURDAY_3AM = utc(2026, 12, 5, 3, 0)
 
 
-class Clock:
-    def __init__(self, now: float = SATURDAY_3AM) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(SATURDAY_3AM)
 
 
 @pytest.fixture

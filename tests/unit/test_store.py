@@ -20,23 +20,16 @@ from backhaul.store import (
     open_store,
 )
 from backhaul.errors import ConfigError
+from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
 
 DAY = 86400.0
 
 
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(1_000_000.0)
 
 
 @pytest.fixture

@@ -24,14 +24,7 @@ from backhaul.relay import udp_edge
 from backhaul.relay.routing import TunnelRegistry
 from backhaul.store.base import App
 from backhaul.transport.tunnel import Tunnel
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .fakes import Clock
 
 
 def run(coro):
