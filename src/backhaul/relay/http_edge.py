@@ -40,8 +40,11 @@ import asyncio
 import logging
 import secrets
 import time
+from typing import Callable
 
 from backhaul.config import FlowControl, HttpLimits
+from backhaul.relay.accept import TlsListener
+from backhaul.relay.admission import Refused
 from backhaul.relay.body_clock import BodyClock
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
 from backhaul.protocol.mux import SessionError, stream_meta
@@ -217,9 +220,11 @@ class _Stream:
 class HttpConnection(asyncio.Protocol):
     """One user connection to the HTTP edge."""
 
-    def __init__(self, edge: "HttpEdge", scheme: str) -> None:
+    def __init__(self, edge: "HttpEdge", scheme: str, release_slot: Callable[[], None] | None = None) -> None:
         self.edge = edge
         self.scheme = scheme
+        #: frees this connection's place in the worker's descriptor budget (relay.admission), once
+        self._release_slot = release_slot
         self.limits = edge.limits
         self.metrics = edge.metrics
         self.transport: asyncio.Transport | None = None
@@ -312,6 +317,10 @@ class HttpConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._release_slot is not None:
+            # The socket is closed by now: its place in the budget is free, whatever follows.
+            self._release_slot()
+            self._release_slot = None
         self._closing = True
         self._cancel_timer()
         if self._gate_task is not None:
@@ -1139,9 +1148,6 @@ class HttpEdge:
         the budget is spent; HTTPS handshakes then run under the worker's handshake cap and
         timeout (relay.accept.TlsListener).
         """
-        from backhaul.relay.accept import TlsListener
-        from backhaul.relay.admission import Refused
-
         scheme = "https" if ssl_context is not None else "http"
         sock = reuseport_socket(host, port)
         loop = asyncio.get_running_loop()
@@ -1152,31 +1158,17 @@ class HttpEdge:
             log.info("http edge listening", extra={"listen": f"{host}:{port}", "scheme": scheme})
             return
 
-        class Counted(HttpConnection):
-            """A connection counted in the worker's budget; counted out when it closes."""
-
-            __slots__ = ("release_slot",)
-
-            def connection_lost(self, exc: Exception | None) -> None:
-                try:
-                    super().connection_lost(exc)
-                finally:
-                    self.release_slot()
-
-        def counted(release) -> HttpConnection:
-            conn = Counted(self, scheme)
-            conn.release_slot = release
-            return conn
-
         if ssl_context is None:
 
             def accept() -> asyncio.Protocol:
                 # connection_made follows at once, and connection_lost every connection_made.
-                return counted(admission.release) if admission.admit("http") else Refused()
+                return HttpConnection(self, scheme, admission.release) if admission.admit("http") else Refused()
 
             server = await loop.create_server(accept, sock=sock, backlog=4096)
         else:
-            listener = TlsListener("https", ssl_context, admission, lambda _tls, slot: counted(slot.release), stats=self.stats)
+            listener = TlsListener(
+                "https", ssl_context, admission, lambda _tls, slot: HttpConnection(self, scheme, slot.release), stats=self.stats
+            )
             server = await loop.create_server(listener, sock=sock, backlog=4096)
         self._servers.append(server)
         log.info("http edge listening", extra={"listen": f"{host}:{port}", "scheme": scheme})
