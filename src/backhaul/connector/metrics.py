@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from backhaul import __version__
 from backhaul.metrics import OPEN_LATENCY_BUCKETS
-from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.constants import error_name
 from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class ConnectorMetrics:
         self.closed_tunnels = [0, 0, 0, 0]
 
     def stream_failed(self, code: int) -> None:
-        name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else "UNKNOWN"
+        name = error_name(code)
         self.failed[name] = self.failed.get(name, 0) + 1
 
     def tunnel_closed(self, tunnel: "Tunnel") -> None:

@@ -22,18 +22,11 @@ import orjson
 
 from backhaul.config import LogFiles
 from backhaul.logs import SharedRotatingFileHandler, rotating_file
-from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.constants import ErrorCode, error_name
 
 SESSION_LOG = "session.log"
 #: The switch file in the run dir: "on" or "off"; missing means off.
 SWITCH = "session-log"
-
-
-def error_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"CODE_{code}"
 
 
 def read_switch(run_dir: Path) -> bool:

@@ -152,6 +152,17 @@ class ErrorCode(enum.IntEnum):
     that name)."""
 
 
+#: The name of every code, and of every code this version does not know (a peer may send any
+#: 32-bit value; metric labels must stay a fixed set).
+UNKNOWN_CODE = "UNKNOWN"
+
+
+def error_name(code: int) -> str:
+    """The name of an OPEN_FAIL/RST/GOAWAY code for logs and metric labels."""
+    member = ErrorCode._value2member_map_.get(code)
+    return member.name if member is not None else UNKNOWN_CODE
+
+
 #: Codes after which the relay may retry the open on another connector
 #: (nothing of the stream has reached the target yet).
 RETRYABLE_OPEN_FAILURES = frozenset(

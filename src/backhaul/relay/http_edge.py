@@ -46,7 +46,7 @@ from backhaul.config import FlowControl, HttpLimits
 from backhaul.relay.accept import TlsListener
 from backhaul.relay.admission import Refused
 from backhaul.relay.body_clock import BodyClock
-from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
+from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay import http_translate as translate
 from backhaul.relay import http_writer as writer
@@ -67,7 +67,6 @@ from backhaul.relay.http_reader import (
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX, Allow, RequestHead, Respond
 from backhaul.relay.routing import NoRoute, TunnelRegistry
-from backhaul.transport.pipe import error_name
 from backhaul.transport.sockets import reuseport_socket, set_nodelay
 from backhaul.transport.tunnel import Tunnel
 

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from backhaul.metrics import OPEN_LATENCY_BUCKETS
-from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.constants import ErrorCode, error_name
 from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class RelayMetrics:
         figures.to_app += pipe.bytes_up
         figures.to_client += pipe.bytes_down
         if pipe.code != ErrorCode.NO_ERROR:
-            name = ErrorCode(pipe.code).name if pipe.code in ErrorCode._value2member_map_ else "UNKNOWN"
+            name = error_name(pipe.code)
             figures.failed[name] = figures.failed.get(name, 0) + 1
 
     # ------------------------------------------------------------------ tunnels

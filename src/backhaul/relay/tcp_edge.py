@@ -13,12 +13,12 @@ import logging
 import secrets
 
 from backhaul.config import FlowControl
-from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode
+from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay.admission import Admission, Refused
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.routing import NoRoute, TunnelRegistry
-from backhaul.transport.pipe import Pipe, error_name
+from backhaul.transport.pipe import Pipe
 from backhaul.transport.sockets import reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 

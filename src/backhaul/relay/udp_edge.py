@@ -25,12 +25,11 @@ from typing import Callable, Iterable
 
 from backhaul.config import UdpLimits
 from backhaul.errors import ConfigError
-from backhaul.protocol.constants import MAX_DATAGRAM, RETRYABLE_OPEN_FAILURES, ErrorCode
+from backhaul.protocol.constants import MAX_DATAGRAM, RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay.routing import NoRoute, TunnelRegistry
 from backhaul.relay.tcp_edge import OPEN_ATTEMPTS
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
-from backhaul.transport.pipe import error_name
 from backhaul.transport.sockets import reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 

@@ -17,19 +17,12 @@ import time
 from typing import Callable
 
 from backhaul.config import FlowControl
-from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.constants import ErrorCode, error_name
 from backhaul.protocol.mux import SessionError
 from backhaul.transport.sockets import set_nodelay
 from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.stream")
-
-
-def error_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name
-    except ValueError:
-        return f"code {code}"
 
 
 class Pipe(asyncio.BufferedProtocol):

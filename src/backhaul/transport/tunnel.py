@@ -25,7 +25,7 @@ from typing import Protocol as TypingProtocol
 
 from backhaul.config import FlowControl
 from backhaul.protocol import mux
-from backhaul.protocol.constants import ErrorCode
+from backhaul.protocol.constants import ErrorCode, error_name
 from backhaul.transport.sockets import set_nodelay
 
 log = logging.getLogger("backhaul.tunnel")
@@ -394,7 +394,7 @@ class Tunnel(asyncio.BufferedProtocol):
         fields = {
             "tunnel": self.name,
             "peer": self.peer,
-            "code": ErrorCode(event.code).name if event.code in ErrorCode._value2member_map_ else event.code,
+            "code": error_name(event.code),
             "reason": event.reason,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
