@@ -92,35 +92,45 @@ class TunnelRegistry:
         return ignored
 
     def pick(self, group: str, exclude: Iterable[Tunnel] = (), app: str | None = None) -> Tunnel:
-        """The usable tunnel of ``group`` with the fewest active streams.
+        """A usable tunnel of ``group``: of the connector with the fewest active streams in
+        this worker, its tunnel with the fewest.
 
-        Tunnels of connectors already tried (``exclude``) are skipped, so a retry goes to
-        another connector when the group has one, else to another tunnel. With ``app``,
-        tunnels whose connector reported that app's origin unreachable are skipped too.
-        Ties are broken at random: short streams leave most tunnels at zero load, and a
-        fixed order would send them all to one connector (one that comes back would get
-        nothing).
+        Load is balanced per connector, not per tunnel: a connector with more tunnels here
+        (it dialed more, or more of its tunnels landed on this worker) gets no more streams
+        than its peers. Tunnels already tried (``exclude``) are skipped, and their connectors
+        are taken only when no other connector is left, so a retry goes to another connector
+        when the group has one. With ``app``, tunnels whose connector reported that app's
+        origin unreachable are skipped. Ties are broken at random: short streams leave most
+        connectors at zero load, and a fixed order would send them all to one (one that
+        comes back would get nothing).
         """
         excluded = set(exclude)
         tried_connectors = {t.info.get("connector_id") for t in excluded}
         down = self._down if app is not None else None
         unreachable = False
-        fresh: list[Tunnel] = []
-        tried: list[Tunnel] = []
+        fresh: list[tuple[int, list[Tunnel]]] = []
+        tried: list[tuple[int, list[Tunnel]]] = []
         for connector_id, tunnels in self._by_connector.items():
             if self._group_of.get(connector_id) != group:
                 continue
+            usable: list[Tunnel] = []
+            load = 0
             for tunnel in tunnels:
+                load += tunnel.load
                 if tunnel in excluded or not tunnel.usable:
                     continue
                 if down and app in down.get(tunnel, ()):
                     unreachable = True
                     continue
-                (tried if connector_id in tried_connectors else fresh).append(tunnel)
+                usable.append(tunnel)
+            if usable:
+                (tried if connector_id in tried_connectors else fresh).append((load, usable))
         candidates = fresh or tried
         if not candidates:
             if unreachable:
                 raise NoRoute(f"no connector in group {group!r} can reach app {app!r}", unreachable=True)
             raise NoRoute(f"no active connector in group {group!r}")
-        least = min(t.load for t in candidates)
-        return random.choice([t for t in candidates if t.load == least])
+        least = min(load for load, _ in candidates)
+        _, tunnels = random.choice([c for c in candidates if c[0] == least])
+        least = min(t.load for t in tunnels)
+        return random.choice([t for t in tunnels if t.load == least])
