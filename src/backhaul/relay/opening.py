@@ -1,0 +1,174 @@
+"""How every edge of the relay opens a tunnel stream, and the contract the worker runs edges by.
+
+Theory of operation. A user's TCP connection, UDP flow or HTTP request becomes one tunnel
+stream to a connector of its app's group. The edge holds the user's bytes until the
+connector answers OPEN_OK, so until then nothing is committed and the open may be offered
+to another connector:
+
+- an OPEN_FAIL whose code is in ``RETRYABLE_OPEN_FAILURES`` (the connector is full,
+  draining, failing, or its tunnel died) is retried;
+- an RST before OPEN_OK on a tunnel whose session has closed is the same thing as a
+  PEER_DEAD refusal: the session resets its streams before the tunnel hears it failed,
+  so :meth:`Opening.lost_with_tunnel` asks the session;
+- a stream is offered to at most ``attempts`` tunnels (connectors first, see
+  ``TunnelRegistry.pick``), then the edge refuses the user with the reason.
+
+An :class:`Opening` is the per-stream part: the tunnels tried, the metric hooks of the
+stream as the user sees it (one stream however many opens it took). A
+:class:`StreamOpener` is the per-worker part every edge shares: the registry, the attempt
+count, the metrics. A future way to reach a connector (through another relay node) is a
+change here, not in each edge.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Protocol
+
+from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES
+from backhaul.protocol.mux import SessionError, stream_meta
+from backhaul.relay.routing import NoRoute, TunnelRegistry
+
+if TYPE_CHECKING:
+    from backhaul.relay.metrics import RelayMetrics
+    from backhaul.transport.tunnel import StreamEndpoint, Tunnel
+
+#: How many tunnels one user stream is offered to before the user is refused.
+OPEN_ATTEMPTS = 3
+
+
+class Edge(Protocol):
+    """What the worker runs each kind of user-facing listener by (TCP apps, UDP apps, HTTP)."""
+
+    async def start(self) -> None:
+        """Bind what the edge serves from the start (the HTTP ports; app edges bind in set_apps)."""
+
+    async def set_apps(self, apps: list) -> None:
+        """Serve exactly these apps (all of the store's; the edge keeps its own kind)."""
+
+    async def stop(self) -> None:
+        """Stop accepting users and close what the edge holds."""
+
+
+class StreamFigures(Protocol):
+    """What RelayMetrics reads of one user stream (a Pipe has these attributes)."""
+
+    labels: dict
+    started: float
+    bytes_up: int
+    bytes_down: int
+    code: int
+
+
+class CannotOpen(Exception):
+    """No tunnel took the stream; ``str()`` is a reason a user or operator can act on."""
+
+    def __init__(self, reason: str, unreachable: bool = False, attempted: int = 0) -> None:
+        super().__init__(reason)
+        #: the group has usable tunnels, but their connectors reported the app's origin down
+        self.unreachable = unreachable
+        #: how many tunnels were offered the stream and refused or failed it
+        self.attempted = attempted
+
+
+class Opening:
+    """One user stream's way to a connector: which tunnels were tried, which one holds it."""
+
+    __slots__ = ("opener", "app", "proto", "client", "stream_label", "extra", "figures", "tried", "tunnel")
+
+    def __init__(
+        self, opener: "StreamOpener", app, proto: str, client: str, stream_label: str, extra: dict, figures
+    ) -> None:
+        self.opener = opener  # the worker's shared part
+        self.app = app  # the store's App record the stream is for
+        self.proto = proto  # "tcp", "udp" or "http": how the connector serves the stream
+        self.client = client  # the user's address, as the connector logs it
+        self.stream_label = stream_label  # the id the connector's log line carries (request id for HTTP)
+        self.extra = extra  # more OPEN metadata (the signed-in user of an HTTP app)
+        self.figures = figures  # what the metrics count of the stream, or None (not counted)
+        self.tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
+        self.tunnel: Tunnel | None = None  # the tunnel of the open under way or accepted
+
+    def open(self, endpoint: "StreamEndpoint") -> int:
+        """Open the stream on the next tunnel; returns its stream id, or raises CannotOpen."""
+        app = self.app
+        registry = self.opener.registry
+        unreachable = False
+        while len(self.tried) < self.opener.attempts:
+            try:
+                tunnel = registry.pick(app.group, self.tried, app=app.name)
+            except NoRoute as exc:
+                unreachable = exc.unreachable
+                if not self.tried or unreachable:
+                    raise CannotOpen(str(exc), unreachable, len(self.tried)) from None
+                break
+            self.tried.append(tunnel)
+            meta = stream_meta(app.name, app.target, self.proto, self.client, self.stream_label, **self.extra)
+            try:
+                stream_id = tunnel.open(meta, endpoint)
+            except SessionError:
+                continue  # the tunnel closed or is draining since the registry looked: the next one
+            self.tunnel = tunnel
+            return stream_id
+        self.tunnel = None
+        raise CannotOpen(
+            f"no connector of group {app.group!r} could take the stream; try again",
+            unreachable,
+            len(self.tried),
+        )
+
+    @staticmethod
+    def retryable(code: int) -> bool:
+        """Whether an OPEN_FAIL with ``code`` may be offered to another connector."""
+        return code in RETRYABLE_OPEN_FAILURES
+
+    def lost_with_tunnel(self, accepted: bool) -> bool:
+        """Whether an RST of the stream is its tunnel dying before OPEN_OK (a retryable refusal)."""
+        return not accepted and self.tunnel is not None and self.tunnel.session.closed
+
+    def restart(self, exclude: Iterable["Tunnel"] = ()) -> None:
+        """Start the tries over (a flow whose tunnel went away, a request resent on a new
+        stream), skipping ``exclude``."""
+        self.tried = list(exclude)
+        self.tunnel = None
+
+    # ------------------------------------------------------------------ metric hooks
+
+    def started(self) -> None:
+        metrics = self.opener.metrics
+        if metrics is not None and self.figures is not None:
+            metrics.stream_started(self.figures)
+
+    def accepted(self) -> None:
+        metrics = self.opener.metrics
+        if metrics is not None and self.figures is not None:
+            metrics.stream_accepted(self.figures)
+
+    def done(self, code: int | None = None) -> None:
+        """Count the stream out; ``code`` becomes its end code unless it already has one."""
+        figures = self.figures
+        if figures is None:
+            return
+        if code is not None and not figures.code:
+            figures.code = code
+        metrics = self.opener.metrics
+        if metrics is not None:
+            metrics.stream_done(figures)
+
+
+class StreamOpener:
+    """The part of opening streams every edge of one worker shares."""
+
+    __slots__ = ("registry", "metrics", "attempts")
+
+    def __init__(self, registry: TunnelRegistry, metrics: "RelayMetrics | None" = None, attempts: int = OPEN_ATTEMPTS) -> None:
+        self.registry = registry  # the worker's live tunnels by connector and group
+        self.metrics = metrics  # the worker's figures (None: not counted, as in unit tests)
+        self.attempts = attempts  # tunnels one stream is offered to
+
+    def begin(
+        self, app, proto: str, client: str, stream_label: str, figures=None, **extra
+    ) -> Opening:
+        """The opening of one user stream; counted as started in the metrics when ``figures`` is given."""
+        opening = Opening(self, app, proto, client, stream_label, extra, figures)
+        opening.started()
+        return opening
