@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backhaul.config import OidcSettings
-from backhaul.relay.identity import User
-from backhaul.relay.oidc import JWKS_PATH, OidcGate
-from backhaul.relay.preauth_api import Allow, RequestHead
+from backhaul.relay.preauth.identity import User
+from backhaul.relay.preauth.oidc import JWKS_PATH, OidcGate
+from backhaul.relay.preauth.contract import Allow, RequestHead
 from backhaul.store.base import App
 from tests.e2e.oidc_issuer import OidcIssuer
 

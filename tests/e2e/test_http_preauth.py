@@ -1,7 +1,7 @@
 """The HTTP edge's pre-authentication hook, end to end, with a gate of this test's own.
 
 The relay worker runs in this process (in a thread with its own event loop, real
-sockets) so that it can be handed a Gate: the contract of preauth_api, implemented here
+sockets) so that it can be handed a Gate: the contract of relay.preauth.contract, implemented here
 as a small rule table instead of OIDC. The connector and the web app are real
 processes, driven through the CLI as everywhere else.
 """
@@ -18,7 +18,7 @@ import threading
 import pytest
 import uvloop
 
-from backhaul.relay.preauth_api import Allow, RequestHead, Respond
+from backhaul.relay.preauth.contract import Allow, RequestHead, Respond
 from backhaul.relay.worker import RelaySettings, RelayWorker
 
 from .harness import Backend, System

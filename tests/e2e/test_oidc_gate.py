@@ -25,14 +25,14 @@ import jwt
 import pytest
 
 from backhaul.config import OidcSettings
-from backhaul.relay.oidc import (
+from backhaul.relay.preauth.oidc import (
     CALLBACK_PATH,
     JWKS_PATH,
     LOGOUT_PATH,
     OidcGate,
     safe_back_to,
 )
-from backhaul.relay.preauth_api import Allow, RequestHead, Respond
+from backhaul.relay.preauth.contract import Allow, RequestHead, Respond
 from backhaul.store.base import App
 
 from .oidc_issuer import OidcIssuer, SigningKey

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from backhaul.config import HttpLimits
-from backhaul.relay.http_reader import (
+from backhaul.relay.http.reader import (
     BODY,
     CHUNKED,
     END,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backhaul.relay import http_translate as translate
-from backhaul.relay import http_writer as writer
-from backhaul.relay.http_reader import HttpError, Request, Response
+from backhaul.relay.http import translate as translate
+from backhaul.relay.http import writer as writer
+from backhaul.relay.http.reader import HttpError, Request, Response
 from backhaul.store import App
 
 #: Message handling only: no tunnel, so one run (not one per codec) is enough.

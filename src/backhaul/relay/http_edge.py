@@ -1,11 +1,11 @@
 """The relay's HTTP edge: published HTTP apps reached by host name (the application proxy).
 
 One user connection is one :class:`HttpConnection` (an asyncio.Protocol: ``data_received``
-feeds a :class:`~backhaul.relay.http_reader.RequestReader`). Its requests are routed by
+feeds a :class:`~backhaul.relay.http.reader.RequestReader`). Its requests are routed by
 Host to an HTTP app, and each app it talks to gets one tunnel stream, opened at the first
 request and kept for the next ones, so the connector's connection to the backend lives
 as long as the user's. The edge parses the backend's responses too (a
-:class:`~backhaul.relay.http_reader.ResponseReader`): to translate their headers and to
+:class:`~backhaul.relay.http.reader.ResponseReader`): to translate their headers and to
 know where each ends.
 
 Requests are answered strictly in order, one at a time: while one is with the backend,
@@ -48,9 +48,9 @@ from backhaul.relay.admission import Refused
 from backhaul.relay.body_clock import BodyClock
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
 from backhaul.protocol.mux import SessionError, stream_meta
-from backhaul.relay import http_translate as translate
-from backhaul.relay import http_writer as writer
-from backhaul.relay.http_reader import (
+from backhaul.relay.http import translate as translate
+from backhaul.relay.http import writer as writer
+from backhaul.relay.http.reader import (
     BODY,
     CHUNKED,
     END,
@@ -65,7 +65,7 @@ from backhaul.relay.http_reader import (
     ResponseReader,
 )
 from backhaul.relay.metrics import RelayMetrics
-from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX, Allow, RequestHead, Respond
+from backhaul.relay.preauth.contract import IDENTITY_HEADER_PREFIX, Allow, RequestHead, Respond
 from backhaul.relay.routing import NoRoute, TunnelRegistry
 from backhaul.transport.sockets import reuseport_socket, set_nodelay
 from backhaul.transport.tunnel import Tunnel
@@ -1130,7 +1130,7 @@ class HttpEdge:
         self.metrics = metrics
         self.flow = flow
         self.limits = limits
-        #: the pre-authentication Gate (preauth_api.Gate), or None: oidc apps are then refused
+        #: the pre-authentication Gate (preauth.contract.Gate), or None: oidc apps are then refused
         self.gate = gate
         self.stats = stats if stats is not None else {}
         self.routes: dict[str, translate.Route] = {}

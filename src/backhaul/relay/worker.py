@@ -86,7 +86,7 @@ class RelayWorker:
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
-        #: pre-authentication of oidc apps (preauth_api.Gate); None refuses them
+        #: pre-authentication of oidc apps (preauth.contract.Gate); None refuses them
         self.gate = None
         self.http_edge: HttpEdge | None = None
         self._http_server = None
@@ -139,7 +139,7 @@ class RelayWorker:
         server = await loop.create_server(self._listener, sock=sock, backlog=4096)
         self._servers.append(server)
         if self.settings.oidc is not None:
-            from backhaul.relay.oidc import OidcGate
+            from backhaul.relay.preauth.oidc import OidcGate
 
             self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
             self.gate.warm_up()

@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from backhaul.relay.identity import User
-from backhaul.relay.keyfiles import load_or_create
-from backhaul.relay.preauth_api import RELAY_COOKIE_PREFIX, RequestHead
+from backhaul.relay.preauth.identity import User
+from backhaul.relay.preauth.keyfiles import load_or_create
+from backhaul.relay.preauth.contract import RELAY_COOKIE_PREFIX, RequestHead
 
 SESSION_KEY_FILE = "session.key"
 SESSION_COOKIE = RELAY_COOKIE_PREFIX + "session"

@@ -30,7 +30,7 @@ import orjson
 from backhaul.config import OidcSettings
 from backhaul.errors import ConfigError, IdentityProviderError, TokenError
 
-log = logging.getLogger("backhaul.relay.oidc")
+log = logging.getLogger("backhaul.relay.preauth.oidc")
 
 #: Which key type (and curve) each accepted algorithm needs.
 _KEY_TYPES = {

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from backhaul import pki
 from backhaul.errors import ConfigError, TokenError
-from backhaul.relay.keyfiles import load_or_create
+from backhaul.relay.preauth.keyfiles import load_or_create
 
 IDENTITY_KEY_FILE = "identity.key"
 IDENTITY_ALGORITHM = "ES256"

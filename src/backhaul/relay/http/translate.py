@@ -24,8 +24,8 @@ import re
 
 import yarl
 
-from backhaul.relay.http_reader import HttpError, Request, Response
-from backhaul.relay.preauth_api import IDENTITY_HEADER_PREFIX, RELAY_COOKIE_PREFIX
+from backhaul.relay.http.reader import HttpError, Request, Response
+from backhaul.relay.preauth.contract import IDENTITY_HEADER_PREFIX, RELAY_COOKIE_PREFIX
 
 _IDENTITY = IDENTITY_HEADER_PREFIX.encode("ascii")
 _RELAY_COOKIE = RELAY_COOKIE_PREFIX.encode("ascii")

@@ -23,15 +23,15 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from backhaul.config import OidcSettings
 from backhaul.errors import IdentityProviderError, TokenError
-from backhaul.relay.identity import RelayIdentity, User
-from backhaul.relay.oidc_client import IssuerClient
-from backhaul.relay.preauth_api import (
+from backhaul.relay.preauth.identity import RelayIdentity, User
+from backhaul.relay.preauth.oidc_client import IssuerClient
+from backhaul.relay.preauth.contract import (
     IDENTITY_HEADER_PREFIX,
     Allow,
     RequestHead,
     Respond,
 )
-from backhaul.relay.sessions import (
+from backhaul.relay.preauth.sessions import (
     SESSION_COOKIE,
     LoginFlow,
     SessionCookies,
@@ -41,7 +41,7 @@ from backhaul.relay.sessions import (
     set_cookie,
 )
 
-log = logging.getLogger("backhaul.relay.oidc")
+log = logging.getLogger("backhaul.relay.preauth.oidc")
 
 RESERVED_PREFIX = "/.backhaul/"
 CALLBACK_PATH = "/.backhaul/oidc/callback"
@@ -62,7 +62,7 @@ HEADER_IDENTITY = IDENTITY_HEADER_PREFIX + "identity"
 
 
 class OidcGate:
-    """Pre-authentication of oidc apps against one issuer; a preauth_api.Gate."""
+    """Pre-authentication of oidc apps against one issuer; a preauth.contract.Gate."""
 
     def __init__(
         self,

@@ -1,0 +1,1 @@
+"""The relay's HTTP edge: request and response readers, the head writer, header translation."""
