@@ -40,11 +40,12 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Callable
+import ssl
+from typing import Callable, Sequence
 
 from backhaul.config import FlowControl, HttpLimits
 from backhaul.relay.accept import TlsListener
-from backhaul.relay.admission import Refused
+from backhaul.relay.admission import Admission, Refused
 from backhaul.relay.body_clock import BodyClock
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
 from backhaul.protocol.mux import SessionError, stream_meta
@@ -65,8 +66,9 @@ from backhaul.relay.http.reader import (
     ResponseReader,
 )
 from backhaul.relay.metrics import RelayMetrics
+from backhaul.relay.opening import StreamOpener
 from backhaul.relay.preauth.contract import IDENTITY_HEADER_PREFIX, Allow, RequestHead, Respond
-from backhaul.relay.routing import NoRoute, TunnelRegistry
+from backhaul.relay.routing import NoRoute
 from backhaul.transport.sockets import reuseport_socket, set_nodelay
 from backhaul.transport.tunnel import Tunnel
 
@@ -1118,26 +1120,37 @@ class HttpEdge:
 
     def __init__(
         self,
-        registry: TunnelRegistry,
+        opener: StreamOpener,
         flow: FlowControl,
         limits: HttpLimits,
+        *,
         gate=None,
-        stats: dict | None = None,
         metrics: RelayMetrics | None = None,
+        admission: Admission | None = None,
+        listeners: Sequence[tuple[str, int, ssl.SSLContext | None]] = (),
     ) -> None:
-        self.registry = registry
-        #: where user streams are counted, or None
+        self.opener = opener
+        self.registry = opener.registry
+        #: where user streams and the edge's events are counted, or None
         self.metrics = metrics
+        #: the worker's connection budget every connection counts in, or None (unit tests)
+        self.admission = admission
+        #: (host, port, TLS context or None for plain HTTP) bound by start()
+        self.listeners = tuple(listeners)
         self.flow = flow
         self.limits = limits
         #: the pre-authentication Gate (preauth.contract.Gate), or None: oidc apps are then refused
         self.gate = gate
-        self.stats = stats if stats is not None else {}
         self.routes: dict[str, translate.Route] = {}
         self.connections: set[HttpConnection] = set()
         self.closing = False
         self._per_client: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        """Bind the edge's listeners (relay.opening.Edge)."""
+        for host, port, ssl_context in self.listeners:
+            await self.listen(host, port, ssl_context, self.admission)
 
     async def listen(self, host: str, port: int, ssl_context=None, admission=None) -> None:
         """Serve HTTP (or HTTPS with ``ssl_context``) on ``host:port``.
@@ -1166,16 +1179,19 @@ class HttpEdge:
             server = await loop.create_server(accept, sock=sock, backlog=4096)
         else:
             listener = TlsListener(
-                "https", ssl_context, admission, lambda _tls, slot: HttpConnection(self, scheme, slot.release), stats=self.stats
+                "https", ssl_context, admission, lambda _tls, slot: HttpConnection(self, scheme, slot.release),
+                stats=self.metrics.events if self.metrics is not None else None,
             )
             server = await loop.create_server(listener, sock=sock, backlog=4096)
         self._servers.append(server)
         log.info("http edge listening", extra={"listen": f"{host}:{port}", "scheme": scheme})
 
-    def set_apps(self, apps) -> None:
-        """Route by the given HTTP apps from now on; connections to changed or deleted apps are closed."""
+    async def set_apps(self, apps) -> None:
+        """Route by the HTTP apps among ``apps`` from now on; connections to changed or deleted apps are closed."""
         routes = {}
         for app in apps:
+            if app.proto != "http":
+                continue
             try:
                 routes[app.external_host.lower()] = translate.Route(app)
             except (ValueError, UnicodeError) as exc:
@@ -1217,7 +1233,8 @@ class HttpEdge:
             self._per_client.pop(conn.client_ip, None)
 
     def count(self, name: str) -> None:
-        self.stats[name] = self.stats.get(name, 0) + 1
+        if self.metrics is not None:
+            self.metrics.count(name)
 
     async def stop(self) -> None:
         """Stop listening; idle connections close now, busy ones after their current answer."""

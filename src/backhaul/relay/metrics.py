@@ -55,6 +55,10 @@ SPECS = {
         MetricSpec(P + "cpu_seconds_total", "counter", "CPU time (user + system) of the worker processes."),
         MetricSpec(P + "memory_bytes", "gauge", "Resident memory of the live worker processes."),
         MetricSpec(P + "config_version", "gauge", "Store config version served (the oldest any worker has).", aggregate="min"),
+        MetricSpec(
+            P + "events_total", "counter",
+            "Things the worker counts by name: refusals, timeouts, drops (docs/metrics.md lists them).", ("event",),
+        ),
         # -- rollout
         MetricSpec(P + "update_reports_total", "counter", "Update steps connectors reported, by step.", ("step",)),
     )
@@ -80,6 +84,8 @@ class RelayMetrics:
         self.apps: dict[str, _AppFigures] = {}
         #: per connector: [tunnels opened, then bytes and frames of closed tunnels: received, sent, frames in, frames out]
         self.connectors: dict[str, list[int]] = {}
+        #: events by name (a fixed set written in the code: listener names, timeouts, drops)
+        self.events: dict[str, int] = {}
         # -- rollout
         #: update reports by step, counted by the control API (its steps are a fixed set: store.UPDATE_STEPS)
         self.update_reports: dict[str, int] = {}
@@ -108,6 +114,9 @@ class RelayMetrics:
         if pipe.code != ErrorCode.NO_ERROR:
             name = error_name(pipe.code)
             figures.failed[name] = figures.failed.get(name, 0) + 1
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.events[event] = self.events.get(event, 0) + n
 
     # ------------------------------------------------------------------ tunnels
 
@@ -166,6 +175,7 @@ class RelayMetrics:
             P + "cpu_seconds_total": [[[], round(cpu_seconds(), 3)]],
             P + "memory_bytes": [[[], rss_bytes()]],
             P + "config_version": [[[], config_version]],
+            P + "events_total": [[[name], n] for name, n in sorted(self.events.items())],
             # -- rollout
             P + "update_reports_total": [[[step], n] for step, n in sorted(self.update_reports.items())],
         }

@@ -24,6 +24,7 @@ from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http_edge import HttpEdge
 from backhaul.relay.metrics import RelayMetrics
+from backhaul.relay.opening import StreamOpener
 from backhaul.relay.routing import TunnelRegistry
 from backhaul.relay import udp_edge
 from backhaul.relay.tcp_edge import TcpApp
@@ -77,10 +78,13 @@ class RelayWorker:
         self.settings = settings
         self.store = open_store(settings.data_dir)
         self.registry = TunnelRegistry()
+        self.metrics = RelayMetrics()
+        #: how every edge opens streams to connectors
+        self.opener = StreamOpener(self.registry, self.metrics)
         self.apps: dict[str, TcpApp] = {}
         self.udp_apps: dict[str, udp_edge.UdpApp] = {}
-        self.stats: dict[str, int] = {}
-        self.metrics = RelayMetrics()
+        #: what the worker's parts count by name; published as backhaul_relay_events_total
+        self.stats = self.metrics.events
         self._reporter = None
         self._app_names: list[str] = []
         #: the read buffer every user socket of this process is read into (see transport.pipe)
@@ -143,14 +147,17 @@ class RelayWorker:
 
             self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
             self.gate.warm_up()
-        self.http_edge = HttpEdge(
-            self.registry, self.settings.flow, self.settings.http_limits, gate=self.gate, stats=self.stats, metrics=self.metrics
-        )
+        listeners = []
         if self.settings.http:
-            await self.http_edge.listen(*parse_hostport(self.settings.http, "--http"), admission=self.admission)
+            listeners.append((*parse_hostport(self.settings.http, "--http"), None))
         if self.settings.https:
             edge_tls = tlsconfig.edge_context(self.settings.https_cert, self.settings.https_key)
-            await self.http_edge.listen(*parse_hostport(self.settings.https, "--https"), edge_tls, admission=self.admission)
+            listeners.append((*parse_hostport(self.settings.https, "--https"), edge_tls))
+        self.http_edge = HttpEdge(
+            self.opener, self.settings.flow, self.settings.http_limits,
+            gate=self.gate, metrics=self.metrics, admission=self.admission, listeners=listeners,
+        )
+        await self.http_edge.start()
         await self.reload()
         if self.settings.run_dir is not None:
             from backhaul.relay.metrics import SPECS
@@ -229,7 +236,7 @@ class RelayWorker:
         self.metrics.prune(set(self._app_names), self._connector_exists)
         wanted = {app.name: app for app in apps if app.proto == "tcp"}
         if self.http_edge is not None:
-            self.http_edge.set_apps([app for app in apps if app.proto == "http"])
+            await self.http_edge.set_apps(apps)
         for name, running in list(self.apps.items()):
             if wanted.get(name) != running.app:
                 await running.stop()
@@ -308,6 +315,7 @@ class RelayWorker:
         session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive)
         tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}", flow=self.settings.flow)
         # The slot is released in tunnel_down, which every tunnel reaches once.
+        tunnel.peer_id = connector_id
         tunnel.info = {"connector_id": connector_id, "group": record.group, "listen_slot": slot}
         return tunnel
 

@@ -95,7 +95,9 @@ class Tunnel(asyncio.BufferedProtocol):
         self.streams_lost = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        #: set by the owner: who is at the other end (connector id, relay worker index)
+        #: who is at the other end, for log lines (the relay sets the connector id; None on a connector)
+        self.peer_id: str | None = None
+        #: what the tunnel's owner keeps about it (relay: its registry's record; connector: its slot)
         self.info: dict = {}
         self._loop = asyncio.get_event_loop()
         self._flush_scheduled = False
@@ -292,7 +294,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self.transport.pause_reading()
         log.info(
             "tunnel reading paused: the peer sends and does not read",
-            extra={"tunnel": self.name, "connector": self.info.get("connector_id"), "peer": self.peer,
+            extra={"tunnel": self.name, "connector": self.peer_id, "peer": self.peer,
                    "reply_bytes": self.session.reply_bytes},
         )
 
@@ -403,7 +405,7 @@ class Tunnel(asyncio.BufferedProtocol):
         if self.session.flood is not None:
             log.warning(
                 "tunnel closed for a flood",
-                extra={**fields, "connector": self.info.get("connector_id"), "limit": self.session.flood},
+                extra={**fields, "connector": self.peer_id, "limit": self.session.flood},
             )
         else:
             log.info("tunnel closed", extra=fields)
