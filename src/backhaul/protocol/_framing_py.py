@@ -52,6 +52,9 @@ _MAX_WINDOW = cython.declare(cython.longlong, constants.MAX_WINDOW)
 _MAX_STREAM_ID = cython.declare(cython.longlong, constants.MAX_STREAM_ID)
 _PING_SIZE = cython.declare(cython.Py_ssize_t, constants.PING_PAYLOAD_SIZE)
 _WINDOW_SIZE = cython.declare(cython.Py_ssize_t, constants.WINDOW_PAYLOAD_SIZE)
+_CODE_SIZE = cython.declare(cython.Py_ssize_t, constants.ERROR_CODE_SIZE)
+_GOAWAY_FIXED = cython.declare(cython.Py_ssize_t, constants.GOAWAY_FIXED_SIZE)
+_STREAM_ID_SIZE = cython.declare(cython.Py_ssize_t, constants.STREAM_ID_SIZE)
 
 
 class FrameError(Exception):
@@ -277,9 +280,9 @@ class FrameDecoder:
         elif ftype == _DATAGRAM:
             limit = _MAX_DATAGRAM
         elif ftype == _OPEN_FAIL or ftype == _RST:
-            limit = 2 + _MAX_REASON
+            limit = _CODE_SIZE + _MAX_REASON
         elif ftype == _GOAWAY:
-            limit = 6 + _MAX_REASON
+            limit = _GOAWAY_FIXED + _MAX_REASON
         else:
             limit = _MAX_CONTROL
         if length > limit:
@@ -305,10 +308,10 @@ class FrameDecoder:
             if length != 0:
                 self._fail(f"{name} frame on stream {sid} must be empty, not {length} bytes", ErrorCode.FRAME_SIZE_ERROR)
         elif ftype == _OPEN_FAIL or ftype == _RST:
-            if length < 2:
+            if length < _CODE_SIZE:
                 self._fail(f"{name} frame on stream {sid} is {length} bytes, too short for its error code", ErrorCode.FRAME_SIZE_ERROR)
         elif ftype == _GOAWAY:
-            if length < 6:
+            if length < _GOAWAY_FIXED:
                 self._fail(f"GOAWAY frame is {length} bytes, too short for its last stream id and code", ErrorCode.FRAME_SIZE_ERROR)
 
     def next_frame(self):
@@ -500,7 +503,7 @@ class FrameEncoder:
         """Queue OPEN_FAIL with an ErrorCode and a reason (cut to MAX_REASON UTF-8 bytes)."""
         stream_id = _check_stream(stream_id)
         code = _check_code(code)
-        self._small(_OPEN_FAIL, stream_id, code.to_bytes(2, "big") + _encode_reason(reason), "OPEN_FAIL")
+        self._small(_OPEN_FAIL, stream_id, code.to_bytes(_CODE_SIZE, "big") + _encode_reason(reason), "OPEN_FAIL")
 
     def fin(self, stream_id) -> None:
         """Queue FIN: no more DATA from this side on the stream."""
@@ -511,7 +514,7 @@ class FrameEncoder:
         """Queue RST with an ErrorCode and a reason (cut to MAX_REASON UTF-8 bytes)."""
         stream_id = _check_stream(stream_id)
         code = _check_code(code)
-        self._small(_RST, stream_id, code.to_bytes(2, "big") + _encode_reason(reason), "RST")
+        self._small(_RST, stream_id, code.to_bytes(_CODE_SIZE, "big") + _encode_reason(reason), "RST")
 
     def window(self, stream_id, increment) -> None:
         """Queue WINDOW granting ``increment`` bytes of credit; stream 0 is the tunnel."""
@@ -519,7 +522,7 @@ class FrameEncoder:
         increment = operator.index(increment)
         if not 1 <= increment <= _MAX_WINDOW:
             raise ValueError(f"window increment {increment!r} is outside 1..{_MAX_WINDOW}")
-        self._put(_WINDOW, 0, stream_id, increment.to_bytes(4, "big"), 0, _WINDOW_SIZE)
+        self._put(_WINDOW, 0, stream_id, increment.to_bytes(_WINDOW_SIZE, "big"), 0, _WINDOW_SIZE)
 
     def _ping(self, ftype, opaque, what):
         if _nbytes(opaque) != _PING_SIZE:
@@ -547,7 +550,7 @@ class FrameEncoder:
         """Queue GOAWAY: no streams above ``last_stream_id`` will be processed."""
         last_stream_id = _check_stream(last_stream_id, True)
         code = _check_code(code)
-        payload = last_stream_id.to_bytes(4, "big") + code.to_bytes(2, "big") + _encode_reason(reason)
+        payload = last_stream_id.to_bytes(_STREAM_ID_SIZE, "big") + code.to_bytes(_CODE_SIZE, "big") + _encode_reason(reason)
         self._small(_GOAWAY, 0, payload, "GOAWAY")
 
     def control(self, payload) -> None:
@@ -567,9 +570,11 @@ def _reason(raw: bytes, what: str) -> str:
 def parse_error_payload(payload) -> tuple:
     """Split an OPEN_FAIL or RST payload into (code, reason). Raises FrameError."""
     payload = bytes(payload)
-    if len(payload) < 2:
-        raise FrameError(f"error payload is {len(payload)} bytes; it needs at least 2 for the code", ErrorCode.FRAME_SIZE_ERROR)
-    return int.from_bytes(payload[:2], "big"), _reason(payload[2:], "error")
+    if len(payload) < _CODE_SIZE:
+        raise FrameError(
+            f"error payload is {len(payload)} bytes; it needs at least {_CODE_SIZE} for the code", ErrorCode.FRAME_SIZE_ERROR
+        )
+    return int.from_bytes(payload[:_CODE_SIZE], "big"), _reason(payload[_CODE_SIZE:], "error")
 
 
 def parse_window(payload) -> int:
@@ -586,10 +591,12 @@ def parse_window(payload) -> int:
 def parse_goaway(payload) -> tuple:
     """Split a GOAWAY payload into (last_stream_id, code, reason). Raises FrameError."""
     payload = bytes(payload)
-    if len(payload) < 6:
-        raise FrameError(f"GOAWAY payload is {len(payload)} bytes; it needs at least 6", ErrorCode.FRAME_SIZE_ERROR)
+    if len(payload) < _GOAWAY_FIXED:
+        raise FrameError(
+            f"GOAWAY payload is {len(payload)} bytes; it needs at least {_GOAWAY_FIXED}", ErrorCode.FRAME_SIZE_ERROR
+        )
     return (
-        int.from_bytes(payload[:4], "big"),
-        int.from_bytes(payload[4:6], "big"),
-        _reason(payload[6:], "GOAWAY"),
+        int.from_bytes(payload[:_STREAM_ID_SIZE], "big"),
+        int.from_bytes(payload[_STREAM_ID_SIZE:_GOAWAY_FIXED], "big"),
+        _reason(payload[_GOAWAY_FIXED:], "GOAWAY"),
     )

@@ -70,25 +70,6 @@ class FrameType(enum.IntEnum):
     """A small JSON control message on stream 0 (hello, config changed, drain)."""
 
 
-#: Frame types whose payload is bounded by MAX_CONTROL_PAYLOAD instead of MAX_PAYLOAD.
-SMALL_FRAME_TYPES = frozenset(
-    {
-        FrameType.OPEN,
-        FrameType.OPEN_OK,
-        FrameType.OPEN_FAIL,
-        FrameType.FIN,
-        FrameType.RST,
-        FrameType.WINDOW,
-        FrameType.PING,
-        FrameType.PONG,
-        FrameType.GOAWAY,
-        FrameType.CONTROL,
-    }
-)
-
-#: Frame types that only make sense on stream 0.
-CONNECTION_FRAME_TYPES = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.CONTROL})
-
 
 class Flag(enum.IntFlag):
     """Header flags. Bits not defined for a frame type must be zero."""
@@ -97,9 +78,6 @@ class Flag(enum.IntFlag):
     """On DATA: the last DATA of the stream in this direction, as if FIN followed."""
 
 
-#: The flags each frame type may carry; any other set bit is a PROTOCOL_ERROR.
-ALLOWED_FLAGS = {t: (Flag.END if t == FrameType.DATA else 0) for t in FrameType}
-
 #: Send windows every stream and every tunnel start with, before any WINDOW frame.
 INITIAL_STREAM_WINDOW = 256 * 1024
 INITIAL_TUNNEL_WINDOW = 1024 * 1024
@@ -107,6 +85,12 @@ INITIAL_TUNNEL_WINDOW = 1024 * 1024
 PING_PAYLOAD_SIZE = 8
 WINDOW_PAYLOAD_SIZE = 4
 MAX_WINDOW = 2**31 - 1
+#: OPEN_FAIL and RST start with a u16 ErrorCode; the reason follows.
+ERROR_CODE_SIZE = 2
+#: A stream id on the wire (the header's, and GOAWAY's last stream id): u32.
+STREAM_ID_SIZE = 4
+#: GOAWAY starts with its last stream id and an ErrorCode; the reason follows.
+GOAWAY_FIXED_SIZE = STREAM_ID_SIZE + ERROR_CODE_SIZE
 
 
 class ErrorCode(enum.IntEnum):
