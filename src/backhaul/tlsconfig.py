@@ -101,15 +101,12 @@ def edge_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLCont
     return ctx
 
 
-def connector_context(state: ClientCredentials | str | os.PathLike, alpn: str) -> ssl.SSLContext:
+def connector_context(state: ClientCredentials, alpn: str) -> ssl.SSLContext:
     """A connector's client context: its certificate, the service CA only, one ALPN id.
 
-    ``state`` is a loaded ConnectorState or the path of a state dir.
+    ``state`` is what holds the paths (a loaded connector.state.ConnectorState): this layer
+    does not know a connector's state dir.
     """
-    if isinstance(state, (str, os.PathLike)):
-        from backhaul.connector.state import ConnectorState
-
-        state = ConnectorState.load(state)
     ctx = _tls13_only(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(state.ca_path)))
     try:
         ctx.load_cert_chain(str(state.cert_path), str(state.key_path))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from backhaul import tlsconfig
+from backhaul.connector.state import ConnectorState
 from backhaul.release import keys, manifest as rm
 from tests.tiny_wheels import make_wheel
 
@@ -49,7 +50,7 @@ def wheelhouse(root: Path, version: str) -> list[Path]:
 
 
 def connector_get(state: Path, url: str) -> tuple[int, bytes, dict]:
-    ctx = tlsconfig.connector_context(state, tlsconfig.ALPN_HTTP)
+    ctx = tlsconfig.connector_context(ConnectorState.load(state), tlsconfig.ALPN_HTTP)
     try:
         with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
             return resp.status, resp.read(), dict(resp.headers)
