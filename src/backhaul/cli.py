@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from backhaul.config import LogFiles
 from backhaul.errors import BackhaulError
 
 
@@ -144,8 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9464; default off)")
     p.add_argument("--log-dir", default=None, metavar="DIR", help="admin and session log files (default STATE_DIR/logs)")
-    p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024, metavar="N", help="rotate a log file at this size (default 10 MiB)")
-    p.add_argument("--log-backups", type=int, default=5, metavar="N", help="rotated files kept per log (default 5)")
+    p.add_argument(
+        "--log-max-bytes", type=int, default=LogFiles.max_bytes, metavar="N",
+        help=f"rotate a log file at this size (default {LogFiles.max_bytes // (1024 * 1024)} MiB)",
+    )
+    p.add_argument(
+        "--log-backups", type=int, default=LogFiles.backups, metavar="N",
+        help=f"rotated files kept per log (default {LogFiles.backups})",
+    )
     p.set_defaults(func=_handler("backhaul.connector.service:connector_run"))
     p = connector.add_parser("status", help="show this connector's state and live figures")
     p.add_argument("--state-dir", required=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from backhaul import pki
-from backhaul.config import EnrollLimits, ReleaseLimits
+from backhaul.config import REFRESH_INTERVAL, EnrollLimits, ReleaseLimits
 from backhaul.store import Store, open_store
 
 DAY = 86400.0
@@ -22,7 +22,7 @@ class ControlSettings:
     #: Lifetime of a connector certificate; connectors renew at two thirds of it.
     cert_validity: float = 90 * DAY
     #: Seconds between two config pulls of a connector.
-    refresh_interval: int = 120
+    refresh_interval: int = REFRESH_INTERVAL
     #: Longest lifetime and most uses an enrollment token may be created with.
     token_max_ttl: int = 7 * 86400
     token_max_uses: int = 1000

@@ -6,6 +6,7 @@ import abc
 import dataclasses
 from typing import Any
 
+from backhaul.config import REFRESH_INTERVAL
 from backhaul.errors import BackhaulError
 
 DEFAULT_GROUP = "default"
@@ -472,7 +473,7 @@ class Store(abc.ABC):
         Returns the ids of the connectors removed."""
 
     @abc.abstractmethod
-    def connector_config(self, connector_id: str, refresh_interval: int = 120) -> dict[str, Any]: ...
+    def connector_config(self, connector_id: str, refresh_interval: int = REFRESH_INTERVAL) -> dict[str, Any]: ...
 
     # -- apps
     @abc.abstractmethod

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
+from backhaul.config import REFRESH_INTERVAL
 from backhaul.errors import ConfigError
 from backhaul.store.base import (
     DEFAULT_GROUP,
@@ -499,7 +500,7 @@ class SqliteStore(ReleaseTables, RolloutTables, Store):
                 self._bump(db)
         return removed
 
-    def connector_config(self, connector_id: str, refresh_interval: int = 120) -> dict[str, Any]:
+    def connector_config(self, connector_id: str, refresh_interval: int = REFRESH_INTERVAL) -> dict[str, Any]:
         with self._read() as db:
             version = db.execute("SELECT version FROM config_version WHERE id = 1").fetchone()[0]
             row = db.execute("SELECT grp FROM connectors WHERE id = ? AND revoked = 0", (connector_id,)).fetchone()
