@@ -10,6 +10,9 @@ from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WI
 
 #: How often a connector pulls its config when nothing wakes it sooner (seconds); the control API sends it.
 REFRESH_INTERVAL = 120
+#: Default lifetime of a release manifest (days): a connector refuses it afterwards, so a relay
+#: (or anyone) replaying a withdrawn release has a quarter of a year at most.
+RELEASE_EXPIRES_DAYS = 90.0
 
 
 def _require_positive(limits, what: str, switches: tuple[str, ...] = ()) -> None:

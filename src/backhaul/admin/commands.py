@@ -10,6 +10,7 @@ from typing import Any, Callable
 import orjson
 
 from backhaul.admin.tables import counts, rollout_state, table, when, yes_no
+from backhaul.config import RELEASE_EXPIRES_DAYS
 from backhaul.errors import ConfigError
 
 #: CPU percentage above which `connector list` warns (the service flags it as cpu_warning).
@@ -95,8 +96,8 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("--signing-key", required=True, metavar="FILE", help="private key from `backhaul release keygen` (stays here)")
     p.add_argument("--auto", action="store_true", help="connectors' updaters install it without a person (default: by `updater apply`)")
     p.add_argument(
-        "--expires", type=float, default=90.0, metavar="DAYS",
-        help="days the signed manifest stays valid; connectors refuse it afterwards (default 90)",
+        "--expires", type=float, default=RELEASE_EXPIRES_DAYS, metavar="DAYS",
+        help=f"days the signed manifest stays valid; connectors refuse it afterwards (default {RELEASE_EXPIRES_DAYS:g})",
     )
     leaf(release, "list", release_list, "list releases: version, state, files, rollout per group")
     leaf(release, "revoke", release_revoke, "revoke a release: never served again").add_argument("version")

@@ -7,7 +7,8 @@ from typing import Any
 from backhaul import __version__
 from backhaul.control import validate as v
 from backhaul.control.context import ControlSettings
-from backhaul.store import StoreLimits
+from backhaul.store import UPDATE_STEPS, LeaseRefused, StoreLimits
+from backhaul.store.base import RELEASE_STATES
 
 #: The "format" of a backend CA bundle: PEM text of one or more CA certificates.
 CA_BUNDLE_FORMAT = "pem-certificates"
@@ -290,7 +291,7 @@ def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
         "Release": _obj(
             ["version", "state", "auto", "key_id", "issued", "expires", "size", "files", "missing"],
             version=_S,
-            state={"type": "string", "enum": ["incomplete", "published", "revoked"]},
+            state={"type": "string", "enum": list(RELEASE_STATES)},
             auto=_B,
             key_id=_S,
             issued=_I,
@@ -403,7 +404,6 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
 
 
 def _rollout_schemas() -> dict[str, dict[str, Any]]:
-    from backhaul.store import UPDATE_STEPS, LeaseRefused
 
     token = {"type": "integer", "minimum": 1, "maximum": v.MAX_COUNTER}
     lease = _obj(

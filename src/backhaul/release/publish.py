@@ -28,9 +28,6 @@ from backhaul.errors import CertificateError, ConfigError, ServiceError
 from backhaul.release import keys
 from backhaul.release.manifest import PROJECT, FileEntry, Manifest, ReleaseRefused, check_file_name, sign
 
-#: Default lifetime of a release manifest: a connector refuses it afterwards, so a relay
-#: (or anyone) replaying a withdrawn release has a quarter of a year at most.
-DEFAULT_EXPIRES_DAYS = 90.0
 #: Seconds an upload may wait for the relay between two reads or writes (not the whole upload).
 UPLOAD_IDLE_TIMEOUT = 60.0
 #: Largest JSON answer read from the relay.
