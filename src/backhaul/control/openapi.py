@@ -7,6 +7,7 @@ from typing import Any
 from backhaul import __version__
 from backhaul.control import validate as v
 from backhaul.control.context import ControlSettings
+from backhaul.release import manifest as rm
 from backhaul.store import UPDATE_STEPS, LeaseRefused, StoreLimits
 from backhaul.store.base import RELEASE_STATES
 
@@ -271,7 +272,6 @@ def _b64_text(size: int, what: str) -> dict[str, Any]:
 
 
 def _release_schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
-    from backhaul.release import manifest as rm
 
     limits = settings.releases
     version = {"type": "string", "maxLength": rm.MAX_VERSION, "pattern": _whole(rm.VERSION_PATTERN)}

@@ -26,7 +26,7 @@ import aiohttp
 from backhaul import tlsconfig
 from backhaul.errors import CertificateError, ConfigError, ServiceError
 from backhaul.release import keys
-from backhaul.release.manifest import PROJECT, FileEntry, Manifest, ReleaseRefused, check_file_name, sign
+from backhaul.release.manifest import PROJECT, FileEntry, Manifest, ReleaseRefused, check_file_name, key_id, sign
 
 #: Seconds an upload may wait for the relay between two reads or writes (not the whole upload).
 UPLOAD_IDLE_TIMEOUT = 60.0
@@ -119,7 +119,6 @@ def build(wheels: list[str], private_key, *, expires_days: float, now: float) ->
     if not expires_days > 0:
         raise ConfigError("--expires must be a positive number of days")
     version, files = collect(wheels)
-    from backhaul.release.manifest import key_id
 
     issued = int(now)
     manifest = Manifest(

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from backhaul.config import LogFiles, UpdaterLimits
+from backhaul.config import LogFiles, UpdaterLimits, _replace_from
+from backhaul.connector.state import ConnectorState
 from backhaul.errors import BackhaulError, ConfigError
 from backhaul.release.manifest import ReleaseRefused
+from backhaul.updater.bootstrap import first_install, install_units
 from backhaul.updater.layout import Layout, RootLock, UpdateRefused
 from backhaul.updater.runner import Outcome, Updater, next_wait
 from backhaul.updater.service import SupervisedConnector, SystemdConnector
@@ -38,7 +40,6 @@ def _log_to_root(root: Path) -> Path:
 
 
 def _limits(args: argparse.Namespace) -> UpdaterLimits:
-    from backhaul.config import _replace_from
 
     try:
         limits = _replace_from(UpdaterLimits(), getattr(args, "limit", None) or [], "--limit")
@@ -50,7 +51,6 @@ def _limits(args: argparse.Namespace) -> UpdaterLimits:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from backhaul.connector.state import ConnectorState
 
     path = Path(args.state_dir)
     ConnectorState.load(path)  # fails here, in words, on a missing or expired registration
@@ -93,7 +93,6 @@ def updater_apply(args: argparse.Namespace) -> int:
 
 def updater_install(args: argparse.Namespace) -> int:
     """The first install on a VM: the tree under --install-root from a local wheelhouse, and the units."""
-    from backhaul.updater.bootstrap import first_install, install_units
 
     root = Path(args.install_root).absolute()
     root.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from backhaul.connector import control_socket
 from backhaul.errors import BackhaulError, ConfigError
 from backhaul.release import keys as release_keys
 from backhaul.release.manifest import Manifest, ReleaseRefused, check_file, verify
+from backhaul.updater.bootstrap import MANIFEST, SIGNATURE
 from backhaul.updater.health import Decision, HealthGate, Reading, Verdict
 from backhaul.updater.install import Wheel, install_version
 from backhaul.updater.layout import Layout, State, UpdateRefused, check_file_name
@@ -180,7 +181,6 @@ class Updater:
         wheels: an air-gapped host, or a release carried over by hand). The same checks and
         steps as a release from the relay, the download excepted; the lease is taken unless
         ``force``. The relay is still told each step and asked for the lease."""
-        from backhaul.updater.bootstrap import MANIFEST, SIGNATURE
 
         state, installed, pinned = self._installed()
         if not pinned:
