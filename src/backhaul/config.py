@@ -8,6 +8,9 @@ from pathlib import Path
 
 from backhaul.protocol.constants import INITIAL_STREAM_WINDOW, INITIAL_TUNNEL_WINDOW
 
+#: How often a connector pulls its config when nothing wakes it sooner (seconds); the control API sends it.
+REFRESH_INTERVAL = 120
+
 
 def _require_positive(limits, what: str, switches: tuple[str, ...] = ()) -> None:
     """ValueError naming the first field of ``limits`` that is not positive (a switch: not 0 or 1)."""
