@@ -222,7 +222,7 @@ class ConnectorAgent:
 
     def _now(self) -> WorkerNow:
         """What the figures read each tick."""
-        return WorkerNow(self.state, list(self.slots.tunnels), len(self.slots.serving()), self.upkeep.config_version)
+        return WorkerNow(self.state, list(self.slots.tunnels), len(self.slots.answered()), self.upkeep.config_version)
 
     def _origins_changed(self, changes: dict[str, bool | None]) -> None:
         """Tell the relay at once, over every tunnel, which apps this worker can reach now."""

@@ -133,8 +133,8 @@ class TunnelSlots:
 
     # ------------------------------------------------------------------ what the worker asks
 
-    def serving(self) -> list[Tunnel]:
-        """The tunnels the relay has answered hello on."""
+    def answered(self) -> list[Tunnel]:
+        """The tunnels the relay has answered hello on (retiring ones included: they are still up)."""
         return [t for t in self.tunnels if t.info.hello]
 
     def streams_open(self) -> int:

@@ -121,7 +121,7 @@ class Upkeep:
                 try:
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 except asyncio.TimeoutError:
-                    pass
+                    pass  # the delay passed without a stop: try again
                 continue
             if config is not None:
                 self._use_config(etag, config)
@@ -140,7 +140,7 @@ class Upkeep:
             try:
                 await asyncio.wait_for(self.changed.wait(), self.refresh_interval)
             except asyncio.TimeoutError:
-                pass
+                pass  # no hint in a whole interval: pull anyway
             self.changed.clear()
             await self.pull()
 
