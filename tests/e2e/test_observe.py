@@ -251,6 +251,8 @@ def _check_metrics_and_status(system, state, connector_id, port, dead_port, rela
         ("backhaul_connector_streams_opened_total", C): 7,
         ("backhaul_connector_streams_failed_total", failed): 2,
         ("backhaul_connector_stream_open_seconds_count", C): 5,
+        # all seven passed the allow-list and were dialed: the two to the dead port failed there
+        ("backhaul_connector_events_total", (("connector", connector_id), ("event", "streams_dialed"))): 7,
     })
     def bytes_moved():
         now = _scrape(connector_metrics)

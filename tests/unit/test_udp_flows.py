@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import pytest
 import uvloop
 
 from backhaul.config import FlowControl, UdpLimits
-from backhaul.connector import udp_flows
-from backhaul.connector.agent import _open_failure
+from backhaul.connector import admission, udp_flows
+from backhaul.connector.streams import open_failure as _open_failure
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
 from backhaul.relay import udp_edge
@@ -242,8 +241,7 @@ class ConnectorWiring:
         pass
 
     def stream_opened(self, tunnel, stream_id, meta):
-        app = self.apps.get(meta.get("app"))
-        refused = (ErrorCode.UNKNOWN_APP, "no app") if app is None else udp_flows.refusal(meta, app)
+        refused = admission.admit(self.apps, meta, draining=False)
         if refused:
             tunnel.reject(stream_id, *refused)
         else:
@@ -320,21 +318,3 @@ def test_connector_flow_holds_datagrams_sent_before_its_socket_is_ready_within_i
         echo.close()
 
     run(main())
-
-
-@pytest.mark.parametrize(
-    "meta_target, app",
-    [
-        ("10.0.0.1:53", {"proto": "tcp", "target": "10.0.0.1:53"}),
-        ("10.0.0.2:53", {"proto": "udp", "target": "10.0.0.1:53"}),
-        ("not-a-target", {"proto": "udp", "target": "not-a-target"}),
-    ],
-    ids=["tcp-app", "other-target", "malformed"],
-)
-def test_connector_refuses_flows_its_config_does_not_allow(meta_target, app):
-    refused = udp_flows.refusal({"app": "x", "target": meta_target}, app)
-    assert refused is not None and refused[0] == ErrorCode.TARGET_NOT_ALLOWED
-
-
-def test_connector_allows_exactly_the_configured_udp_target():
-    assert udp_flows.refusal({"app": "x", "target": "10.0.0.1:53"}, {"proto": "udp", "target": "10.0.0.1:53"}) is None

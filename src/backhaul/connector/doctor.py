@@ -28,7 +28,10 @@ import aiohttp
 import orjson
 
 from backhaul import pki, tlsconfig
+from backhaul.connector.control_client import connector_session
+from backhaul.connector.state import ConnectorState
 from backhaul.errors import BackhaulError
+from backhaul.jsonhttp import request_json
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 #: The relay back-dates certificates by this much, so a clock this far behind still works.
@@ -69,8 +72,6 @@ def _now() -> datetime.datetime:
 
 def _load_state(state_dir: Path):
     """(state, registration check); the certificate's dates are left to their own check."""
-    from backhaul.connector.state import ConnectorState
-
     try:
         # Load as of the certificate's own start, so an expired certificate still loads and
         # the certificate check can say so with its dates.
@@ -130,8 +131,6 @@ def check_reachable(host: str, port: int, timeout: float, relay: Relay) -> Check
 
 
 async def _get(session: aiohttp.ClientSession, url: str, relay: Relay):
-    from backhaul.jsonhttp import request_json
-
     sent = _now()
     answer = await request_json(session, "GET", url, limit=MAX_RESPONSE)
     date = answer.headers.get("Date")
@@ -162,8 +161,6 @@ def _tls_failure(exc: BaseException) -> Check:
 
 
 async def _network_checks(state, pin: str | None, timeout: float, relay: Relay) -> list[Check]:
-    from backhaul.connector.control_client import connector_session
-
     checks: list[Check] = []
     # TLS both ways: the relay's certificate against ca.pem, and this connector's certificate.
     session = connector_session(state, timeout=timeout)

@@ -22,12 +22,16 @@ import aiohttp
 import yarl
 
 from backhaul import __version__, pki, tlsconfig
+from backhaul.config import LogFiles
 from backhaul.connector.state import LOG_DIR, STATE_FILE, parse_service_url, write_state
 from backhaul.jsonhttp import request_json
 from backhaul.transport import proxy_connect
 from backhaul.transport.proxy_connect import Proxy
 from backhaul.errors import CertificateError, ConfigError, EnrollmentError, ServiceError
 from backhaul.files import read_bounded
+from backhaul.logs import add_admin_log
+from backhaul.release import keys as release_keys
+from backhaul.release.manifest import key_id
 
 log = logging.getLogger("backhaul.connector.enroll")
 
@@ -158,8 +162,6 @@ def register(args: argparse.Namespace) -> int:
     token = enrollment_token(args.token, args.token_file, os.environ)
     name = args.name or socket.gethostname()
     # Read before enrolling: a wrong key file must not cost the (single-use) token.
-    from backhaul.release import keys as release_keys
-
     pinned = [release_keys.load_public(Path(path)) for path in getattr(args, "release_key", [])]
     result = asyncio.run(enroll(service_url, pin, token, name, proxy))
     # Before connector.json, which marks the registration complete: a registered connector has its keys.
@@ -174,9 +176,6 @@ def register(args: argparse.Namespace) -> int:
         cert_pem=result["cert_pem"],
         key_pem=result["key_pem"],
     )
-    from backhaul.config import LogFiles
-    from backhaul.logs import add_admin_log
-
     add_admin_log(LogFiles(directory=state_dir / LOG_DIR))
     log.info(
         "connector registered",
@@ -187,8 +186,6 @@ def register(args: argparse.Namespace) -> int:
     )
     print(f"registered connector {result['connector_id']} ({name}) in group {result['group']}; state in {state_dir}")
     if pinned:
-        from backhaul.release.manifest import key_id
-
         print(f"release keys pinned: {', '.join(key_id(k) for k in pinned)}")
     else:
         print("no release key pinned (--release-key FILE): the updater will install nothing on this connector")

@@ -2,15 +2,17 @@
 
 Streams are counted where they open, fail or end (a few integer additions per stream);
 tunnel bytes and frames are the plain counters the tunnel and codec keep anyway, read
-once a tick. Every metric is labelled by connector (one value per connector) and
-failures also by wire error code (a fixed set), so every label set is bounded.
+once a tick. Every metric is labelled by connector (one value per connector),
+failures also by wire error code and events by name (two fixed sets), so every label
+set is bounded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from backhaul import __version__
 from backhaul.metrics import OPEN_LATENCY_BUCKETS
@@ -18,21 +20,22 @@ from backhaul.protocol.constants import error_name
 from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
 
 if TYPE_CHECKING:
-    from backhaul.connector.settings import ConnectorSettings
     from backhaul.connector.state import ConnectorState
     from backhaul.transport.tunnel import Tunnel
 
 
-class AgentView(Protocol):
-    """What the figures and the operations side read of a connector worker (the agent is
-    one), so neither needs the agent's module."""
+@dataclasses.dataclass(frozen=True)
+class WorkerNow:
+    """What a connector worker is at the moment its figures are taken (the agent answers
+    it each tick), so the figures need neither the agent nor its module."""
 
-    settings: "ConnectorSettings"
     state: "ConnectorState"
-    tunnels: Any  # a collection of Tunnel
-    stats: dict[str, int]
+    #: every tunnel open now (bytes, frames and load are read off them)
+    tunnels: list["Tunnel"]
+    #: of those, the ones the relay has answered hello on
+    tunnels_up: int
     config_version: int | None
-    observer: Any  # has .session_log.enabled
+
 
 C = ("connector",)
 P = "backhaul_connector_"
@@ -68,19 +71,40 @@ SPECS = {
         ),
         MetricSpec(P + "config_version", "gauge", "Config version applied (the oldest any worker has).", C, aggregate="min"),
         MetricSpec(P + "session_log_enabled", "gauge", "1 while every worker writes the session log.", C, aggregate="min"),
+        MetricSpec(
+            P + "events_total", "counter",
+            "Things a worker counts by name: streams dialed and refused, UDP flows and drops (docs/metrics.md lists them).",
+            C + ("event",),
+        ),
     )
 }
 
 
 class ConnectorMetrics:
-    """Plain counters of one connector worker, and its snapshot for runstats."""
+    """The counters of one connector worker (what the agent, its streams and its UDP flows
+    record), and its snapshot for runstats.
+
+    Two stream counts with two meanings: ``streams_opened`` is every OPEN the relay sent
+    (refused ones and UDP flows included; ``streams_opened_total``), the event
+    ``streams_dialed`` only the tcp and http streams the allow-list let through, counted
+    as their target connect starts."""
 
     def __init__(self) -> None:
+        #: OPENs received (``backhaul_connector_streams_opened_total``)
         self.streams_opened = 0
+        #: tunnel connections made to the relay (``backhaul_connector_tunnels_opened_total``)
+        self.tunnels_opened = 0
         self.failed: dict[str, int] = {}
         self.open_latency = Histogram(OPEN_LATENCY_BUCKETS)
         #: bytes and frames of tunnels already closed: [received, sent, frames received, frames sent]
         self.closed_tunnels = [0, 0, 0, 0]
+        #: counts by name (``backhaul_connector_events_total{event}``), a fixed set written in the
+        #: code: ``streams_dialed``, ``streams_refused``, and the ``udp_*`` counts of connector.udp_flows,
+        #: which writes into this very dict
+        self.events: dict[str, int] = {}
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.events[event] = self.events.get(event, 0) + n
 
     def stream_failed(self, code: int) -> None:
         name = error_name(code)
@@ -93,9 +117,14 @@ class ConnectorMetrics:
         totals[2] += tunnel.session.frames_received
         totals[3] += tunnel.session.frames_sent
 
-    def snapshot(self, agent: AgentView, reporter_info: dict) -> dict:
-        cid = agent.state.connector_id
-        tunnels = list(agent.tunnels)
+    def totals(self) -> dict[str, int]:
+        """The counts by name, for a log line (the drain's): the same figures as /metrics."""
+        return {"tunnels_opened": self.tunnels_opened, "streams_opened": self.streams_opened, **self.events}
+
+    def snapshot(self, now: WorkerNow, worker: int, session_log: bool, reporter_info: dict) -> dict:
+        state = now.state
+        cid = state.connector_id
+        tunnels = now.tunnels
         received, sent, frames_in, frames_out = self.closed_tunnels
         for tunnel in tunnels:
             received += tunnel.bytes_in
@@ -109,8 +138,8 @@ class ConnectorMetrics:
         series = {
             P + "info": [[[cid, __version__], 1]],
             P + "workers": value(1),
-            P + "tunnels": value(sum(1 for t in tunnels if t.info.get("hello"))),
-            P + "tunnels_opened_total": value(agent.stats["tunnels_opened"]),
+            P + "tunnels": value(now.tunnels_up),
+            P + "tunnels_opened_total": value(self.tunnels_opened),
             P + "streams_active": value(sum(t.load for t in tunnels)),
             P + "streams_opened_total": value(self.streams_opened),
             P + "streams_failed_total": [[[cid, reason], n] for reason, n in self.failed.items()],
@@ -121,19 +150,20 @@ class ConnectorMetrics:
             P + "frames_sent_total": value(frames_out),
             P + "cpu_seconds_total": value(round(cpu_seconds(), 3)),
             P + "memory_bytes": value(rss_bytes()),
-            P + "certificate_expiry_timestamp_seconds": value(agent.state.cert_not_after.timestamp()),
-            P + "session_log_enabled": value(1 if agent.observer.session_log.enabled else 0),
+            P + "certificate_expiry_timestamp_seconds": value(state.cert_not_after.timestamp()),
+            P + "session_log_enabled": value(1 if session_log else 0),
+            P + "events_total": [[[cid, name], n] for name, n in sorted(self.events.items())],
         }
-        if agent.config_version is not None:
-            series[P + "config_version"] = value(agent.config_version)
+        if now.config_version is not None:
+            series[P + "config_version"] = value(now.config_version)
         return {
-            "worker": agent.settings.worker,
+            "worker": worker,
             "known": {"connector": [cid]},
             "info": {
                 "connector": cid,
-                "name": agent.state.name,
+                "name": state.name,
                 "version": __version__,
-                "session_log": agent.observer.session_log.enabled,
+                "session_log": session_log,
                 **reporter_info,
             },
             "series": series,

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
+
 from backhaul.connector import control_socket
-from backhaul.connector.metrics import SPECS, AgentView, ConnectorMetrics, status_figures
+from backhaul.connector.metrics import SPECS, ConnectorMetrics, WorkerNow, status_figures
+from backhaul.connector.settings import ConnectorSettings
 from backhaul.connector.session_log import SessionLog, read_switch, write_switch
 from backhaul.logs import ADMIN_LOG
 from backhaul.reporter import Reporter, adopt_socket
@@ -23,18 +26,21 @@ SWITCH_WAIT = 5.0
 
 
 class Observer:
-    """Counts, publishes and logs for one connector worker (see the module docstring)."""
+    """Publishes and logs for one connector worker (see the module docstring).
 
-    def __init__(self, agent: AgentView) -> None:
-        settings = agent.settings
-        self.agent = agent
-        self.metrics = ConnectorMetrics()
-        self.session_log = SessionLog(settings.log_files, agent.state.connector_id, settings.worker)
+    It is given what it reads, not the agent: ``metrics``, the counters the worker records
+    into, and ``now``, called once a tick for what the worker is at that moment."""
+
+    def __init__(self, settings: ConnectorSettings, connector_id: str, metrics: ConnectorMetrics, now: Callable[[], WorkerNow]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._now = now
+        self.session_log = SessionLog(settings.log_files, connector_id, settings.worker)
         self.run_dir = settings.run_dir
         self.reporter: Reporter | None = None
 
     async def start(self) -> None:
-        settings = self.agent.settings
+        settings = self.settings
         if self.run_dir is None:
             return
         self.reporter = Reporter(self.run_dir, SPECS, self._snapshot, settings.stats_interval, self._follow_switch)
@@ -51,19 +57,19 @@ class Observer:
 
     def _snapshot(self) -> dict:
         info = {"metrics": self.reporter.metrics_address} if self.reporter and self.reporter.metrics_address else {}
-        return self.metrics.snapshot(self.agent, info)
+        return self.metrics.snapshot(self._now(), self.settings.worker, self.session_log.enabled, info)
 
     def _follow_switch(self) -> None:
         on = read_switch(self.run_dir)
         if on != self.session_log.enabled:
             self.session_log.switch(on)
-            log.info("session log switched", extra={"on": on, "path": str(self.session_log.path), "worker": self.agent.settings.worker})
+            log.info("session log switched", extra={"on": on, "path": str(self.session_log.path), "worker": self.settings.worker})
 
     # ------------------------------------------------------------------ control socket
 
     def status(self) -> dict:
         merged, live = self.reporter.collect()
-        files = self.agent.settings.log_files
+        files = self.settings.log_files
         return {
             "running": True,
             "figures": status_figures(merged, live),

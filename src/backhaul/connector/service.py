@@ -16,10 +16,18 @@ from pathlib import Path
 
 import orjson
 
+from backhaul import metrics
+from backhaul.admin.tables import table
 from backhaul.config import HealthChecks, LogFiles, default_workers
-from backhaul.connector.agent import ConnectorSettings, run_agent
-from backhaul.connector.settings import SettingsSource, apply_log_level
+from backhaul.connector import control_socket
+from backhaul.connector.agent import run_agent
+from backhaul.connector.metrics import SPECS
+from backhaul.connector.session_log import SWITCH
+from backhaul.connector.settings import ConnectorSettings, SettingsSource, apply_log_level
+from backhaul.connector.state import LOG_DIR, ConnectorState, release_keys_summary
 from backhaul.errors import BackhaulError, ConfigError
+from backhaul.logs import add_admin_log
+from backhaul.reporter import prepare_run_dir
 from backhaul.supervisor import supervise
 from backhaul.transport.proxy_connect import choose_proxy
 
@@ -63,8 +71,6 @@ def _raise_open_file_limit() -> None:
 
 def connector_run(args: argparse.Namespace) -> int:
     """Run the connector's workers until SIGTERM; SIGHUP reloads the settings."""
-    from backhaul.connector.state import ConnectorState
-
     state = ConnectorState.load(args.state_dir)  # fails here, in words, on a missing or expired registration
     overrides = tuple((field, getattr(args, flag)) for flag, field in _FLAGS.items() if getattr(args, flag, None) is not None)
     if args.health_interval is not None:
@@ -81,13 +87,6 @@ def connector_run(args: argparse.Namespace) -> int:
     )
     source.load()  # a bad settings file fails here, before any socket is bound
     log_files = _log_files(args, state_dir)
-    from backhaul import metrics
-    from backhaul.connector import control_socket
-    from backhaul.connector.metrics import SPECS
-    from backhaul.connector.session_log import SWITCH
-    from backhaul.logs import add_admin_log
-    from backhaul.reporter import prepare_run_dir
-
     with contextlib.ExitStack() as stack:
         run_dir = state_dir / "run"
         run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -132,8 +131,6 @@ def deleted_reason(state) -> str:
 
 
 def _log_files(args: argparse.Namespace, state_dir: Path) -> LogFiles:
-    from backhaul.connector.state import LOG_DIR
-
     try:
         return LogFiles(
             directory=Path(args.log_dir) if args.log_dir else state_dir / LOG_DIR,
@@ -145,8 +142,6 @@ def _log_files(args: argparse.Namespace, state_dir: Path) -> LogFiles:
 
 
 def _state_info(state) -> dict:
-    from backhaul.connector.state import release_keys_summary
-
     expires = state.cert_not_after
     return {
         "connector_id": state.connector_id,
@@ -160,9 +155,6 @@ def _state_info(state) -> dict:
 
 def connector_status(args: argparse.Namespace) -> int:
     """Print what this connector is and, when it runs, its live figures (the same as its metrics)."""
-    from backhaul.connector import control_socket
-    from backhaul.connector.state import ConnectorState
-
     state = ConnectorState.load(args.state_dir)
     info = _state_info(state)
     try:
@@ -188,8 +180,6 @@ def _size(n: int) -> str:
 
 
 def _status_table(info: dict) -> str:
-    from backhaul.admin.tables import table
-
     rows = [
         ("connector", f"{info['connector_id']} ({info['name']})"),
         ("service", info["service"]),
@@ -227,8 +217,6 @@ def _status_table(info: dict) -> str:
 
 def connector_session_log(args: argparse.Namespace) -> int:
     """Switch the running connector's session log on or off."""
-    from backhaul.connector import control_socket
-
     on = args.switch == "on"
     try:
         answer = asyncio.run(control_socket.call(Path(args.state_dir) / "run", "PUT", "/v1/session-log", {"on": on}))

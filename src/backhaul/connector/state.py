@@ -18,6 +18,7 @@ import yarl
 
 from backhaul import pki
 from backhaul.errors import CertificateError, ConfigError
+from backhaul.release import keys
 
 STATE_FILE = "connector.json"
 #: Where the admin and session logs go unless `connector run --log-dir` says otherwise.
@@ -159,8 +160,6 @@ def _finish_replacement(state_dir: Path) -> None:
 def release_keys_summary(state_dir: Path) -> dict:
     """{"release_keys": [key ids pinned]} for `connector status`; with "release_keys_error" when
     the pinned keys cannot be read (the connector runs regardless; its updater installs nothing)."""
-    from backhaul.release import keys
-
     try:
         return {"release_keys": keys.pinned_ids(Path(state_dir))}
     except ConfigError as exc:

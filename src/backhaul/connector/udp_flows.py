@@ -1,16 +1,17 @@
 """The connector's UDP flows: one connected UDP socket to the target per flow the relay opens.
 
-A flow is allowed exactly like a TCP stream: the pulled configuration must hold the
-app it names, as a udp app, with the very target it names. The socket is connected,
-so the kernel passes on only datagrams from that target. A flow ends when the relay
-resets it, when its tunnel dies, when the configuration stops allowing it, or after
-``UdpLimits.connector_idle_timeout`` seconds without a datagram either way (a safety
-net: the relay, which sees the user, normally ends flows first).
+A flow is allowed exactly like a TCP stream (connector.admission): the pulled
+configuration must hold the app it names, as a udp app, with the very target it names.
+The socket is connected, so the kernel passes on only datagrams from that target. A
+flow ends when the relay resets it, when its tunnel dies, when the configuration stops
+allowing it, or after ``UdpLimits.connector_idle_timeout`` seconds without a datagram
+either way (a safety net: the relay, which sees the user, normally ends flows first).
 
 Bounds: at most ``max_flows`` flows per worker (more are refused with REFUSED_STREAM,
 so the relay tries another connector), ``pending_bytes`` per flow while its socket
 connects, ``socket_write_high`` in a socket's write buffer, and the tunnel's TLS
-write buffer for datagrams going back. Drops are counted in the agent's stats.
+write buffer for datagrams going back. Drops are counted in the worker's metrics
+(``ConnectorMetrics.events``, handed in as ``counts``), so they reach /metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from typing import Callable
 
 from backhaul.config import UdpLimits
-from backhaul.errors import ConfigError
+from backhaul.connector import admission
 from backhaul.protocol.constants import ErrorCode
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
 from backhaul.transport.sockets import parse_hostport
@@ -31,20 +32,8 @@ from backhaul.transport.tunnel import Tunnel
 log = logging.getLogger("backhaul.connector.udp")
 
 
-def count(stats: dict, key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
-
-
-def refusal(meta: dict, app: dict) -> tuple[int, str] | None:
-    """Why an OPEN of a UDP flow for ``app`` must be refused, or None when it is allowed."""
-    name, target = meta.get("app"), meta.get("target")
-    if app.get("proto") != "udp" or app.get("target") != target:
-        return ErrorCode.TARGET_NOT_ALLOWED, f"udp target {target!r} is not allowed for app {name!r}"
-    try:
-        parse_hostport(target, "target")
-    except ConfigError as exc:
-        return ErrorCode.TARGET_NOT_ALLOWED, str(exc)
-    return None
+def count(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
 
 
 class TargetFlow(asyncio.DatagramProtocol):
@@ -72,17 +61,17 @@ class TargetFlow(asyncio.DatagramProtocol):
         transport = self.transport
         if transport is None:
             if self.pending_size + len(data) > flows.limits.pending_bytes:
-                count(flows.stats, "udp_dropped_queue_full")
+                count(flows.counts, "udp_dropped_queue_full")
                 return
             self.pending.append(data)
             self.pending_size += len(data)
             return
         if transport.get_write_buffer_size() > flows.limits.socket_write_high:
-            count(flows.stats, "udp_dropped_socket_busy")
+            count(flows.counts, "udp_dropped_socket_busy")
             return
         if not data:
             # asyncio's UDP transports (before Python 3.13, uvloop too) silently skip empty sends.
-            count(flows.stats, "udp_dropped_empty")
+            count(flows.counts, "udp_dropped_empty")
             return
         transport.sendto(data)
         self.datagrams_down += 1
@@ -103,12 +92,12 @@ class TargetFlow(asyncio.DatagramProtocol):
         if self.tunnel.datagram(self.flow_id, data):
             self.datagrams_up += 1
         else:
-            count(flows.stats, "udp_dropped_tunnel_busy")
+            count(flows.counts, "udp_dropped_tunnel_busy")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and friends: the target is not listening (yet). UDP carries
         # on regardless; the flow ends when idle. Logged once per flow, counted always.
-        count(self.flows.stats, "udp_target_errors")
+        count(self.flows.counts, "udp_target_errors")
         if not self.target_errors:
             log.warning("udp target error", extra={**self.labels, "error": str(exc)})
         self.target_errors += 1
@@ -175,12 +164,13 @@ class UdpFlows:
     def __init__(
         self,
         limits: UdpLimits,
-        stats: dict,
+        counts: dict[str, int],
         open_failure: Callable[[BaseException], tuple[int, str]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits
-        self.stats = stats
+        #: the worker's counts by name (``ConnectorMetrics.events``): opened, refused, idle flows, drops
+        self.counts = counts
         #: maps a failed socket setup to the OPEN_FAIL code and reason, as for TCP targets
         self.open_failure = open_failure
         self.table: FlowTable[tuple, TargetFlow] = FlowTable(limits.max_flows, limits.connector_idle_timeout, clock)
@@ -199,17 +189,17 @@ class UdpFlows:
             self._sweeper = None
 
     def open(self, tunnel: Tunnel, flow_id: int, meta: dict, connect_timeout: float) -> None:
-        """Open an allowed flow (see ``refusal``): a socket to its target, then OPEN_OK."""
+        """Open a flow the allow-list let through (connector.admission): a socket to its target, then OPEN_OK."""
         labels = {"app": meta.get("app"), "target": meta.get("target"), "client": meta.get("client"), "id": meta.get("id")}
         flow = TargetFlow(self, tunnel, flow_id, labels)
         try:
             self.table.add(flow.key, flow)
         except FlowLimitReached as exc:
-            count(self.stats, "udp_flows_refused")
+            count(self.counts, "udp_flows_refused")
             log.warning("udp flow refused: flow limit", extra={**labels, "reason": str(exc)})
             tunnel.reject(flow_id, ErrorCode.REFUSED_STREAM, f"the connector holds {exc} UDP flows; try another")
             return
-        count(self.stats, "udp_flows_opened")
+        count(self.counts, "udp_flows_opened")
         asyncio.get_running_loop().create_task(self._connect(flow, connect_timeout))
 
     async def _connect(self, flow: TargetFlow, timeout: float) -> None:
@@ -220,7 +210,7 @@ class UdpFlows:
             await asyncio.wait_for(loop.create_datagram_endpoint(lambda: flow, remote_addr=(host, port)), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             code, reason = self.open_failure(exc)
-            count(self.stats, "udp_flows_failed")
+            count(self.counts, "udp_flows_failed")
             if tunnel is not None and not tunnel.closed and tunnel.session.has_stream(flow.flow_id):
                 tunnel.reject(flow.flow_id, code, reason)
             flow.tunnel = None
@@ -239,7 +229,7 @@ class UdpFlows:
         key = (tunnel, flow_id)
         flow = self.table.get(key)
         if flow is None:
-            count(self.stats, "udp_dropped_no_flow")
+            count(self.counts, "udp_dropped_no_flow")
             return
         self.table.touch(key)
         flow.send(data)
@@ -251,8 +241,7 @@ class UdpFlows:
     def apply_config(self, apps: dict[str, dict]) -> None:
         """End flows the new configuration no longer allows."""
         for flow in self.table:
-            app = apps.get(flow.labels["app"])
-            if app is None or refusal({"app": flow.labels["app"], "target": flow.labels["target"]}, app) is not None:
+            if admission.refusal(apps, flow.labels["app"], flow.labels["target"], "udp") is not None:
                 flow.close(ErrorCode.TARGET_NOT_ALLOWED, "the app was removed or changed")
 
     def close_all(self, code: int, reason: str) -> None:
@@ -263,7 +252,7 @@ class UdpFlows:
         """End every flow idle for the timeout (RST IDLE_TIMEOUT to the relay); returns how many."""
         idle = self.table.pop_idle()
         for flow in idle:
-            count(self.stats, "udp_flows_idle")
+            count(self.counts, "udp_flows_idle")
             flow.close(ErrorCode.IDLE_TIMEOUT, f"no datagram either way for {self.table.idle_timeout:g} s")
         return len(idle)
 

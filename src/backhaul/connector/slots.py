@@ -1,0 +1,260 @@
+"""A connector worker's tunnel slots: how many tunnels it holds, to which relay workers.
+
+Every tunnel is dialed out (the connector never listens). A slot dials one tunnel and,
+when it closes, dials again forever with exponential backoff and full jitter. The
+relay's ``hello`` names the relay worker that holds the tunnel; a slot is added while
+some relay worker holds none of this worker's tunnels, so that any relay worker can
+route to it (``needs_another``). On SIGHUP the count follows the settings; the slots
+to retire are the newest whose relay worker keeps another tunnel (``to_retire``), and a
+retired slot's tunnel gets GOAWAY and closes once its streams end.
+
+Each tunnel carries a ``TunnelRecord`` in ``tunnel.info`` from the moment it is made:
+its slot, whether the relay said hello and from which worker, whether it is retiring,
+and a future done when it is down. The decisions (``to_retire``, ``needs_another``) are
+plain functions of those records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import ssl
+import time
+from typing import Callable, Iterable, Mapping
+
+from backhaul import tlsconfig
+from backhaul.config import Backoff
+from backhaul.connector.settings import ConnectorSettings
+from backhaul.connector.state import ConnectorState
+from backhaul.errors import ProxyError
+from backhaul.protocol import mux
+from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
+from backhaul.transport import proxy_connect
+from backhaul.transport.tunnel import Tunnel, TunnelOwner
+
+log = logging.getLogger("backhaul.connector")
+
+
+def backoff_delay(backoff: Backoff, attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (from 0): full jitter under an exponential cap."""
+    return random.uniform(0, min(backoff.maximum, backoff.initial * backoff.factor**attempt))
+
+
+class TunnelRecord:
+    """What the connector keeps about one of its tunnels (``tunnel.info``)."""
+
+    __slots__ = ("slot", "hello", "relay_worker", "retiring", "closed")
+
+    def __init__(self, slot: int, closed: asyncio.Future) -> None:
+        #: the slot that dialed it
+        self.slot = slot
+        #: the relay answered hello on it (until then it carries no stream)
+        self.hello = False
+        #: the relay worker holding it, as its hello named it
+        self.relay_worker: object = None
+        #: GOAWAY sent because the worker needs fewer tunnels; it no longer covers its relay worker
+        self.retiring = False
+        #: done once the tunnel is down
+        self.closed = closed
+
+    @property
+    def serving(self) -> bool:
+        """Up and not on its way out: it covers its relay worker."""
+        return self.hello and not self.retiring
+
+
+def to_retire(live: Iterable[int], want: int, records: Mapping[int, TunnelRecord]) -> list[int]:
+    """The slots to retire so that ``want`` of the ``live`` ones remain, newest first.
+
+    ``records`` holds the tunnel record of each slot whose tunnel is connected. A slot
+    whose tunnel is the last serving one of its relay worker is kept (so fewer than asked
+    may be retired); one still connecting, or not answered yet, goes freely."""
+    live = sorted(live, reverse=True)
+    extra = len(live) - want
+    serving = collections.Counter(r.relay_worker for r in records.values() if r.serving)
+    chosen: list[int] = []
+    for index in live:
+        if extra <= 0:
+            break
+        record = records.get(index)
+        if record is not None and record.hello:
+            if serving[record.relay_worker] <= 1:
+                continue
+            serving[record.relay_worker] -= 1
+        extra -= 1
+        chosen.append(index)
+    return chosen
+
+
+def needs_another(records: Iterable[TunnelRecord], live_slots: int, relay_workers: int) -> bool:
+    """Whether to dial one more tunnel: some relay worker holds none of the serving ones,
+    and no slot is still connecting (whose tunnel may yet land there)."""
+    serving = [r for r in records if r.serving]
+    covered = {r.relay_worker for r in serving}
+    connecting = live_slots - len(serving)
+    return len(covered) < relay_workers and connecting <= 0
+
+
+class TunnelSlots:
+    """The tunnel slots of one connector worker, and the tunnels they hold (see the module docstring).
+
+    ``settings`` is called for the current settings (SIGHUP replaces them); ``owner`` gets
+    the tunnels' events; ``stopping`` is set when the worker stops, and ``close`` ends
+    every slot."""
+
+    def __init__(
+        self,
+        settings: Callable[[], ConnectorSettings],
+        state: ConnectorState,
+        owner: TunnelOwner,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._owner = owner
+        self._stopping = stopping
+        self._closing = False
+        self.host, self.port = state.host, state.port
+        self._connector_id = state.connector_id
+        self._ssl: ssl.SSLContext | None = None
+        #: tunnels connected now (between the owner's tunnel_up and tunnel_down)
+        self.tunnels: set[Tunnel] = set()
+        #: how many workers the relay has, as its last hello said
+        self.relay_workers = 1
+        #: dialing tasks by slot index; a retired slot stops redialing once its tunnel has closed
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._retired: set[int] = set()
+        self._next = 0
+
+    def use_credentials(self, state: ConnectorState) -> None:
+        """Tunnels dialed from now on present ``state``'s certificate; open ones carry on."""
+        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
+
+    # ------------------------------------------------------------------ what the worker asks
+
+    def answered(self) -> list[Tunnel]:
+        """The tunnels the relay has answered hello on (retiring ones included: they are still up)."""
+        return [t for t in self.tunnels if t.info.hello]
+
+    def streams_open(self) -> int:
+        return sum(t.load for t in self.tunnels if not t.closed)
+
+    def start(self) -> None:
+        for _ in range(self._settings().slots):
+            self.add()
+
+    def add(self) -> None:
+        """One more slot, unless the worker holds ``max_slots`` already."""
+        if len(self._live()) < self._settings().max_slots:
+            index = self._next
+            self._next += 1
+            self._tasks[index] = asyncio.create_task(self._slot(index))
+
+    def resize(self) -> None:
+        """Dial or retire slots to match ``settings.slots``, never leaving a relay worker uncovered."""
+        settings = self._settings()
+        live = self._live()
+        want = min(settings.slots, settings.max_slots)
+        for _ in range(want - len(live)):
+            self.add()
+        if len(live) <= want:
+            return
+        by_slot = {t.info.slot: t for t in self.tunnels}
+        for index in to_retire(live, want, {i: t.info for i, t in by_slot.items()}):
+            self._retired.add(index)
+            tunnel = by_slot.get(index)
+            if tunnel is None:
+                self._tasks[index].cancel()
+            else:
+                self._retire(tunnel)
+
+    def hello(self, tunnel: Tunnel, relay_worker: object, relay_workers: int) -> None:
+        """The relay answered on ``tunnel``: it is up; cover every relay worker."""
+        tunnel.info.hello = True
+        tunnel.info.relay_worker = relay_worker
+        self.relay_workers = relay_workers
+        if needs_another((t.info for t in self.tunnels), len(self._live()), self.relay_workers):
+            self.add()
+
+    def up(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+
+    def down(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        closed = tunnel.info.closed
+        if not closed.done():
+            closed.set_result(None)
+
+    def close(self) -> None:
+        """No more dialing: cancel every slot (their tunnels are the worker's to close)."""
+        self._closing = True
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    # ------------------------------------------------------------------ slots
+
+    def _live(self) -> list[int]:
+        return [index for index in self._tasks if index not in self._retired]
+
+    def _retire(self, tunnel: Tunnel) -> None:
+        """No new streams on ``tunnel``; close it once its streams end or the drain deadline passes."""
+        tunnel.info.retiring = True
+        tunnel.goaway(ErrorCode.NO_ERROR, "the connector needs fewer tunnels")
+        log.info("tunnel retired", extra={"tunnel": tunnel.name, "streams": tunnel.load})
+
+        async def close_when_idle() -> None:
+            end = time.monotonic() + self._settings().drain_timeout
+            while tunnel.load and not tunnel.closed and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            tunnel.close(ErrorCode.NO_ERROR, "tunnel retired")
+
+        asyncio.get_running_loop().create_task(close_when_idle())
+
+    async def _slot(self, index: int) -> None:
+        try:
+            await self._dial_forever(index)
+        finally:
+            self._tasks.pop(index, None)
+            self._retired.discard(index)
+
+    async def _dial_forever(self, index: int) -> None:
+        attempt = 0
+        while not self._stopping.is_set() and not self._closing and index not in self._retired:
+            settings = self._settings()
+            name = f"{self._connector_id}/{settings.worker}.{index}"
+            try:
+                _, tunnel = await asyncio.wait_for(self._dial(index, name, settings), settings.connect_timeout)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, ProxyError) as exc:
+                delay = backoff_delay(settings.backoff, attempt)
+                attempt += 1
+                log.warning(
+                    "tunnel connect failed; retrying",
+                    extra={"tunnel": name, "error": str(exc) or type(exc).__name__, "retry_in": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
+                continue
+            await tunnel.info.closed
+            if index in self._retired:
+                return
+            if tunnel.info.hello:
+                attempt = 0
+            delay = backoff_delay(self._settings().backoff, attempt)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _dial(self, index: int, name: str, settings: ConnectorSettings) -> tuple[asyncio.BaseTransport, Tunnel]:
+        """Connect a tunnel to the relay, through the proxy when there is one."""
+        loop = asyncio.get_running_loop()
+
+        def factory() -> Tunnel:
+            session = mux.Session(mux.Role.CONNECTOR, settings.flow, settings.keepalive)
+            tunnel = Tunnel(session, self._owner, name=name, flow=settings.flow)
+            tunnel.info = TunnelRecord(index, loop.create_future())
+            return tunnel
+
+        if settings.proxy is not None:
+            return await proxy_connect.open_tunnel(
+                factory, settings.proxy, self.host, self.port, ssl_context=self._ssl, server_hostname=self.host
+            )
+        return await loop.create_connection(factory, self.host, self.port, ssl=self._ssl, server_hostname=self.host)
