@@ -457,7 +457,9 @@ class ConnectorAgent:
         """Connect a tunnel to the relay, through the proxy when there is one."""
 
         def factory() -> Tunnel:
-            return Tunnel(session, self, name=name, flow=self.settings.flow)
+            tunnel = Tunnel(session, self, name=name, flow=self.settings.flow)
+            tunnel.info = {}  # the owner sets Tunnel.info (the connector's slot record replaces this dict)
+            return tunnel
 
         if self.settings.proxy is not None:
             return await proxy_connect.open_tunnel(
