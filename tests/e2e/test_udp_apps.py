@@ -21,7 +21,7 @@ from backhaul.protocol.mux import stream_meta
 
 from .harness import Proc, System, free_port, wait_until
 from .test_connector_allowlist import _open, rogue  # noqa: F401 (a fixture, used by name)
-from .test_observe import _scrape, _settled, _wait_deltas
+from .test_observe import _settled, _wait_deltas
 
 pytestmark = pytest.mark.e2e
 
