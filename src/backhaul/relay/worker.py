@@ -97,10 +97,12 @@ class RelayWorker:
         self.config_version = -1
         #: pre-authentication of oidc apps (preauth.contract.Gate); None refuses them
         self.gate = None
-        #: where users come in, reconciled with the store one way (made in start(): they
-        #: need the connection budget); the UDP edge also takes the connectors' datagrams
-        self.udp_edge: UdpEdge | None = None
+        self._host, self._port = parse_hostport(settings.listen, "--listen")
+        #: UDP apps, and where the connectors' datagrams go (from the first tunnel on)
+        self.udp_edge = UdpEdge(self.opener, self._host, settings.udp, self.metrics)
         self.http_edge: HttpEdge | None = None
+        #: where users come in, reconciled with the store one way (the TCP and HTTP edges
+        #: are made in start(): they need the connection budget)
         self.edges: list[Edge] = []
         self._http_server = None
         self._runner = None
@@ -109,7 +111,6 @@ class RelayWorker:
         self.admission: Admission | None = None
         self._listener: TlsListener | None = None
         self._stopping = asyncio.Event()
-        self._host, self._port = parse_hostport(settings.listen, "--listen")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,7 +159,6 @@ class RelayWorker:
         tcp_edge = TcpEdge(
             self.opener, self._host, self.settings.flow, self.read_buffer, self.metrics, admission=self.admission
         )
-        self.udp_edge = UdpEdge(self.opener, self._host, self.settings.udp, self.metrics)
         self.http_edge = HttpEdge(
             self.opener, self.settings.flow, self.settings.http_limits,
             gate=self.gate, metrics=self.metrics, admission=self.admission, listeners=listeners,
