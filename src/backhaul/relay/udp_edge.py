@@ -2,9 +2,9 @@
 
 A flow is a tunnel stream opened with ``"proto": "udp"`` through relay.opening (the
 least-loaded connector of the app's group, the same retries as every edge); its
-datagrams travel as DATAGRAM frames. It stays on that
-tunnel for its whole life (a connector keeps one socket per flow, so the private app
-sees one source address per user), until it is idle for ``UdpLimits.idle_timeout``.
+datagrams travel as DATAGRAM frames. It stays on that tunnel for its whole life (a
+connector keeps one socket per flow, so the private app sees one source address per
+user), until it is idle for ``UdpLimits.idle_timeout``.
 If its tunnel dies or the connector drains it (GOING_AWAY), the flow is opened again
 on another connector of the group and the user's datagrams carry on from there.
 
