@@ -21,7 +21,7 @@ from backhaul.connector.agent import _open_failure
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
 from backhaul.relay import udp_edge
-from backhaul.relay.metrics import RelayMetrics
+from backhaul.relay.metrics import UDP_DROPS, RelayMetrics
 from backhaul.relay.opening import StreamOpener
 from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.store.base import App
@@ -226,6 +226,36 @@ def test_relay_drops_datagrams_while_the_tunnel_is_backed_up():
             if edge.udp.dropped["tunnel_busy"] >= 5:
                 break
         assert edge.udp.dropped["tunnel_busy"] >= 5
+        u.close()
+
+    run(main())
+
+
+def test_relay_counts_a_flow_as_one_stream_with_its_datagrams_bytes_and_clean_idle_end():
+    async def main():
+        clock = Clock()
+        edge, tunnel, far, metrics = await relay_side(UdpLimits(idle_timeout=10), clock)
+        u = user()
+        u.sendto(b"abc", ("127.0.0.1", edge.app.port))
+        u.sendto(b"defg", ("127.0.0.1", edge.app.port))
+        await far.until(lambda seen: far.of(mux.StreamOpened), "OPEN")
+        opened = far.of(mux.StreamOpened)[0]
+        far.session.accept_stream(opened.stream_id)
+        await far.flush()
+        await far.until(lambda seen: len(far.of(mux.DatagramReceived)) == 2, "the held datagrams")
+        far.session.send_datagram(opened.stream_id, b"answer!")
+        await far.flush()
+        assert await received(u) == b"answer!"
+        app = metrics.apps["dns"]
+        assert app.opened == 1 and len(app.live) == 1 and sum(app.latency.counts) == 1
+        clock.now += 10
+        assert edge.sweep() == 1
+        assert app.live == set() and app.failed == {}, "an idle end is a flow's clean end"
+        assert (app.to_app, app.to_client) == (7, 7)
+        assert (edge.udp.up, edge.udp.down, edge.udp.idle, edge.udp.failed_over) == (2, 1, 1, 0)
+        series = metrics.snapshot([tunnel], ["dns"], 1, 0)["series"]
+        assert [v for labels, v in series["backhaul_relay_udp_datagrams_total"]] == [2, 1]
+        assert {labels[1] for labels, _ in series["backhaul_relay_udp_dropped_total"]} == set(UDP_DROPS)
         u.close()
 
     run(main())
