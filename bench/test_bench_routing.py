@@ -14,7 +14,7 @@ import pytest
 
 from backhaul.config import FlowControl, Keepalive
 from backhaul.protocol import mux
-from backhaul.relay.routing import TunnelRegistry
+from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.transport.tunnel import Tunnel
 
 pytestmark = pytest.mark.bench_only
@@ -38,8 +38,8 @@ def registry():
             cid = f"{group}-{c}"
             for _ in range(TUNNELS):
                 tunnel = Tunnel(mux.Session(mux.Role.RELAY, FlowControl(), Keepalive()), _Owner(), name=cid)
-                tunnel.info = {"connector_id": cid}
-                reg.add(tunnel, cid, group)
+                tunnel.info = TunnelRecord(cid, group)
+                reg.add(tunnel)
     yield reg
     asyncio.set_event_loop(None)
     loop.close()
@@ -59,5 +59,5 @@ def test_pick(benchmark, registry, case):
         return chosen
 
     chosen = benchmark.pedantic(picks, rounds=20, iterations=1, warmup_rounds=2)
-    assert chosen.info["connector_id"] != "g-0" or case != "one_down"
+    assert chosen.info.connector_id != "g-0" or case != "one_down"
     benchmark.extra_info["picks_per_round"] = PICKS

@@ -21,6 +21,7 @@ from backhaul.protocol.mux import stream_meta
 
 from .harness import Proc, System, free_port, wait_until
 from .test_connector_allowlist import _open, rogue  # noqa: F401 (a fixture, used by name)
+from .test_observe import _settled, _wait_deltas
 
 pytestmark = pytest.mark.e2e
 
@@ -138,8 +139,13 @@ def test_flows_are_sticky_limited_and_expire_when_idle(relay, backend):
             sock.close()
 
 
+#: Why the relay drops a UDP app's datagram: udp_dropped_total's labels (relay/metrics.py, fixed).
+DROP_REASONS = {"too_big", "flow_limit", "no_route", "queue_full", "open_failed", "tunnel_busy", "socket_busy", "closing", "empty"}
+
+
 def test_flow_moves_to_another_connector_when_its_connector_dies(relay, backend):
-    system = relay()
+    metrics = free_port()
+    system = relay("--metrics", f"127.0.0.1:{metrics}")
     who = backend("udpwho")
     system.start_connector("a")
     port = publish_udp(system, "who", who.target)
@@ -161,6 +167,27 @@ def test_flow_moves_to_another_connector_when_its_connector_dies(relay, backend)
         assert via_b != via_a
         for n in range(5):
             assert via(ask(sock, port, f"on b {n}".encode())) == via_b
+
+        # The relay's metrics count the flow as a stream of the app, its datagrams and bytes each
+        # way, and its move; every drop reason is a series from the start.
+        who = (("app", "who"),)
+        before = _settled(metrics)
+        asked = [f"counted {n}".encode() for n in range(5)]
+        answers = [ask(sock, port, payload) for payload in asked]
+        assert all(a is not None and via(a) == via_b for a in answers)
+        up, down = (("app", "who"), ("direction", "client_to_app")), (("app", "who"), ("direction", "app_to_client"))
+        now = _wait_deltas(metrics, before, {
+            ("backhaul_relay_udp_datagrams_total", up): 5,
+            ("backhaul_relay_udp_datagrams_total", down): 5,
+            ("backhaul_relay_stream_bytes_total", up): sum(map(len, asked)),
+            ("backhaul_relay_stream_bytes_total", down): sum(map(len, answers)),
+        })
+        assert now[("backhaul_relay_streams_active", who)] == 1
+        assert now[("backhaul_relay_udp_flows_failed_over_total", who)] == 1
+        assert now[("backhaul_relay_stream_open_seconds_count", who)] >= 1
+        assert now[("backhaul_relay_streams_opened_total", who)] >= 1
+        reasons = {dict(labels)["reason"] for name, labels in now if name == "backhaul_relay_udp_dropped_total"}
+        assert reasons == DROP_REASONS
 
 
 @pytest.fixture

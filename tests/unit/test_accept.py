@@ -103,7 +103,7 @@ def test_handshakes_in_progress_are_capped_and_failed_ones_free_their_place(tmp_
             assert await asyncio.to_thread(third.recv, 1) == b""
         except ConnectionResetError:
             pass
-        assert admission.stats == {"listen_refused": 1}
+        assert admission.metrics.events == {"listen_refused": 1}
         garbage = silent[0]
         garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS: the handshake fails
         await _until(lambda: listener.handshakes == 1, "the failed handshake to be counted out")
@@ -134,7 +134,7 @@ def test_the_budget_and_the_per_address_cap_refuse_at_accept(tmp_path):
         last = socket.socket()
         last.bind(("127.0.0.3", 0))
         last.connect(("127.0.0.1", port))  # the budget of 3 is spent
-        await _until(lambda: admission.stats.get("listen_refused") == 2, "two refusals")
+        await _until(lambda: admission.metrics.events.get("listen_refused") == 2, "two refusals")
         for sock in held + [over, other, last]:
             sock.close()
         await _until(lambda: admission.open == 0, "every place freed")
@@ -149,7 +149,7 @@ def test_one_address_takes_at_most_its_share_of_a_small_budget(tmp_path):
         limits = ListenLimits(max_per_address=512, address_share=0.25)
         server, port, listener, admission, accepted = await _serve(tmp_path, limits, budget=8)
         mine = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        await _until(lambda: admission.stats.get("listen_refused") == 1, "the third connection refused")
+        await _until(lambda: admission.metrics.events.get("listen_refused") == 1, "the third connection refused")
         assert listener.per_address == {"127.0.0.1": 2}  # a quarter of 8, not 512
         other = socket.socket()
         other.bind(("127.0.0.2", 0))

@@ -22,7 +22,7 @@ def test_admit_counts_up_to_the_budget_and_release_frees_a_place():
         admission.release()
         assert admission.admit("tcp_app") is True
         assert admission.admit("tcp_app") is False
-        assert admission.stats == {"listen_refused": 1, "tcp_app_refused": 1}
+        assert admission.metrics.events == {"listen_refused": 1, "tcp_app_refused": 1}
         admission.close()
 
     asyncio.run(run())

@@ -106,7 +106,7 @@ def test_a_silent_connection_is_closed_after_the_idle_timeout():
         await _until(lambda: closed, "connection_lost")
         assert inner.events == ["made", "lost"]
         assert _read_all(peer) == b"<eof>"  # closed without an answer: nothing was asked
-        assert guard.stats == {"control_idle_timeouts": 1}
+        assert guard.metrics.events == {"control_idle_timeouts": 1}
         peer.close()
 
     asyncio.run(run())
@@ -127,7 +127,7 @@ def test_a_head_not_whole_in_time_gets_408_and_is_closed():
         assert transport.is_closing()
         await _until(lambda: closed, "connection_lost")
         assert _read_all(peer).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-        assert guard.stats == {"control_head_timeouts": 1}
+        assert guard.metrics.events == {"control_head_timeouts": 1}
         peer.close()
 
     asyncio.run(run())
@@ -154,7 +154,7 @@ def test_whole_requests_stop_the_timers_and_a_slow_body_is_cut():
         assert transport.is_closing()
         await _until(lambda: closed, "connection_lost")
         assert not _read_all(peer).startswith(b"HTTP/1.1 408")  # not the first request: no 408
-        assert guard.stats == {"control_body_timeouts": 1}
+        assert guard.metrics.events == {"control_body_timeouts": 1}
         peer.close()
 
     asyncio.run(run())
@@ -172,7 +172,7 @@ def test_eof_and_a_close_reach_the_inner_protocol_and_cancel_the_timers():
         assert inner.events[2:] == ["eof", "lost"] and closed == [True]
         assert clock.pending() == 0
         clock.advance(1000)
-        assert guard.stats == {}
+        assert guard.metrics.events == {}
 
     asyncio.run(run())
 

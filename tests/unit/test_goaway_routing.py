@@ -12,7 +12,7 @@ import pytest
 
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
-from backhaul.relay.routing import NoRoute, TunnelRegistry
+from backhaul.relay.routing import NoRoute, TunnelRecord, TunnelRegistry
 from backhaul.transport.tunnel import Tunnel
 
 
@@ -27,8 +27,8 @@ class RelaySide:
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
         self.count += 1
-        tunnel.info = {"connector_id": f"c-{self.count}"}
-        self.registry.add(tunnel, tunnel.info["connector_id"], "g")
+        tunnel.info = TunnelRecord(f"c-{self.count}", "g")
+        self.registry.add(tunnel)
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         self.registry.remove(tunnel)

@@ -20,7 +20,9 @@ from backhaul.connector.streams import open_failure as _open_failure
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
 from backhaul.relay import udp_edge
-from backhaul.relay.routing import TunnelRegistry
+from backhaul.relay.metrics import UDP_DROPS, RelayMetrics
+from backhaul.relay.opening import StreamOpener
+from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.store.base import App
 from backhaul.transport.tunnel import Tunnel
 from .fakes import Clock
@@ -78,13 +80,13 @@ async def tunnel_pair(owner, role: mux.Role, flow: FlowControl = FlowControl()) 
 
 
 class RelayWiring:
-    def __init__(self, registry: TunnelRegistry, stats: dict) -> None:
+    def __init__(self, registry: TunnelRegistry, edge: udp_edge.UdpEdge) -> None:
         self.registry = registry
-        self.stats = stats
+        self.edge = edge
 
     def tunnel_up(self, tunnel):
-        self.registry.add(tunnel, "c-1", "default")
-        tunnel.info["connector_id"] = "c-1"
+        tunnel.info = TunnelRecord("c-1", "default")
+        self.registry.add(tunnel)
 
     def tunnel_down(self, tunnel, code, reason):
         self.registry.remove(tunnel)
@@ -99,23 +101,25 @@ class RelayWiring:
         pass
 
     def datagram_received(self, tunnel, flow_id, data):
-        udp_edge.deliver(tunnel, flow_id, data, self.stats)
+        self.edge.deliver(tunnel, flow_id, data)
 
 
 async def relay_side(limits: UdpLimits, clock: Clock, flow: FlowControl = FlowControl()):
-    stats: dict = {}
+    metrics = RelayMetrics()
     registry = TunnelRegistry()
-    tunnel, far = await tunnel_pair(RelayWiring(registry, stats), mux.Role.RELAY, flow)
+    opener = StreamOpener(registry, metrics)
+    wiring = RelayWiring(registry, udp_edge.UdpEdge(opener, "127.0.0.1", limits, metrics))
+    tunnel, far = await tunnel_pair(wiring, mux.Role.RELAY, flow)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     app = App(name="dns", group="default", proto="udp", port=port, target="10.0.0.53:53")
-    edge = udp_edge.UdpApp(app, registry, limits, stats, clock)
+    edge = udp_edge.UdpApp(app, opener, limits, metrics, clock)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", port))
     await asyncio.get_running_loop().create_datagram_endpoint(lambda: edge, sock=sock)
-    return edge, tunnel, far, stats
+    return edge, tunnel, far, metrics
 
 
 def user() -> socket.socket:
@@ -148,16 +152,16 @@ async def until(predicate, what: str, timeout: float = 5.0) -> None:
 
 def test_relay_holds_a_flows_datagrams_until_open_ok_and_drops_beyond_its_bound():
     async def main():
-        edge, tunnel, far, stats = await relay_side(UdpLimits(pending_bytes=3000), Clock())
+        edge, tunnel, far, metrics = await relay_side(UdpLimits(pending_bytes=3000), Clock())
         u = user()
         for n in range(5):
             u.sendto(bytes([n]) * 1000, ("127.0.0.1", edge.app.port))
-        await until(lambda: stats.get("udp_datagrams_in") == 5, "the five datagrams")
+        await until(lambda: edge.udp.up == 5, "the five datagrams")
         opened = (await far.until(lambda seen: far.of(mux.StreamOpened), "OPEN"))[0]
         assert opened.meta["proto"] == "udp" and opened.meta["app"] == "dns"
         assert opened.meta["target"] == "10.0.0.53:53" and opened.meta["client"] == f"127.0.0.1:{u.getsockname()[1]}"
         assert not far.of(mux.DatagramReceived), "nothing may go up before OPEN_OK"
-        assert stats["udp_dropped_queue_full"] == 2  # 3000 bytes held, two datagrams over
+        assert edge.udp.dropped["queue_full"] == 2  # 3000 bytes held, two datagrams over
         far.session.accept_stream(opened.stream_id)
         await far.flush()
         await far.until(lambda seen: len(far.of(mux.DatagramReceived)) == 3, "the held datagrams")
@@ -166,7 +170,7 @@ def test_relay_holds_a_flows_datagrams_until_open_ok_and_drops_beyond_its_bound(
         far.session.send_datagram(opened.stream_id, b"answer")
         await far.flush()
         assert await received(u) == b"answer"
-        assert stats["udp_datagrams_out"] == 1
+        assert edge.udp.down == 1
         u.close()
 
     run(main())
@@ -175,12 +179,12 @@ def test_relay_holds_a_flows_datagrams_until_open_ok_and_drops_beyond_its_bound(
 def test_relay_flow_limit_then_idle_expiry_resets_flows_and_frees_the_table():
     async def main():
         clock = Clock()
-        edge, tunnel, far, stats = await relay_side(UdpLimits(max_flows=2, idle_timeout=10), clock)
+        edge, tunnel, far, metrics = await relay_side(UdpLimits(max_flows=2, idle_timeout=10), clock)
         users = [user() for _ in range(3)]
         for u in users:
             u.sendto(b"q", ("127.0.0.1", edge.app.port))
-        await until(lambda: stats.get("udp_datagrams_in") == 3, "three datagrams")
-        assert stats["udp_flows_opened"] == 2 and stats["udp_dropped_flow_limit"] == 1
+        await until(lambda: edge.udp.up == 3, "three datagrams")
+        assert metrics.apps["dns"].opened == 2 and edge.udp.dropped["flow_limit"] == 1
         await far.until(lambda seen: len(far.of(mux.StreamOpened)) == 2, "two OPENs")
         for opened in far.of(mux.StreamOpened):
             far.session.accept_stream(opened.stream_id)
@@ -195,7 +199,7 @@ def test_relay_flow_limit_then_idle_expiry_resets_flows_and_frees_the_table():
         assert len(edge.flows) == 0 and tunnel.load == 0 and resets
         users[2].sendto(b"again", ("127.0.0.1", edge.app.port))
         await far.until(lambda seen: len(far.of(mux.StreamOpened)) == 3, "the third user's flow")
-        assert stats["udp_flows_idle"] == 2
+        assert edge.udp.idle == 2
         for u in users:
             u.close()
 
@@ -205,7 +209,7 @@ def test_relay_flow_limit_then_idle_expiry_resets_flows_and_frees_the_table():
 def test_relay_drops_datagrams_while_the_tunnel_is_backed_up():
     async def main():
         flow = FlowControl(tunnel_write_high=64 * 1024, tunnel_write_low=16 * 1024)
-        edge, tunnel, far, stats = await relay_side(UdpLimits(), Clock(), flow)
+        edge, tunnel, far, metrics = await relay_side(UdpLimits(), Clock(), flow)
         u = user()
         u.sendto(b"open", ("127.0.0.1", edge.app.port))
         opened = (await far.until(lambda seen: far.of(mux.StreamOpened), "OPEN"))[0]
@@ -218,9 +222,39 @@ def test_relay_drops_datagrams_while_the_tunnel_is_backed_up():
             u.sendto(chunk, ("127.0.0.1", edge.app.port))
             await asyncio.sleep(0.001)
             assert tunnel.transport.get_write_buffer_size() <= 64 * 1024 + 2 * len(chunk)
-            if stats.get("udp_dropped_tunnel_busy", 0) >= 5:
+            if edge.udp.dropped["tunnel_busy"] >= 5:
                 break
-        assert stats["udp_dropped_tunnel_busy"] >= 5
+        assert edge.udp.dropped["tunnel_busy"] >= 5
+        u.close()
+
+    run(main())
+
+
+def test_relay_counts_a_flow_as_one_stream_with_its_datagrams_bytes_and_clean_idle_end():
+    async def main():
+        clock = Clock()
+        edge, tunnel, far, metrics = await relay_side(UdpLimits(idle_timeout=10), clock)
+        u = user()
+        u.sendto(b"abc", ("127.0.0.1", edge.app.port))
+        u.sendto(b"defg", ("127.0.0.1", edge.app.port))
+        await far.until(lambda seen: far.of(mux.StreamOpened), "OPEN")
+        opened = far.of(mux.StreamOpened)[0]
+        far.session.accept_stream(opened.stream_id)
+        await far.flush()
+        await far.until(lambda seen: len(far.of(mux.DatagramReceived)) == 2, "the held datagrams")
+        far.session.send_datagram(opened.stream_id, b"answer!")
+        await far.flush()
+        assert await received(u) == b"answer!"
+        app = metrics.apps["dns"]
+        assert app.opened == 1 and len(app.live) == 1 and sum(app.latency.counts) == 1
+        clock.now += 10
+        assert edge.sweep() == 1
+        assert app.live == set() and app.failed == {}, "an idle end is a flow's clean end"
+        assert (app.to_app, app.to_client) == (7, 7)
+        assert (edge.udp.up, edge.udp.down, edge.udp.idle, edge.udp.failed_over) == (2, 1, 1, 0)
+        series = metrics.snapshot([tunnel], ["dns"], 1, 0)["series"]
+        assert [v for labels, v in series["backhaul_relay_udp_datagrams_total"]] == [2, 1]
+        assert {labels[1] for labels, _ in series["backhaul_relay_udp_dropped_total"]} == set(UDP_DROPS)
         u.close()
 
     run(main())

@@ -77,6 +77,10 @@ class TlsListener:
         max_per_address: int | None = None,
         stats: dict | None = None,
     ) -> None:
+        # Failed handshakes are counted where the admission counts refusals (the worker's
+        # metrics). ``stats`` is the HTTP edge's old spelling of that place (it passes the
+        # metrics' own events dict); it goes once relay/http/edge.py stops passing it.
+        del stats
         self.name = name
         self.ssl_context = ssl_context
         self.admission = admission
@@ -85,7 +89,7 @@ class TlsListener:
         self.handshake_timeout = admission.limits.handshake_timeout
         self.max_handshakes = admission.limits.max_handshakes
         self.address_share = admission.limits.address_share
-        self.stats = stats if stats is not None else {}
+        self.metrics = admission.metrics
         #: connections open per client address (only with max_per_address)
         self.per_address: dict[str, int] = {}
         self.handshakes = 0
@@ -184,8 +188,7 @@ class TlsListener:
         if isinstance(exc, ssl.SSLError) and exc.reason == "NO_APPLICATION_PROTOCOL":
             self.admission.refuse("unknown ALPN", self.name, ip)
             return
-        name = f"{self.name}_handshakes_failed"
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.metrics.count(f"{self.name}_handshakes_failed")
         log.debug("TLS handshake failed", extra={"listener": self.name, "peer": str(peer), "error": repr(exc)})
 
     def _release(self, ip: str) -> None:

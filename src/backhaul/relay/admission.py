@@ -21,6 +21,7 @@ import os
 import resource
 
 from backhaul.config import ListenLimits
+from backhaul.relay.metrics import RelayMetrics
 
 log = logging.getLogger("backhaul.relay.admission")
 
@@ -66,15 +67,16 @@ class Admission:
     run on every accept of every listener.
     """
 
-    __slots__ = ("limits", "budget", "open", "stats", "_others", "_pending", "_timers", "_loop")
+    __slots__ = ("limits", "budget", "open", "metrics", "_others", "_pending", "_timers", "_loop")
 
-    def __init__(self, limits: ListenLimits, budget: int, stats: dict | None = None) -> None:
+    def __init__(self, limits: ListenLimits, budget: int, metrics: RelayMetrics | None = None) -> None:
         self.limits = limits
         #: connections this worker may hold open at once
         self.budget = budget
         #: connections open now (counted in by admit, out by release)
         self.open = 0
-        self.stats = stats if stats is not None else {}
+        #: where refusals are counted (``<listener>_refused``): the worker's, or one of its own
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self._others = 0
         #: refusals of each (kind, listener) not yet logged, while that kind's timer runs
         self._pending: dict[tuple[str, str], int] = {}
@@ -82,9 +84,9 @@ class Admission:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def for_process(cls, limits: ListenLimits, stats: dict | None = None) -> "Admission":
+    def for_process(cls, limits: ListenLimits, metrics: RelayMetrics | None = None) -> "Admission":
         """The budget of this process: its open-file limit less the reserve and what is open now."""
-        admission = cls(limits, 0, stats)
+        admission = cls(limits, 0, metrics)
         admission.recount()
         return admission
 
@@ -114,8 +116,7 @@ class Admission:
     def refuse(self, kind: str, listener: str, peer: str | None = None) -> None:
         """Count a refused connection; log it now, or with the others of its kind at the end
         of the interval."""
-        name = f"{listener}_refused"
-        self.stats[name] = self.stats.get(name, 0) + 1
+        self.metrics.count(f"{listener}_refused")
         key = (kind, listener)
         if key in self._timers:
             self._pending[key] = self._pending.get(key, 0) + 1

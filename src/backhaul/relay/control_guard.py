@@ -24,6 +24,7 @@ from typing import Callable
 import httptools
 
 from backhaul.config import ListenLimits
+from backhaul.relay.metrics import RelayMetrics
 
 log = logging.getLogger("backhaul.relay.control")
 
@@ -44,13 +45,14 @@ class ControlGuard(asyncio.Protocol):
         inner: asyncio.Protocol,
         limits: ListenLimits,
         on_close: Callable[[], None] | None = None,
-        stats: dict | None = None,
+        metrics: RelayMetrics | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.inner = inner
         self.limits = limits
         self.on_close = on_close
-        self.stats = stats if stats is not None else {}
+        #: where its timeouts are counted (``control_<what>_timeouts``): the worker's, or one of its own
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.loop = loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -133,7 +135,7 @@ class ControlGuard(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self.stats[f"control_{what}_timeouts"] = self.stats.get(f"control_{what}_timeouts", 0) + 1
+        self.metrics.count(f"control_{what}_timeouts")
         if what == _IDLE:
             log.info("control connection closed: nothing sent", extra={"peer": self.peer, "seconds": self.limits.idle_timeout})
             transport.close()

@@ -6,9 +6,15 @@ keep anyway, read once a tick. Labels are app names and connector ids, both boun
 the store: figures of an app or connector that is gone from it are dropped at the next
 reload (``prune``), and failure reasons are wire error codes, a fixed set.
 
-An edge (TCP, HTTP) reports each user stream through ``stream_started``,
-``stream_accepted`` and ``stream_done`` (the pipe's ``on_done``); the pipe must carry
-``labels["app"]``, ``started``, ``bytes_up`` (client to app), ``bytes_down`` and ``code``.
+Every edge reports each user stream through ``stream_started``, ``stream_accepted`` and
+``stream_done`` (relay.opening.Opening's hooks: once each per stream, however many opens it
+took); the stream must carry ``labels["app"]``, ``started``, ``bytes_up`` (client to app),
+``bytes_down`` and ``code``. For a UDP app a stream is a flow, and its bytes are datagram
+payloads. The UDP edge also adds to the app's ``UdpFigures`` (datagrams, drops by reason,
+failovers) directly: an attribute add per datagram, like the codec's own counters.
+
+Everything else the worker's parts count (listener refusals, timeouts, drops without an
+app) goes through ``count(event)``, published as ``events_total{event}``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,25 @@ SPECS = {
             P + "stream_open_seconds", "histogram",
             "From the user's connection to a connector's OPEN_OK (retries included), by app.", A, buckets=OPEN_LATENCY_BUCKETS,
         ),
+        # -- UDP apps (their flows are streams above; these are what only datagrams have)
+        MetricSpec(
+            P + "udp_datagrams_total", "counter",
+            "Datagrams that reached a UDP app's flows, by app and direction (client_to_app: from users "
+            "at the app's port; app_to_client: from connectors); each one was forwarded or counted in udp_dropped_total.",
+            A + ("direction",),
+        ),
+        MetricSpec(
+            P + "udp_dropped_total", "counter",
+            "Datagrams of a UDP app dropped, by app and reason (a fixed set, docs/metrics.md).", A + ("reason",),
+        ),
+        MetricSpec(
+            P + "udp_flows_failed_over_total", "counter",
+            "UDP flows moved to another connector when their tunnel went away or drained, by app.", A,
+        ),
+        MetricSpec(
+            P + "udp_flows_idle_total", "counter",
+            "UDP flows ended after the idle timeout with no datagram either way (their normal end), by app.", A,
+        ),
         MetricSpec(P + "cpu_seconds_total", "counter", "CPU time (user + system) of the worker processes."),
         MetricSpec(P + "memory_bytes", "gauge", "Resident memory of the live worker processes."),
         MetricSpec(P + "config_version", "gauge", "Store config version served (the oldest any worker has).", aggregate="min"),
@@ -65,8 +90,35 @@ SPECS = {
 }
 
 
+#: Why the UDP edge drops a datagram: the label set of udp_dropped_total (fixed, so bounded).
+UDP_DROPS = (
+    "too_big",  # over MAX_DATAGRAM, the most a DATAGRAM frame carries
+    "flow_limit",  # a new user while the app has UdpLimits.max_flows flows
+    "no_route",  # a new user's flow found no connector to take it
+    "queue_full",  # held while the flow opens, beyond UdpLimits.pending_bytes
+    "open_failed",  # held while the flow opened, and the open failed
+    "tunnel_busy",  # the tunnel's write buffer is above its high mark
+    "socket_busy",  # the app socket's write buffer is above UdpLimits.socket_write_high
+    "closing",  # to a user after the app's socket closed
+    "empty",  # an empty datagram to a user (asyncio's UDP transports cannot send one)
+)
+
+
+class UdpFigures:
+    """What only a UDP app has: the UDP edge adds to these fields directly."""
+
+    __slots__ = ("up", "down", "dropped", "failed_over", "idle")
+
+    def __init__(self) -> None:
+        self.up = 0  # datagrams from users at the app's port
+        self.down = 0  # datagrams from connectors for the app's flows
+        self.dropped = dict.fromkeys(UDP_DROPS, 0)
+        self.failed_over = 0
+        self.idle = 0
+
+
 class _AppFigures:
-    __slots__ = ("opened", "failed", "to_app", "to_client", "latency", "live")
+    __slots__ = ("opened", "failed", "to_app", "to_client", "latency", "live", "udp")
 
     def __init__(self) -> None:
         self.opened = 0
@@ -75,6 +127,7 @@ class _AppFigures:
         self.to_client = 0
         self.latency = Histogram(OPEN_LATENCY_BUCKETS)
         self.live: set = set()
+        self.udp: UdpFigures | None = None  # made for UDP apps by RelayMetrics.udp
 
 
 class RelayMetrics:
@@ -118,6 +171,13 @@ class RelayMetrics:
     def count(self, event: str, n: int = 1) -> None:
         self.events[event] = self.events.get(event, 0) + n
 
+    def udp(self, app: str) -> UdpFigures:
+        """The UDP figures of ``app`` (the UDP edge keeps the object and adds to it)."""
+        figures = self._app(app)
+        if figures.udp is None:
+            figures.udp = UdpFigures()
+        return figures.udp
+
     # ------------------------------------------------------------------ tunnels
 
     def _connector(self, connector_id: str) -> list[int]:
@@ -130,7 +190,7 @@ class RelayMetrics:
         self._connector(connector_id)[0] += 1
 
     def tunnel_closed(self, tunnel: "Tunnel") -> None:
-        figures = self._connector(tunnel.info["connector_id"])
+        figures = self._connector(tunnel.info.connector_id)
         figures[1] += tunnel.bytes_in
         figures[2] += tunnel.bytes_out
         figures[3] += tunnel.session.frames_received
@@ -151,7 +211,7 @@ class RelayMetrics:
         per_connector: dict[str, list[int]] = {cid: [0, *figures[1:]] for cid, figures in self.connectors.items()}
         up: dict[str, int] = {}
         for tunnel in tunnels:
-            cid = tunnel.info["connector_id"]
+            cid = tunnel.info.connector_id
             figures = per_connector.setdefault(cid, [0, 0, 0, 0, 0])
             figures[1] += tunnel.bytes_in
             figures[2] += tunnel.bytes_out
@@ -172,6 +232,10 @@ class RelayMetrics:
             P + "streams_failed_total": [],
             P + "stream_bytes_total": [],
             P + "stream_open_seconds": [],
+            P + "udp_datagrams_total": [],
+            P + "udp_dropped_total": [],
+            P + "udp_flows_failed_over_total": [],
+            P + "udp_flows_idle_total": [],
             P + "cpu_seconds_total": [[[], round(cpu_seconds(), 3)]],
             P + "memory_bytes": [[[], rss_bytes()]],
             P + "config_version": [[[], config_version]],
@@ -187,6 +251,12 @@ class RelayMetrics:
             series[P + "streams_failed_total"] += [[[name, reason], n] for reason, n in figures.failed.items()]
             series[P + "stream_bytes_total"] += [[[name, "client_to_app"], to_app], [[name, "app_to_client"], to_client]]
             series[P + "stream_open_seconds"].append([[name], figures.latency.value()])
+            udp = figures.udp
+            if udp is not None:
+                series[P + "udp_datagrams_total"] += [[[name, "client_to_app"], udp.up], [[name, "app_to_client"], udp.down]]
+                series[P + "udp_dropped_total"] += [[[name, reason], n] for reason, n in udp.dropped.items()]
+                series[P + "udp_flows_failed_over_total"].append([[name], udp.failed_over])
+                series[P + "udp_flows_idle_total"].append([[name], udp.idle])
         return {
             "worker": worker,
             "known": {"app": sorted(self.apps), "connector": sorted(per_connector)},

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 #: How many tunnels one user stream is offered to before the user is refused.
 OPEN_ATTEMPTS = 3
 
+# How far an Opening's metric hooks have counted its stream.
+_NEW, _STARTED, _ACCEPTED, _DONE = range(4)
+
 
 class Edge(Protocol):
     """What the worker runs each kind of user-facing listener by (TCP apps, UDP apps, HTTP)."""
@@ -73,7 +76,7 @@ class CannotOpen(Exception):
 class Opening:
     """One user stream's way to a connector: which tunnels were tried, which one holds it."""
 
-    __slots__ = ("opener", "app", "proto", "client", "stream_label", "extra", "figures", "tried", "tunnel")
+    __slots__ = ("opener", "app", "proto", "client", "stream_label", "extra", "figures", "tried", "tunnel", "counted")
 
     def __init__(
         self, opener: "StreamOpener", app, proto: str, client: str, stream_label: str, extra: dict, figures
@@ -87,6 +90,9 @@ class Opening:
         self.figures = figures  # what the metrics count of the stream, or None (not counted)
         self.tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
         self.tunnel: Tunnel | None = None  # the tunnel of the open under way or accepted
+        #: how far the metrics have counted the stream (_NEW, _STARTED, _ACCEPTED, _DONE): each
+        #: hook counts once per user stream, whatever retries, failovers or late events follow
+        self.counted = _NEW
 
     def open(self, endpoint: "StreamEndpoint") -> int:
         """Open the stream on the next tunnel; returns its stream id, or raises CannotOpen."""
@@ -134,17 +140,27 @@ class Opening:
     # ------------------------------------------------------------------ metric hooks
 
     def started(self) -> None:
+        if self.counted != _NEW:
+            return
+        self.counted = _STARTED
         metrics = self.opener.metrics
         if metrics is not None and self.figures is not None:
             metrics.stream_started(self.figures)
 
     def accepted(self) -> None:
+        """Count the first OPEN_OK (the open latency); a flow accepted again after a failover is not."""
+        if self.counted != _STARTED:
+            return
+        self.counted = _ACCEPTED
         metrics = self.opener.metrics
         if metrics is not None and self.figures is not None:
             metrics.stream_accepted(self.figures)
 
     def done(self, code: int | None = None) -> None:
-        """Count the stream out; ``code`` becomes its end code unless it already has one."""
+        """Count the stream out (once); ``code`` becomes its end code unless it already has one."""
+        if self.counted in (_NEW, _DONE):
+            return
+        self.counted = _DONE
         figures = self.figures
         if figures is None:
             return

@@ -31,8 +31,33 @@ class NoRoute(Exception):
         self.unreachable = unreachable
 
 
+class TunnelRecord:
+    """What the relay keeps about one connector tunnel: ``Tunnel.info`` on the relay side.
+
+    The worker makes it when it accepts the connection (before the tunnel is up, so the
+    listen slot is released even for a tunnel that never comes up); the registry files
+    the tunnel under its connector and group from it.
+    """
+
+    __slots__ = ("connector_id", "group", "listen_slot", "counted", "boot")
+
+    def __init__(self, connector_id: str, group: str, listen_slot=None) -> None:
+        self.connector_id = connector_id
+        #: the connector's group (kept current by TunnelRegistry.set_group)
+        self.group = group
+        #: the listen port's place the connection holds (relay.accept.Slot), released once when it ends
+        self.listen_slot = listen_slot
+        #: the store counts this tunnel as usable (between tunnel up and its close or GOAWAY)
+        self.counted = False
+        #: the connector instance's boot id from its hello (None until then)
+        self.boot: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TunnelRecord({self.connector_id!r}, group={self.group!r}, counted={self.counted}, boot={self.boot!r})"
+
+
 class TunnelRegistry:
-    """The live tunnels of this worker. A tunnel's ``info`` holds its connector id and group."""
+    """The live tunnels of this worker, by connector; a tunnel's ``info`` is its TunnelRecord."""
 
     def __init__(self) -> None:
         self._by_connector: dict[str, set[Tunnel]] = {}
@@ -40,12 +65,18 @@ class TunnelRegistry:
         #: apps whose origin the connector behind a tunnel reported unreachable
         self._down: dict[Tunnel, set[str]] = {}
 
-    def add(self, tunnel: Tunnel, connector_id: str, group: str) -> None:
-        self._by_connector.setdefault(connector_id, set()).add(tunnel)
-        self._group_of[connector_id] = group
+    def add(self, tunnel: Tunnel) -> None:
+        """File ``tunnel`` under its record's connector and group."""
+        record: TunnelRecord = tunnel.info
+        self._by_connector.setdefault(record.connector_id, set()).add(tunnel)
+        self._group_of[record.connector_id] = record.group
 
     def remove(self, tunnel: Tunnel) -> None:
-        connector_id = tunnel.info.get("connector_id")
+        """Forget ``tunnel`` (one never filed, without a record even, is left as it is)."""
+        record: TunnelRecord | None = tunnel.info
+        if record is None:
+            return
+        connector_id = record.connector_id
         tunnels = self._by_connector.get(connector_id)
         if tunnels is None:
             return
@@ -58,6 +89,8 @@ class TunnelRegistry:
     def set_group(self, connector_id: str, group: str) -> None:
         if connector_id in self._group_of:
             self._group_of[connector_id] = group
+            for tunnel in self._by_connector[connector_id]:
+                tunnel.info.group = group
 
     def connectors(self) -> list[str]:
         return list(self._by_connector)
@@ -71,7 +104,7 @@ class TunnelRegistry:
         """Record ``{app: true | false | null}`` from the connector behind ``tunnel``
         (false: cannot reach the app's origin). Returns how many entries were ignored:
         malformed ones, and new unreachable apps beyond MAX_DOWN_APPS."""
-        if tunnel not in self._by_connector.get(tunnel.info.get("connector_id"), ()):
+        if tunnel not in self._by_connector.get(tunnel.info.connector_id, ()):
             return len(apps)
         down = self._down.get(tunnel) or set()
         ignored = 0
@@ -105,7 +138,7 @@ class TunnelRegistry:
         comes back would get nothing).
         """
         excluded = set(exclude)
-        tried_connectors = {t.info.get("connector_id") for t in excluded}
+        tried_connectors = {t.info.connector_id for t in excluded}
         down = self._down if app is not None else None
         unreachable = False
         fresh: list[tuple[int, list[Tunnel]]] = []

@@ -1,9 +1,10 @@
-"""The relay's TCP edge: a published TCP app's port, where each user connection becomes a stream.
+"""The relay's TCP edge: published TCP apps' ports, where each user connection becomes a stream.
 
 Nothing a user sends goes up a tunnel until a connector has accepted the stream (the
 pipe holds its first read and stops reading). That keeps the open retryable: when a
 connector refuses or vanishes before OPEN_OK, nothing of the user's bytes has been
-committed, so the open is tried again on another connector.
+committed, so the open is tried again on another connector (relay.opening says which
+refusals are retried, on how many tunnels).
 """
 
 from __future__ import annotations
@@ -13,36 +14,37 @@ import logging
 import secrets
 
 from backhaul.config import FlowControl
-from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
-from backhaul.protocol.mux import SessionError, stream_meta
+from backhaul.errors import ConfigError
+from backhaul.protocol.constants import ErrorCode, error_name
 from backhaul.relay.admission import Admission, Refused
 from backhaul.relay.metrics import RelayMetrics
-from backhaul.relay.routing import NoRoute, TunnelRegistry
+from backhaul.relay.opening import CannotOpen, Opening, StreamOpener
 from backhaul.transport.pipe import Pipe
 from backhaul.transport.sockets import reuseport_socket
-from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.relay.edge")
 
-#: How many connectors one user connection is offered to before it is refused.
-OPEN_ATTEMPTS = 3
+
+def _stream_done(pipe: "UserPipe") -> None:
+    """The pipe's on_done: its stream counted out of the metrics."""
+    if pipe.opening is not None:
+        pipe.opening.done()
 
 
 class UserPipe(Pipe):
     """A user's connection to a TCP app; opens its stream through the app's group."""
 
-    __slots__ = ("app", "registry", "stats", "metrics", "admission", "_tried", "_accepted")
+    __slots__ = ("app", "opener", "metrics", "opening", "admission", "_accepted")
 
     def __init__(
-        self, app, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict, metrics: RelayMetrics | None = None
+        self, app, opener: StreamOpener, flow: FlowControl, buffer: memoryview, metrics: RelayMetrics
     ) -> None:
         labels = {"app": app.name, "target": app.target, "id": secrets.token_hex(8)}
-        super().__init__(flow, labels, buffer, on_done=metrics.stream_done if metrics is not None else None)
-        self.metrics = metrics
+        super().__init__(flow, labels, buffer, on_done=_stream_done)
         self.app = app
-        self.registry = registry
-        self.stats = stats
-        self._tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
+        self.opener = opener
+        self.metrics = metrics
+        self.opening: Opening | None = None  # made when the connection is (it names the client)
         self._accepted = False  # a connector has connected the target: no retry after this
         #: the worker's connection budget this connection counts in (released when it closes)
         self.admission: Admission | None = None
@@ -50,37 +52,25 @@ class UserPipe(Pipe):
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.labels["client"] = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.stats["connections"] = self.stats.get("connections", 0) + 1
-        if self.metrics is not None:
-            self.metrics.stream_started(self)
+        labels = self.labels
+        labels["client"] = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.metrics.count("connections")
+        self.opening = self.opener.begin(self.app, "tcp", labels["client"], labels["id"], figures=self)
         self._open()
 
     def _open(self) -> None:
-        reason = None
-        while len(self._tried) < OPEN_ATTEMPTS:
-            try:
-                tunnel = self.registry.pick(self.app.group, self._tried, app=self.app.name)
-            except NoRoute as exc:
-                reason = str(exc)
-                break
-            self._tried.append(tunnel)
-            meta = stream_meta(
-                self.app.name, self.app.target, "tcp", self.labels["client"], self.labels["id"]
-            )
-            try:
-                self.stream_id = tunnel.open(meta, self)
-            except SessionError:
-                continue
-            self.tunnel = tunnel
+        try:
+            self.stream_id = self.opening.open(self)
+        except CannotOpen as exc:
+            self.metrics.count("refused")
+            if exc.unreachable or not exc.attempted:
+                reason = str(exc)  # routing's own words: no active connector, or none reaches the app
+            else:
+                reason = f"no active connector in group {self.app.group!r} could take the stream"
+            self.finish(reason, abort=False, code=ErrorCode.REFUSED_STREAM)
+            self.transport.close()
             return
-        self.stats["refused"] = self.stats.get("refused", 0) + 1
-        self.finish(
-            reason or f"no active connector in group {self.app.group!r} could take the stream",
-            abort=False,
-            code=ErrorCode.REFUSED_STREAM,
-        )
-        self.transport.close()
+        self.tunnel = self.opening.tunnel
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -90,12 +80,11 @@ class UserPipe(Pipe):
 
     def on_accepted(self) -> None:
         self._accepted = True
-        if self.metrics is not None:
-            self.metrics.stream_accepted(self)
+        self.opening.accepted()
         super().on_accepted()
 
     def on_rejected(self, code: int, reason: str) -> None:
-        if code in RETRYABLE_OPEN_FAILURES and self.result is None:
+        if self.opening.retryable(code) and self.result is None:
             log.info(
                 "stream open refused, retrying on another connector",
                 extra={**self.labels, "code": error_name(code), "reason": reason},
@@ -104,14 +93,13 @@ class UserPipe(Pipe):
             self.stream_id = 0
             self._open()
             return
-        self.stats["failed"] = self.stats.get("failed", 0) + 1
+        self.metrics.count("failed")
         self.finish(f"open refused by the connector: {error_name(code)}: {reason}", code=code)
         self.transport.close()
 
     def on_reset(self, code: int, reason: str) -> None:
-        if not self._accepted and self.tunnel is not None and self.tunnel.session.closed:
-            # The tunnel died before the target answered: nothing is committed yet. (The session
-            # resets its streams before the tunnel hears it has failed, so ask the session.)
+        if self.opening.lost_with_tunnel(self._accepted):
+            # The tunnel died before the target answered: nothing is committed yet.
             self.on_rejected(ErrorCode.PEER_DEAD, reason)
             return
         super().on_reset(code, reason)
@@ -125,21 +113,19 @@ class TcpApp:
         self.server = server
 
     @classmethod
-    async def start(
-        cls, app, host: str, registry: TunnelRegistry, flow: FlowControl, buffer: memoryview, stats: dict,
-        metrics: RelayMetrics | None = None, admission: Admission | None = None,
-    ) -> "TcpApp":
+    async def start(cls, app, edge: "TcpEdge") -> "TcpApp":
         loop = asyncio.get_running_loop()
-        sock = reuseport_socket(host, app.port)
+        sock = reuseport_socket(edge.host, app.port)
+        opener, flow, buffer, metrics, admission = edge.opener, edge.flow, edge.buffer, edge.metrics, edge.admission
 
         def accept() -> asyncio.Protocol:
             # A plain TCP accept calls connection_made right after this, and connection_lost
             # follows every connection_made: the pipe releases what it takes here.
             if admission is None:
-                return UserPipe(app, registry, flow, buffer, stats, metrics)
+                return UserPipe(app, opener, flow, buffer, metrics)
             if not admission.admit("tcp_app"):
                 return Refused()
-            pipe = UserPipe(app, registry, flow, buffer, stats, metrics)
+            pipe = UserPipe(app, opener, flow, buffer, metrics)
             pipe.admission = admission
             return pipe
 
@@ -150,3 +136,52 @@ class TcpApp:
     async def stop(self) -> None:
         self.server.close()
         log.info("tcp app stopped", extra={"app": self.app.name, "port": self.app.port})
+
+
+class TcpEdge:
+    """Every published TCP app's listener of this worker (a relay.opening.Edge).
+
+    Connections already made outlive their app's listener: a changed or removed app stops
+    taking users, and its streams end on their own.
+    """
+
+    def __init__(
+        self,
+        opener: StreamOpener,
+        host: str,
+        flow: FlowControl,
+        buffer: memoryview,
+        metrics: RelayMetrics,
+        admission: Admission | None = None,
+    ) -> None:
+        self.opener = opener
+        self.host = host  # the address every app port is bound on
+        self.flow = flow
+        #: the read buffer every user socket of this process is read into (see transport.pipe)
+        self.buffer = buffer
+        self.metrics = metrics
+        #: the worker's connection budget (None: not counted, as in unit tests)
+        self.admission = admission
+        self.apps: dict[str, TcpApp] = {}
+
+    async def start(self) -> None:
+        """Nothing to bind before the apps are known (set_apps binds their ports)."""
+
+    async def set_apps(self, apps: list) -> None:
+        """Listen on exactly the TCP apps among ``apps``: a changed app's listener is started again."""
+        wanted = {app.name: app for app in apps if app.proto == "tcp"}
+        for name, running in list(self.apps.items()):
+            if wanted.get(name) != running.app:
+                await running.stop()
+                del self.apps[name]
+        for name, app in wanted.items():
+            if name not in self.apps:
+                try:
+                    self.apps[name] = await TcpApp.start(app, self)
+                except (ConfigError, OSError) as exc:
+                    log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
+
+    async def stop(self) -> None:
+        for running in list(self.apps.values()):
+            await running.stop()
+        self.apps.clear()

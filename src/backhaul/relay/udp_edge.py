@@ -1,16 +1,18 @@
-"""The relay's UDP edge: a published UDP app's port, where each user address becomes a flow.
+"""The relay's UDP edge: published UDP apps' ports, where each user address becomes a flow.
 
-A flow is a tunnel stream opened with ``"proto": "udp"`` on the least-loaded usable
-tunnel of the app's group; its datagrams travel as DATAGRAM frames. It stays on that
-tunnel for its whole life (a connector keeps one socket per flow, so the private app
-sees one source address per user), until it is idle for ``UdpLimits.idle_timeout``.
+A flow is a tunnel stream opened with ``"proto": "udp"`` through relay.opening (the
+least-loaded connector of the app's group, the same retries as every edge); its
+datagrams travel as DATAGRAM frames. It stays on that tunnel for its whole life (a
+connector keeps one socket per flow, so the private app sees one source address per
+user), until it is idle for ``UdpLimits.idle_timeout``.
 If its tunnel dies or the connector drains it (GOING_AWAY), the flow is opened again
 on another connector of the group and the user's datagrams carry on from there.
 
 Nothing is queued without a bound: a flow holds at most ``pending_bytes`` while its
 stream opens, the tunnel's TLS write buffer is capped by its high mark, and the user
 socket's write buffer by ``socket_write_high``. What does not fit is dropped and
-counted in the worker's stats (``udp_dropped_*``), as a router would drop it.
+counted by reason in the app's metrics (``udp_dropped_total``), as a router would drop it.
+A flow is a stream in the metrics too: opened, active, failed by code, bytes each way.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ import logging
 import secrets
 import socket
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 from backhaul.config import UdpLimits
 from backhaul.errors import ConfigError
-from backhaul.protocol.constants import MAX_DATAGRAM, RETRYABLE_OPEN_FAILURES, ErrorCode, error_name
-from backhaul.protocol.mux import SessionError, stream_meta
-from backhaul.relay.routing import NoRoute, TunnelRegistry
-from backhaul.relay.tcp_edge import OPEN_ATTEMPTS
+from backhaul.protocol.constants import MAX_DATAGRAM, ErrorCode, error_name
+from backhaul.relay.metrics import RelayMetrics
+from backhaul.relay.opening import CannotOpen, Opening, StreamOpener
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
 from backhaul.transport.sockets import reuseport_socket
 from backhaul.transport.tunnel import Tunnel
@@ -37,10 +38,6 @@ log = logging.getLogger("backhaul.relay.udp")
 
 #: Reset codes after which a flow moves to another connector instead of ending.
 FAILOVER_CODES = frozenset({ErrorCode.GOING_AWAY, ErrorCode.PEER_DEAD, ErrorCode.REFUSED_STREAM})
-
-
-def count(stats: dict, key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
 
 
 class UserFlow:
@@ -54,15 +51,18 @@ class UserFlow:
         "edge",
         "client",
         "labels",
+        "opening",
         "tunnel",
         "flow_id",
         "accepted",
         "pending",
         "pending_size",
-        "tried",
         "started",
         "datagrams_up",
         "datagrams_down",
+        "bytes_up",
+        "bytes_down",
+        "code",
         "failovers",
     )
 
@@ -75,61 +75,63 @@ class UserFlow:
             "client": f"[{client[0]}]:{client[1]}" if ":" in client[0] else f"{client[0]}:{client[1]}",
             "id": secrets.token_hex(8),
         }
-        self.tunnel: Tunnel | None = None
+        self.opening: Opening | None = None  # made by start(), once the flow has its place in the table
+        self.tunnel: Tunnel | None = None  # the tunnel of the open under way or accepted
         self.flow_id = 0
         self.accepted = False
         self.pending: collections.deque = collections.deque()
         self.pending_size = 0
-        self.tried: list[Tunnel] = []
         self.started = time.monotonic()
-        self.datagrams_up = 0
-        self.datagrams_down = 0
+        self.datagrams_up = 0  # sent up the tunnel
+        self.datagrams_down = 0  # sent to the user
+        self.bytes_up = 0  # their payload bytes (the stream's bytes in the metrics)
+        self.bytes_down = 0
+        #: how the flow ended, as a wire ErrorCode (NO_ERROR: idle, its normal end)
+        self.code = ErrorCode.NO_ERROR
         self.failovers = 0
 
     # ------------------------------------------------------------------ opening
 
-    def open(self) -> bool:
-        """Open the flow's stream on the least-loaded tunnel not tried yet; False if none takes it."""
+    def start(self) -> bool:
+        """Count the flow in and open its stream; False if no connector takes it."""
         edge = self.edge
-        while len(self.tried) < OPEN_ATTEMPTS:
-            try:
-                tunnel = edge.registry.pick(edge.app.group, self.tried)
-            except NoRoute:
-                return False
-            self.tried.append(tunnel)
-            labels = self.labels
-            meta = stream_meta(edge.app.name, edge.app.target, "udp", labels["client"], labels["id"])
-            try:
-                self.flow_id = tunnel.open(meta, self)
-            except SessionError:
-                continue
-            self.tunnel = tunnel
-            return True
-        return False
+        labels = self.labels
+        self.opening = edge.opener.begin(edge.app, "udp", labels["client"], labels["id"], figures=self)
+        return self.open()
 
-    def _failover(self, dead: Tunnel, reason: str) -> None:
+    def open(self) -> bool:
+        """Open the flow's stream on the next tunnel (StreamOpener's choice); False if none takes it."""
+        try:
+            self.flow_id = self.opening.open(self)
+        except CannotOpen:
+            self.tunnel = None
+            return False
+        self.tunnel = self.opening.tunnel
+        return True
+
+    def _failover(self, dead: Tunnel, code: int, reason: str) -> None:
         """The flow's tunnel went away: open the flow on another connector, or end it."""
-        self.tried = [dead]
+        self.opening.restart([dead])
         self.failovers += 1
         if self.open():
-            count(self.edge.stats, "udp_flows_failed_over")
+            self.edge.udp.failed_over += 1
             log.info("udp flow moved to another connector", extra={**self.labels, "reason": reason})
         else:
-            self.edge.end(self, f"its tunnel went away ({reason}) and no other connector took it")
+            self.edge.end(self, f"its tunnel went away ({reason}) and no other connector took it", code)
 
     # ------------------------------------------------------------------ user -> tunnel
 
     def send(self, data: bytes) -> None:
-        stats = self.edge.stats
         if self.accepted:
             if self.tunnel.datagram(self.flow_id, data):
                 self.datagrams_up += 1
+                self.bytes_up += len(data)
             else:
-                count(stats, "udp_dropped_tunnel_busy")
+                self.edge.udp.dropped["tunnel_busy"] += 1
             return
         size = len(data)
         if self.pending_size + size > self.edge.limits.pending_bytes:
-            count(stats, "udp_dropped_queue_full")
+            self.edge.udp.dropped["queue_full"] += 1
             return
         self.pending.append(data)
         self.pending_size += size
@@ -137,7 +139,6 @@ class UserFlow:
     # ------------------------------------------------------------------ tunnel -> user
 
     def deliver(self, data: bytes) -> None:
-        self.datagrams_down += 1
         self.edge.to_user(self, data)
 
     def close(self, code: int, reason: str) -> None:
@@ -145,31 +146,37 @@ class UserFlow:
         if self.tunnel is not None and not self.tunnel.closed:
             self.tunnel.reset(self.flow_id, code, reason)
         self.tunnel = None
-        self.edge.end(self, reason)
+        self.edge.end(self, reason, ErrorCode.NO_ERROR if code == ErrorCode.IDLE_TIMEOUT else code)
 
     # ------------------------------------------------------------------ StreamEndpoint
 
     def on_accepted(self) -> None:
         self.accepted = True
+        self.opening.accepted()
         pending, self.pending, self.pending_size = self.pending, collections.deque(), 0
         for data in pending:
             self.send(data)
 
     def on_rejected(self, code: int, reason: str) -> None:
         self.tunnel = None
-        if code in RETRYABLE_OPEN_FAILURES and self.open():
+        if self.opening.retryable(code) and self.open():
             return
-        count(self.edge.stats, "udp_flows_failed")
-        self.edge.end(self, f"open refused by the connector: {error_name(code)}: {reason}")
+        self.edge.end(self, f"open refused by the connector: {error_name(code)}: {reason}", code)
 
     def on_reset(self, code: int, reason: str) -> None:
         tunnel, self.tunnel = self.tunnel, None
-        self.accepted = False
-        # While a tunnel dies its streams are reset before it is marked closed; its session knows.
-        if tunnel is not None and (tunnel.session.closed or code in FAILOVER_CODES):
-            self._failover(tunnel, reason)
+        accepted, self.accepted = self.accepted, False
+        if self.opening.lost_with_tunnel(accepted):
+            # Its tunnel died before OPEN_OK: a refusal like any other, offered to the next connector.
+            self.on_rejected(ErrorCode.PEER_DEAD, reason)
             return
-        self.edge.end(self, f"reset by the connector: {error_name(code)}: {reason}")
+        # A flow commits nothing its datagrams have not already carried, so even an accepted one
+        # moves when its tunnel dies (its streams are reset before it is marked closed; its
+        # session knows) or its connector drains it.
+        if tunnel is not None and (tunnel.session.closed or code in FAILOVER_CODES):
+            self._failover(tunnel, code, reason)
+            return
+        self.edge.end(self, f"reset by the connector: {error_name(code)}: {reason}", code)
 
     def on_data(self, data: bytes, end: bool) -> None:
         self.tunnel.consumed(self.flow_id, len(data))
@@ -188,24 +195,26 @@ class UdpApp(asyncio.DatagramProtocol):
     def __init__(
         self,
         app,
-        registry: TunnelRegistry,
+        opener: StreamOpener,
         limits: UdpLimits,
-        stats: dict,
+        metrics: RelayMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
-        self.registry = registry
+        self.opener = opener
         self.limits = limits
-        self.stats = stats
+        self.metrics = metrics
+        #: the app's datagram and drop counters, added to directly (an attribute add per datagram)
+        self.udp = metrics.udp(app.name)
         self.flows: FlowTable[tuple, UserFlow] = FlowTable(limits.max_flows, limits.idle_timeout, clock)
         self.transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._full = False  # the table is at its limit; logged once per episode, counted always
 
     @classmethod
-    async def start(cls, app, host: str, registry: TunnelRegistry, limits: UdpLimits, stats: dict) -> "UdpApp":
+    async def start(cls, app, host: str, opener: StreamOpener, limits: UdpLimits, metrics: RelayMetrics) -> "UdpApp":
         loop = asyncio.get_running_loop()
-        edge = cls(app, registry, limits, stats)
+        edge = cls(app, opener, limits, metrics)
         sock = reuseport_socket(host, app.port, socket.SOCK_DGRAM)
         await loop.create_datagram_endpoint(lambda: edge, sock=sock)
         edge._sweeper = loop.call_later(edge.flows.sweep_interval, edge._tick)
@@ -227,10 +236,10 @@ class UdpApp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        stats = self.stats
-        count(stats, "udp_datagrams_in")
+        udp = self.udp
+        udp.up += 1
         if len(data) > MAX_DATAGRAM:
-            count(stats, "udp_dropped_too_big")
+            udp.dropped["too_big"] += 1
             return
         flows = self.flows
         flow = flows.get(addr)
@@ -242,21 +251,21 @@ class UdpApp(asyncio.DatagramProtocol):
         try:
             flows.add(addr, flow)
         except FlowLimitReached as exc:
-            count(stats, "udp_dropped_flow_limit")
+            udp.dropped["flow_limit"] += 1
             if not self._full:
                 self._full = True
                 log.warning("udp app at its flow limit; datagrams of new users dropped", extra={"app": self.app.name, "limit": str(exc)})
             return
-        if not flow.open():
+        if not flow.start():
             flows.remove(addr)
-            count(stats, "udp_dropped_no_route")
+            udp.dropped["no_route"] += 1
+            flow.opening.done(ErrorCode.REFUSED_STREAM)
             return
-        count(stats, "udp_flows_opened")
         flow.send(data)
 
     def error_received(self, exc: Exception) -> None:
         # An ICMP error for a datagram sent to a user who has gone; the flow ends when idle.
-        count(self.stats, "udp_socket_errors")
+        self.metrics.count("udp_socket_errors")
         log.debug("udp socket error", extra={"app": self.app.name, "error": str(exc)})
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -266,33 +275,36 @@ class UdpApp(asyncio.DatagramProtocol):
     # ------------------------------------------------------------------ flows
 
     def to_user(self, flow: UserFlow, data: bytes) -> None:
-        stats = self.stats
+        udp = self.udp
+        udp.down += 1
         transport = self.transport
         if transport is None or transport.is_closing():
-            count(stats, "udp_dropped_no_flow")
+            udp.dropped["closing"] += 1
             return
         if transport.get_write_buffer_size() > self.limits.socket_write_high:
-            count(stats, "udp_dropped_socket_busy")
+            udp.dropped["socket_busy"] += 1
             return
         if not data:
             # asyncio's UDP transports (before Python 3.13, uvloop too) silently skip empty sends.
-            count(stats, "udp_dropped_empty")
+            udp.dropped["empty"] += 1
             return
         self.flows.touch(flow.client)
         transport.sendto(data, flow.client)
-        count(stats, "udp_datagrams_out")
+        flow.datagrams_down += 1
+        flow.bytes_down += len(data)
 
-    def end(self, flow: UserFlow, reason: str) -> None:
-        """The flow is over (whoever ended it): out of the table, datagrams it held dropped."""
+    def end(self, flow: UserFlow, reason: str, code: int = ErrorCode.NO_ERROR) -> None:
+        """The flow is over (whoever ended it): out of the table, datagrams it held dropped,
+        counted out of the metrics with ``code`` (NO_ERROR: its normal end)."""
         if self.flows.get(flow.client) is flow:
             self.flows.remove(flow.client)
         if len(self.flows) < self.flows.limit:
             self._full = False
         if flow.pending:
-            count(self.stats, "udp_dropped_open_failed", len(flow.pending))
+            self.udp.dropped["open_failed"] += len(flow.pending)
             flow.pending.clear()
             flow.pending_size = 0
-        count(self.stats, "udp_flows_closed")
+        flow.opening.done(code)
         log.info(
             "udp flow ended",
             extra={
@@ -309,7 +321,7 @@ class UdpApp(asyncio.DatagramProtocol):
         """End every flow idle for the timeout (RST IDLE_TIMEOUT to its connector); returns how many."""
         idle = self.flows.pop_idle()
         for flow in idle:
-            count(self.stats, "udp_flows_idle")
+            self.udp.idle += 1
             flow.close(ErrorCode.IDLE_TIMEOUT, f"no datagram either way for {self.flows.idle_timeout:g} s")
         return len(idle)
 
@@ -318,27 +330,44 @@ class UdpApp(asyncio.DatagramProtocol):
         self._sweeper = asyncio.get_running_loop().call_later(self.flows.sweep_interval, self._tick)
 
 
-def deliver(tunnel: Tunnel, flow_id: int, data: bytes, stats: dict) -> None:
-    """A DATAGRAM from a connector: to the user of its flow, or dropped if the flow is gone."""
-    flow = tunnel.endpoints.get(flow_id)
-    if isinstance(flow, UserFlow) and flow.accepted:
-        flow.deliver(data)
-    else:
-        count(stats, "udp_dropped_no_flow")
+class UdpEdge:
+    """Every published UDP app's socket of this worker (a relay.opening.Edge), and the way
+    connectors' datagrams reach their flows."""
 
+    def __init__(self, opener: StreamOpener, host: str, limits: UdpLimits, metrics: RelayMetrics) -> None:
+        self.opener = opener
+        self.host = host  # the address every app port is bound on
+        self.limits = limits
+        self.metrics = metrics
+        self.apps: dict[str, UdpApp] = {}
 
-async def reconcile(
-    running: dict[str, UdpApp], apps: Iterable, host: str, registry: TunnelRegistry, limits: UdpLimits, stats: dict
-) -> None:
-    """Start, stop and restart UDP app sockets so that ``running`` matches the store's udp apps."""
-    wanted = {app.name: app for app in apps if app.proto == "udp"}
-    for name, edge in list(running.items()):
-        if wanted.get(name) != edge.app:
-            await edge.stop()
-            del running[name]
-    for name, app in wanted.items():
-        if name not in running:
-            try:
-                running[name] = await UdpApp.start(app, host, registry, limits, stats)
-            except (ConfigError, OSError) as exc:
-                log.error("cannot start udp app", extra={"app": name, "port": app.port, "error": str(exc)})
+    async def start(self) -> None:
+        """Nothing to bind before the apps are known (set_apps binds their ports)."""
+
+    async def set_apps(self, apps: list) -> None:
+        """Serve exactly the UDP apps among ``apps``: a changed app's socket (and flows) start again."""
+        wanted = {app.name: app for app in apps if app.proto == "udp"}
+        for name, running in list(self.apps.items()):
+            if wanted.get(name) != running.app:
+                await running.stop()
+                del self.apps[name]
+        for name, app in wanted.items():
+            if name not in self.apps:
+                try:
+                    self.apps[name] = await UdpApp.start(app, self.host, self.opener, self.limits, self.metrics)
+                except (ConfigError, OSError) as exc:
+                    log.error("cannot start udp app", extra={"app": name, "port": app.port, "error": str(exc)})
+
+    async def stop(self) -> None:
+        for running in list(self.apps.values()):
+            await running.stop()
+        self.apps.clear()
+
+    def deliver(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
+        """A DATAGRAM from a connector: to the user of its flow, or dropped if the flow is gone."""
+        flow = tunnel.endpoints.get(flow_id)
+        if isinstance(flow, UserFlow) and flow.accepted:
+            flow.deliver(data)
+        else:
+            # no flow, so no app to count it under
+            self.metrics.count("udp_dropped_no_flow")

@@ -1,9 +1,10 @@
-"""One relay worker process: the listen port (tunnels + control API), TCP apps, routing.
+"""One relay worker process: the listen port (tunnels + control API), the edges, routing.
 
 Workers share nothing but the store. Each holds its own tunnels (the connector makes
-sure every worker gets some, see docs/architecture.md) and its own app listeners on
-SO_REUSEPORT sockets, and follows configuration changes by polling the store's
-version once a second.
+sure every worker gets some, see docs/architecture.md) and its own edges (TCP apps,
+UDP apps, the HTTP edge: relay.opening.Edge) on SO_REUSEPORT sockets, and follows
+configuration changes by polling the store's version once a second: every edge is
+given all of the store's apps and keeps its own kind.
 """
 
 from __future__ import annotations
@@ -15,19 +16,28 @@ import signal
 import time
 from pathlib import Path
 
+import uvloop
+from aiohttp import web
+
 from backhaul import __version__, tlsconfig
 from backhaul.config import FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
+from backhaul.control.api import build_app
+from backhaul.control.context import ControlContext, ControlSettings
+from backhaul.control.validate import Invalid, text
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http_edge import HttpEdge
-from backhaul.relay.metrics import RelayMetrics
-from backhaul.relay.opening import StreamOpener
-from backhaul.relay.routing import TunnelRegistry
-from backhaul.relay import udp_edge
-from backhaul.relay.tcp_edge import TcpApp
+from backhaul.relay.metrics import SPECS, RelayMetrics
+from backhaul.relay.opening import Edge, StreamOpener
+from backhaul.relay.preauth.oidc import OidcGate
+from backhaul.relay.routing import TunnelRecord, TunnelRegistry
+from backhaul.relay.tcp_edge import TcpEdge
+from backhaul.relay.udp_edge import UdpEdge
+from backhaul.reporter import Reporter
+from backhaul.store import open_store
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -73,26 +83,27 @@ class RelayWorker:
     """The relay's data plane and control API inside one process."""
 
     def __init__(self, settings: RelaySettings) -> None:
-        from backhaul.store import open_store
-
         self.settings = settings
         self.store = open_store(settings.data_dir)
         self.registry = TunnelRegistry()
+        #: every figure of the worker: streams, tunnels, UDP datagrams, and its events by name
         self.metrics = RelayMetrics()
         #: how every edge opens streams to connectors
         self.opener = StreamOpener(self.registry, self.metrics)
-        self.apps: dict[str, TcpApp] = {}
-        self.udp_apps: dict[str, udp_edge.UdpApp] = {}
-        #: what the worker's parts count by name; published as backhaul_relay_events_total
-        self.stats = self.metrics.events
-        self._reporter = None
+        self._reporter: Reporter | None = None
         self._app_names: list[str] = []
         #: the read buffer every user socket of this process is read into (see transport.pipe)
         self.read_buffer = memoryview(bytearray(settings.flow.read_size))
         self.config_version = -1
         #: pre-authentication of oidc apps (preauth.contract.Gate); None refuses them
         self.gate = None
+        self._host, self._port = parse_hostport(settings.listen, "--listen")
+        #: UDP apps, and where the connectors' datagrams go (from the first tunnel on)
+        self.udp_edge = UdpEdge(self.opener, self._host, settings.udp, self.metrics)
         self.http_edge: HttpEdge | None = None
+        #: where users come in, reconciled with the store one way (the TCP and HTTP edges
+        #: are made in start(): they need the connection budget)
+        self.edges: list[Edge] = []
         self._http_server = None
         self._runner = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -100,16 +111,10 @@ class RelayWorker:
         self.admission: Admission | None = None
         self._listener: TlsListener | None = None
         self._stopping = asyncio.Event()
-        self._host, self._port = parse_hostport(settings.listen, "--listen")
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        from aiohttp import web
-
-        from backhaul.control.api import build_app
-        from backhaul.control.context import ControlContext, ControlSettings
-
         loop = asyncio.get_running_loop()
         self.store.mark_worker_down(self.settings.worker)
         reserved = {self._port}
@@ -134,17 +139,15 @@ class RelayWorker:
         )
         await self._runner.setup()
         self._http_server = self._runner.server
-        self.admission = Admission.for_process(limits, self.stats)
+        self.admission = Admission.for_process(limits, self.metrics)
         ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
         self._listener = TlsListener(
-            "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address, stats=self.stats
+            "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address
         )
         sock = reuseport_socket(self._host, self._port)
         server = await loop.create_server(self._listener, sock=sock, backlog=4096)
         self._servers.append(server)
         if self.settings.oidc is not None:
-            from backhaul.relay.preauth.oidc import OidcGate
-
             self.gate = OidcGate.create(self.settings.data_dir, self.settings.oidc)
             self.gate.warm_up()
         listeners = []
@@ -153,16 +156,18 @@ class RelayWorker:
         if self.settings.https:
             edge_tls = tlsconfig.edge_context(self.settings.https_cert, self.settings.https_key)
             listeners.append((*parse_hostport(self.settings.https, "--https"), edge_tls))
+        tcp_edge = TcpEdge(
+            self.opener, self._host, self.settings.flow, self.read_buffer, self.metrics, admission=self.admission
+        )
         self.http_edge = HttpEdge(
             self.opener, self.settings.flow, self.settings.http_limits,
             gate=self.gate, metrics=self.metrics, admission=self.admission, listeners=listeners,
         )
-        await self.http_edge.start()
+        self.edges = [tcp_edge, self.udp_edge, self.http_edge]
+        for edge in self.edges:
+            await edge.start()
         await self.reload()
         if self.settings.run_dir is not None:
-            from backhaul.relay.metrics import SPECS
-            from backhaul.reporter import Reporter
-
             self._reporter = Reporter(self.settings.run_dir, SPECS, self._snapshot, self.settings.stats_interval)
             await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
         log.info(
@@ -193,14 +198,8 @@ class RelayWorker:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        if self.http_edge is not None:
-            await self.http_edge.stop()
-        for app in list(self.apps.values()):
-            await app.stop()
-        self.apps.clear()
-        for udp_app in list(self.udp_apps.values()):
-            await udp_app.stop()
-        self.udp_apps.clear()
+        for edge in self.edges:
+            await edge.stop()
         for tunnel in self.registry.tunnels():
             tunnel.goaway(ErrorCode.NO_ERROR, "relay shutting down")
         deadline = time.monotonic() + self.settings.drain_timeout
@@ -217,7 +216,7 @@ class RelayWorker:
             await self._runner.cleanup()
         if self.admission is not None:
             self.admission.close()
-        log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.stats})
+        log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.metrics.events})
 
     async def _poll(self) -> None:
         try:
@@ -233,26 +232,11 @@ class RelayWorker:
         self.config_version = self.store.config_version()
         apps = self.store.list_apps()
         self._app_names = [app.name for app in apps]
+        for edge in self.edges:
+            await edge.set_apps(apps)
+        # After the edges: the streams of a removed app have ended by now (its UDP flows with
+        # its socket), so its figures go in this reload.
         self.metrics.prune(set(self._app_names), self._connector_exists)
-        wanted = {app.name: app for app in apps if app.proto == "tcp"}
-        if self.http_edge is not None:
-            await self.http_edge.set_apps(apps)
-        for name, running in list(self.apps.items()):
-            if wanted.get(name) != running.app:
-                await running.stop()
-                del self.apps[name]
-        for name, app in wanted.items():
-            if name not in self.apps:
-                try:
-                    self.apps[name] = await TcpApp.start(
-                        app, self._host, self.registry, self.settings.flow, self.read_buffer, self.stats, self.metrics,
-                        admission=self.admission,
-                    )
-                except Exception as exc:
-                    log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
-        await udp_edge.reconcile(
-            self.udp_apps, self.store.list_apps(), self._host, self.registry, self.settings.udp, self.stats
-        )
         for connector_id in self.registry.connectors():
             record = self.store.get_connector(connector_id)
             if record is None or record.revoked:
@@ -295,7 +279,7 @@ class RelayWorker:
     def http_protocol(self, slot: Slot | None = None) -> asyncio.Protocol:
         """aiohttp's protocol for one control API connection, behind the listen port's timers."""
         return ControlGuard(
-            self._http_server(), self.settings.listen_limits, slot.release if slot is not None else None, self.stats
+            self._http_server(), self.settings.listen_limits, slot.release if slot is not None else None, self.metrics
         )
 
     def accept_tunnel(self, transport: asyncio.Transport, ssl_object, slot: Slot | None = None) -> Tunnel | None:
@@ -316,17 +300,18 @@ class RelayWorker:
         tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}", flow=self.settings.flow)
         # The slot is released in tunnel_down, which every tunnel reaches once.
         tunnel.peer_id = connector_id
-        tunnel.info = {"connector_id": connector_id, "group": record.group, "listen_slot": slot}
+        tunnel.info = TunnelRecord(connector_id, record.group, slot)
         return tunnel
 
     # ------------------------------------------------------------------ TunnelOwner
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
-        connector_id = tunnel.info["connector_id"]
-        self.registry.add(tunnel, connector_id, tunnel.info["group"])
+        record: TunnelRecord = tunnel.info
+        connector_id = record.connector_id
+        self.registry.add(tunnel)
         self.metrics.tunnel_opened(connector_id)
         self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
-        tunnel.info["counted"] = True
+        record.counted = True
         tunnel.control(
             {
                 "type": "hello",
@@ -340,17 +325,18 @@ class RelayWorker:
         log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        record: TunnelRecord = tunnel.info
         self.registry.remove(tunnel)
-        slot = tunnel.info.pop("listen_slot", None)
+        slot, record.listen_slot = record.listen_slot, None
         if slot is not None:
             slot.release()
         if tunnel.streams_lost:
             # Streams not yet accepted were retried on another connector; the others were cut.
-            self.stats["streams_lost"] = self.stats.get("streams_lost", 0) + tunnel.streams_lost
+            self.metrics.count("streams_lost", tunnel.streams_lost)
             log.warning(
                 "connector tunnel ended with streams on it",
                 extra={
-                    "connector": tunnel.info.get("connector_id"),
+                    "connector": record.connector_id,
                     "tunnel": tunnel.name,
                     "streams": tunnel.streams_lost,
                     "code": code,
@@ -362,10 +348,12 @@ class RelayWorker:
 
     def _uncount(self, tunnel: Tunnel) -> None:
         """The store counts usable tunnels: a tunnel leaves the count when it closes or drains."""
-        if not tunnel.info.pop("counted", False):
+        record: TunnelRecord = tunnel.info
+        if not record.counted:
             return
+        record.counted = False
         try:
-            self.store.tunnel_changed(tunnel.info["connector_id"], self.settings.worker, -1, tunnel.peer)
+            self.store.tunnel_changed(record.connector_id, self.settings.worker, -1, tunnel.peer)
         except Exception:
             log.exception("cannot record a closed or draining tunnel in the store")
 
@@ -380,10 +368,10 @@ class RelayWorker:
             log.debug("control message from connector ignored", extra={"tunnel": tunnel.name, "message": message})
             return
         boot = message.get("boot")
-        tunnel.info["boot"] = boot
-        connector_id = tunnel.info["connector_id"]
+        tunnel.info.boot = boot
+        connector_id = tunnel.info.connector_id
         for other in self.registry.tunnels(connector_id):
-            if other.info.get("boot") not in (None, boot):
+            if other.info.boot not in (None, boot):
                 # The connector restarted: its old tunnels are dead even if no FIN reached us.
                 other.close(ErrorCode.GOING_AWAY, "replaced by the connector's new instance")
         self._record_version(connector_id, message.get("version"))
@@ -391,8 +379,6 @@ class RelayWorker:
     def _record_version(self, connector_id: str, version) -> None:
         """The connector's hello names the version it runs: recorded at once, so `connector list`
         shows a new version as soon as the connector's tunnels are up, not at its next heartbeat."""
-        from backhaul.control.validate import Invalid, text
-
         try:
             version = text(version, "version")
         except Invalid:
@@ -423,13 +409,11 @@ class RelayWorker:
         self._uncount(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
-        udp_edge.deliver(tunnel, flow_id, data, self.stats)
+        self.udp_edge.deliver(tunnel, flow_id, data)
 
 
 def run_worker(settings: RelaySettings) -> None:
     """Process entry point of one relay worker."""
-    import uvloop
-
     # Every tunnel and user connection holds a descriptor; Admission keeps a reserve below this.
     soft, hard = raise_open_file_limit()
     log.debug("open-file limit", extra={"soft": soft, "hard": hard})

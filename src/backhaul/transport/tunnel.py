@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol
 
 from backhaul.config import FlowControl
 from backhaul.protocol import mux
@@ -97,8 +97,9 @@ class Tunnel(asyncio.BufferedProtocol):
         self.bytes_out = 0
         #: who is at the other end, for log lines (the relay sets the connector id; None on a connector)
         self.peer_id: str | None = None
-        #: what the tunnel's owner keeps about it (relay: its registry's record; connector: its slot)
-        self.info: dict = {}
+        #: what the tunnel's owner keeps about it, set by the owner when it makes the tunnel
+        #: (relay: its routing.TunnelRecord; connector: its slot's record); never read here
+        self.info: Any = None
         self._loop = asyncio.get_event_loop()
         self._flush_scheduled = False
         self._keepalive: asyncio.TimerHandle | None = None
