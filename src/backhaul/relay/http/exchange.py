@@ -787,7 +787,8 @@ class BackendLink:
                 self.failed("the app closed the connection without answering")
                 m.pump()
                 return
-        self.drop(graceful=True, reason="the app closed the connection")
+        if self.remote_done:  # (not when the exchange it ended let it go and opened the next)
+            self.drop(graceful=True, reason="the app closed the connection")
 
     def data(self, data) -> None:
         """Bytes from the backend: O(1) work besides parsing them."""
