@@ -15,7 +15,9 @@ import pytest
 
 from backhaul.config import HttpLimits
 from backhaul.protocol.constants import ErrorCode
+from backhaul.relay.http import actions as A
 from backhaul.relay.http import exchange as X
+from backhaul.relay.http import pacing as P
 from backhaul.relay.http.exchange import ExchangeMachine, State
 from backhaul.relay.http.reader import BODY, END, HEAD, RequestReader, ResponseReader
 from backhaul.relay.http.translate import Route
@@ -84,38 +86,38 @@ class Conn:
         while i < len(actions):
             kind, value = actions[i], actions[i + 1]
             i += 2
-            if kind == X.WRITE:
+            if kind == A.WRITE:
                 assert self.closed is None or self.closed == "close", "a write after an abort"
                 self.user += value
-            elif kind == X.SEND:
+            elif kind == A.SEND:
                 if self.stream_open:
                     self.streams[-1] += value
-            elif kind == X.ARM:
-                self.armed.append((value, self.m.timer))
-            elif kind == X.PAUSE:
+            elif kind == A.ARM:
+                self.armed.append((value, self.m.pacing.timer))
+            elif kind == A.PAUSE:
                 self.paused = True
-            elif kind == X.RESUME:
+            elif kind == A.RESUME:
                 self.paused = False
-            elif kind in (X.OPEN, X.REOPEN):
-                self.steps.append(("open" if kind == X.OPEN else "reopen", value.id))
+            elif kind in (A.OPEN, A.REOPEN):
+                self.steps.append(("open" if kind == A.OPEN else "reopen", value.id))
                 self.streams.append(bytearray())
                 self.stream_open = True
-            elif kind in (X.END_STREAM, X.RESET_STREAM, X.FORGET_STREAM):
-                self.steps.append(({X.END_STREAM: "end", X.RESET_STREAM: "reset", X.FORGET_STREAM: "forget"}[kind], value))
+            elif kind in (A.END_STREAM, A.RESET_STREAM, A.FORGET_STREAM):
+                self.steps.append(({A.END_STREAM: "end", A.RESET_STREAM: "reset", A.FORGET_STREAM: "forget"}[kind], value))
                 self.stream_open = False
-            elif kind in (X.HALF_CLOSE, X.WRITE_EOF):
-                self.steps.append(("half_close" if kind == X.HALF_CLOSE else "write_eof",))
-            elif kind == X.GATE:
+            elif kind in (A.HALF_CLOSE, A.WRITE_EOF):
+                self.steps.append(("half_close" if kind == A.HALF_CLOSE else "write_eof",))
+            elif kind == A.GATE:
                 self.gated = value
                 self.steps.append(("gate", value[1].host))
-            elif kind in (X.CLOSE, X.ABORT):
-                self.closed = "close" if kind == X.CLOSE else "abort"
+            elif kind in (A.CLOSE, A.ABORT):
+                self.closed = "close" if kind == A.CLOSE else "abort"
                 self.steps.append((self.closed, value))
-            elif kind == X.COUNT:
+            elif kind == A.COUNT:
                 self.counts.append(value)
-            elif kind == X.LOG:
+            elif kind == A.LOG:
                 self.lines.append(value[:3])
-            elif kind == X.DONE:
+            elif kind == A.DONE:
                 self.done.append(value.id)
             else:
                 raise AssertionError(f"unknown action {kind}")
@@ -238,19 +240,19 @@ def mode(request) -> str:
 
 def test_get_opens_a_stream_and_keep_alive_reuses_it(mode):
     c = Conn(mode)
-    assert c.armed == [(LIMITS.header_timeout, X.T_HEAD)] and c.m.state is State.IDLE
+    assert c.armed == [(LIMITS.header_timeout, P.T_HEAD)] and c.m.state is State.IDLE
     c.send(GET)
     assert c.steps == [("open", "c0.1")] and c.m.state is State.OPENING
-    assert c.m.timer == X.T_NONE  # no head wait while the stream opens
+    assert c.m.pacing.timer == P.T_NONE  # no head wait while the stream opens
     c.accept()
     assert c.m.state is State.FORWARDING
     assert c.sent.startswith(b"GET / HTTP/1.1\r\n") and b"\r\nHost: 10.0.0.5:8080\r\n" in c.sent
     assert b"\r\nX-Request-Id: c0.1\r\n" in c.sent and b"\r\nX-Forwarded-For: 198.51.100.7\r\n" in c.sent
-    assert c.armed[-1] == (LIMITS.response_timeout, X.T_RESPONSE)
+    assert c.armed[-1] == (LIMITS.response_timeout, P.T_RESPONSE)
     c.app(OK)
     assert responses_in(bytes(c.user)) == [(200, {b"content-length": b"2"}, b"ok")]
     assert c.m.state is State.IDLE and c.done == ["c0.1"]
-    assert c.armed[-1] == (LIMITS.keepalive_timeout, X.T_IDLE)
+    assert c.armed[-1] == (LIMITS.keepalive_timeout, P.T_IDLE)
     c.request(b"GET /two HTTP/1.1\r\nHost: app.test\r\n\r\n")
     assert [s[0] for s in c.steps] == ["open"]  # the same stream
     assert requests_in(c.sent)[-1] == (b"GET /two", b"")
@@ -336,7 +338,7 @@ def test_chunked_request_body_is_sent_chunked(mode):
     c.request(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
     assert b"\r\nTransfer-Encoding: chunked\r\n" in c.sent
     assert requests_in(c.sent) == [(b"POST /up", b"hello world")]
-    assert c.armed[-1] == (LIMITS.response_timeout, X.T_RESPONSE)
+    assert c.armed[-1] == (LIMITS.response_timeout, P.T_RESPONSE)
     c.app(OK)
     c.finish()
 
@@ -387,14 +389,14 @@ def test_100_continue_waits_for_the_apps_100_then_times_the_body(mode):
     c = Conn(mode)
     c.send(b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
     c.accept()
-    assert c.armed[-1] == (LIMITS.response_timeout, X.T_RESPONSE)  # the app's 100 is waited for
-    assert not c.m.body.running  # the client waits, as it was told it may
+    assert c.armed[-1] == (LIMITS.response_timeout, P.T_RESPONSE)  # the app's 100 is waited for
+    assert not c.m.pacing.body.running  # the client waits, as it was told it may
     c.app(b"HTTP/1.1 100 Continue\r\n\r\n")
     assert c.user == b"HTTP/1.1 100 Continue\r\n\r\n"
-    assert c.m.body.running and c.m.timer == X.T_BODY  # now the body clock runs
+    assert c.m.pacing.body.running and c.m.pacing.timer == P.T_BODY  # now the body clock runs
     c.request(b"hello")
     assert requests_in(c.sent) == [(b"POST /", b"hello")]
-    assert c.m.timer == X.T_RESPONSE and not c.m.body.running
+    assert c.m.pacing.timer == P.T_RESPONSE and not c.m.pacing.body.running
     c.app(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
     assert [r[0] for r in responses_in(bytes(c.user))] == [100, 201]
     c.finish()
@@ -407,7 +409,7 @@ def test_upgrade_switches_to_raw_bytes_after_101(mode):
     c.accept()
     assert b"\r\nUpgrade: websocket\r\n" in c.sent
     c.app(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nfrom-app")
-    assert c.m.state is State.UPGRADED and not c.paused and c.m.timer == X.T_NONE
+    assert c.m.state is State.UPGRADED and not c.paused and c.m.pacing.timer == P.T_NONE
     assert c.user.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and c.user.endswith(b"\r\n\r\nfrom-app")
     head_end = c.sent.index(b"\r\n\r\n") + 4
     if mode == "trailing":
@@ -664,7 +666,7 @@ def test_another_app_gets_another_stream(mode):
 
 def test_timers_follow_the_state():
     c = Conn()
-    assert c.m.timer == X.T_HEAD
+    assert c.m.pacing.timer == P.T_HEAD
     c.send(b"GET / HTTP/1.1\r\n")
     c.time_out(LIMITS.header_timeout)
     got = responses_in(bytes(c.user))[0]
@@ -673,7 +675,7 @@ def test_timers_follow_the_state():
 
 def test_idle_keep_alive_times_out_quietly():
     c = _kept_alive("whole")
-    assert c.m.timer == X.T_IDLE
+    assert c.m.pacing.timer == P.T_IDLE
     before = len(c.user)
     c.time_out(LIMITS.keepalive_timeout)
     assert c.closed == "close" and len(c.user) == before
@@ -682,14 +684,14 @@ def test_idle_keep_alive_times_out_quietly():
 def test_a_head_begun_in_the_keep_alive_wait_gets_the_head_timeout():
     c = _kept_alive("whole")
     c.send(b"GET /")
-    assert c.m.timer == X.T_HEAD and c.armed[-1] == (LIMITS.header_timeout, X.T_HEAD)
+    assert c.m.pacing.timer == P.T_HEAD and c.armed[-1] == (LIMITS.header_timeout, P.T_HEAD)
 
 
 def test_the_apps_answer_is_timed(mode):
     c = Conn(mode)
     c.request(GET)
     c.accept()
-    assert c.m.timer == X.T_RESPONSE
+    assert c.m.pacing.timer == P.T_RESPONSE
     c.time_out(LIMITS.response_timeout)
     got = responses_in(bytes(c.user))[0]
     assert got[0] == 504 and b"the app did not answer within 60 s" in got[2]
@@ -702,17 +704,17 @@ def test_the_answer_cancels_the_response_timer():
     c.send(GET)
     c.accept()
     c.app(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
-    assert c.m.timer == X.T_NONE  # the body streams: no deadline on the app
+    assert c.m.pacing.timer == P.T_NONE  # the body streams: no deadline on the app
     c.app(b"cde")
-    assert c.m.timer == X.T_IDLE
+    assert c.m.pacing.timer == P.T_IDLE
 
 
 def test_a_slow_body_is_timed_out_with_408():
     c = Conn()
     c.send(b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10\r\n\r\nab")
-    assert c.paused and not c.m.body.running  # the body waits for the stream: not the client's time
+    assert c.paused and not c.m.pacing.body.running  # the body waits for the stream: not the client's time
     c.accept()
-    assert c.m.body.running and c.m.timer == X.T_BODY
+    assert c.m.pacing.body.running and c.m.pacing.timer == P.T_BODY
     for _ in range(5):
         c.time_out(LIMITS.body_timeout / 4)
         if c.closed:
@@ -729,11 +731,11 @@ def test_the_body_clock_stops_while_the_tunnel_pushes_back():
     c.accept()
     c.m.pushback(True)
     c.run()
-    assert c.paused and not c.m.body.running and c.m.timer == X.T_NONE
+    assert c.paused and not c.m.pacing.body.running and c.m.pacing.timer == P.T_NONE
     c.clock.now += 3600  # the tunnel's time is not the client's
     c.m.pushback(False)
     c.run()
-    assert not c.paused and c.m.body.running and c.m.timer == X.T_BODY
+    assert not c.paused and c.m.pacing.body.running and c.m.pacing.timer == P.T_BODY
 
 
 # ---------------------------------------------------------------------- the gate
@@ -745,7 +747,7 @@ def test_gate_allow_forwards_with_the_identity_headers(mode):
     assert c.steps == [("gate", "sso.test")] and c.m.state is State.GATING
     ex, head = c.gated
     assert head.method == "GET" and head.client == "198.51.100.7"
-    c.m.gate_answered(ex, Allow(user="ann", headers=(("X-Backhaul-User", "ann"),)))
+    c.m.router.gate_answered(ex, Allow(user="ann", headers=(("X-Backhaul-User", "ann"),)))
     c.run()
     assert c.steps[-1] == ("open", "c0.1")
     c.accept()
@@ -760,7 +762,7 @@ def test_gate_allow_forwards_with_the_identity_headers(mode):
 def test_gate_respond_answers_from_the_edge(mode):
     c = Conn(mode, site=Site(gate=object()))
     c.request(b"GET / HTTP/1.1\r\nHost: sso.test\r\n\r\n")
-    c.m.gate_answered(c.gated[0], Respond(302, (("Location", "https://idp.test/auth"),)))
+    c.m.router.gate_answered(c.gated[0], Respond(302, (("Location", "https://idp.test/auth"),)))
     c.run()
     got = responses_in(bytes(c.user))[0]
     assert got[0] == 302 and got[1][b"location"] == b"https://idp.test/auth" and ("open", "c0.1") not in c.steps
@@ -770,14 +772,14 @@ def test_gate_respond_answers_from_the_edge(mode):
 def test_gate_unusable_answer_or_failure_is_a_503(mode):
     c = Conn(mode, site=Site(gate=object()))
     c.request(b"GET / HTTP/1.1\r\nHost: sso.test\r\n\r\n")
-    c.m.gate_answered(c.gated[0], Allow(headers=(("X-Other", "x"),)))  # not an identity header
+    c.m.router.gate_answered(c.gated[0], Allow(headers=(("X-Other", "x"),)))  # not an identity header
     c.run()
     got = responses_in(bytes(c.user))[0]
     assert got[0] == 503 and c.closed == "close"
     assert any(line[0] == logging.ERROR for line in c.lines)
     c2 = Conn(mode, site=Site(gate=object()))
     c2.request(b"GET / HTTP/1.1\r\nHost: sso.test\r\n\r\n")
-    c2.m.gate_failed(c2.gated[0], RuntimeError("issuer down"))
+    c2.m.router.gate_failed(c2.gated[0], RuntimeError("issuer down"))
     c2.run()
     assert responses_in(bytes(c2.user))[0][0] == 503 and c2.closed == "close"
 
@@ -820,15 +822,15 @@ def test_each_body_chunk_costs_one_action_each_way():
     c.accept()
     for _ in range(299):
         c.m.receive(b"x" * 10)
-        assert c.m.actions == [X.SEND, b"x" * 10]
+        assert c.m.actions == [A.SEND, b"x" * 10]
         c.run()
     c.m.receive(b"x" * 10)
-    assert c.m.actions == [X.SEND, b"x" * 10, X.ARM, LIMITS.response_timeout]  # the body is complete
+    assert c.m.actions == [A.SEND, b"x" * 10, A.ARM, LIMITS.response_timeout]  # the body is complete
     c.run()
     c.app(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n")
     for _ in range(299):
         c.m.link.data(b"y" * 10)
-        assert c.m.actions == [X.WRITE, b"y" * 10]
+        assert c.m.actions == [A.WRITE, b"y" * 10]
         c.run()
     c.app(b"y" * 10)
     assert responses_in(bytes(c.user))[0][2] == b"y" * 3000 and c.m.state is State.IDLE

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Callable
 
 from backhaul.protocol.constants import ErrorCode
 from backhaul.protocol.mux import SessionError
-from backhaul.relay.http import exchange as X
+from backhaul.relay.http import actions as A
 from backhaul.relay.http import writer
+from backhaul.relay.http.exchange import CLOSED, Exchange, ExchangeMachine
+from backhaul.relay.http.pacing import T_NONE
 from backhaul.relay.opening import CannotOpen, Opening
 from backhaul.transport.sockets import set_nodelay
 
@@ -151,7 +153,7 @@ class HttpConnection(asyncio.Protocol):
         self.client_ip = "?"
         self.client = "?"
         self.conn_id = secrets.token_hex(8)
-        self.machine: X.ExchangeMachine | None = None
+        self.machine: ExchangeMachine | None = None
         self.stream: TunnelStream | None = None
         self.opening: Opening | None = None  # of the stream the current request opens
         self.write_paused = False
@@ -180,7 +182,7 @@ class HttpConnection(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Drop the connection now, its stream reset (the app it uses changed or went away)."""
-        if self.machine is not None and self.machine.state is not X.CLOSED:
+        if self.machine is not None and self.machine.state is not CLOSED:
             self.machine.abort(reason)
             self.run()
 
@@ -207,7 +209,7 @@ class HttpConnection(asyncio.Protocol):
         set_nodelay(transport)
         flow = self.edge.flow
         transport.set_write_buffer_limits(flow.write_high, flow.write_low)
-        self.machine = X.ExchangeMachine(
+        self.machine = ExchangeMachine(
             self.edge.limits,
             self.edge,
             scheme=self.scheme,
@@ -289,13 +291,13 @@ class HttpConnection(asyncio.Protocol):
                 kind = actions[i]
                 value = actions[i + 1]
                 i += 2
-                if kind == X.WRITE:
+                if kind == A.WRITE:
                     if not transport.is_closing():
                         self.bytes_out += len(value)
                         transport.write(value)
-                elif kind == X.SEND:
+                elif kind == A.SEND:
                     self._send(value)
-                elif kind == X.ARM:
+                elif kind == A.ARM:
                     self._arm(value)
                 else:
                     self._act(kind, value)
@@ -318,11 +320,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _act(self, kind: int, value) -> None:
         """The actions that come once a request or less."""
-        if kind == X.PAUSE:
+        if kind == A.PAUSE:
             self.transport.pause_reading()
-        elif kind == X.RESUME:
+        elif kind == A.RESUME:
             self.transport.resume_reading()
-        elif kind == X.DONE:
+        elif kind == A.DONE:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "http request",
@@ -335,47 +337,47 @@ class HttpConnection(asyncio.Protocol):
                         "seconds": round(self._loop.time() - value.started, 4),
                     },
                 )
-        elif kind == X.OPEN:
+        elif kind == A.OPEN:
             route = value.route
             extra = {"user": value.user} if value.user is not None else {}
             self.opening = self.edge.opener.begin(route.app, "http", self.client, value.id, StreamFigures(route.app.name), **extra)
             self._open()
-        elif kind == X.REOPEN:
+        elif kind == A.REOPEN:
             self._detach()
             self._open()
-        elif kind == X.END_STREAM:
+        elif kind == A.END_STREAM:
             stream = self._detach()
             if stream is not None:
                 stream.end()
                 stream.opening.done(ErrorCode.NO_ERROR)
-        elif kind == X.RESET_STREAM:
+        elif kind == A.RESET_STREAM:
             stream = self._detach()
             if stream is not None:
                 stream.reset(value)
                 stream.opening.done(ErrorCode.CANCEL)
-        elif kind == X.FORGET_STREAM:
+        elif kind == A.FORGET_STREAM:
             stream = self._detach()
             if stream is not None:
                 stream.opening.done(value)
-        elif kind == X.HALF_CLOSE:
+        elif kind == A.HALF_CLOSE:
             if self.stream is not None:
                 self.stream.end()
-        elif kind == X.WRITE_EOF:
+        elif kind == A.WRITE_EOF:
             self.transport.write_eof()
-        elif kind == X.GATE:
+        elif kind == A.GATE:
             ex, head = value
             task = self._gate_task = self._loop.create_task(self.edge.gate.check(ex.route.app, head))
             task.add_done_callback(lambda task, ex=ex: self._gated(ex, task))
-        elif kind == X.CLOSE:
+        elif kind == A.CLOSE:
             self._cancel_timer()
             self.transport.close()
-        elif kind == X.ABORT:
+        elif kind == A.ABORT:
             log.info("http connection aborted", extra={"client": self.client, "conn": self.conn_id, "reason": value})
             self._cancel_timer()
             self.transport.abort()
-        elif kind == X.COUNT:
+        elif kind == A.COUNT:
             self.edge.count(value)
-        elif kind == X.LOG:
+        elif kind == A.LOG:
             level, message, extra, exc_info = value
             log.log(level, message, extra=extra, exc_info=exc_info)
         else:
@@ -406,15 +408,15 @@ class HttpConnection(asyncio.Protocol):
             self.owed = 0
         return stream
 
-    def _gated(self, ex: X.Exchange, task: asyncio.Task) -> None:
+    def _gated(self, ex: Exchange, task: asyncio.Task) -> None:
         self._gate_task = None
         if task.cancelled():
             return
         error = task.exception()
         if error is not None:
-            self.machine.gate_failed(ex, error)
+            self.machine.router.gate_failed(ex, error)
         else:
-            self.machine.gate_answered(ex, task.result())
+            self.machine.router.gate_answered(ex, task.result())
         self.run()
 
     # ------------------------------------------------------------------ the timer
@@ -436,7 +438,7 @@ class HttpConnection(asyncio.Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         machine = self.machine
-        if machine.state is X.CLOSED or machine.timer == X.T_NONE:
+        if machine.state is CLOSED or machine.pacing.timer == T_NONE:
             return
         if self._loop.time() < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._timed_out)

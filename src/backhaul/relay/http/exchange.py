@@ -39,9 +39,13 @@ import enum
 import logging
 
 from backhaul.config import HttpLimits
-from backhaul.relay.body_clock import BodyClock
-from backhaul.relay.http import heads, translate, writer
 from backhaul.protocol.constants import ErrorCode, error_name
+from backhaul.relay.http import heads, translate, writer
+from backhaul.relay.http.actions import (
+    ABORT, CLOSE, COUNT, DONE, END_STREAM, FORGET_STREAM, GATE, HALF_CLOSE, LOG, OPEN, REOPEN, RESET_STREAM, SEND,
+    WRITE, WRITE_EOF,
+)
+from backhaul.relay.http.pacing import P_QUEUE, P_TUNNEL, P_UPGRADE, T_BODY, T_HEAD, T_IDLE, T_NONE, T_RESPONSE, Pacing
 from backhaul.relay.http.reader import BODY, CHUNKED, END, HEAD, UPGRADE, HttpError, Request, RequestReader, ResponseReader
 from backhaul.relay.opening import Opening
 from backhaul.relay.preauth.contract import Allow, Respond
@@ -83,34 +87,6 @@ TRANSITIONS: dict[State, dict[Step, State]] = {
     UPGRADED: {Step.CLOSE: CLOSED},
     CLOSED: {Step.CLOSE: CLOSED},
 }
-
-# Actions (kinds of the pairs in ExchangeMachine.actions) and their values.
-WRITE = 0  # bytes: to the user
-SEND = 1  # bytes: to the stream
-ARM = 2  # seconds: the timer runs out then (what for: ExchangeMachine.timer)
-PAUSE = 3  # None: stop reading the user's socket
-RESUME = 4  # None: read it again
-OPEN = 5  # Exchange: open a new stream for it (relay.opening), then report open_failed or wait
-REOPEN = 6  # Exchange: offer the same stream to another connector (the last one refused it)
-END_STREAM = 7  # None: drop the stream with its FIN (the backend connection is not needed)
-RESET_STREAM = 8  # reason: drop the stream with a reset
-FORGET_STREAM = 9  # error code: drop a stream the tunnel ended; it ended with that code
-HALF_CLOSE = 10  # None: FIN on the stream, which stays (the upgraded user half-closed)
-WRITE_EOF = 11  # None: half-close the user's side (the upgraded backend did)
-GATE = 12  # (Exchange, RequestHead): ask the gate; answer with gate_answered / gate_failed
-CLOSE = 13  # None: close the user's connection after what was written
-ABORT = 14  # reason: drop the user's connection now
-COUNT = 15  # name: one more of that event (RelayMetrics.count)
-LOG = 16  # (level, message, extra, exc_info)
-DONE = 17  # Exchange: one request is complete
-
-# What the timer is for.
-T_NONE, T_IDLE, T_HEAD, T_RESPONSE, T_BODY = range(5)
-
-# Why reading the user's socket is paused (bits; reading resumes when none is left).
-P_QUEUE = 1  # events of a request wait for the exchange before it
-P_TUNNEL = 2  # the tunnel stream pushes back
-P_UPGRADE = 4  # bytes after an Upgrade head wait for the backend's 101
 
 # The link's stream.
 L_NONE, L_OPENING, L_OPEN = range(3)
@@ -179,8 +155,8 @@ class ExchangeMachine:
 
     __slots__ = (
         "limits", "site", "scheme", "conn_id", "client_ip", "client", "clock", "can_write_eof", "reader", "events",
-        "actions", "state", "ex", "link", "requests", "timer", "paused", "reading_paused", "user_eof", "refusal", "upgraded",
-        "body", "_pumping", "_host", "_dropped_logged",
+        "actions", "state", "ex", "router", "link", "messages", "pacing", "requests", "user_eof", "upgraded", "refusal",
+        "_pumping",
     )
 
     def __init__(
@@ -200,27 +176,24 @@ class ExchangeMachine:
         self.actions: list = []
         self.state = IDLE
         self.ex: Exchange | None = None
-        self.link = BackendLink(self)  # the tunnel stream of the moment and the response side
+        self.router = Router(self)  # request heads to apps
+        self.link = BackendLink(self)  # the tunnel stream of the moment
+        self.messages = Messages(self)  # what goes out on it and comes back
+        self.pacing = Pacing(self, limits)  # reading the user's socket, and the timer
         self.requests = 0
-        self.timer = T_NONE
-        self.paused = 0
-        self.reading_paused = False
         self.user_eof = False
         self.upgraded = False  # a 101 switched the connection to raw bytes (it stays so once CLOSED)
         self.refusal: HttpError | None = None  # the reader refused what follows the queued events
-        # The body clock (see _body_sync): it runs only while the edge reads the user's
-        # socket for a body it waits for, and counts only that time ("active" seconds).
-        self.body = BodyClock(limits)
         self._pumping = False
-        self._host: tuple[bytes, str] = (b"", "")  # the last Host header and its host name
-        self._dropped_logged = False  # headers dropped for their "_" are logged once a connection
-        self.arm(limits.header_timeout, T_HEAD)
+        self.pacing.arm(limits.header_timeout, T_HEAD)
 
     def move(self, step: Step) -> None:
         try:
-            self.state = TRANSITIONS[self.state][step]
+            state = self.state = TRANSITIONS[self.state][step]
         except KeyError:
             raise AssertionError(f"the HTTP exchange cannot {step.name} in state {self.state.name}") from None
+        if state is CLOSED:
+            self.pacing.closed = True
 
     def log(self, level: int, message: str, extra: dict, exc_info=None) -> None:
         self.actions += (LOG, (level, message, extra, exc_info))
@@ -235,8 +208,8 @@ class ExchangeMachine:
             return
         if state is CLOSED or self.refusal is not None:
             return
-        if self.timer == T_IDLE:
-            self.arm(self.limits.header_timeout, T_HEAD)
+        if self.pacing.timer == T_IDLE:
+            self.pacing.arm(self.limits.header_timeout, T_HEAD)
         try:
             self.reader.feed(data)
         except HttpError as exc:
@@ -257,26 +230,26 @@ class ExchangeMachine:
 
     def connection_lost(self) -> None:
         busy = self.upgraded or (self.ex is not None and self.state is not DISCARDING)
-        self.state = CLOSED
-        self.timer = T_NONE
+        self.move(Step.CLOSE)
+        self.pacing.timer = T_NONE
         self.link.drop(graceful=not busy, reason="the user closed the connection")
         self.reader.close()
         self.events.clear()
 
     def pushback(self, on: bool) -> None:
         """The tunnel stream pushes back (or takes bytes again)."""
-        self.set_paused(P_TUNNEL, on)
+        self.pacing.set_paused(P_TUNNEL, on)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (its app changed, or the user's request broke mid-way)."""
         self.move(Step.CLOSE)
-        self.timer = T_NONE
+        self.pacing.timer = T_NONE
         self.link.drop(graceful=False, reason=reason)
         self.actions += (ABORT, reason)
 
     def close(self) -> None:
         self.move(Step.CLOSE)
-        self.timer = T_NONE
+        self.pacing.timer = T_NONE
         self.actions += (CLOSE, None)
 
     def uses(self, route) -> bool:
@@ -310,7 +283,7 @@ class ExchangeMachine:
                     if ex is not None:
                         break
                     events.popleft()
-                    self._begin(value)
+                    self.router.begin(value)
                 elif ex is None:
                     raise AssertionError(f"request event {kind} outside of an exchange")
                 elif state is DISCARDING:
@@ -331,14 +304,14 @@ class ExchangeMachine:
                         self._request_end(ex)
                     elif kind == UPGRADE:
                         ex.upgrade_rest = value
-                        self.set_paused(P_UPGRADE, True)
+                        self.pacing.set_paused(P_UPGRADE, True)
         finally:
             self._pumping = False
         if self.state is not CLOSED:
             queued = bool(self.events) or self.refusal is not None
-            if queued or self.paused & P_QUEUE:
-                self.set_paused(P_QUEUE, queued)
-        self.body_sync()
+            if queued or self.pacing.paused & P_QUEUE:
+                self.pacing.set_paused(P_QUEUE, queued)
+        self.pacing.body_sync()
 
     def _refuse(self, error: HttpError) -> None:
         """Answer a request the reader refused (or whose head timed out) and close."""
@@ -356,62 +329,6 @@ class ExchangeMachine:
         self.actions += (WRITE, writer.local_response(error.status, error.reason, request_id, close=True))
         self.link.drop(graceful=False, reason="malformed request")
         self.close()
-
-    def _begin(self, request: Request) -> None:
-        self.timer = T_NONE
-        ex = self.ex = Exchange(request, f"{self.conn_id}.{self.requests + 1}", self.clock())
-        try:
-            host = heads.authority(request)
-            if host == self._host[0]:
-                name = self._host[1]
-            else:
-                name = translate.split_host(host)
-                self._host = (host, name)
-        except HttpError as exc:
-            self.answer(exc.status, exc.reason, close=True)
-            return
-        ex.external_host = name.encode("ascii")
-        ex.external_base = self.scheme.encode("ascii") + b"://" + host
-        route = self.site.routes.get(name)
-        if route is None:
-            self.answer(404, f"no app is published at {name}")
-            return
-        ex.route = route
-        if route.app.preauth == "oidc":
-            if self.site.gate is None:
-                self.log(logging.WARNING, "oidc app without a gate refused", {"app": route.app.name, "id": ex.id})
-                self.answer(503, "pre-authentication is not configured on this relay")
-                return
-            self.move(Step.GATE)
-            head = heads.gate_head(request, name, self.scheme, self.client_ip, bool(self.limits.underscore_headers))
-            self.actions += (GATE, (ex, head))
-            return
-        self.link.forward(ex)
-
-    def gate_answered(self, ex: Exchange, decision) -> None:
-        """The gate's Allow or Respond for ``ex`` (ignored unless ``ex`` still waits for it)."""
-        if self.state is not GATING or self.ex is not ex:
-            return
-        try:
-            if isinstance(decision, Allow):
-                ex.extra = heads.identity_headers(decision)
-                ex.user = decision.user
-                self.link.forward(ex)
-            elif isinstance(decision, Respond):
-                self.answer(decision.status, "", headers=heads.respond_headers(decision), body=decision.body)
-            else:
-                raise TypeError(f"the gate answered {decision!r}, not Allow or Respond")
-        except (UnicodeError, writer.UnsafeHeader, TypeError) as exc:
-            self.log(logging.ERROR, "pre-authentication answered something unusable", {"id": ex.id, "error": str(exc)})
-            self.answer(503, "pre-authentication failed; try again later", close=True)
-        self.pump()
-
-    def gate_failed(self, ex: Exchange, error: BaseException) -> None:
-        if self.state is not GATING or self.ex is not ex:
-            return
-        self.log(logging.ERROR, "pre-authentication failed", {"app": ex.route.app.name, "id": ex.id}, error)
-        self.answer(503, "pre-authentication failed; try again later", close=True)
-        self.pump()
 
     def answer(self, status: int, message: str, *, close: bool = False, headers=(), body: bytes | None = None) -> None:
         """Answer the current request from the edge."""
@@ -454,26 +371,12 @@ class ExchangeMachine:
         elif ex.request_done:
             self.exchange_done()
 
-    def dropped_headers(self, ex: Exchange, dropped: list[bytes]) -> None:
-        if not self._dropped_logged:
-            # Once a connection: a client that sends them sends them with every request.
-            self._dropped_logged = True
-            self.log(
-                logging.INFO, "request headers with '_' in their name dropped",
-                {
-                    "client": self.client,
-                    "id": ex.id,
-                    "app": ex.route.app.name,
-                    "headers": [name.decode("latin-1") for name in dropped[:10]],
-                },
-            )
-
     def continued(self, ex: Exchange) -> None:
         """The client of an ``Expect: 100-continue`` may send its body now: the body clock
         takes over from the backend's response_timeout."""
         ex.continued = True
-        if self.timer == T_RESPONSE and not ex.request_done:
-            self.timer = T_NONE
+        if self.pacing.timer == T_RESPONSE and not ex.request_done:
+            self.pacing.timer = T_NONE
 
     def _request_end(self, ex: Exchange) -> None:
         if ex.request.framing == CHUNKED:
@@ -482,7 +385,7 @@ class ExchangeMachine:
         if ex.response_done:
             self.exchange_done()
         elif not ex.response_started:
-            self.arm(self.limits.response_timeout, T_RESPONSE)
+            self.pacing.arm(self.limits.response_timeout, T_RESPONSE)
 
     def exchange_done(self) -> None:
         ex = self.ex
@@ -497,36 +400,20 @@ class ExchangeMachine:
             return
         self.link.finished(ex)
         if self.reader.mid_head:
-            self.arm(self.limits.header_timeout, T_HEAD)
+            self.pacing.arm(self.limits.header_timeout, T_HEAD)
         else:
-            self.arm(self.limits.keepalive_timeout, T_IDLE)
+            self.pacing.arm(self.limits.keepalive_timeout, T_IDLE)
         if self.events or self.refusal is not None:
             self.pump()
-        elif self.paused & P_QUEUE:
-            self.set_paused(P_QUEUE, False)
+        elif self.pacing.paused & P_QUEUE:
+            self.pacing.set_paused(P_QUEUE, False)
 
-    # ------------------------------------------------------------------ reading and time
-
-    def set_paused(self, reason: int, on: bool) -> None:
-        paused = (self.paused | reason) if on else (self.paused & ~reason)
-        self.paused = paused
-        if paused and not self.reading_paused:
-            self.reading_paused = True
-            self.actions += (PAUSE, None)
-            if self.body.running:
-                self.body_sync()
-        elif not paused and self.reading_paused and self.state is not CLOSED:
-            self.reading_paused = False
-            self.actions += (RESUME, None)
-            self.body_sync()
-
-    def arm(self, seconds: float, kind: int) -> None:
-        self.timer = kind
-        self.actions += (ARM, seconds)
+    # ------------------------------------------------------------------ time
 
     def timed_out(self) -> None:
         """The timer ran out (the connection calls this at the last ARM's deadline)."""
-        kind, self.timer = self.timer, T_NONE
+        pacing = self.pacing
+        kind, pacing.timer = pacing.timer, T_NONE
         if self.state is CLOSED:
             return
         limits = self.limits
@@ -539,54 +426,19 @@ class ExchangeMachine:
             if ex is not None and not ex.response_started:
                 self.link.drop(graceful=False, reason="the backend did not answer in time")
                 self.answer(504, f"the app did not answer within {limits.response_timeout:g} s", close=True)
-        elif kind == T_BODY and self.body.running:
-            self._body_check(self.clock())
+        elif kind == T_BODY and pacing.body.running:
+            pacing.body_check(self.clock())
 
-    def body_sync(self) -> None:
-        """Start or stop the body clock as the connection's state asks.
-
-        It runs while a request body is outstanding and the edge is reading the user's
-        socket for it: not while reading is paused (the tunnel pushes back, or earlier
-        events wait: a slow backend is not a slow client), not before a client that asked
-        for 100-continue got it, and not once a response has started (an early answer
-        ends the exchange by the existing rules: the connection closes after it).
-        """
-        ex = self.ex
-        want = (
-            ex is not None
-            and ex.continued
-            and not ex.response_started
-            and self.reader.mid_body
-            and not self.reading_paused
-            and self.state is not CLOSED
-        )
-        clock = self.body
-        if want == clock.running:
-            return
-        now = self.clock()
-        if not want:
-            clock.pause(now)
-            if self.timer == T_BODY:
-                self.timer = T_NONE
-            return
-        clock.run(now, ex, self.reader.body_start)
-        self._body_check(now)
-
-    def _body_check(self, now: float) -> None:
-        """Look at the body's progress (relay/body_clock.py): time it out, or look again later."""
-        rule, value = self.body.look(now, self.reader.body_bytes)
-        if rule is None:
-            self.arm(value, T_BODY)
-            return
+    def body_timed_out(self, rule: str, received: int, active: float) -> None:
+        """The request body broke ``rule`` (relay/body_clock.py): 408."""
         ex = self.ex
         limits = self.limits
-        received = self.body.received(self.reader.body_bytes)
         if rule == "body_timeout":
             reason = f"no byte of the request body came for {limits.body_timeout:g} s"
         else:
             reason = (
                 f"the request body came slower than {limits.body_min_rate} bytes/s "
-                f"({received} bytes in {value:.1f} s)"
+                f"({received} bytes in {active:.1f} s)"
             )
         self.actions += (COUNT, "http_body_timeouts")
         self.log(
@@ -597,13 +449,84 @@ class ExchangeMachine:
                 "app": ex.route.app.name if ex.route else None,
                 "rule": rule,
                 "bytes": received,
-                "seconds": round(value, 3),
+                "seconds": round(active, 3),
             },
         )
         # Nothing of a response has started (the clock stops when one does): the user
         # gets 408, the stream to the connector is reset, and so is the backend connection.
         self.link.drop(graceful=False, reason="the request body timed out")
         self.answer(408, reason, close=True)
+
+
+class Router:
+    """What becomes of a request head: routed by Host to an app, answered by the edge, or
+    first shown to the gate (an app published with ``--preauth oidc``)."""
+
+    __slots__ = ("m", "_host")
+
+    def __init__(self, machine: "ExchangeMachine") -> None:
+        self.m = machine
+        self._host: tuple[bytes, str] = (b"", "")  # the last Host header and its host name
+
+    def begin(self, request: Request) -> None:
+        """A request head, in its turn: route it by Host, then gate it or forward it."""
+        m = self.m
+        m.pacing.timer = T_NONE
+        ex = m.ex = Exchange(request, f"{m.conn_id}.{m.requests + 1}", m.clock())
+        try:
+            host = heads.authority(request)
+            if host == self._host[0]:
+                name = self._host[1]
+            else:
+                name = translate.split_host(host)
+                self._host = (host, name)
+        except HttpError as exc:
+            m.answer(exc.status, exc.reason, close=True)
+            return
+        ex.external_host = name.encode("ascii")
+        ex.external_base = m.scheme.encode("ascii") + b"://" + host
+        route = m.site.routes.get(name)
+        if route is None:
+            m.answer(404, f"no app is published at {name}")
+            return
+        ex.route = route
+        if route.app.preauth == "oidc":
+            if m.site.gate is None:
+                m.log(logging.WARNING, "oidc app without a gate refused", {"app": route.app.name, "id": ex.id})
+                m.answer(503, "pre-authentication is not configured on this relay")
+                return
+            m.move(Step.GATE)
+            head = heads.gate_head(request, name, m.scheme, m.client_ip, bool(m.limits.underscore_headers))
+            m.actions += (GATE, (ex, head))
+            return
+        m.link.forward(ex)
+
+    def gate_answered(self, ex: Exchange, decision) -> None:
+        """The gate's Allow or Respond for ``ex`` (ignored unless ``ex`` still waits for it)."""
+        m = self.m
+        if m.state is not GATING or m.ex is not ex:
+            return
+        try:
+            if isinstance(decision, Allow):
+                ex.extra = heads.identity_headers(decision)
+                ex.user = decision.user
+                m.link.forward(ex)
+            elif isinstance(decision, Respond):
+                m.answer(decision.status, "", headers=heads.respond_headers(decision), body=decision.body)
+            else:
+                raise TypeError(f"the gate answered {decision!r}, not Allow or Respond")
+        except (UnicodeError, writer.UnsafeHeader, TypeError) as exc:
+            m.log(logging.ERROR, "pre-authentication answered something unusable", {"id": ex.id, "error": str(exc)})
+            m.answer(503, "pre-authentication failed; try again later", close=True)
+        m.pump()
+
+    def gate_failed(self, ex: Exchange, error: BaseException) -> None:
+        m = self.m
+        if m.state is not GATING or m.ex is not ex:
+            return
+        m.log(logging.ERROR, "pre-authentication failed", {"app": ex.route.app.name, "id": ex.id}, error)
+        m.answer(503, "pre-authentication failed; try again later", close=True)
+        m.pump()
 
 
 class BackendLink:
@@ -637,7 +560,7 @@ class BackendLink:
         else:
             ex.reused = True
             self.m.move(Step.REUSE)
-            self._send_head(ex)
+            self.m.messages.send_head(ex)
 
     def _open(self, ex: Exchange, step: Step, action: int) -> None:
         self.m.move(step)
@@ -697,7 +620,7 @@ class BackendLink:
         self.resp = ResponseReader(m.limits)
         if m.state is OPENING:
             m.move(Step.ACCEPT)
-            self._send_head(m.ex)
+            self.m.messages.send_head(m.ex)
             m.pump()
 
     def rejected(self, code: int, reason: str) -> None:
@@ -782,7 +705,7 @@ class BackendLink:
                 self.failed(exc.reason)
                 m.pump()
                 return
-            self._drain(ex)
+            m.messages.drain(ex)
             if m.ex is ex and m.state is not CLOSED:
                 self.failed("the app closed the connection without answering")
                 m.pump()
@@ -805,16 +728,27 @@ class BackendLink:
         try:
             resp.feed(data)
         except HttpError as exc:
-            self._drain(ex)
+            m.messages.drain(ex)
             m.log(logging.WARNING, "bad response from the app", {"id": ex.id, "reason": exc.reason})
             self.failed(exc.reason)
             m.pump()
         else:
-            self._drain(ex)
+            m.messages.drain(ex)
 
     # ------------------------------------------------------------------ the request and response
 
-    def _send_head(self, ex: Exchange) -> None:
+class Messages:
+    """What goes out on the link and comes back: the request head as the backend gets it,
+    and the backend's responses as the user gets them (translated, rechunked, the close
+    decision said in the head), up to a 101 that switches the connection to raw bytes."""
+
+    __slots__ = ("m", "_dropped_logged")
+
+    def __init__(self, machine: "ExchangeMachine") -> None:
+        self.m = machine
+        self._dropped_logged = False  # headers dropped for their "_" are logged once a connection
+
+    def send_head(self, ex: Exchange) -> None:
         m = self.m
         request = ex.request
         dropped: list[bytes] = []
@@ -829,17 +763,32 @@ class BackendLink:
             dropped=dropped,
         )
         if dropped:
-            m.dropped_headers(ex, dropped)
-        self.resp.expect(request.method == "HEAD", request.upgrade)
+            self._dropped(ex, dropped)
+        m.link.resp.expect(request.method == "HEAD", request.upgrade)
         m.actions += (SEND, head)
         if ex.request_done or not ex.continued:
             # The backend has response_timeout to answer, or to say 100 to a client that waits for it.
-            m.arm(m.limits.response_timeout, T_RESPONSE)
+            m.pacing.arm(m.limits.response_timeout, T_RESPONSE)
 
-    def _drain(self, ex: Exchange) -> None:
+    def _dropped(self, ex: Exchange, dropped: list[bytes]) -> None:
+        if not self._dropped_logged:
+            # Once a connection: a client that sends them sends them with every request.
+            self._dropped_logged = True
+            self.m.log(
+                logging.INFO, "request headers with '_' in their name dropped",
+                {
+                    "client": self.m.client,
+                    "id": ex.id,
+                    "app": ex.route.app.name,
+                    "headers": [name.decode("latin-1") for name in dropped[:10]],
+                },
+            )
+
+    def drain(self, ex: Exchange) -> None:
         """Turn the response reader's events into bytes for the user (one write per feed)."""
         m = self.m
-        events = self.resp.events
+        link = m.link
+        events = link.resp.events
         out: list[bytes] = []
         while events:
             kind, value = events.popleft()
@@ -854,12 +803,12 @@ class BackendLink:
                     m.actions += (WRITE, b"".join(out))
                 ex.response_done = True
                 if events:
-                    self.drop(graceful=False, reason="the app sent more than one response")
+                    link.drop(graceful=False, reason="the app sent more than one response")
                 if not ex.request_done:
                     # The app answered before the request was complete: the rest of the
                     # request has nowhere to go.
                     ex.close_after = True
-                    self.drop(graceful=False, reason="answered before the request was complete")
+                    link.drop(graceful=False, reason="answered before the request was complete")
                 m.exchange_done()
                 return
             elif kind == UPGRADE:
@@ -877,15 +826,15 @@ class BackendLink:
         if response.interim:
             if response.status == 100 and not ex.continued:
                 m.continued(ex)
-                m.body_sync()
+                m.pacing.body_sync()
             if http11:
                 out.append(heads.interim_response(ex.route, response, ex.external_base, ex.external_host))
             return
-        if m.timer == T_RESPONSE:
-            m.timer = T_NONE
+        if m.pacing.timer == T_RESPONSE:
+            m.pacing.timer = T_NONE
         ex.response_started = True
-        if m.body.running:
-            m.body_sync()  # an early answer: the body is no longer waited for
+        if m.pacing.body.running:
+            m.pacing.body_sync()  # an early answer: the body is no longer waited for
         ex.status = response.status
         close = (
             ex.close_after
@@ -909,10 +858,10 @@ class BackendLink:
         m = self.m
         m.move(Step.SWITCH)
         m.upgraded = True
-        self.resp = None
+        m.link.resp = None
         m.ex = None
         m.requests += 1
-        m.timer = T_NONE
+        m.pacing.timer = T_NONE
         m.reader.close()
         m.events.clear()
         if rest:
@@ -920,4 +869,4 @@ class BackendLink:
         if ex.upgrade_rest:
             m.actions += (SEND, ex.upgrade_rest)
         m.log(logging.INFO, "http connection upgraded", {"client": m.client, "id": ex.id, "app": ex.route.app.name})
-        m.set_paused(P_QUEUE | P_UPGRADE, False)
+        m.pacing.set_paused(P_QUEUE | P_UPGRADE, False)
