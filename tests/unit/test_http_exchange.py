@@ -64,7 +64,7 @@ class Conn:
         self.streams: list[bytearray] = []  # what each stream carried to the app, in order of opening
         self.stream_open = False
         self.steps: list[tuple] = []  # stream and connection actions, in order
-        self.armed: list[tuple[float, int]] = []  # (seconds, what for) of each ARM
+        self.armed: list[tuple[float, int]] = []  # (seconds, what for) each time the timer is armed anew
         self.counts: list[str] = []
         self.lines: list[tuple[int, str, dict]] = []
         self.done: list[str] = []  # ids of the completed requests
@@ -92,8 +92,6 @@ class Conn:
             elif kind == A.SEND:
                 if self.stream_open:
                     self.streams[-1] += value
-            elif kind == A.ARM:
-                self.armed.append((value, self.m.pacing.timer))
             elif kind == A.PAUSE:
                 self.paused = True
             elif kind == A.RESUME:
@@ -122,6 +120,10 @@ class Conn:
             else:
                 raise AssertionError(f"unknown action {kind}")
         actions.clear()
+        pacing = self.m.pacing
+        if pacing.due is not None:
+            self.armed.append((pacing.due, pacing.timer))
+            pacing.due = None
         self._running = False
         self._read()
 
@@ -822,15 +824,16 @@ def test_each_body_chunk_costs_one_action_each_way():
     c.accept()
     for _ in range(299):
         c.m.receive(b"x" * 10)
-        assert c.m.actions == [A.SEND, b"x" * 10]
+        assert c.m.actions == [A.SEND, b"x" * 10] and c.m.pacing.due is None
         c.run()
     c.m.receive(b"x" * 10)
-    assert c.m.actions == [A.SEND, b"x" * 10, A.ARM, LIMITS.response_timeout]  # the body is complete
+    assert c.m.actions == [A.SEND, b"x" * 10]
+    assert c.m.pacing.due == LIMITS.response_timeout  # the body is complete: the app's answer is timed
     c.run()
     c.app(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n")
     for _ in range(299):
         c.m.link.data(b"y" * 10)
-        assert c.m.actions == [A.WRITE, b"y" * 10]
+        assert c.m.actions == [A.WRITE, b"y" * 10] and c.m.pacing.due is None
         c.run()
     c.app(b"y" * 10)
     assert responses_in(bytes(c.user))[0][2] == b"y" * 3000 and c.m.state is State.IDLE

@@ -2,12 +2,13 @@
 
 The machine appends ``kind, value`` pairs to its ``actions`` list (flat: no tuple per
 action); the connection (relay/http/connection.py) carries them out in order. The value
-each kind carries is said beside it.
+each kind carries is said beside it. The timer is not among them: the machine's
+``pacing`` says what it waits for and when it was armed anew (relay/http/pacing.py).
 """
 
 WRITE = 0  # bytes: to the user
 SEND = 1  # bytes: to the stream
-ARM = 2  # seconds: the timer runs out then (what for: Pacing.timer)
+# (2: the timer is not an action: Pacing.due says when it is armed anew)
 PAUSE = 3  # None: stop reading the user's socket
 RESUME = 4  # None: read it again
 OPEN = 5  # Exchange: open a new stream for it (relay.opening); then BackendLink.open_failed, or its events

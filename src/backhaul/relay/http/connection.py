@@ -29,6 +29,7 @@ from backhaul.protocol.constants import ErrorCode
 from backhaul.protocol.mux import SessionError
 from backhaul.relay.http import actions as A
 from backhaul.relay.http import writer
+from backhaul.relay.http.actions import SEND, WRITE
 from backhaul.relay.http.exchange import CLOSED, Exchange, ExchangeMachine
 from backhaul.relay.http.pacing import T_NONE
 from backhaul.relay.opening import CannotOpen, Opening
@@ -97,10 +98,8 @@ class TunnelStream:
                 self.tunnel.consumed(self.id, size)
             else:
                 self.figures.bytes_down += size
-                machine = conn.machine
-                machine.link.data(data)
-                if machine.actions:
-                    conn.run()
+                conn.machine.link.data(data)
+                conn.run()
                 if conn.write_paused and conn.stream is self:
                     conn.owed += size
                 else:
@@ -218,6 +217,7 @@ class HttpConnection(asyncio.Protocol):
             client=self.client,
             clock=self._loop.time,
             can_write_eof=transport.can_write_eof(),
+            trace=log.isEnabledFor(logging.DEBUG),  # (the level is set at start)
         )
         self.run()
 
@@ -227,8 +227,7 @@ class HttpConnection(asyncio.Protocol):
         if machine is None:
             return
         machine.receive(data)
-        if machine.actions:
-            self.run()
+        self.run()
 
     def eof_received(self) -> bool:
         if self.machine is None:
@@ -282,28 +281,33 @@ class HttpConnection(asyncio.Protocol):
         if self._running:
             return  # the outer run goes on with what was added
         self._running = True
-        machine = self.machine
-        actions = machine.actions
+        actions = self.machine.actions
         transport = self.transport
         i = 0
         try:
-            while i < len(actions):
+            while i < len(actions):  # what the actions add is carried out in this loop too
                 kind = actions[i]
                 value = actions[i + 1]
                 i += 2
-                if kind == A.WRITE:
+                if kind == WRITE:
                     if not transport.is_closing():
                         self.bytes_out += len(value)
                         transport.write(value)
-                elif kind == A.SEND:
+                elif kind == SEND:
                     self._send(value)
-                elif kind == A.ARM:
-                    self._arm(value)
                 else:
                     self._act(kind, value)
         finally:
             actions.clear()
             self._running = False
+        pacing = self.machine.pacing
+        if pacing.due is not None:
+            # Re-arming moves the deadline; a new handle is made only when it comes sooner.
+            deadline = self._loop.time() + pacing.due
+            pacing.due = None
+            self._deadline = deadline
+            if (self._timer is None or deadline < self._timer_at) and self.machine.state is not CLOSED:
+                self._new_timer(deadline)
 
     def _send(self, data) -> None:
         stream = self.stream
@@ -320,11 +324,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _act(self, kind: int, value) -> None:
         """The actions that come once a request or less."""
-        if kind == A.PAUSE:
-            self.transport.pause_reading()
-        elif kind == A.RESUME:
-            self.transport.resume_reading()
-        elif kind == A.DONE:
+        if kind == A.DONE:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "http request",
@@ -337,6 +337,10 @@ class HttpConnection(asyncio.Protocol):
                         "seconds": round(self._loop.time() - value.started, 4),
                     },
                 )
+        elif kind == A.PAUSE:
+            self.transport.pause_reading()
+        elif kind == A.RESUME:
+            self.transport.resume_reading()
         elif kind == A.OPEN:
             route = value.route
             extra = {"user": value.user} if value.user is not None else {}
@@ -421,14 +425,11 @@ class HttpConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the timer
 
-    def _arm(self, seconds: float) -> None:
-        deadline = self._loop.time() + seconds
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._timed_out)
-            self._timer_at = deadline
+    def _new_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._timed_out)
+        self._timer_at = deadline
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -88,6 +88,9 @@ TRANSITIONS: dict[State, dict[Step, State]] = {
     CLOSED: {Step.CLOSE: CLOSED},
 }
 
+# The steps as plain names: an Enum member read off its class costs a lookup each time.
+_GATE, _OPEN, _REUSE, _ACCEPT, _RETRY, _ANSWER, _FINISH, _SWITCH, _CLOSE = Step
+
 # The link's stream.
 L_NONE, L_OPENING, L_OPEN = range(3)
 
@@ -110,7 +113,7 @@ class Exchange:
         self.route: translate.Route | None = None
         self.user: str | None = None
         self.extra: tuple[tuple[bytes, bytes], ...] = ()
-        self.started = started
+        self.started = started  # (for the DEBUG line of each request: 0.0 when not traced)
         self.reused = False  # sent on a stream an earlier request opened
         self.retried = False
         self.body_sent = False
@@ -156,12 +159,12 @@ class ExchangeMachine:
     __slots__ = (
         "limits", "site", "scheme", "conn_id", "client_ip", "client", "clock", "can_write_eof", "reader", "events",
         "actions", "state", "ex", "router", "link", "messages", "pacing", "requests", "user_eof", "upgraded", "refusal",
-        "_pumping",
+        "trace", "_pumping",
     )
 
     def __init__(
         self, limits: HttpLimits, site, *, scheme: str, conn_id: str, client_ip: str, client: str, clock,
-        can_write_eof: bool = True,
+        can_write_eof: bool = True, trace: bool = True,
     ) -> None:
         self.limits = limits
         self.site = site
@@ -171,6 +174,7 @@ class ExchangeMachine:
         self.client = client
         self.clock = clock  # seconds, monotonic: the connection's loop time
         self.can_write_eof = can_write_eof  # the user's transport can half-close (not TLS)
+        self.trace = trace  # say DONE for each request (the connection logs them at DEBUG)
         self.reader = RequestReader(limits)
         self.events = self.reader.events
         self.actions: list = []
@@ -196,7 +200,7 @@ class ExchangeMachine:
             self.pacing.closed = True
 
     def log(self, level: int, message: str, extra: dict, exc_info=None) -> None:
-        self.actions += (LOG, (level, message, extra, exc_info))
+        self.actions.extend((LOG, (level, message, extra, exc_info)))
 
     # ------------------------------------------------------------------ the user's side
 
@@ -204,12 +208,14 @@ class ExchangeMachine:
         """Bytes from the user."""
         state = self.state
         if state is UPGRADED:
-            self.actions += (SEND, data)
+            self.actions.extend((SEND, data))
             return
         if state is CLOSED or self.refusal is not None:
             return
-        if self.pacing.timer == T_IDLE:
-            self.pacing.arm(self.limits.header_timeout, T_HEAD)
+        pacing = self.pacing
+        if pacing.timer == T_IDLE:
+            pacing.timer = T_HEAD
+            pacing.due = self.limits.header_timeout
         try:
             self.reader.feed(data)
         except HttpError as exc:
@@ -230,7 +236,7 @@ class ExchangeMachine:
 
     def connection_lost(self) -> None:
         busy = self.upgraded or (self.ex is not None and self.state is not DISCARDING)
-        self.move(Step.CLOSE)
+        self.move(_CLOSE)
         self.pacing.timer = T_NONE
         self.link.drop(graceful=not busy, reason="the user closed the connection")
         self.reader.close()
@@ -242,15 +248,15 @@ class ExchangeMachine:
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (its app changed, or the user's request broke mid-way)."""
-        self.move(Step.CLOSE)
+        self.move(_CLOSE)
         self.pacing.timer = T_NONE
         self.link.drop(graceful=False, reason=reason)
-        self.actions += (ABORT, reason)
+        self.actions.extend((ABORT, reason))
 
     def close(self) -> None:
-        self.move(Step.CLOSE)
+        self.move(_CLOSE)
         self.pacing.timer = T_NONE
-        self.actions += (CLOSE, None)
+        self.actions.extend((CLOSE, None))
 
     def uses(self, route) -> bool:
         """Whether the connection's stream or request is for ``route``."""
@@ -299,7 +305,7 @@ class ExchangeMachine:
                         ex.body_sent = True
                         if not ex.continued:
                             self.continued(ex)  # it did not wait for the 100
-                        self.actions += (SEND, writer.chunk(value) if ex.request.framing == CHUNKED else value)
+                        self.actions.extend((SEND, writer.chunk(value) if ex.request.framing == CHUNKED else value))
                     elif kind == END:
                         self._request_end(ex)
                     elif kind == UPGRADE:
@@ -311,7 +317,8 @@ class ExchangeMachine:
             queued = bool(self.events) or self.refusal is not None
             if queued or self.pacing.paused & P_QUEUE:
                 self.pacing.set_paused(P_QUEUE, queued)
-        self.pacing.body_sync()
+        if self.pacing.body.running or self.reader.mid_body:  # (else the body clock has nothing to do)
+            self.pacing.body_sync()
 
     def _refuse(self, error: HttpError) -> None:
         """Answer a request the reader refused (or whose head timed out) and close."""
@@ -319,14 +326,14 @@ class ExchangeMachine:
             logging.INFO, "http request refused",
             {"client": self.client, "conn": self.conn_id, "status": error.status, "reason": error.reason},
         )
-        self.actions += (COUNT, "http_refused")
+        self.actions.extend((COUNT, "http_refused"))
         ex = self.ex
         if ex is not None and (ex.response_started or self.state is FORWARDING):
             # The request was already on its way: its body turned out malformed.
             self.abort(f"malformed request body: {error.reason}")
             return
         request_id = ex.id if ex is not None else f"{self.conn_id}.{self.requests + 1}"
-        self.actions += (WRITE, writer.local_response(error.status, error.reason, request_id, close=True))
+        self.actions.extend((WRITE, writer.local_response(error.status, error.reason, request_id, close=True)))
         self.link.drop(graceful=False, reason="malformed request")
         self.close()
 
@@ -334,7 +341,7 @@ class ExchangeMachine:
         """Answer the current request from the edge."""
         ex = self.ex
         request = ex.request
-        self.move(Step.ANSWER)
+        self.move(_ANSWER)
         # A body the edge did not read (and a client waiting for 100 may never send) leaves
         # the connection in an unknown state: close it.
         close = (
@@ -346,12 +353,12 @@ class ExchangeMachine:
         )
         ex.status = status
         ex.response_started = ex.response_done = True
-        self.actions += (
+        self.actions.extend((
             WRITE,
             writer.local_response(
                 status, message, ex.id, close=close, headers=headers, body=body, head_only=request.method == "HEAD"
             ),
-        )
+        ))
         self.log(
             logging.WARNING if status >= 500 else logging.INFO,
             "http request answered by the edge",
@@ -364,7 +371,7 @@ class ExchangeMachine:
                 "reason": message,
             },
         )
-        self.actions += (COUNT, "http_edge_answers")
+        self.actions.extend((COUNT, "http_edge_answers"))
         if close:
             ex.close_after = True
             self.exchange_done()
@@ -380,29 +387,38 @@ class ExchangeMachine:
 
     def _request_end(self, ex: Exchange) -> None:
         if ex.request.framing == CHUNKED:
-            self.actions += (SEND, writer.LAST_CHUNK)
+            self.actions.extend((SEND, writer.LAST_CHUNK))
         ex.request_done = True
         if ex.response_done:
             self.exchange_done()
         elif not ex.response_started:
-            self.pacing.arm(self.limits.response_timeout, T_RESPONSE)
+            pacing = self.pacing
+            pacing.timer = T_RESPONSE
+            pacing.due = self.limits.response_timeout
 
     def exchange_done(self) -> None:
         ex = self.ex
         self.ex = None
         self.requests += 1
-        self.actions += (DONE, ex)
+        if self.trace:
+            self.actions.extend((DONE, ex))
         if self.state is CLOSED:
             return
-        self.move(Step.FINISH)
+        self.move(_FINISH)
         if ex.close_after or (self.user_eof and not self.events):
             self.close()
             return
-        self.link.finished(ex)
+        link = self.link
+        if link.state != L_NONE and (ex.backend_closes or not link.usable):
+            # The next request opens a new stream (and the connector a new connection).
+            link.drop(graceful=True, reason="the app closes its connection")
+        pacing = self.pacing
         if self.reader.mid_head:
-            self.pacing.arm(self.limits.header_timeout, T_HEAD)
+            pacing.timer = T_HEAD
+            pacing.due = self.limits.header_timeout
         else:
-            self.pacing.arm(self.limits.keepalive_timeout, T_IDLE)
+            pacing.timer = T_IDLE
+            pacing.due = self.limits.keepalive_timeout
         if self.events or self.refusal is not None:
             self.pump()
         elif self.pacing.paused & P_QUEUE:
@@ -411,7 +427,7 @@ class ExchangeMachine:
     # ------------------------------------------------------------------ time
 
     def timed_out(self) -> None:
-        """The timer ran out (the connection calls this at the last ARM's deadline)."""
+        """The timer ran out (the connection calls this at the deadline Pacing.due last set)."""
         pacing = self.pacing
         kind, pacing.timer = pacing.timer, T_NONE
         if self.state is CLOSED:
@@ -440,7 +456,7 @@ class ExchangeMachine:
                 f"the request body came slower than {limits.body_min_rate} bytes/s "
                 f"({received} bytes in {active:.1f} s)"
             )
-        self.actions += (COUNT, "http_body_timeouts")
+        self.actions.extend((COUNT, "http_body_timeouts"))
         self.log(
             logging.INFO, "request body timed out",
             {
@@ -472,9 +488,11 @@ class Router:
         """A request head, in its turn: route it by Host, then gate it or forward it."""
         m = self.m
         m.pacing.timer = T_NONE
-        ex = m.ex = Exchange(request, f"{m.conn_id}.{m.requests + 1}", m.clock())
+        ex = m.ex = Exchange(request, f"{m.conn_id}.{m.requests + 1}", m.clock() if m.trace else 0.0)
         try:
-            host = heads.authority(request)
+            host = request.host
+            if host is None or not request.target.startswith(b"/"):
+                host = heads.authority(request)  # (an absolute-form target, or no Host)
             if host == self._host[0]:
                 name = self._host[1]
             else:
@@ -495,9 +513,9 @@ class Router:
                 m.log(logging.WARNING, "oidc app without a gate refused", {"app": route.app.name, "id": ex.id})
                 m.answer(503, "pre-authentication is not configured on this relay")
                 return
-            m.move(Step.GATE)
+            m.move(_GATE)
             head = heads.gate_head(request, name, m.scheme, m.client_ip, bool(m.limits.underscore_headers))
-            m.actions += (GATE, (ex, head))
+            m.actions.extend((GATE, (ex, head)))
             return
         m.link.forward(ex)
 
@@ -556,10 +574,10 @@ class BackendLink:
         if self.state != L_NONE and (self.route is not ex.route or self.user != ex.user or not self.usable):
             self.drop(graceful=True, reason="another app")
         if self.state == L_NONE:
-            self._open(ex, Step.OPEN, OPEN)
+            self._open(ex, _OPEN, OPEN)
         else:
             ex.reused = True
-            self.m.move(Step.REUSE)
+            self.m.move(_REUSE)
             self.m.messages.send_head(ex)
 
     def _open(self, ex: Exchange, step: Step, action: int) -> None:
@@ -568,7 +586,7 @@ class BackendLink:
         self.route = ex.route
         self.user = ex.user
         self.remote_done = self.local_done = False
-        self.m.actions += (action, ex)
+        self.m.actions.extend((action, ex))
 
     def drop(self, graceful: bool, reason: str) -> None:
         """Let the stream go: with its FIN when ``graceful`` and it was accepted, else reset."""
@@ -578,22 +596,16 @@ class BackendLink:
         self.state = L_NONE
         self.resp = None
         if graceful and accepted:
-            self.m.actions += (END_STREAM, None)
+            self.m.actions.extend((END_STREAM, None))
         else:
-            self.m.actions += (RESET_STREAM, reason)
-
-    def finished(self, ex: Exchange) -> None:
-        """An exchange on the stream is complete: keep the stream for the next, or let it go."""
-        if self.state != L_NONE and (ex.backend_closes or not self.usable):
-            # The next request opens a new stream (and the connector a new connection).
-            self.drop(graceful=True, reason="the app closes its connection")
+            self.m.actions.extend((RESET_STREAM, reason))
 
     def half_close(self) -> None:
         """The upgraded user half-closed: so does the stream; both done, the connection closes."""
         if self.state == L_NONE:
             return
         self.local_done = True
-        self.m.actions += (HALF_CLOSE, None)
+        self.m.actions.extend((HALF_CLOSE, None))
         if self.remote_done:
             self.m.close()
 
@@ -604,7 +616,7 @@ class BackendLink:
         m = self.m
         self.state = L_NONE
         group = m.ex.route.app.group
-        m.actions += (COUNT, "http_no_connector")
+        m.actions.extend((COUNT, "http_no_connector"))
         if error.unreachable:
             message = str(error)
         elif error.attempted:
@@ -619,7 +631,7 @@ class BackendLink:
         self.state = L_OPEN
         self.resp = ResponseReader(m.limits)
         if m.state is OPENING:
-            m.move(Step.ACCEPT)
+            m.move(_ACCEPT)
             self.m.messages.send_head(m.ex)
             m.pump()
 
@@ -629,7 +641,7 @@ class BackendLink:
         self.resp = None
         retry = m.state is OPENING and Opening.retryable(code)
         if not retry:
-            m.actions += (FORGET_STREAM, code)
+            m.actions.extend((FORGET_STREAM, code))
         if m.state is not OPENING:
             return
         ex = m.ex
@@ -638,7 +650,7 @@ class BackendLink:
                 logging.INFO, "stream open refused, retrying on another connector",
                 {"id": ex.id, "code": error_name(code), "reason": reason},
             )
-            self._open(ex, Step.RETRY, REOPEN)
+            self._open(ex, _RETRY, REOPEN)
         else:
             status = 504 if code == ErrorCode.CONNECT_TIMEOUT else 502
             m.answer(status, f"the connector could not reach the app: {reason}")
@@ -653,7 +665,7 @@ class BackendLink:
         # The stream ends with the code it was reset with.
         self.state = L_NONE
         self.resp = None
-        self.m.actions += (FORGET_STREAM, code)
+        self.m.actions.extend((FORGET_STREAM, code))
         self.failed(f"{error_name(code)}: {reason}")
         self.m.pump()
 
@@ -680,7 +692,7 @@ class BackendLink:
             m.log(logging.INFO, "kept-alive backend connection was closed; resending", {"id": ex.id, "reason": reason})
             ex.retried = True
             ex.reused = False
-            self._open(ex, Step.RETRY, OPEN)  # a new stream, counted anew
+            self._open(ex, _RETRY, OPEN)  # a new stream, counted anew
         elif not ex.response_started:
             m.answer(status, f"the app's connection failed: {reason}", close=True)
         else:
@@ -692,7 +704,7 @@ class BackendLink:
         self.remote_done = True
         if m.state is UPGRADED:
             if m.can_write_eof:
-                m.actions += (WRITE_EOF, None)
+                m.actions.extend((WRITE_EOF, None))
             if m.user_eof or not m.can_write_eof:
                 m.close()
             return
@@ -717,7 +729,7 @@ class BackendLink:
         """Bytes from the backend: O(1) work besides parsing them."""
         m = self.m
         if m.state is UPGRADED:
-            m.actions += (WRITE, data)
+            m.actions.extend((WRITE, data))
             return
         ex = m.ex
         resp = self.resp
@@ -753,19 +765,12 @@ class Messages:
         request = ex.request
         dropped: list[bytes] = []
         head = heads.backend_request(
-            ex.route,
-            request,
-            client_ip=m.client_ip,
-            scheme=m.scheme,
-            request_id=ex.id,
-            extra=ex.extra,
-            underscores=bool(m.limits.underscore_headers),
-            dropped=dropped,
+            ex.route, request, m.client_ip, m.scheme, ex.id, ex.extra, bool(m.limits.underscore_headers), dropped
         )
         if dropped:
             self._dropped(ex, dropped)
         m.link.resp.expect(request.method == "HEAD", request.upgrade)
-        m.actions += (SEND, head)
+        m.actions.extend((SEND, head))
         if ex.request_done or not ex.continued:
             # The backend has response_timeout to answer, or to say 100 to a client that waits for it.
             m.pacing.arm(m.limits.response_timeout, T_RESPONSE)
@@ -800,7 +805,7 @@ class Messages:
                 if ex.rechunk:
                     out.append(writer.LAST_CHUNK)
                 if out:
-                    m.actions += (WRITE, b"".join(out))
+                    m.actions.extend((WRITE, b"".join(out)))
                 ex.response_done = True
                 if events:
                     link.drop(graceful=False, reason="the app sent more than one response")
@@ -813,11 +818,11 @@ class Messages:
                 return
             elif kind == UPGRADE:
                 if out:
-                    m.actions += (WRITE, b"".join(out))
+                    m.actions.extend((WRITE, b"".join(out)))
                 self._switch(ex, value)
                 return
         if out:
-            m.actions += (WRITE, b"".join(out))
+            m.actions.extend((WRITE, b"".join(out)))
 
     def _head(self, ex: Exchange, response, out: list[bytes]) -> None:
         m = self.m
@@ -846,7 +851,7 @@ class Messages:
             or (m.user_eof and not m.events)
         )
         head, close, ex.rechunk = heads.user_response(
-            ex.route, response, external_base=ex.external_base, external_host=ex.external_host, http11=http11, close=close
+            ex.route, response, ex.external_base, ex.external_host, http11, close
         )
         if close and response.status != 101:
             ex.close_after = True
@@ -856,7 +861,7 @@ class Messages:
     def _switch(self, ex: Exchange, rest: bytes) -> None:
         """The app answered 101: from now on both directions are piped raw."""
         m = self.m
-        m.move(Step.SWITCH)
+        m.move(_SWITCH)
         m.upgraded = True
         m.link.resp = None
         m.ex = None
@@ -865,8 +870,8 @@ class Messages:
         m.reader.close()
         m.events.clear()
         if rest:
-            m.actions += (WRITE, rest)
+            m.actions.extend((WRITE, rest))
         if ex.upgrade_rest:
-            m.actions += (SEND, ex.upgrade_rest)
+            m.actions.extend((SEND, ex.upgrade_rest))
         m.log(logging.INFO, "http connection upgraded", {"client": m.client, "id": ex.id, "app": ex.route.app.name})
         m.pacing.set_paused(P_QUEUE | P_UPGRADE, False)

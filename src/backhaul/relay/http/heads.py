@@ -78,7 +78,6 @@ def respond_headers(decision: Respond) -> list[tuple[bytes, bytes]]:
 def backend_request(
     route: translate.Route,
     request: Request,
-    *,
     client_ip: str,
     scheme: str,
     request_id: str,
@@ -113,7 +112,6 @@ def interim_response(route: translate.Route, response: Response, external_base: 
 def user_response(
     route: translate.Route,
     response: Response,
-    *,
     external_base: bytes,
     external_host: bytes,
     http11: bool,

@@ -2,8 +2,10 @@
 
 Reading pauses for any of three reasons (bits, :data:`P_QUEUE` and the others): reading
 resumes when none is left, so at most one read of pipelined requests is held. The one
-timer waits for one thing at a time (:data:`T_HEAD` and the others); arming it again
-moves its deadline. The request body's clock (relay/body_clock.py) runs only while the
+timer waits for one thing at a time (:attr:`Pacing.timer`: :data:`T_HEAD` and the
+others); arming it sets :attr:`Pacing.due`, the seconds from now it runs out in, which the
+connection turns into a deadline once it has carried out the machine's actions (so
+several arms in one turn cost one clock read), and moves its one timer handle to. The request body's clock (relay/body_clock.py) runs only while the
 edge reads the socket for a body it waits for, so time the tunnel pushes back is never
 the client's.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from backhaul.config import HttpLimits
 from backhaul.relay.body_clock import BodyClock
-from backhaul.relay.http.actions import ARM, PAUSE, RESUME
+from backhaul.relay.http.actions import PAUSE, RESUME
 
 # What the timer is for.
 T_NONE, T_IDLE, T_HEAD, T_RESPONSE, T_BODY = range(5)
@@ -26,11 +28,12 @@ P_UPGRADE = 4  # bytes after an Upgrade head wait for the backend's 101
 class Pacing:
     """The reading and the timer of one connection's machine (``m``: an ExchangeMachine)."""
 
-    __slots__ = ("m", "timer", "paused", "reading_paused", "closed", "body")
+    __slots__ = ("m", "timer", "due", "paused", "reading_paused", "closed", "body")
 
     def __init__(self, machine, limits: HttpLimits) -> None:
         self.m = machine
         self.timer = T_NONE  # what the timer waits for
+        self.due: float | None = None  # armed anew: runs out this many seconds from now
         self.paused = 0  # P_* bits
         self.reading_paused = False
         self.closed = False  # the connection closes: reading never resumes
@@ -40,19 +43,19 @@ class Pacing:
 
     def arm(self, seconds: float, kind: int) -> None:
         self.timer = kind
-        self.m.actions += (ARM, seconds)
+        self.due = seconds
 
     def set_paused(self, reason: int, on: bool) -> None:
         paused = (self.paused | reason) if on else (self.paused & ~reason)
         self.paused = paused
         if paused and not self.reading_paused:
             self.reading_paused = True
-            self.m.actions += (PAUSE, None)
+            self.m.actions.extend((PAUSE, None))
             if self.body.running:
                 self.body_sync()
         elif not paused and self.reading_paused and not self.closed:
             self.reading_paused = False
-            self.m.actions += (RESUME, None)
+            self.m.actions.extend((RESUME, None))
             self.body_sync()
 
     def body_sync(self) -> None:
