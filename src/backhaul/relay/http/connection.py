@@ -161,6 +161,7 @@ class HttpConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.opened = time.monotonic()
         self._running = False
+        self._pacing = None  # the machine's Pacing (read after every run)
         self._gate_task: asyncio.Task | None = None
         # One timer handle per connection: re-arming moves a deadline (a float), and a new
         # handle is made only when the deadline comes before the pending one.
@@ -219,6 +220,7 @@ class HttpConnection(asyncio.Protocol):
             can_write_eof=transport.can_write_eof(),
             trace=log.isEnabledFor(logging.DEBUG),  # (the level is set at start)
         )
+        self._pacing = self.machine.pacing
         self.run()
 
     def data_received(self, data: bytes) -> None:
@@ -300,7 +302,7 @@ class HttpConnection(asyncio.Protocol):
         finally:
             actions.clear()
             self._running = False
-        pacing = self.machine.pacing
+        pacing = self._pacing
         if pacing.due is not None:
             # Re-arming moves the deadline; a new handle is made only when it comes sooner.
             deadline = self._loop.time() + pacing.due
