@@ -41,6 +41,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("backhaul.relay.http")
 
 
+def _log_request(ex: Exchange, client: str, now: float) -> None:
+    """One DEBUG line per request (the machine says DONE only when that level is on)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "http request",
+            extra={
+                "id": ex.id,
+                "client": client,
+                "method": ex.request.method,
+                "host": ex.external_host.decode("ascii", "replace"),
+                "status": ex.status,
+                "seconds": round(now - ex.started, 4),
+            },
+        )
+
+
 class StreamFigures:
     """What RelayMetrics reads of one user stream (relay.opening.StreamFigures)."""
 
@@ -126,6 +142,17 @@ class TunnelStream:
         if conn is not None:
             conn.machine.pushback(False)
             conn.run()
+
+    def let_go(self, kind: int, value) -> None:
+        """The connection is done with the stream (an END_STREAM, RESET_STREAM or FORGET_STREAM action)."""
+        if kind == A.END_STREAM:
+            self.end()
+            self.opening.done(ErrorCode.NO_ERROR)
+        elif kind == A.RESET_STREAM:
+            self.reset(value)
+            self.opening.done(ErrorCode.CANCEL)
+        else:
+            self.opening.done(value)  # the tunnel ended it, with that code
 
     def end(self) -> None:
         """Half-close our side: the backend connection is no longer needed."""
@@ -327,18 +354,7 @@ class HttpConnection(asyncio.Protocol):
     def _act(self, kind: int, value) -> None:
         """The actions that come once a request or less."""
         if kind == A.DONE:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "http request",
-                    extra={
-                        "id": value.id,
-                        "client": self.client,
-                        "method": value.request.method,
-                        "host": value.external_host.decode("ascii", "replace"),
-                        "status": value.status,
-                        "seconds": round(self._loop.time() - value.started, 4),
-                    },
-                )
+            _log_request(value, self.client, self._loop.time())
         elif kind == A.PAUSE:
             self.transport.pause_reading()
         elif kind == A.RESUME:
@@ -351,20 +367,10 @@ class HttpConnection(asyncio.Protocol):
         elif kind == A.REOPEN:
             self._detach()
             self._open()
-        elif kind == A.END_STREAM:
+        elif kind == A.END_STREAM or kind == A.RESET_STREAM or kind == A.FORGET_STREAM:
             stream = self._detach()
             if stream is not None:
-                stream.end()
-                stream.opening.done(ErrorCode.NO_ERROR)
-        elif kind == A.RESET_STREAM:
-            stream = self._detach()
-            if stream is not None:
-                stream.reset(value)
-                stream.opening.done(ErrorCode.CANCEL)
-        elif kind == A.FORGET_STREAM:
-            stream = self._detach()
-            if stream is not None:
-                stream.opening.done(value)
+                stream.let_go(kind, value)
         elif kind == A.HALF_CLOSE:
             if self.stream is not None:
                 self.stream.end()

@@ -445,34 +445,6 @@ class ExchangeMachine:
         elif kind == T_BODY and pacing.body.running:
             pacing.body_check(self.clock())
 
-    def body_timed_out(self, rule: str, received: int, active: float) -> None:
-        """The request body broke ``rule`` (relay/body_clock.py): 408."""
-        ex = self.ex
-        limits = self.limits
-        if rule == "body_timeout":
-            reason = f"no byte of the request body came for {limits.body_timeout:g} s"
-        else:
-            reason = (
-                f"the request body came slower than {limits.body_min_rate} bytes/s "
-                f"({received} bytes in {active:.1f} s)"
-            )
-        self.actions.extend((COUNT, "http_body_timeouts"))
-        self.log(
-            logging.INFO, "request body timed out",
-            {
-                "client": self.client,
-                "id": ex.id,
-                "app": ex.route.app.name if ex.route else None,
-                "rule": rule,
-                "bytes": received,
-                "seconds": round(active, 3),
-            },
-        )
-        # Nothing of a response has started (the clock stops when one does): the user
-        # gets 408, the stream to the connector is reset, and so is the backend connection.
-        self.link.drop(graceful=False, reason="the request body timed out")
-        self.answer(408, reason, close=True)
-
 
 class Router:
     """What becomes of a request head: routed by Host to an app, answered by the edge, or

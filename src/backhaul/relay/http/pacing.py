@@ -12,9 +12,11 @@ the client's.
 
 from __future__ import annotations
 
+import logging
+
 from backhaul.config import HttpLimits
 from backhaul.relay.body_clock import BodyClock
-from backhaul.relay.http.actions import PAUSE, RESUME
+from backhaul.relay.http.actions import COUNT, PAUSE, RESUME
 
 # What the timer is for.
 T_NONE, T_IDLE, T_HEAD, T_RESPONSE, T_BODY = range(5)
@@ -96,4 +98,33 @@ class Pacing:
         if rule is None:
             self.arm(value, T_BODY)
         else:
-            self.m.body_timed_out(rule, self.body.received(body_bytes), value)
+            self._body_timed_out(rule, self.body.received(body_bytes), value)
+
+    def _body_timed_out(self, rule: str, received: int, active: float) -> None:
+        """The request body broke ``rule``: 408."""
+        m = self.m
+        ex = m.ex
+        limits = m.limits
+        if rule == "body_timeout":
+            reason = f"no byte of the request body came for {limits.body_timeout:g} s"
+        else:
+            reason = (
+                f"the request body came slower than {limits.body_min_rate} bytes/s "
+                f"({received} bytes in {active:.1f} s)"
+            )
+        m.actions.extend((COUNT, "http_body_timeouts"))
+        m.log(
+            logging.INFO, "request body timed out",
+            {
+                "client": m.client,
+                "id": ex.id,
+                "app": ex.route.app.name if ex.route else None,
+                "rule": rule,
+                "bytes": received,
+                "seconds": round(active, 3),
+            },
+        )
+        # Nothing of a response has started (the clock stops when one does): the user
+        # gets 408, the stream to the connector is reset, and so is the backend connection.
+        m.link.drop(graceful=False, reason="the request body timed out")
+        m.answer(408, reason, close=True)
