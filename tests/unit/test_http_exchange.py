@@ -837,3 +837,12 @@ def test_each_body_chunk_costs_one_action_each_way():
         c.run()
     c.app(b"y" * 10)
     assert responses_in(bytes(c.user))[0][2] == b"y" * 3000 and c.m.state is State.IDLE
+
+
+def test_a_stream_that_ends_before_its_open_ok_is_a_refusal(mode):
+    c = Conn(mode)
+    c.request(GET)
+    c.app_ends()
+    assert c.steps[:2] == [("open", "c0.1"), ("forget", ErrorCode.PROTOCOL_ERROR)]
+    assert responses_in(bytes(c.user))[0][0] == 502
+    c.finish()

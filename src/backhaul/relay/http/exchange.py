@@ -587,6 +587,8 @@ class BackendLink:
         """No tunnel took the stream (a relay.opening.CannotOpen)."""
         m = self.m
         self.state = L_NONE
+        if m.state is not OPENING:
+            return
         group = m.ex.route.app.group
         m.actions.extend((COUNT, "http_no_connector"))
         if error.unreachable:
@@ -604,7 +606,7 @@ class BackendLink:
         self.resp = ResponseReader(m.limits)
         if m.state is OPENING:
             m.move(_ACCEPT)
-            self.m.messages.send_head(m.ex)
+            m.messages.send_head(m.ex)
             m.pump()
 
     def rejected(self, code: int, reason: str) -> None:
@@ -673,6 +675,10 @@ class BackendLink:
     def ended(self) -> None:
         """The backend's side of the stream ended."""
         m = self.m
+        if self.state == L_OPENING:
+            # (the tunnel resets a stream that ends before its OPEN_OK; should one not, it is a refusal)
+            self.reset(ErrorCode.PROTOCOL_ERROR, "the stream ended before it was accepted", False)
+            return
         self.remote_done = True
         if m.state is UPGRADED:
             if m.can_write_eof:
