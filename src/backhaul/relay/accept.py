@@ -75,12 +75,8 @@ class TlsListener:
         admission: Admission,
         on_tls: OnTls,
         max_per_address: int | None = None,
-        stats: dict | None = None,
     ) -> None:
-        # Failed handshakes are counted where the admission counts refusals (the worker's
-        # metrics). ``stats`` is the HTTP edge's old spelling of that place (it passes the
-        # metrics' own events dict); it goes once relay/http/edge.py stops passing it.
-        del stats
+        # Failed handshakes are counted where the admission counts refusals (the worker's metrics).
         self.name = name
         self.ssl_context = ssl_context
         self.admission = admission

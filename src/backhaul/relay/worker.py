@@ -29,7 +29,7 @@ from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
-from backhaul.relay.http_edge import HttpEdge
+from backhaul.relay.http.edge import HttpEdge
 from backhaul.relay.metrics import SPECS, RelayMetrics
 from backhaul.relay.opening import Edge, StreamOpener
 from backhaul.relay.preauth.oidc import OidcGate

@@ -34,14 +34,18 @@ def chunk(data) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+def _lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    # (joins, not % per header: a head is written for every request and every response)
+    lines = b"\r\n".join([b": ".join(header) for header in headers])
+    return lines + b"\r\n\r\n" if lines else b"\r\n"
+
+
 def request_head(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"%s %s HTTP/1.1\r\n%b\r\n" % (
-        method.encode("ascii"), target, b"".join([b"%s: %s\r\n" % header for header in headers])
-    )
+    return b"%s %s HTTP/1.1\r\n%b" % (method.encode("ascii"), target, _lines(headers))
 
 
 def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n%b\r\n" % (status, reason, b"".join([b"%s: %s\r\n" % header for header in headers]))
+    return b"HTTP/1.1 %d %s\r\n%b" % (status, reason, _lines(headers))
 
 
 def reason_phrase(status: int) -> bytes:
