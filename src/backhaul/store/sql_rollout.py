@@ -1,8 +1,7 @@
-"""The SQLite store's rollout: update leases with fencing tokens, group update settings, reports."""
+"""The SQL stores' rollout: update leases with fencing tokens, group update settings, reports."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -18,17 +17,18 @@ from backhaul.store.base import (
     UpdateLease,
     UpdateReport,
 )
+from backhaul.store.dbapi import Db
 
 
 class RolloutTables:
-    """Rollout methods of SqliteStore (a mixin: it uses the store's transactions, ``_write``/``_read``)."""
+    """Rollout methods of SqlStore (a mixin: it uses the store's transactions, ``_write``/``_read``)."""
 
     _ROLLOUT_COLUMNS = (
         "g.name, COALESCE(r.allow_downtime, 0), r.update_window, COALESCE(r.paused, 0), "
         "r.halted, r.halted_connector, r.halted_version, r.halted_at"
     )
 
-    def _rollout(self, db: sqlite3.Connection, row: tuple, now: float, listed_failures: int) -> GroupRollout:
+    def _rollout(self, db: Db, row: tuple, now: float, listed_failures: int) -> GroupRollout:
         name = row[0]
         lease = db.execute(
             "SELECT l.grp, l.connector_id, l.version, l.token, l.granted, l.expires FROM update_leases l "
@@ -94,7 +94,7 @@ class RolloutTables:
         return {(grp, version, step): count for grp, version, step, count in rows}
 
     @staticmethod
-    def _rollout_row(db: sqlite3.Connection, name: str) -> None:
+    def _rollout_row(db: Db, name: str) -> None:
         db.execute("INSERT INTO group_rollout (grp) VALUES (?) ON CONFLICT (grp) DO NOTHING", (name,))
 
     def set_group_updates(self, name: str, changes: dict[str, Any]) -> GroupRollout:
@@ -113,7 +113,7 @@ class RolloutTables:
                 db.execute("UPDATE group_rollout SET update_window = ? WHERE grp = ?", (changes["window"], name))
         return self.group_rollout(name)
 
-    def _groups(self, db: sqlite3.Connection, name: str | None) -> list[str]:
+    def _groups(self, db: Db, name: str | None) -> list[str]:
         if name is None:
             return [r[0] for r in db.execute("SELECT name FROM groups ORDER BY name")]
         self._require_group(db, name)
@@ -140,7 +140,7 @@ class RolloutTables:
                     changed.append(group)
             return changed
 
-    def _holder(self, db: sqlite3.Connection, connector_id: str) -> str:
+    def _holder(self, db: Db, connector_id: str) -> str:
         """The group of a connector that may take part in a rollout (NotFound otherwise)."""
         row = db.execute("SELECT grp FROM connectors WHERE id = ? AND revoked = 0", (connector_id,)).fetchone()
         if row is None:

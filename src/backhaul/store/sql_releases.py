@@ -1,20 +1,20 @@
-"""The SQLite store's releases: manifests, their files in 1 MiB BLOB chunks, uploads and revocation."""
+"""The SQL stores' releases: manifests, their files in 1 MiB BLOB chunks, uploads and revocation."""
 
 from __future__ import annotations
 
 import secrets
-import sqlite3
 
 from backhaul.store.base import Conflict, LimitReached, NotFound, Release, ReleaseFile
+from backhaul.store.dbapi import Db
 
 
 class ReleaseTables:
-    """Release methods of SqliteStore (a mixin: it uses the store's transactions, ``_write``/``_read``)."""
+    """Release methods of SqlStore (a mixin: it uses the store's transactions, ``_write``/``_read``)."""
 
     _RELEASE_COLUMNS = "version, manifest, signature, public_key, key_id, issued, expires, auto, state, created, revoked"
 
     @staticmethod
-    def _release(db: sqlite3.Connection, row: tuple) -> Release:
+    def _release(db: Db, row: tuple) -> Release:
         files = tuple(
             ReleaseFile(name=name, sha256=sha256, size=size, complete=bool(complete))
             for name, sha256, size, complete in db.execute(
@@ -26,11 +26,11 @@ class ReleaseTables:
             issued=row[5], expires=row[6], auto=bool(row[7]), state=row[8], created=row[9], revoked=row[10], files=files,
         )
 
-    def _get_release(self, db: sqlite3.Connection, version: str) -> Release | None:
+    def _get_release(self, db: Db, version: str) -> Release | None:
         row = db.execute(f"SELECT {self._RELEASE_COLUMNS} FROM releases WHERE version = ?", (version,)).fetchone()
         return self._release(db, row) if row else None
 
-    def _require_release(self, db: sqlite3.Connection, version: str) -> Release:
+    def _require_release(self, db: Db, version: str) -> Release:
         release = self._get_release(db, version)
         if release is None:
             raise NotFound(f"there is no release {version!r}; see `backhaul admin release list`")
@@ -89,7 +89,7 @@ class ReleaseTables:
                 db.execute("UPDATE release_files SET complete = 0, upload = NULL WHERE version = ?", (version,))
             return self._require_release(db, version)
 
-    def _require_uploading(self, db: sqlite3.Connection, version: str, name: str, upload: str | None = None) -> None:
+    def _require_uploading(self, db: Db, version: str, name: str, upload: str | None = None) -> None:
         release = self._require_release(db, version)
         if release.state != "incomplete":
             raise Conflict(f"release {version} is {release.state}: its files can no longer be uploaded")
