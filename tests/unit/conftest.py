@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -30,3 +31,59 @@ def codec(request):
 def both_codecs():
     """(pure twin, Cython build) for differential tests."""
     return _load_codec("_framing_py"), _load_codec("_framing_c")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path):
+    """Where a store test opens its store, once per backend: a data dir (SQLite) or the URL
+    of a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return tmp_path
+    return request.getfixturevalue("postgres_url")
+
+
+def is_postgres(location) -> bool:
+    return isinstance(location, str) and location.startswith("postgresql://")
+
+
+def raw_execute(location, sql: str) -> None:
+    """Run one statement on a store's database behind the store's back (to fake an old or newer schema)."""
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(sql)
+        return
+    import sqlite3
+    from pathlib import Path
+
+    with contextlib.closing(sqlite3.connect(Path(location) / "store.sqlite")) as db, db:
+        db.execute(sql)
+
+
+@contextlib.contextmanager
+def writer_lock_held(location):
+    """Another process's write transaction holding the store's writer lock until the block ends."""
+    if is_postgres(location):
+        import psycopg
+
+        from backhaul.store.postgres import WRITE_LOCK
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            try:
+                yield
+            finally:
+                conn.execute("ROLLBACK")
+        return
+    import sqlite3
+    from pathlib import Path
+
+    blocker = sqlite3.connect(Path(location) / "store.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()

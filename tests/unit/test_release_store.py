@@ -1,4 +1,4 @@
-"""The release tables of the SQLite store: states, chunked files, upload ids, limits."""
+"""The release tables of the store (both backends): states, chunked files, upload ids, limits."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import pytest
 
 from backhaul.config import ReleaseLimits
 from backhaul.store import Conflict, LimitReached, NotFound, Release, ReleaseFile, open_store
+
+from .conftest import is_postgres
 
 pytestmark = pytest.mark.codec_independent
 
@@ -19,9 +21,17 @@ def release(version: str, manifest: bytes = b"{}") -> Release:
     )
 
 
+def _chunks(store, name: str | None = None) -> int:
+    """Chunk rows stored (of one file name, or all)."""
+    with store._read() as db:
+        if name is None:
+            return db.execute("SELECT COUNT(*) FROM release_chunks").fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM release_chunks WHERE name = ?", (name,)).fetchone()[0]
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "store.sqlite")
+def store(store_location):
+    s = open_store(store_location if is_postgres(store_location) else store_location / "store.sqlite")
     yield s
     s.close()
 
@@ -46,7 +56,7 @@ def test_upload_chunks_publish_and_revoke(store):
     dep = store.begin_file_upload("1.0.0", FILES[1].name)
     store.put_file_chunk("1.0.0", FILES[1].name, dep, 0, b"abc")
     store.abort_file_upload("1.0.0", FILES[1].name, dep)  # a refused upload leaves nothing
-    assert store._db.execute("SELECT COUNT(*) FROM release_chunks WHERE name = ?", (FILES[1].name,)).fetchone()[0] == 0
+    assert _chunks(store, FILES[1].name) == 0
     dep = store.begin_file_upload("1.0.0", FILES[1].name)
     store.put_file_chunk("1.0.0", FILES[1].name, dep, 0, b"abc")
     assert store.finish_file_upload("1.0.0", FILES[1].name, dep).state == "published"
@@ -55,7 +65,7 @@ def test_upload_chunks_publish_and_revoke(store):
         store.create_release(release("1.0.0", b"other"), max_stored=8, max_records=100)
     assert store.revoke_release("1.0.0").state == "revoked"
     assert store.read_file_chunk("1.0.0", name, 0) is None
-    assert store._db.execute("SELECT COUNT(*) FROM release_chunks").fetchone()[0] == 0
+    assert _chunks(store) == 0
     with pytest.raises(Conflict, match="revoked"):
         store.create_release(release("1.0.0"), max_stored=8, max_records=100)
     with pytest.raises(NotFound):
@@ -68,7 +78,7 @@ def test_an_incomplete_release_is_replaced_by_a_new_manifest(store):
     store.put_file_chunk("1.0.0", FILES[0].name, upload, 0, b"x")
     stored, created = store.create_release(release("1.0.0", b"b"), max_stored=8, max_records=100)
     assert created and stored.manifest == b"b" and stored.missing == [f.name for f in FILES]
-    assert store._db.execute("SELECT COUNT(*) FROM release_chunks").fetchone()[0] == 0
+    assert _chunks(store) == 0
 
 
 def test_limits_on_stored_releases_and_records(store):

@@ -1,6 +1,7 @@
 """The update lease, group update settings and reports of the SQLite store.
 
-Real files in tmp_path; the clock is the only thing injected. Connectors are "active" the
+Both backends: SQLite on real files in tmp_path and a real PostgreSQL database; the clock
+is the only thing injected. Connectors are "active" the
 way the relay makes them so: a tunnel counted in the store (``tunnel_changed``).
 """
 
@@ -36,8 +37,8 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
-    s = open_store(tmp_path, clock=clock)
+def store(store_location, clock):
+    s = open_store(store_location, clock=clock)
     yield s
     s.close()
 
@@ -226,8 +227,8 @@ def test_a_revoked_holder_frees_the_group(store, pair):
     assert store.acquire_update_lease(b, "2.0", TTL).connector_id == b
 
 
-def test_the_fencing_token_grows_across_a_store_reopen(tmp_path, clock):
-    store = open_store(tmp_path, clock=clock)
+def test_the_fencing_token_grows_across_a_store_reopen(store_location, clock):
+    store = open_store(store_location, clock=clock)
     a, _ = _enroll(store, "c-a"), _enroll(store, "c-b")
     tokens = []
     for _ in range(3):
@@ -235,7 +236,7 @@ def test_the_fencing_token_grows_across_a_store_reopen(tmp_path, clock):
         tokens.append(lease.token)
         assert _report(store, a, "healthy", lease.token).released
     store.close()
-    store = open_store(tmp_path, clock=clock)  # a relay restart
+    store = open_store(store_location, clock=clock)  # a relay restart
     try:
         tokens.append(store.acquire_update_lease(a, "2.0", TTL).token)
     finally:
@@ -386,12 +387,12 @@ def _race(path: str, connector_id: str, barrier, results) -> None:
         store.close()
 
 
-def test_processes_racing_for_the_lease_grant_it_once(tmp_path):
-    store = open_store(tmp_path)
+def test_processes_racing_for_the_lease_grant_it_once(store_location):
+    store = open_store(store_location)
     ids = [_enroll(store, f"c-{n}") for n in range(4)]
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(ids)), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(str(tmp_path), cid, barrier, results)) for cid in ids]
+    procs = [ctx.Process(target=_race, args=(str(store_location), cid, barrier, results)) for cid in ids]
     try:
         for p in procs:
             p.start()

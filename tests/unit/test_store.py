@@ -1,4 +1,5 @@
-"""The SQLite store, on real files in tmp_path; time is the only thing injected."""
+"""The store, on both backends: SQLite on real files in tmp_path and a real PostgreSQL
+database (tests/postgres.py); time is the only thing injected."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from backhaul.store import (
     open_store,
 )
 from backhaul.errors import ConfigError
+from .conftest import is_postgres, raw_execute, writer_lock_held
 from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
@@ -33,8 +35,8 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
-    s = open_store(tmp_path, clock=clock)
+def store(store_location, clock):
+    s = open_store(store_location, clock=clock)
     yield s
     s.close()
 
@@ -57,23 +59,22 @@ def test_fresh_store_has_default_group_and_version(store):
     assert store.admin_token_hash() is None
 
 
-def test_reopen_keeps_data_and_does_not_rerun_migrations(tmp_path):
-    s = open_store(tmp_path)
+def test_reopen_keeps_data_and_does_not_rerun_migrations(store_location):
+    s = open_store(store_location)
     s.create_group("g1")
     s.set_admin_token_hash("abc")
     s.close()
-    s = open_store(tmp_path / "store.sqlite")
+    s = open_store(store_location if is_postgres(store_location) else store_location / "store.sqlite")
     assert [g.name for g in s.list_groups()] == ["default", "g1"]
     assert s.admin_token_hash() == "abc"
     s.close()
 
 
-def test_newer_schema_is_refused(tmp_path):
-    open_store(tmp_path).close()
-    with sqlite3.connect(tmp_path / "store.sqlite") as db:
-        db.execute("INSERT INTO schema_migrations VALUES (999, 0)")
+def test_newer_schema_is_refused(store_location):
+    open_store(store_location).close()
+    raw_execute(store_location, "INSERT INTO schema_migrations VALUES (999, 0)")
     with pytest.raises(ConfigError, match="newer backhaul"):
-        open_store(tmp_path)
+        open_store(store_location)
 
 
 def test_every_routing_change_bumps_the_version(store):
@@ -280,8 +281,8 @@ def test_prune_drops_revoked_records_once_their_certs_expired(store, clock):
     assert store.prune(10**9) == [cid]
 
 
-def test_limits_are_enforced(tmp_path, clock):
-    s = open_store(tmp_path, limits=StoreLimits(max_groups=2, max_apps=1, max_connectors=1, max_tokens=2), clock=clock)
+def test_limits_are_enforced(store_location, clock):
+    s = open_store(store_location, limits=StoreLimits(max_groups=2, max_apps=1, max_connectors=1, max_tokens=2), clock=clock)
     s.create_group("g1")
     with pytest.raises(LimitReached):
         s.create_group("g2")
@@ -310,13 +311,13 @@ def _hammer(path: str, worker: int, rounds: int) -> None:
     store.close()
 
 
-def test_concurrent_writer_processes_lose_nothing(tmp_path):
-    store = open_store(tmp_path)
+def test_concurrent_writer_processes_lose_nothing(store_location):
+    store = open_store(store_location)
     _enroll(store, "c-aaaaaaaaaaaa")
     before = store.config_version()
     workers, rounds = 4, 40
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, rounds)) for w in range(workers)]
+    procs = [ctx.Process(target=_hammer, args=(str(store_location), w, rounds)) for w in range(workers)]
     try:
         for p in procs:
             p.start()
@@ -334,19 +335,16 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     store.close()
 
 
-def test_a_store_held_busy_too_long_is_reported_and_recovers(tmp_path):
-    store = open_store(tmp_path, limits=StoreLimits(busy_timeout=0.2))
-    blocker = sqlite3.connect(tmp_path / "store.sqlite", isolation_level=None)
+def test_a_store_held_busy_too_long_is_reported_and_recovers(store_location):
+    store = open_store(store_location, limits=StoreLimits(busy_timeout=0.2))
     try:
-        blocker.execute("BEGIN IMMEDIATE")
-        with pytest.raises(Unavailable, match="try again"):
-            store.create_group("g1")
-        assert [g.name for g in store.list_groups()] == ["default"]  # readers are not blocked (WAL)
-        blocker.execute("ROLLBACK")
+        with writer_lock_held(store_location):
+            with pytest.raises(Unavailable, match="try again"):
+                store.create_group("g1")
+            assert [g.name for g in store.list_groups()] == ["default"]  # readers are not blocked (WAL, snapshots)
         store.create_group("g1")  # the failed transaction left nothing behind
         assert [g.name for g in store.list_groups()] == ["default", "g1"]
     finally:
-        blocker.close()
         store.close()
 
 
@@ -390,6 +388,7 @@ def test_refused_tokens_say_why_for_the_log_only(store, clock):
 
 
 def test_migration_gives_existing_tokens_an_id(tmp_path, clock):
+    """SQLite only: its step 4 (the PostgreSQL schema had token ids from its first step)."""
     s = open_store(tmp_path, clock=clock)
     s.create_token("hash-old", "default", clock.now + 60, 1)
     s.close()
@@ -439,6 +438,7 @@ def test_renewal_asked_with_the_old_certificate_keeps_it(store, clock):
 
 
 def test_store_files_are_private_whatever_the_umask(tmp_path, clock):
+    """SQLite only: the store's files (PostgreSQL keeps its own)."""
     import os
     import stat
 

@@ -1,4 +1,4 @@
-"""Origin health in the SQLite store: what connectors report about reaching their apps."""
+"""Origin health in the store (both backends): what connectors report about reaching their apps."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
-    s = open_store(tmp_path, clock=clock)
+def store(store_location, clock):
+    s = open_store(store_location, clock=clock)
     s.create_group("g")
     s.create_app(App("web", "g", "tcp", 5000, "10.0.0.1:80"))
     s.create_app(App("db", "g", "tcp", 5001, "10.0.0.2:5432"))

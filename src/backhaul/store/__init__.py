@@ -56,6 +56,7 @@ __all__ = [
     "StoreError",
     "StoreLimits",
     "STORE_FILE",
+    "POSTGRES_SCHEMES",
     "Token",
     "Unavailable",
     "open_store",
@@ -72,6 +73,8 @@ __all__ = [
 
 #: File name of the SQLite store inside a service data dir.
 STORE_FILE = "store.sqlite"
+#: How a PostgreSQL store's location starts (libpq's URL schemes).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(
@@ -79,9 +82,15 @@ def open_store(
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``location``.
 
-    ``location`` is a service data dir (the store is its ``store.sqlite``) or the path
-    of a SQLite file. ``clock`` returns the current time in seconds (tests inject one).
+    ``location`` is a service data dir (the store is its ``store.sqlite``), the path of a
+    SQLite file, or a ``postgresql://`` URL (the store of several relay nodes).
+    ``clock`` returns the current time in seconds (tests inject one).
     """
+    if isinstance(location, str) and location.startswith(POSTGRES_SCHEMES):
+        # Imported here: a one-node relay on SQLite never loads the PostgreSQL driver.
+        from backhaul.store.postgres import PostgresStore
+
+        return PostgresStore(location, limits=limits or StoreLimits(), clock=clock)
     from backhaul.store.sqlite import SqliteStore
 
     path = Path(location)

@@ -56,6 +56,10 @@ class StoreLimits:
     max_tokens: int = 10000
     #: Seconds a writer waits for another process's transaction before giving up.
     busy_timeout: float = 10.0
+    #: PostgreSQL connections one process keeps (its pool's size): store calls run on a few
+    #: executor threads, and every node's every worker shares the server's max_connections
+    #: (100 by default), so a handful each. Unused by SQLite (one connection per process).
+    pool_size: int = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""The PostgreSQL store: one database shared by every relay node and worker process.
+
+The logic is SqlStore's (store/sql.py), the same SQL as SQLite's; this module is the
+plumbing. Each process keeps a small psycopg connection pool (the control API and the relay
+run store calls on executor threads). Every write transaction first takes one
+transaction-scoped advisory lock, so writers queue one behind the other as under SQLite's
+BEGIN IMMEDIATE: a check-then-write (a name taken, a table full, the update lease held)
+cannot go stale before its write, on any node, and READ COMMITTED is enough once the lock
+is held (every earlier writer has committed). A writer that waits longer than
+``StoreLimits.busy_timeout`` gives up with Unavailable. Reads run in REPEATABLE READ, READ
+ONLY transactions: one snapshot, never blocked by writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import psycopg
+import psycopg.conninfo
+import psycopg_pool
+
+from backhaul.errors import ConfigError
+from backhaul.store.base import Conflict, StoreLimits, Unavailable
+from backhaul.store.postgres_migrations import PG_MIGRATIONS
+from backhaul.store.sql import SqlStore
+
+#: Advisory lock keys (any 64-bit numbers, fixed forever): b"backhaul" and the one after it.
+WRITE_LOCK = 0x6261636B6861756C
+MIGRATION_LOCK = WRITE_LOCK + 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _placeholders(sql: str) -> str:
+    """The shared SQL's ``?`` placeholders as psycopg's ``%s``. The store's SQL has no
+    literal ``?`` or ``%`` (a ``%`` would be read as a placeholder), so a plain swap is exact."""
+    if "%" in sql:
+        raise ValueError(f"the store's SQL must not contain '%': {sql!r}")
+    return sql.replace("?", "%s")
+
+
+class _Db:
+    """A pooled connection inside one transaction, with the sqlite3-like API SqlStore uses."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
+        return self._conn.execute(_placeholders(sql), tuple(params))
+
+    def executemany(self, sql: str, seq: Any) -> None:
+        rows = [tuple(row) for row in seq]
+        if rows:
+            with self._conn.cursor() as cursor:
+                cursor.executemany(_placeholders(sql), rows)
+
+
+def describe(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"the store URL is not a valid PostgreSQL URL ({exc}); see docs/operations.md") from exc
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    host = parts.get("host") or "localhost"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{parts.get('dbname') or ''}"
+
+
+class PostgresStore(SqlStore):
+    """The Store on a PostgreSQL database (``postgresql://`` URL)."""
+
+    def __init__(self, url: str, *, limits: StoreLimits, clock: Callable[[], float] | None = None) -> None:
+        self.url = url
+        self.where = describe(url)
+        self.limits = limits
+        self._clock = clock or time.time
+        self._connect_timeout = max(2, round(limits.busy_timeout))  # libpq's minimum is 2 s
+        self._migrate()
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=limits.pool_size,
+            kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
+            configure=self._configure,
+            # A connection the server dropped (a restart, pg_terminate_backend) is replaced
+            # before use, not handed out to fail.
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=limits.busy_timeout,
+            name="backhaul-store",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=limits.busy_timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            self._pool.close()
+            raise Unavailable(f"cannot reach the store {self.where} ({exc}); check that PostgreSQL runs") from exc
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # How long a writer queues for the write lock (or any row lock) before Unavailable.
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(self.limits.busy_timeout * 1000)}ms",))
+        conn.execute("SELECT set_config('application_name', 'backhaul', false)")
+
+    # -- plumbing
+
+    @contextlib.contextmanager
+    def _operational(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.IntegrityError as exc:
+            # SqlStore checks names and ports before it writes, under the write lock, so this
+            # is a record that changed in a way those checks do not cover.
+            raise Conflict(f"the change clashes with a stored record ({exc.diag.message_primary}); reload and retry") from exc
+        except psycopg.OperationalError as exc:
+            # Lost or refused connections, the lock timeout, the pool's wait: all transient.
+            raise Unavailable(f"the store {self.where} is busy or unavailable ({exc}); try again") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_Db]:
+        with self._operational(), self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            yield _Db(conn)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[_Db]:
+        with self._operational(), self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _Db(conn)
+
+    def _migrate(self) -> None:
+        """Apply the pending migrations in one transaction; several nodes starting at once
+        queue on an advisory lock, and the first one migrates."""
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"cannot reach the store {self.where} ({exc}); check the URL and that PostgreSQL runs") from exc
+        with conn, self._operational(), conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            known = {version for version, _ in PG_MIGRATIONS}
+            if done - known:
+                raise ConfigError(
+                    f"the store {self.where} was written by a newer backhaul (schema {max(done)}); upgrade backhaul"
+                )
+            for version, statements in PG_MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (version, applied) VALUES (%s, %s)", (version, self._clock()))
+
+    def close(self) -> None:
+        self._pool.close()
