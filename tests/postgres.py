@@ -70,8 +70,7 @@ class PostgresServer:
         )
 
     def start(self) -> None:
-        import psycopg
-
+        """Make the cluster (initdb) and start its server."""
         self._run("mkdir", "-m", "0700", str(self.socket_dir), timeout=10).check_returncode()
         done = self._run(
             str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
@@ -79,9 +78,18 @@ class PostgresServer:
         )
         if done.returncode:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr.strip()}")
-        # -F: no fsync; -h '': no TCP listener; -k: the socket's directory. -W: do not wait,
-        # readiness is checked below by connecting.
-        options = f"-F -h '' -k {self.socket_dir} -c synchronous_commit=off -c full_page_writes=off"
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the server on its data dir (again, after ``halt``) and wait until it accepts connections."""
+        import psycopg
+
+        self.pid = None
+        # -F: no fsync (the OS keeps what a killed server wrote; only a machine crash would
+        # lose it); commits stay synchronous, so a halt() loses no committed change.
+        # -h '': no TCP listener; -k: the socket's directory. -W: do not wait, readiness is
+        # checked below by connecting.
+        options = f"-F -h '' -k {self.socket_dir} -c full_page_writes=off"
         done = self._run(
             str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-W", "-s", "start",
             timeout=START_TIMEOUT,
@@ -99,6 +107,8 @@ class PostgresServer:
                 last = exc
                 if self.pid is None:
                     self.pid = self._postmaster_pid()
+                elif not _alive(self.pid):
+                    raise RuntimeError(f"PostgreSQL exited while starting ({exc}); log: {self._log_tail()}") from exc
                 time.sleep(0.05)  # between connection attempts, not as readiness
         else:
             raise RuntimeError(f"PostgreSQL did not accept connections within {START_TIMEOUT} s ({last}); log: {self._log_tail()}")
@@ -154,6 +164,14 @@ class PostgresServer:
             ).fetchone()[0]
 
     def stop(self) -> None:
+        """Stop the server and remove its files."""
+        try:
+            self.halt()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data; ``launch`` restarts it."""
         pid = self.pid or self._postmaster_pid()
         if self.data.exists():
             self._run(
@@ -165,7 +183,7 @@ class PostgresServer:
             deadline = time.monotonic() + STOP_TIMEOUT
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        shutil.rmtree(self.base, ignore_errors=True)
+        self.pid = None
 
 
 def _alive(pid: int) -> bool:

@@ -121,6 +121,15 @@ def test_token_uses_and_expiry(store, clock):
         store.check_token("never-issued")
 
 
+def test_a_clash_the_checks_do_not_cover_is_a_conflict_and_uses_nothing(store):
+    _enroll(store, "c-aaaaaaaaaaaa")
+    store.create_token("hash-again", "default", 10**12, 1)
+    with pytest.raises(Conflict, match="clashes with a stored record"):
+        store.enroll("hash-again", _connector("c-aaaaaaaaaaaa"))  # the same connector id again
+    assert store.check_token("hash-again") == "default"  # rolled back: the use is not spent
+    assert [c.id for c in store.list_connectors()] == ["c-aaaaaaaaaaaa"]
+
+
 def test_token_for_unknown_group_is_refused(store):
     with pytest.raises(NotFound, match="nope"):
         store.create_token("t", "nope", 10**12, 1)

@@ -25,7 +25,7 @@ import psycopg_pool
 from backhaul.errors import ConfigError
 from backhaul.store.base import Conflict, StoreLimits, Unavailable
 from backhaul.store.postgres_migrations import PG_MIGRATIONS
-from backhaul.store.sql import SqlStore
+from backhaul.store.sql import CLASH, SqlStore
 
 #: Advisory lock keys (any 64-bit numbers, fixed forever): b"backhaul" and the one after it.
 WRITE_LOCK = 0x6261636B6861756C
@@ -112,9 +112,7 @@ class PostgresStore(SqlStore):
         try:
             yield
         except psycopg.errors.IntegrityError as exc:
-            # SqlStore checks names and ports before it writes, under the write lock, so this
-            # is a record that changed in a way those checks do not cover.
-            raise Conflict(f"the change clashes with a stored record ({exc.diag.message_primary}); reload and retry") from exc
+            raise Conflict(CLASH.format(exc.diag.message_primary)) from exc
         except psycopg.OperationalError as exc:
             # Lost or refused connections, the lock timeout, the pool's wait: all transient.
             raise Unavailable(f"the store {self.where} is busy or unavailable ({exc}); try again") from exc

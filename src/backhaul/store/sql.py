@@ -30,6 +30,11 @@ from backhaul.store.dbapi import Db
 from backhaul.store.sql_releases import ReleaseTables
 from backhaul.store.sql_rollout import RolloutTables
 
+#: A write the database refused for a key or constraint (both backends raise Conflict with
+#: it). SqlStore checks names and ports before it writes, under the write lock, so this is
+#: a clash those checks do not cover (such as a connector id enrolled twice).
+CLASH = "the change clashes with a stored record ({}); reload and retry"
+
 _CONNECTOR_COLUMNS = (
     "c.id, c.name, c.hostname, c.version, c.grp, c.created, c.last_seen, c.source_addr, c.cert_serial, "
     "c.cert_expires, c.revoked, c.prev_serial, c.prev_expires, "

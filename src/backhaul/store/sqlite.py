@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from backhaul.errors import ConfigError
-from backhaul.store.base import StoreLimits, Unavailable
+from backhaul.store.base import Conflict, StoreLimits, Unavailable
 from backhaul.store.migrations import MIGRATIONS
-from backhaul.store.sql import SqlStore
+from backhaul.store.sql import CLASH, SqlStore
 
 
 class SqliteStore(SqlStore):
@@ -55,6 +55,8 @@ class SqliteStore(SqlStore):
     def _operational(self) -> Iterator[None]:
         try:
             yield
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(CLASH.format(exc)) from exc
         except sqlite3.OperationalError as exc:
             raise Unavailable(f"the store {self.path} is busy or unavailable ({exc}); try again") from exc
 
