@@ -196,17 +196,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def require_bin_dir(bin_dir: Path | None, environ) -> Path:
+    """``bin_dir``, or the test is skipped (a developer without PostgreSQL) or fails (CI,
+    where tools/bootstrap.sh installs it, so its absence is a broken set-up)."""
+    if bin_dir is not None:
+        return bin_dir
+    reason = "PostgreSQL is not installed (no initdb on PATH nor in /usr/lib/postgresql/*/bin); tools/bootstrap.sh installs it"
+    if environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """The session's PostgreSQL server. Skipped only where PostgreSQL is not installed and
     CI is not set: under CI the bootstrap installs it, so its absence fails."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        reason = "PostgreSQL is not installed (no initdb on PATH nor in /usr/lib/postgresql/*/bin); tools/bootstrap.sh installs it"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = PostgresServer(bin_dir)
+    server = PostgresServer(require_bin_dir(find_bin_dir(), os.environ))
     try:
         server.start()
         yield server

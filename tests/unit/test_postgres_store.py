@@ -5,13 +5,14 @@ that never show their password. The behaviour both backends share is in test_sto
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 
 import pytest
 
 from backhaul.store import StoreLimits, Unavailable, open_store
 from backhaul.store.postgres import describe
-from tests.postgres import PostgresServer, find_bin_dir
+from tests.postgres import PostgresServer, find_bin_dir, require_bin_dir
 
 pytestmark = pytest.mark.codec_independent
 
@@ -30,9 +31,7 @@ def test_connections_killed_by_the_server_are_replaced(postgres_db):
 
 @pytest.mark.slow  # its own server, and the pool's reconnection backoff: about 7 s
 def test_a_server_that_goes_away_refuses_changes_then_catches_up():
-    if find_bin_dir() is None:
-        pytest.skip("PostgreSQL is not installed")  # the session fixture fails under CI
-    server = PostgresServer(find_bin_dir())
+    server = PostgresServer(require_bin_dir(find_bin_dir(), os.environ))
     try:
         server.start()
         store = open_store(server.url(), limits=StoreLimits(busy_timeout=1.0))
@@ -97,3 +96,11 @@ def test_processes_migrating_one_database_at_once_apply_each_step_once(postgres_
         assert [g.name for g in store.list_groups()] == ["default"]
     finally:
         store.close()
+
+
+def test_missing_postgresql_skips_a_developer_and_fails_ci(tmp_path):
+    assert require_bin_dir(tmp_path, {"CI": "true"}) == tmp_path
+    with pytest.raises(pytest.skip.Exception, match="bootstrap.sh installs it"):
+        require_bin_dir(None, {})
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        require_bin_dir(None, {"CI": "true"})
