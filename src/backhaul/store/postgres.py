@@ -64,7 +64,7 @@ def describe(url: str) -> str:
     try:
         parts = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"the store URL is not a valid PostgreSQL URL ({exc}); see docs/operations.md") from exc
+        raise ConfigError(f"the store URL is not a valid PostgreSQL URL ({exc}); write it as postgresql://USER@HOST:PORT/DBNAME") from exc
     user = f"{parts['user']}@" if parts.get("user") else ""
     host = parts.get("host") or "localhost"
     port = f":{parts['port']}" if parts.get("port") else ""
