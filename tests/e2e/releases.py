@@ -76,22 +76,29 @@ def _source_hash(files: list[str]) -> str:
 def _dependency_pins() -> list[str]:
     """``name==version`` of every distribution backhaul needs at run time, as installed here."""
     env = default_environment()
-    env["extra"] = ""
     text = (REPO / "pyproject.toml").read_text()
     import tomllib
 
-    todo = [Requirement(r) for r in tomllib.loads(text)["project"]["dependencies"]]
+    # (requirement, the extras of the requirement that named it): a dependency's own
+    # requirements count when their marker holds with no extra or with one asked for
+    # (psycopg[binary] needs psycopg-binary only through ``extra == "binary"``).
+    todo = [(Requirement(r), frozenset()) for r in tomllib.loads(text)["project"]["dependencies"]]
     pins: dict[str, str] = {}
+    seen: set[tuple[str, frozenset]] = set()
     while todo:
-        req = todo.pop()
-        if req.marker is not None and not req.marker.evaluate(env):
+        req, extras = todo.pop()
+        if req.marker is not None and not any(
+            req.marker.evaluate({**env, "extra": extra}) for extra in ("", *extras)
+        ):
             continue
         name = canonicalize_name(req.name)
-        if name in pins:
+        asked = frozenset(req.extras)
+        if (name, asked) in seen:
             continue
+        seen.add((name, asked))
         dist = importlib.metadata.distribution(req.name)
         pins[name] = dist.version
-        todo.extend(Requirement(r) for r in (dist.requires or []))
+        todo.extend((Requirement(r), asked) for r in (dist.requires or []))
     return sorted(f"{name}=={version}" for name, version in pins.items())
 
 
