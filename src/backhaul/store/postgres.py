@@ -138,21 +138,7 @@ class PostgresStore(SqlStore):
             raise Unavailable(f"cannot reach the store {self.where} ({exc}); check the URL and that PostgreSQL runs") from exc
         with conn, self._operational(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
-            )
-            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-            known = {version for version, _ in PG_MIGRATIONS}
-            if done - known:
-                raise ConfigError(
-                    f"the store {self.where} was written by a newer backhaul (schema {max(done)}); upgrade backhaul"
-                )
-            for version, statements in PG_MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations (version, applied) VALUES (%s, %s)", (version, self._clock()))
+            self._apply_migrations(_Db(conn), PG_MIGRATIONS, self.where, "DOUBLE PRECISION")
 
     def close(self) -> None:
         self._pool.close()

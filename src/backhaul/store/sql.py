@@ -11,6 +11,7 @@ from typing import Any, Callable
 import orjson
 
 from backhaul.config import REFRESH_INTERVAL
+from backhaul.errors import ConfigError
 from backhaul.store.base import (
     DEFAULT_GROUP,
     App,
@@ -100,6 +101,20 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
 
     @abc.abstractmethod
     def _read(self) -> contextlib.AbstractContextManager[Db]: ...
+
+    def _apply_migrations(self, db: Db, migrations, where: str, time_type: str) -> None:
+        """Apply the steps of ``migrations`` not yet in ``schema_migrations`` (inside the
+        caller's transaction); a store holding a step this version does not know is refused."""
+        db.execute(f"CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied {time_type} NOT NULL)")
+        done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+        if done - {version for version, _ in migrations}:
+            raise ConfigError(f"the store {where} was written by a newer backhaul (schema {max(done)}); upgrade backhaul")
+        for version, statements in migrations:
+            if version in done:
+                continue
+            for statement in statements:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_migrations (version, applied) VALUES (?, ?)", (version, self._clock()))
 
     @staticmethod
     def _bump(db: Db) -> None:

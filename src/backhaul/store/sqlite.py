@@ -85,19 +85,7 @@ class SqliteStore(SqlStore):
 
     def _migrate(self) -> None:
         with self._write() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
-            done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
-            known = {version for version, _ in MIGRATIONS}
-            if done - known:
-                raise ConfigError(
-                    f"the store {self.path} was written by a newer backhaul (schema {max(done)}); upgrade backhaul"
-                )
-            for version, statements in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in statements:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_migrations (version, applied) VALUES (?, ?)", (version, self._clock()))
+            self._apply_migrations(db, MIGRATIONS, str(self.path), "REAL")
 
     def close(self) -> None:
         with self._lock:
