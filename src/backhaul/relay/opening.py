@@ -22,8 +22,10 @@ change here, not in each edge.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Protocol
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol
 
+from backhaul.errors import ConfigError
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES
 from backhaul.protocol.mux import SessionError, stream_meta
 from backhaul.relay.routing import NoRoute, TunnelRegistry
@@ -31,6 +33,8 @@ from backhaul.relay.routing import NoRoute, TunnelRegistry
 if TYPE_CHECKING:
     from backhaul.relay.metrics import RelayMetrics
     from backhaul.transport.tunnel import StreamEndpoint, Tunnel
+
+log = logging.getLogger("backhaul.relay.edge")
 
 #: How many tunnels one user stream is offered to before the user is refused.
 OPEN_ATTEMPTS = 3
@@ -50,6 +54,24 @@ class Edge(Protocol):
 
     async def stop(self) -> None:
         """Stop accepting users and close what the edge holds."""
+
+
+async def reconcile_listeners(running: dict, apps: list, proto: str, start: Callable[[Any], Awaitable[Any]]) -> None:
+    """Bring ``running`` (app name -> a listener with ``.app`` and ``async stop()``) in line
+    with the ``proto`` apps among ``apps``: what changed or went is stopped, what is new is
+    started by ``start(app)``. An app whose port cannot be bound is logged and left out (the
+    next reload tries again); the others are served."""
+    wanted = {app.name: app for app in apps if app.proto == proto}
+    for name, listener in list(running.items()):
+        if wanted.get(name) != listener.app:
+            await listener.stop()
+            del running[name]
+    for name, app in wanted.items():
+        if name not in running:
+            try:
+                running[name] = await start(app)
+            except (ConfigError, OSError) as exc:
+                log.error(f"cannot start {proto} app", extra={"app": name, "port": app.port, "error": str(exc)})
 
 
 class StreamFigures(Protocol):

@@ -14,11 +14,10 @@ import logging
 import secrets
 
 from backhaul.config import FlowControl
-from backhaul.errors import ConfigError
 from backhaul.protocol.constants import ErrorCode, error_name
 from backhaul.relay.admission import Admission, Refused
 from backhaul.relay.metrics import RelayMetrics
-from backhaul.relay.opening import CannotOpen, Opening, StreamOpener
+from backhaul.relay.opening import CannotOpen, Opening, StreamOpener, reconcile_listeners
 from backhaul.transport.pipe import Pipe
 from backhaul.transport.sockets import reuseport_socket
 
@@ -169,17 +168,7 @@ class TcpEdge:
 
     async def set_apps(self, apps: list) -> None:
         """Listen on exactly the TCP apps among ``apps``: a changed app's listener is started again."""
-        wanted = {app.name: app for app in apps if app.proto == "tcp"}
-        for name, running in list(self.apps.items()):
-            if wanted.get(name) != running.app:
-                await running.stop()
-                del self.apps[name]
-        for name, app in wanted.items():
-            if name not in self.apps:
-                try:
-                    self.apps[name] = await TcpApp.start(app, self)
-                except (ConfigError, OSError) as exc:
-                    log.error("cannot start tcp app", extra={"app": name, "port": app.port, "error": str(exc)})
+        await reconcile_listeners(self.apps, apps, "tcp", lambda app: TcpApp.start(app, self))
 
     async def stop(self) -> None:
         for running in list(self.apps.values()):

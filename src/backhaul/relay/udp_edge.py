@@ -26,10 +26,9 @@ import time
 from typing import Callable
 
 from backhaul.config import UdpLimits
-from backhaul.errors import ConfigError
 from backhaul.protocol.constants import MAX_DATAGRAM, ErrorCode, error_name
 from backhaul.relay.metrics import RelayMetrics
-from backhaul.relay.opening import CannotOpen, Opening, StreamOpener
+from backhaul.relay.opening import CannotOpen, Opening, StreamOpener, reconcile_listeners
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
 from backhaul.transport.sockets import reuseport_socket
 from backhaul.transport.tunnel import Tunnel
@@ -346,17 +345,9 @@ class UdpEdge:
 
     async def set_apps(self, apps: list) -> None:
         """Serve exactly the UDP apps among ``apps``: a changed app's socket (and flows) start again."""
-        wanted = {app.name: app for app in apps if app.proto == "udp"}
-        for name, running in list(self.apps.items()):
-            if wanted.get(name) != running.app:
-                await running.stop()
-                del self.apps[name]
-        for name, app in wanted.items():
-            if name not in self.apps:
-                try:
-                    self.apps[name] = await UdpApp.start(app, self.host, self.opener, self.limits, self.metrics)
-                except (ConfigError, OSError) as exc:
-                    log.error("cannot start udp app", extra={"app": name, "port": app.port, "error": str(exc)})
+        await reconcile_listeners(
+            self.apps, apps, "udp", lambda app: UdpApp.start(app, self.host, self.opener, self.limits, self.metrics)
+        )
 
     async def stop(self) -> None:
         for running in list(self.apps.values()):
