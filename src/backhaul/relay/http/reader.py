@@ -122,6 +122,19 @@ class _Reader:
         self._max_count = max_count
         self._status = status  # the answer to a refused message: 431 for users, 502 for backends
 
+    def _parse(self, data, what: str) -> None:
+        """Hand ``data`` to httptools at once (no head under way, or one within this read)."""
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._dead = True
+            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
+        except HttpParserError as exc:
+            self._failed(exc, what)
+        else:
+            if self._in_head:
+                self._head_bytes = len(data)
+
     @property
     def mid_head(self) -> bool:
         """A head has started and is not complete yet."""
@@ -206,17 +219,7 @@ class RequestReader(_Reader):
             limits = self._limits
             self._feed(data, limits.max_request_line + limits.max_header_bytes + _HEAD_SLACK, "request")
             return
-        # The usual case: a new request, or body bytes.
-        try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            self._dead = True
-            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
-        except HttpParserError as exc:
-            self._failed(exc, "request")
-        else:
-            if self._in_head:
-                self._head_bytes = len(data)
+        self._parse(data, "request")  # the usual case: a new request, or body bytes
 
     # -- httptools callbacks
 
@@ -323,16 +326,7 @@ class ResponseReader(_Reader):
         if self._dead or self._head_bytes or self._in_head:
             self._feed(data, self._limits.max_response_header_bytes + _HEAD_SLACK, "response")
         else:
-            try:
-                self._parser.feed_data(data)
-            except HttpParserUpgrade as exc:
-                self._dead = True
-                self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
-            except HttpParserError as exc:
-                self._failed(exc, "response")
-            else:
-                if self._in_head:
-                    self._head_bytes = len(data)
+            self._parse(data, "response")
         if self._skip:
             self._skip = False
             self._parser = httptools.HttpResponseParser(self)
