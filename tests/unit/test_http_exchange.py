@@ -16,10 +16,11 @@ import pytest
 from backhaul.config import HttpLimits
 from backhaul.protocol.constants import ErrorCode
 from backhaul.relay.http import actions as A
-from backhaul.relay.http import exchange as X
 from backhaul.relay.http import pacing as P
-from backhaul.relay.http.exchange import ExchangeMachine, State
+from backhaul.relay.http import states as X
+from backhaul.relay.http.exchange import ExchangeMachine
 from backhaul.relay.http.reader import BODY, END, HEAD, RequestReader, ResponseReader
+from backhaul.relay.http.states import State
 from backhaul.relay.http.translate import Route
 from backhaul.relay.opening import CannotOpen
 from backhaul.relay.preauth.contract import Allow, Respond

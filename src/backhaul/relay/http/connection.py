@@ -30,8 +30,9 @@ from backhaul.protocol.mux import SessionError
 from backhaul.relay.http import actions as A
 from backhaul.relay.http import writer
 from backhaul.relay.http.actions import SEND, WRITE
-from backhaul.relay.http.exchange import CLOSED, Exchange, ExchangeMachine
+from backhaul.relay.http.exchange import ExchangeMachine
 from backhaul.relay.http.pacing import T_NONE
+from backhaul.relay.http.states import CLOSED, Exchange
 from backhaul.relay.opening import CannotOpen, Opening
 from backhaul.transport.sockets import set_nodelay
 
