@@ -581,3 +581,36 @@ class RolloutSettings:
             raise ValueError("rollout lease_seconds must be positive")
         if min(self.reports_per_connector, self.failures_per_connector, self.listed_failures) < 1:
             raise ValueError("rollout reports_per_connector, failures_per_connector and listed_failures must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    """Several relay nodes on one PostgreSQL store (docs/architecture.md, "Several nodes").
+
+    Every node registers itself and heartbeats; what it holds (tunnels, the nodes list
+    connectors get) counts only while its heartbeat is fresh, so a node that dies leaves no
+    stale "active" state behind: freshness, not a flag somebody must clear.
+    """
+
+    #: Seconds between two heartbeats of a node (its row's last_seen).
+    heartbeat_interval: float = 2.0
+    #: A node whose last heartbeat is older than this is ``down``: its tunnels stop counting,
+    #: peers stop forwarding to it, connectors are no longer told about it. Five heartbeats:
+    #: a node busy for a few seconds is not flapped, and a dead one is ``down`` well within
+    #: the 15 s the issue allows.
+    node_fresh: float = 10.0
+    #: Distinct nodes a connector holds tunnels to when the service has several (a node lost
+    #: leaves the connector reachable through the others while it re-homes).
+    connector_nodes: int = 2
+    #: Nodes listed at most (the nodes table, the list connectors are sent): a bound on a
+    #: table every node reads each second.
+    max_nodes: int = 64
+    #: Rows of the change log kept (the newest); a node that missed more catches up from the
+    #: store's version, which is the truth, not from the log.
+    change_log_rows: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval < self.node_fresh:
+            raise ValueError("cluster heartbeat_interval must be above 0 and below node_fresh")
+        if min(self.connector_nodes, self.max_nodes, self.change_log_rows) < 1:
+            raise ValueError("cluster connector_nodes, max_nodes and change_log_rows must be at least 1")

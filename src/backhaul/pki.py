@@ -34,6 +34,10 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 CONNECTOR_URI_PREFIX = "urn:backhaul:connector:"
 _CONNECTOR_ID = re.compile(r"^c-[a-z2-7]{12}$")
+#: A relay node's certificate names its node id so: peers of a relay-to-relay link tell a
+#: node from a connector (whose certificates carry CONNECTOR_URI_PREFIX) by it.
+NODE_URI_PREFIX = "urn:backhaul:node:"
+_NODE_ID = re.compile(r"^n-[a-z2-7]{12}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 #: Largest PEM document (certificate, CSR) accepted from a peer.
@@ -118,6 +122,15 @@ def is_connector_id(value: str) -> bool:
     return isinstance(value, str) and bool(_CONNECTOR_ID.match(value))
 
 
+def new_node_id() -> str:
+    """A new relay node id: ``n-`` and 12 random lowercase base32 characters (60 bits)."""
+    return "n-" + base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
+
+
+def is_node_id(value: str) -> bool:
+    return isinstance(value, str) and bool(_NODE_ID.match(value))
+
+
 def default_service_names() -> list[str]:
     """Names a fresh service certificate covers when ``--name`` is not given."""
     names = ["localhost", "127.0.0.1", "::1"]
@@ -197,16 +210,28 @@ def _leaf_key_usage() -> x509.KeyUsage:
 
 
 def make_service_cert(
-    ca: CertificateAuthority, names: list[str], validity: datetime.timedelta = SERVICE_VALIDITY
+    ca: CertificateAuthority,
+    names: list[str],
+    validity: datetime.timedelta = SERVICE_VALIDITY,
+    node_id: str | None = None,
 ) -> tuple[PrivateKey, x509.Certificate]:
-    """A TLS server key and certificate for the relay, valid for every name in ``names``."""
+    """A TLS server key and certificate for the relay, valid for every name in ``names``.
+
+    With ``node_id`` it is a relay node's certificate: it also names the node (a URI SAN)
+    and may authenticate the node as the client of a relay-to-relay link."""
     if not names:
         raise ConfigError("the service certificate needs at least one name; pass --name HOST")
+    if node_id is not None and not is_node_id(node_id):
+        raise ConfigError(f"{node_id!r} is not a relay node id (n- and 12 base32 characters)")
     sans = []
     for name in names:
         entry = general_name(name)
         if entry not in sans:
             sans.append(entry)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if node_id is not None:
+        sans.append(x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id))
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     key = generate_key()
     now = _now()
     builder = (
@@ -219,7 +244,7 @@ def make_service_cert(
         .not_valid_after(min(now + validity, ca.cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
     )
     builder = _key_ids(builder, key.public_key(), ca.cert)
@@ -304,6 +329,19 @@ def connector_id_of(cert: x509.Certificate) -> str | None:
     if not is_connector_id(cid) or cns != [cid]:
         return None
     return cid
+
+
+def node_id_of(cert: x509.Certificate) -> str | None:
+    """The relay node id a certificate names (its one node URI SAN), or None."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(NODE_URI_PREFIX)]
+    if len(uris) != 1:
+        return None
+    node_id = uris[0][len(NODE_URI_PREFIX) :]
+    return node_id if is_node_id(node_id) else None
 
 
 def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:

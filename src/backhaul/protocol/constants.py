@@ -19,6 +19,9 @@ import enum
 ALPN_TUNNEL = "backhaul/1"
 #: ALPN protocol id of the control API, served on the same port as tunnels.
 ALPN_HTTP = "http/1.1"
+#: ALPN protocol id of a relay-to-relay link (a node carrying a user's stream to the node
+#: that holds a tunnel of the app's group), served on the listen port too.
+ALPN_PEER = "backhaul-peer/1"
 
 HEADER_SIZE = 12
 #: struct format of the header; the codec packs and unpacks it by hand for speed.

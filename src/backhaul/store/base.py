@@ -179,6 +179,44 @@ class Connector:
         return data
 
 
+# -- relay nodes
+
+
+#: A node's ``state`` in the store: serving (while its heartbeat is fresh), or stopped cleanly.
+NODE_STATES = ("running", "stopped")
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One relay node of the service as the store knows it (``admin node list``)."""
+
+    id: str
+    #: HOST:PORT connectors dial (the node's listen port as reachable from the private networks)
+    listen: str
+    #: HOST:PORT other nodes dial for relay-to-relay links (often the same)
+    peer: str
+    version: str
+    started: float
+    #: the node's last heartbeat (seconds since the epoch)
+    last_seen: float
+    #: "running" or "stopped" (a clean stop); a node that died stays "running" but goes stale
+    state: str = "running"
+    #: usable connector tunnels it holds (0 once it is down: its rows no longer count)
+    tunnels: int = 0
+    #: True when its heartbeat is fresh (ClusterSettings.node_fresh) and it has not stopped
+    fresh: bool = False
+
+    @property
+    def status(self) -> str:
+        return "up" if self.fresh and self.state == "running" else "down"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("fresh")
+        data["status"] = self.status
+        return data
+
+
 # -- releases
 
 
