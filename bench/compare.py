@@ -137,15 +137,15 @@ def parse_wrk(output: str) -> dict:
     }
 
 
-def run_wrk(port: int, duration: float, connections: int) -> dict:
-    """One ``wrk -t1 -cC -dNs --latency`` run against nginx through ``port``."""
+def run_wrk(port: int, duration: float, connections: int, host: str = "127.0.0.1") -> dict:
+    """One ``wrk -t1 -cC -dNs --latency`` run against nginx through ``host:port``."""
     argv = [
         peers.find_program("wrk"),
         "-t1",
         f"-c{connections}",
         f"-d{duration:g}s",
         "--latency",
-        f"http://127.0.0.1:{port}/",
+        f"http://{host}:{port}/",
     ]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)

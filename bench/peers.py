@@ -229,9 +229,9 @@ def wait_until(what: str, probe, deadline: float, watched: list[Managed]) -> obj
         delay = min(delay * 2, 0.25)
 
 
-def probe_http(port: int) -> None:
-    """One GET / through 127.0.0.1:port; raise BenchError unless it returns the benchmark body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+def probe_http(port: int, host: str = "127.0.0.1") -> None:
+    """One GET / through host:port; raise BenchError unless it returns the benchmark body."""
+    conn = http.client.HTTPConnection(host, port, timeout=3)
     try:
         conn.request("GET", "/")
         response = conn.getresponse()
