@@ -12,7 +12,6 @@ on its own address.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import ssl

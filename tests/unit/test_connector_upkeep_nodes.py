@@ -16,9 +16,29 @@ from backhaul.connector.settings import ConnectorSettings
 from backhaul.connector.state import STATE_FILE, ConnectorState
 from backhaul.connector.upkeep import Upkeep
 from backhaul.errors import ServiceError
-from tests.unit.test_control_api import clock, run, service_dir  # noqa: F401 (fixtures)
+from backhaul.control.context import ControlContext, ControlSettings
+from backhaul.control.init import initialize
+from tests.unit.test_control_api import Service
 
 pytestmark = pytest.mark.codec_independent
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(async fn(service)) -> its result, with a real control API served meanwhile."""
+    data_dir = tmp_path / "service"
+    initialize(data_dir, ["localhost", "127.0.0.1"])
+    ctx = ControlContext.load(data_dir, settings=ControlSettings(housekeeping_interval=0))
+
+    def runner(fn):
+        async def main():
+            async with Service(data_dir, ctx) as service:
+                return await fn(service)
+
+        return asyncio.run(asyncio.wait_for(main(), 60))
+
+    yield runner
+    ctx.store.close()
 
 
 def dead_url() -> str:
