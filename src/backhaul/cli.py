@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from backhaul.config import LogFiles
+from backhaul.config import ClusterSettings, LogFiles
 from backhaul.errors import BackhaulError
 
 
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE", help="TOML settings file, read again on SIGHUP")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--tunnels", type=int, default=None, help="tunnels per connector (default 4)")
+    p.add_argument(
+        "--relay-nodes", type=int, default=None, metavar="N",
+        help=f"distinct relay nodes to hold tunnels to when the service has several (default {ClusterSettings.connector_nodes})",
+    )
     p.add_argument(
         "--heartbeat", type=float, default=None, metavar="SECONDS",
         help="seconds between heartbeats and certificate renewal checks (default 30)",

@@ -614,3 +614,26 @@ class ClusterSettings:
             raise ValueError("cluster heartbeat_interval must be above 0 and below node_fresh")
         if min(self.connector_nodes, self.max_nodes, self.change_log_rows) < 1:
             raise ValueError("cluster connector_nodes, max_nodes and change_log_rows must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rehoming:
+    """How a connector with tunnels to several relay nodes tells a node is gone and
+    replaces it (connector/nodes.py, docs/architecture.md "Tunnels to several nodes")."""
+
+    #: Failed dials in a row to a node holding no serving tunnel of the worker (since its
+    #: last hello) after which it is replaced. Two: one refused dial right after a tunnel
+    #: dropped may be a restart's blink; two (a fraction of a second apart, with the slots'
+    #: backoff) means the node is not there, and a wrongly moved connector costs little.
+    failed_dials: int = 2
+    #: How long a node that was replaced is chosen only when no other will do, growing per
+    #: loss in a row: it keeps a dead or draining node from being picked again at once,
+    #: and lets a restarted one back in within minutes.
+    avoid: Backoff = Backoff(initial=5.0, maximum=300.0, factor=2.0)
+    #: Node addresses from the last list a control call (config, heartbeat, renewal) tries
+    #: after the enrolled address fails; bounded because each may take a whole timeout.
+    fallback_nodes: int = 3
+
+    def __post_init__(self) -> None:
+        if self.failed_dials < 1 or self.fallback_nodes < 0:
+            raise ValueError("rehoming failed_dials must be at least 1 and fallback_nodes not negative")

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from backhaul.config import Keepalive
+from backhaul.cli import build_parser
+from backhaul.config import ClusterSettings, Keepalive
+from backhaul.connector.service import _FLAGS
 from backhaul.connector.settings import MAX_CONFIG_BYTES, SettingsSource, split_changes
 from backhaul.errors import ConfigError
 from backhaul.supervisor import RESTART_MAX, restart_delay
@@ -56,6 +58,9 @@ def test_without_a_file_the_flags_and_defaults_apply(tmp_path):
         ("[keepalive]\nperiod = 5", "unknown key keepalive.period"),
         ("[flow]\nstream_window = 10", "[flow] is not valid"),
         ("[backoff]\ninitial = 5\nmaximum = 1", "backoff needs"),
+        ("relay_nodes = 0", "relay_nodes must be from 1 to 64"),
+        ("relay_nodes = 65", "relay_nodes must be from 1 to 64"),
+        ("relay_nodes = 1.5", "relay_nodes must be a whole number"),
     ],
 )
 def test_a_bad_file_is_refused_with_a_reason_naming_it(tmp_path, config, text, words):
@@ -92,3 +97,12 @@ def test_reload_applies_live_keys_and_names_the_ones_that_need_a_restart(tmp_pat
 def test_restart_backoff_grows_and_is_capped():
     delays = [restart_delay(n) for n in range(1, 30)]
     assert delays == sorted(delays) and delays[0] < 1 and delays[-1] == RESTART_MAX
+
+
+def test_relay_nodes_defaults_to_the_clusters_count_and_follows_the_flag_and_reloads_live(tmp_path, config):
+    assert SettingsSource(tmp_path).load().relay_nodes == ClusterSettings.connector_nodes == 2
+    args = build_parser().parse_args(["connector", "run", "--state-dir", str(tmp_path), "--relay-nodes", "3"])
+    assert (args.relay_nodes, _FLAGS["relay_nodes"]) == (3, "relay_nodes")
+    old = SettingsSource(tmp_path, config("relay_nodes = 2\n")).load()
+    new = SettingsSource(tmp_path, config("relay_nodes = 1\n"), (("relay_nodes", 3),)).load()
+    assert new.relay_nodes == 3 and split_changes(old, new) == ({"relay_nodes": 3}, [])

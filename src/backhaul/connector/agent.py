@@ -1,6 +1,7 @@
 """One connector worker process: its life (start, drain, SIGHUP reload) and its tunnels' events.
 
-The parts it delegates to, one concept each: the tunnel slots (connector.slots), the
+The parts it delegates to, one concept each: the tunnels and the relay nodes they go to
+(connector.homes, with connector.slots per address and connector.nodes deciding), the
 control API's config, heartbeat and renewal (connector.upkeep), the allow-list
 (connector.admission), the streams to private targets (connector.streams), UDP flows
 (connector.udp_flows), origin health (connector.health) and the figures and session
@@ -25,7 +26,7 @@ from backhaul.connector.http_target import BackendTls
 from backhaul.connector.metrics import ConnectorMetrics, WorkerNow
 from backhaul.connector.observer import Observer
 from backhaul.connector.settings import ConnectorSettings, apply_log_level, split_changes
-from backhaul.connector.slots import TunnelSlots
+from backhaul.connector.homes import TunnelHomes
 from backhaul.connector.state import ConnectorState
 from backhaul.connector.streams import TargetStreams, open_failure
 from backhaul.connector.upkeep import Upkeep
@@ -59,9 +60,17 @@ class ConnectorAgent:
         #: TLS contexts for the https backends of http apps
         self.backend_tls = BackendTls()
         self.origins = health.HealthMonitor(settings.health, self._origins_changed, self.backend_tls)
-        self.slots = TunnelSlots(self._current, self.state, self, self._stopping)
+        self.homes = TunnelHomes(self._current, self.state, self, self._stopping)
         self.upkeep = Upkeep(
-            self._current, self.state, self._stopping, self._apply_config, self._renewed, self._deleted, self._load
+            self._current,
+            self.state,
+            self._stopping,
+            self._apply_config,
+            self._renewed,
+            self._deleted,
+            self._load,
+            nodes=self.homes.learn,
+            fallbacks=self.homes.fallback_urls,
         )
         self.streams = TargetStreams(self._current, self.metrics, self.observer.session_log, self.origins, self.backend_tls)
         self.udp = udp_flows.UdpFlows(settings.udp, self.metrics.events, open_failure)
@@ -77,14 +86,14 @@ class ConnectorAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.slots.use_credentials(self.state)
+        self.homes.use_credentials(self.state)
         self.upkeep.open()
         try:
             await self.observer.start()
             await self.upkeep.pull(initial=True)
             if self._stopping.is_set():
                 return
-            self.slots.start()
+            self.homes.start()
             self._serving = True
             self.udp.start()
             self.upkeep.start()
@@ -106,19 +115,19 @@ class ConnectorAgent:
         self._draining = True
         started = time.monotonic()
         deadline = self.settings.drain_timeout
-        for tunnel in list(self.slots.tunnels):
+        for tunnel in list(self.homes.tunnels):
             tunnel.goaway(ErrorCode.NO_ERROR, "connector draining")
         # After the GOAWAYs, so the relay moves these flows to other connectors, not to our other tunnels.
         self.udp.stop()
         self.udp.close_all(ErrorCode.GOING_AWAY, "connector draining")
-        in_flight = self.slots.streams_open()
+        in_flight = self.homes.streams_open()
         log.info("draining", extra={"worker": self.settings.worker, "streams": in_flight, "deadline": deadline})
-        while self.slots.streams_open() and time.monotonic() < started + deadline:
+        while self.homes.streams_open() and time.monotonic() < started + deadline:
             await asyncio.sleep(0.05)
-        cut = self.slots.streams_open()
+        cut = self.homes.streams_open()
         self.streams.cut("the connector's drain deadline passed")
-        self.slots.close()
-        tunnels = list(self.slots.tunnels)
+        self.homes.close()
+        tunnels = list(self.homes.tunnels)
         for tunnel in tunnels:
             # also resets streams whose target was still connecting
             tunnel.close(ErrorCode.GOING_AWAY if cut else ErrorCode.NO_ERROR, "connector stopped")
@@ -166,7 +175,9 @@ class ConnectorAgent:
         if "log_level" in live:
             apply_log_level(self.settings.log_level)
         if self._serving and ("tunnels" in live or "max_slots" in live):
-            self.slots.resize()
+            self.homes.resize()
+        if self._serving and "relay_nodes" in live:
+            self.homes.replan()
         if self._serving and "heartbeat_interval" in live:
             self.upkeep.restart_heartbeat()
         self._reload_credentials()
@@ -200,7 +211,7 @@ class ConnectorAgent:
     def _renewed(self, state: ConnectorState) -> None:
         """New credentials (renewed, or reloaded): new tunnels present them."""
         self.state = state
-        self.slots.use_credentials(state)
+        self.homes.use_credentials(state)
 
     def _apply_config(self, apps: dict[str, dict]) -> None:
         """A new configuration: health checks follow it, what it no longer allows ends."""
@@ -212,7 +223,7 @@ class ConnectorAgent:
 
     def _load(self) -> dict:
         """The heartbeat's figures of this worker."""
-        tunnels = self.slots.tunnels
+        tunnels = self.homes.tunnels
         return {
             "streams": sum(t.load for t in tunnels),
             "bytes_in": sum(t.bytes_in for t in tunnels),
@@ -222,19 +233,19 @@ class ConnectorAgent:
 
     def _now(self) -> WorkerNow:
         """What the figures read each tick."""
-        return WorkerNow(self.state, list(self.slots.tunnels), len(self.slots.answered()), self.upkeep.config_version)
+        return WorkerNow(self.state, list(self.homes.tunnels), len(self.homes.answered()), self.upkeep.config_version)
 
     def _origins_changed(self, changes: dict[str, bool | None]) -> None:
         """Tell the relay at once, over every tunnel, which apps this worker can reach now."""
         messages = health.control_messages(changes)
-        for tunnel in self.slots.tunnels:
+        for tunnel in self.homes.tunnels:
             for message in messages:
                 tunnel.control(message)
 
     # ------------------------------------------------------------------ TunnelOwner
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
-        self.slots.up(tunnel)
+        self.homes.up(tunnel)
         self.metrics.tunnels_opened += 1
         tunnel.control(
             {
@@ -248,23 +259,29 @@ class ConnectorAgent:
             tunnel.control(message)
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
-        self.slots.down(tunnel)
+        self.homes.down(tunnel)
         self.metrics.tunnel_closed(tunnel)
         log.info("tunnel down", extra={"tunnel": tunnel.name, "reason": reason})
 
     def control_received(self, tunnel: Tunnel, message: dict) -> None:
         kind = message.get("type")
         if kind == "hello":
-            log.info("tunnel up", extra={"tunnel": tunnel.name, "relay_worker": message.get("worker")})
-            self.slots.hello(tunnel, message.get("worker"), max(1, int(message.get("workers", 1))))
+            log.info(
+                "tunnel up",
+                extra={"tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node")},
+            )
+            self.homes.hello(tunnel, message)
             self.upkeep.version_seen(message.get("config_version"))
         elif kind == "config_changed":
             self.upkeep.version_seen(message.get("version"))
+        elif kind == "nodes":
+            self.homes.learn(message.get("nodes"), "relay")
         else:
             log.debug("unknown control message ignored", extra={"message": message})
 
     def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
         log.info("relay draining a tunnel", extra={"tunnel": tunnel.name, "reason": reason})
+        self.homes.goaway(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
         self.udp.from_tunnel(tunnel, flow_id, data)

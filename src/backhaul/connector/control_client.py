@@ -57,15 +57,23 @@ def connector_session(
 
 
 async def _call(
-    state: ConnectorState, session: aiohttp.ClientSession, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    state: ConnectorState,
+    session: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    base: str | None = None,
 ) -> tuple[int, CIMultiDict[str], Any]:
-    url = state.service_url + path
+    base = base or state.service_url
+    url = base + path
     try:
         status, resp_headers, decoded = await request_json(session, method, url, body, headers, limit=MAX_RESPONSE)
     except aiohttp.ClientConnectorCertificateError as exc:
-        raise CertificateError(f"the service at {state.service_url} did not present a certificate from the service CA ({exc.certificate_error})") from exc
+        raise CertificateError(f"the service at {base} did not present a certificate from the service CA ({exc.certificate_error})") from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
-        at_proxy = proxy_connect.from_aiohttp(exc, f"{state.host}:{state.port}")
+        where = base.removeprefix("https://") if base != state.service_url else f"{state.host}:{state.port}"
+        at_proxy = proxy_connect.from_aiohttp(exc, where)
         if at_proxy is not None:
             raise at_proxy from exc
         raise ServiceError(f"{method} {url} failed ({exc.__class__.__name__}: {exc}); will retry") from exc
@@ -79,10 +87,14 @@ async def _call(
     return status, resp_headers, decoded
 
 
-async def pull_config(state: ConnectorState, session: aiohttp.ClientSession, etag: str | None) -> tuple[str | None, dict[str, Any] | None]:
-    """The connector's config: (etag, config), or (etag, None) when unchanged since ``etag``."""
+async def pull_config(
+    state: ConnectorState, session: aiohttp.ClientSession, etag: str | None, base: str | None = None
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The connector's config: (etag, config), or (etag, None) when unchanged since ``etag``.
+
+    ``base``, here and below: another node's https://HOST:PORT instead of the enrolled service URL."""
     headers = {"If-None-Match": f'"{etag}"'} if etag else {}
-    status, resp_headers, config = await _call(state, session, "GET", "/v1/connector/config", headers=headers)
+    status, resp_headers, config = await _call(state, session, "GET", "/v1/connector/config", headers=headers, base=base)
     new_etag = resp_headers.get("ETag", "").strip('"') or etag
     if status == 304:
         return new_etag, None
@@ -91,18 +103,22 @@ async def pull_config(state: ConnectorState, session: aiohttp.ClientSession, eta
     return new_etag, config
 
 
-async def heartbeat(state: ConnectorState, session: aiohttp.ClientSession, stats: dict[str, Any]) -> dict[str, Any]:
+async def heartbeat(
+    state: ConnectorState, session: aiohttp.ClientSession, stats: dict[str, Any], base: str | None = None
+) -> dict[str, Any]:
     """Report {version, cpu, memory, streams, bytes_in, bytes_out, apps (origin health)};
     returns the service's answer (its ``config_version`` tells whether a config pull is worth doing)."""
-    _, _, answer = await _call(state, session, "POST", "/v1/connector/heartbeat", stats)
+    _, _, answer = await _call(state, session, "POST", "/v1/connector/heartbeat", stats, base=base)
     return answer
 
 
-async def renew(state: ConnectorState, session: aiohttp.ClientSession) -> ConnectorState:
+async def renew(state: ConnectorState, session: aiohttp.ClientSession, base: str | None = None) -> ConnectorState:
     """Get a certificate for a fresh key, put both in place atomically; returns the new state."""
     key = pki.generate_key()
     csr = pki.make_csr(key, state.name)
-    _, _, answer = await _call(state, session, "POST", "/v1/connector/renew", {"csr": pki.csr_to_pem(csr).decode("ascii")})
+    _, _, answer = await _call(
+        state, session, "POST", "/v1/connector/renew", {"csr": pki.csr_to_pem(csr).decode("ascii")}, base=base
+    )
     if not isinstance(answer, dict) or not isinstance(answer.get("certificate"), str):
         raise ServiceError("the service's renewal answer has no certificate")
     cert = pki.load_cert(answer["certificate"])
@@ -130,7 +146,7 @@ def _renew_lock(state: ConnectorState):
 
 
 async def renew_if_due(
-    state: ConnectorState, session: aiohttp.ClientSession, now: datetime.datetime | None = None
+    state: ConnectorState, session: aiohttp.ClientSession, now: datetime.datetime | None = None, base: str | None = None
 ) -> ConnectorState:
     """Renew once two thirds of the certificate's lifetime have passed; safe to call from
     every worker process at once (one renews, the others pick up its result).
@@ -147,6 +163,6 @@ async def renew_if_due(
         current = await loop.run_in_executor(None, functools.partial(ConnectorState.load, state.state_dir, now=now))
         if current.cert_serial != state.cert_serial or not current.renewal_due(now):
             return current
-        return await renew(current, session)
+        return await renew(current, session, base)
     finally:
         lock.__exit__(None, None, None)

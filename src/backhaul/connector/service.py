@@ -39,6 +39,7 @@ GRACE_MARGIN = 10.0
 _FLAGS = {
     "workers": "workers",
     "tunnels": "tunnels",
+    "relay_nodes": "relay_nodes",
     "heartbeat": "heartbeat_interval",
     "drain_timeout": "drain_timeout",
     "log_level": "log_level",

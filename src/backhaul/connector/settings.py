@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backhaul.config import Backoff, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
+from backhaul.config import Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
 from backhaul.transport.proxy_connect import Proxy
@@ -31,6 +31,9 @@ class ConnectorSettings:
     workers: int = 1
     #: Tunnels this connector holds in all (spread over its workers), at least one per relay worker.
     tunnels: int = 4
+    #: Distinct relay nodes to hold tunnels to when the service lists several (each node
+    #: gets `tunnels`); a service of one node is dialed at the enrolled address alone.
+    relay_nodes: int = ClusterSettings.connector_nodes
     #: Same for every worker of one `connector run`; lets the relay replace stale tunnels at once.
     boot_id: str = ""
     flow: FlowControl = FlowControl()
@@ -81,6 +84,7 @@ LIVE = frozenset(
     {
         "log_level",
         "tunnels",
+        "relay_nodes",
         "heartbeat_interval",
         "drain_timeout",
         "connect_timeout",
@@ -151,6 +155,8 @@ def _validate(settings: ConnectorSettings, source: str) -> ConnectorSettings:
     problems = []
     if settings.workers < 1 or settings.tunnels < 1 or settings.max_slots < 1:
         problems.append("workers, tunnels and max_slots must be at least 1")
+    if not 1 <= settings.relay_nodes <= ClusterSettings.max_nodes:
+        problems.append(f"relay_nodes must be from 1 to {ClusterSettings.max_nodes}")
     if settings.heartbeat_interval < 1:
         problems.append("heartbeat_interval must be at least 1 second")
     if settings.drain_timeout < 0:

@@ -1,17 +1,24 @@
-"""A connector worker's tunnel slots: how many tunnels it holds, to which relay workers.
+"""A connector worker's tunnel slots to one address: how many tunnels, to which relay workers.
 
 Every tunnel is dialed out (the connector never listens). A slot dials one tunnel and,
 when it closes, dials again forever with exponential backoff and full jitter. The
 relay's ``hello`` names the relay worker that holds the tunnel; a slot is added while
-some relay worker holds none of this worker's tunnels, so that any relay worker can
+some relay worker holds none of this group's tunnels, so that any relay worker can
 route to it (``needs_another``). On SIGHUP the count follows the settings; the slots
 to retire are the newest whose relay worker keeps another tunnel (``to_retire``), and a
 retired slot's tunnel gets GOAWAY and closes once its streams end.
 
+A worker holds one group of slots (``TunnelSlots``) per address it dials: its enrolled
+address, or the addresses of the relay nodes it chose (connector.homes decides which;
+connector.nodes holds those decisions). ``group_view`` tells the decisions whether a
+group is ready (covers every relay worker of its node) or lost (its node sent GOAWAY or
+its dials keep failing); ``leave`` retires a whole group.
+
 Each tunnel carries a ``TunnelRecord`` in ``tunnel.info`` from the moment it is made:
-its slot, whether the relay said hello and from which worker, whether it is retiring,
-and a future done when it is down. The decisions (``to_retire``, ``needs_another``) are
-plain functions of those records.
+its slot, whether the relay said hello and from which worker and node, whether it is
+retiring, whether the relay sent GOAWAY, and a future done when it is down. The
+decisions (``to_retire``, ``needs_another``, ``group_view``) are plain functions of
+those records.
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ import logging
 import random
 import ssl
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
-from backhaul import tlsconfig
 from backhaul.config import Backoff
+from backhaul.connector import nodes
 from backhaul.connector.settings import ConnectorSettings
-from backhaul.connector.state import ConnectorState
 from backhaul.errors import ProxyError
 from backhaul.protocol import mux
-from backhaul.protocol.constants import ALPN_TUNNEL, ErrorCode
+from backhaul.protocol.constants import ErrorCode
 from backhaul.transport import proxy_connect
 from backhaul.transport.tunnel import Tunnel, TunnelOwner
 
@@ -45,17 +51,23 @@ def backoff_delay(backoff: Backoff, attempt: int) -> float:
 class TunnelRecord:
     """What the connector keeps about one of its tunnels (``tunnel.info``)."""
 
-    __slots__ = ("slot", "hello", "relay_worker", "retiring", "closed")
+    __slots__ = ("slot", "home", "hello", "relay_worker", "node", "retiring", "relay_goaway", "closed")
 
-    def __init__(self, slot: int, closed: asyncio.Future) -> None:
-        #: the slot that dialed it
+    def __init__(self, slot: int, closed: asyncio.Future, home: "TunnelSlots | None" = None) -> None:
+        #: the slot that dialed it, and the group of slots it belongs to
         self.slot = slot
+        self.home = home
         #: the relay answered hello on it (until then it carries no stream)
         self.hello = False
         #: the relay worker holding it, as its hello named it
         self.relay_worker: object = None
+        #: the relay node holding it, as its hello named it (None: a one-node service)
+        self.node: str | None = None
         #: GOAWAY sent because the worker needs fewer tunnels; it no longer covers its relay worker
         self.retiring = False
+        #: the relay sent GOAWAY on it (a draining node): it may carry streams still, but
+        #: its node is on its way out
+        self.relay_goaway = False
         #: done once the tunnel is down
         self.closed = closed
 
@@ -97,39 +109,70 @@ def needs_another(records: Iterable[TunnelRecord], live_slots: int, relay_worker
     return len(covered) < relay_workers and connecting <= 0
 
 
+def group_view(
+    records: Iterable[TunnelRecord], relay_workers: int, failures: int, goaway: bool, failed_dials: int
+) -> nodes.GroupView:
+    """What the node decisions need of one group: its serving tunnels (GOAWAY from the relay
+    excluded), whether they cover every relay worker, whether its node is lost (nothing
+    serving, and a GOAWAY or ``failed_dials`` failed dials in a row since its last hello)."""
+    serving = [r for r in records if r.serving and not r.relay_goaway]
+    covered = {r.relay_worker for r in serving}
+    return nodes.GroupView(
+        serving=len(serving),
+        ready=bool(serving) and len(covered) >= relay_workers,
+        lost=not serving and (goaway or failures >= failed_dials),
+        reached=frozenset(r.node for r in serving if r.node is not None),
+    )
+
+
 class TunnelSlots:
-    """The tunnel slots of one connector worker, and the tunnels they hold (see the module docstring).
+    """The tunnel slots of one connector worker to one address (see the module docstring).
 
     ``settings`` is called for the current settings (SIGHUP replaces them); ``owner`` gets
     the tunnels' events; ``stopping`` is set when the worker stops, and ``close`` ends
-    every slot."""
+    every slot. ``ssl_context`` gives the context new tunnels use (renewal replaces it);
+    ``numbers`` hands out slot numbers unique in the worker (the tunnels' names);
+    ``room`` says whether the worker may add a slot (its ``max_slots`` over every group);
+    ``changed`` is called when the group's view may have changed."""
 
     def __init__(
         self,
         settings: Callable[[], ConnectorSettings],
-        state: ConnectorState,
+        connector_id: str,
+        target: nodes.Target,
         owner: TunnelOwner,
         stopping: asyncio.Event,
+        ssl_context: Callable[[], ssl.SSLContext | None],
+        numbers: Iterator[int],
+        room: Callable[[], bool],
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._owner = owner
         self._stopping = stopping
         self._closing = False
-        self.host, self.port = state.host, state.port
-        self._connector_id = state.connector_id
-        self._ssl: ssl.SSLContext | None = None
+        self.target = target
+        self.host, self.port = target.host, target.port
+        self._connector_id = connector_id
+        self._ssl = ssl_context
+        self._numbers = numbers
+        self._room = room
+        self._changed = changed
         #: tunnels connected now (between the owner's tunnel_up and tunnel_down)
         self.tunnels: set[Tunnel] = set()
         #: how many workers the relay has, as its last hello said
         self.relay_workers = 1
+        #: failed dials in a row (and tunnels closed before their hello) since the last hello
+        self.failures = 0
+        #: the relay sent GOAWAY on one of these tunnels since the last hello on a fresh one
+        self.goaway_seen = False
+        #: the whole group is on its way out (``leave``)
+        self.leaving = False
+        #: its loss has been counted against its node (connector.homes)
+        self.struck = False
         #: dialing tasks by slot index; a retired slot stops redialing once its tunnel has closed
         self._tasks: dict[int, asyncio.Task] = {}
         self._retired: set[int] = set()
-        self._next = 0
-
-    def use_credentials(self, state: ConnectorState) -> None:
-        """Tunnels dialed from now on present ``state``'s certificate; open ones carry on."""
-        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
 
     # ------------------------------------------------------------------ what the worker asks
 
@@ -140,19 +183,32 @@ class TunnelSlots:
     def streams_open(self) -> int:
         return sum(t.load for t in self.tunnels if not t.closed)
 
+    def live(self) -> int:
+        """Slots dialing or holding a tunnel, retired ones left out."""
+        return len(self._live())
+
+    @property
+    def finished(self) -> bool:
+        """Nothing dials and nothing is up any more."""
+        return not self._tasks and not self.tunnels
+
+    def view(self, failed_dials: int) -> nodes.GroupView:
+        return group_view((t.info for t in self.tunnels), self.relay_workers, self.failures, self.goaway_seen, failed_dials)
+
     def start(self) -> None:
         for _ in range(self._settings().slots):
             self.add()
 
     def add(self) -> None:
         """One more slot, unless the worker holds ``max_slots`` already."""
-        if len(self._live()) < self._settings().max_slots:
-            index = self._next
-            self._next += 1
+        if self._room() and not self.leaving:
+            index = next(self._numbers)
             self._tasks[index] = asyncio.create_task(self._slot(index))
 
     def resize(self) -> None:
         """Dial or retire slots to match ``settings.slots``, never leaving a relay worker uncovered."""
+        if self.leaving:
+            return
         settings = self._settings()
         live = self._live()
         want = min(settings.slots, settings.max_slots)
@@ -161,30 +217,45 @@ class TunnelSlots:
         if len(live) <= want:
             return
         by_slot = {t.info.slot: t for t in self.tunnels}
-        for index in to_retire(live, want, {i: t.info for i, t in by_slot.items()}):
-            self._retired.add(index)
-            tunnel = by_slot.get(index)
-            if tunnel is None:
-                self._tasks[index].cancel()
-            else:
-                self._retire(tunnel)
+        self._retire_slots(to_retire(live, want, {i: t.info for i, t in by_slot.items()}), by_slot)
 
-    def hello(self, tunnel: Tunnel, relay_worker: object, relay_workers: int) -> None:
+    def leave(self) -> None:
+        """Retire every slot: no more dialing here; tunnels get GOAWAY and close once idle."""
+        self.leaving = True
+        self._retire_slots(self._live(), {t.info.slot: t for t in self.tunnels})
+
+    def hello(self, tunnel: Tunnel, relay_worker: object, relay_workers: int, node: str | None = None) -> None:
         """The relay answered on ``tunnel``: it is up; cover every relay worker."""
         tunnel.info.hello = True
         tunnel.info.relay_worker = relay_worker
+        tunnel.info.node = node
         self.relay_workers = relay_workers
+        self.failures = 0
+        self.goaway_seen = False
+        self.struck = False
         if needs_another((t.info for t in self.tunnels), len(self._live()), self.relay_workers):
             self.add()
+        self._changed()
+
+    def goaway(self, tunnel: Tunnel) -> None:
+        """The relay sent GOAWAY on ``tunnel`` (its node is draining)."""
+        tunnel.info.relay_goaway = True
+        self.goaway_seen = True
+        self._changed()
 
     def up(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
+        if tunnel.info.slot in self._retired and not tunnel.info.retiring:
+            self._retire(tunnel)  # its slot was retired while it was still connecting
 
     def down(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         closed = tunnel.info.closed
         if not closed.done():
             closed.set_result(None)
+        if not tunnel.info.hello:
+            self.failures += 1
+        self._changed()
 
     def close(self) -> None:
         """No more dialing: cancel every slot (their tunnels are the worker's to close)."""
@@ -196,6 +267,15 @@ class TunnelSlots:
 
     def _live(self) -> list[int]:
         return [index for index in self._tasks if index not in self._retired]
+
+    def _retire_slots(self, indexes: Iterable[int], by_slot: Mapping[int, Tunnel]) -> None:
+        for index in indexes:
+            self._retired.add(index)
+            tunnel = by_slot.get(index)
+            if tunnel is None:
+                self._tasks[index].cancel()
+            else:
+                self._retire(tunnel)
 
     def _retire(self, tunnel: Tunnel) -> None:
         """No new streams on ``tunnel``; close it once its streams end or the drain deadline passes."""
@@ -217,6 +297,8 @@ class TunnelSlots:
         finally:
             self._tasks.pop(index, None)
             self._retired.discard(index)
+            if not self._closing:
+                self._changed()
 
     async def _dial_forever(self, index: int) -> None:
         attempt = 0
@@ -230,8 +312,15 @@ class TunnelSlots:
                 attempt += 1
                 log.warning(
                     "tunnel connect failed; retrying",
-                    extra={"tunnel": name, "error": str(exc) or type(exc).__name__, "retry_in": round(delay, 2)},
+                    extra={
+                        "tunnel": name,
+                        "relay": f"{self.host}:{self.port}",
+                        "error": str(exc) or type(exc).__name__,
+                        "retry_in": round(delay, 2),
+                    },
                 )
+                self.failures += 1
+                self._changed()
                 await asyncio.sleep(delay)
                 continue
             await tunnel.info.closed
@@ -250,11 +339,12 @@ class TunnelSlots:
         def factory() -> Tunnel:
             session = mux.Session(mux.Role.CONNECTOR, settings.flow, settings.keepalive)
             tunnel = Tunnel(session, self._owner, name=name, flow=settings.flow)
-            tunnel.info = TunnelRecord(index, loop.create_future())
+            tunnel.info = TunnelRecord(index, loop.create_future(), self)
             return tunnel
 
+        hostname = self.target.server_hostname
         if settings.proxy is not None:
             return await proxy_connect.open_tunnel(
-                factory, settings.proxy, self.host, self.port, ssl_context=self._ssl, server_hostname=self.host
+                factory, settings.proxy, self.host, self.port, ssl_context=self._ssl(), server_hostname=hostname
             )
-        return await loop.create_connection(factory, self.host, self.port, ssl=self._ssl, server_hostname=self.host)
+        return await loop.create_connection(factory, self.host, self.port, ssl=self._ssl(), server_hostname=hostname)

@@ -10,6 +10,11 @@ Every ``heartbeat_interval`` seconds the worker reports its load and its apps' h
 and renews its certificate when it is due; new tunnels and API calls then use the new
 one, open tunnels carry on. An explicit "this connector is deleted" answer to any of
 these calls stops the worker for good (see control_client.DELETED_CODES).
+
+Every call goes to the enrolled service URL (any node of a service serves it, a load
+balancer in front of them too); when that fails (the node is down, a 5xx), it is tried
+on the addresses of a few nodes of the last list (``fallbacks``), best ranked first. A
+config answer's ``nodes`` (the up relay nodes) goes to ``nodes``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 
@@ -28,8 +33,11 @@ from backhaul.connector import control_client
 from backhaul.connector.settings import ConnectorSettings
 from backhaul.connector.slots import backoff_delay
 from backhaul.connector.state import ConnectorState
+from backhaul.errors import ServiceError
 
 log = logging.getLogger("backhaul.connector")
+
+T = TypeVar("T")
 
 
 class Upkeep:
@@ -38,7 +46,8 @@ class Upkeep:
     ``settings`` is called for the current settings; the worker is told through
     ``apply`` (the apps of a new configuration, by name), ``renewed`` (new credentials),
     ``deleted`` (the relay refused the connector as deleted); ``load`` gives the
-    heartbeat's figures of the worker (streams, bytes, apps)."""
+    heartbeat's figures of the worker (streams, bytes, apps); ``nodes`` gets a config's
+    node list; ``fallbacks`` gives the node URLs to try when the enrolled address fails."""
 
     def __init__(
         self,
@@ -49,6 +58,8 @@ class Upkeep:
         renewed: Callable[[ConnectorState], None],
         deleted: Callable[[Exception], None],
         load: Callable[[], dict],
+        nodes: Callable[[object, str], None] = lambda raw, source: None,
+        fallbacks: Callable[[], list[str]] = list,
     ) -> None:
         self._settings = settings
         self.state = state
@@ -57,6 +68,8 @@ class Upkeep:
         self._renewed = renewed
         self._deleted = deleted
         self._load = load
+        self._nodes = nodes
+        self._fallbacks = fallbacks
         self.http: aiohttp.ClientSession | None = None
         self.etag: str | None = None
         self.config_version: int | None = None
@@ -107,7 +120,9 @@ class Upkeep:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                etag, config = await control_client.pull_config(self.state, self.http, self.etag)
+                etag, config = await self._anywhere(
+                    lambda base: control_client.pull_config(self.state, self.http, self.etag, base)
+                )
             except control_client.ConnectorDeleted as exc:
                 self._deleted(exc)
                 return
@@ -133,6 +148,8 @@ class Upkeep:
         self.config_version = config.get("version")
         self.refresh_interval = float(config.get("refresh_interval", REFRESH_INTERVAL))
         self._apply(apps)
+        if "nodes" in config:
+            self._nodes(config["nodes"], "config")
         log.info("config applied", extra={"version": self.config_version, "apps": sorted(apps)})
 
     async def _config_loop(self) -> None:
@@ -163,7 +180,8 @@ class Upkeep:
         while True:
             await asyncio.sleep(self._settings().heartbeat_interval)
             try:
-                answer = await control_client.heartbeat(self.state, self.http, self._usage())
+                usage = self._usage()
+                answer = await self._anywhere(lambda base: control_client.heartbeat(self.state, self.http, usage, base))
                 if answer.get("config_version") is not None:
                     self.version_seen(answer["config_version"])
             except control_client.ConnectorDeleted as exc:
@@ -172,7 +190,7 @@ class Upkeep:
             except Exception as exc:
                 log.warning("heartbeat failed; will retry", extra={"error": str(exc)})
             try:
-                state = await control_client.renew_if_due(self.state, self.http)
+                state = await self._anywhere(lambda base: control_client.renew_if_due(self.state, self.http, base=base))
             except control_client.ConnectorDeleted as exc:
                 self._deleted(exc)
                 return
@@ -184,6 +202,23 @@ class Upkeep:
                 continue
             if state.cert_serial != self.state.cert_serial:
                 self.use_credentials(state)
+
+    async def _anywhere(self, call: Callable[[str | None], Awaitable[T]]) -> T:
+        """``call`` on the enrolled service URL (None), then, while it fails with a ServiceError,
+        on each fallback node URL; the last error is raised. A refusal of this connector
+        (a CertificateError) is never retried elsewhere: every node would say the same."""
+        bases: list[str | None] = [None, *self._fallbacks()]
+        for number, base in enumerate(bases):
+            try:
+                return await call(base)
+            except ServiceError as exc:
+                if number == len(bases) - 1:
+                    raise
+                log.info(
+                    "control call failed; trying another relay node",
+                    extra={"error": str(exc), "next": bases[number + 1]},
+                )
+        raise AssertionError("unreachable: bases is never empty")
 
     def use_credentials(self, state: ConnectorState, why: str = "certificate renewed") -> None:
         """New tunnels and API calls use ``state``'s certificate; open tunnels carry on."""

@@ -320,6 +320,10 @@ class RelayWorker:
                 "connector_id": connector_id,
                 "config_version": self.config_version,
                 "version": __version__,
+                # The node that answered and the up nodes (connector/nodes.py); none on a
+                # one-node service, whose connectors then dial their enrolled address only.
+                "node": getattr(self.settings, "node_id", None),
+                "nodes": getattr(self, "nodes", None) or [],
             }
         )
         log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})

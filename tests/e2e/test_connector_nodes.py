@@ -1,0 +1,162 @@
+"""A connector of a service of several relay nodes: tunnels to two distinct nodes, re-homed
+when one drains (GOAWAY) or dies (SIGKILL), without a failed connection through the node
+that stays.
+
+Four real relay processes on 127.0.0.1..4, one data dir each from the same CA (each node
+certificate carries its own address and node id) over one SQLite store file; the node
+list reaches the connector in the relays' hellos through tests/e2e/node_hook.py (until the
+store lists nodes itself). A real connector, an echo backend, a TCP app every node serves
+on its own address.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from backhaul import pki
+from backhaul.connector.nodes import NodeAddress, rank
+
+from .harness import HERE, EchoLoad, FaultProxy, Proc, System, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+HOOK = [sys.executable, str(HERE / "node_hook.py")]
+
+
+def echoes_at(host: str, port: int, probe: bytes = b"ping") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(probe)
+            got = b""
+            while len(got) < len(probe):
+                chunk = sock.recv(1024)
+                if not chunk:
+                    return False
+                got += chunk
+            return got == probe
+    except OSError:
+        return False
+
+
+class Node:
+    """One relay node: its own address, data dir, certificate and node id."""
+
+    def __init__(self, system: System, index: int, nodes_file: Path) -> None:
+        self.host = f"127.0.0.{index + 1}"
+        self.id = pki.new_node_id()
+        self.dir = system.data_dir if index == 0 else system.workdir / f"node-{index}"
+        self.port = system.port if index == 0 else free_port()
+        self.nodes_file = nodes_file
+        self.proc: Proc | None = None
+        if index:
+            self._make_dir(system.data_dir)
+
+    def _make_dir(self, first: Path) -> None:
+        self.dir.mkdir(mode=0o700)
+        for name in ("ca.pem", "ca.key", "admin.token", "service.json"):
+            shutil.copy2(first / name, self.dir / name)
+        key, cert = pki.make_service_cert(pki.load_ca(first), [self.host], node_id=self.id)
+        pki.write_private(self.dir / "service.key", pki.key_to_pem(key))
+        pki.write_file(self.dir / "service.pem", pki.cert_to_pem(cert))
+        (self.dir / "store.sqlite").symlink_to(first / "store.sqlite")  # one store for every node
+
+    @property
+    def listed(self) -> dict:
+        return {"id": self.id, "listen": f"{self.host}:{self.port}"}
+
+    def start(self, system: System) -> None:
+        argv = HOOK + ["service", "run", "--data-dir", str(self.dir), "--listen", f"{self.host}:{self.port}", "--workers", "1"]
+        env = {**system.env, "BACKHAUL_TEST_NODE_ID": self.id, "BACKHAUL_TEST_NODES": str(self.nodes_file)}
+        self.proc = Proc(f"relay-{self.host}", argv, system.workdir, env)
+        system.procs.append(self.proc)
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
+
+        def healthy() -> bool:
+            assert self.proc.alive(), f"relay {self.host} exited:\n{self.proc.log()[-3000:]}"
+            with urllib.request.urlopen(f"https://{self.host}:{self.port}/v1/health", context=ctx, timeout=2) as r:
+                return json.loads(r.read()).get("status") == "ok"
+
+        wait_until(healthy, 20, f"relay {self.host}'s /v1/health")
+
+
+def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_path, backend):
+    echo = backend("echo")
+    system = System(tmp_path)
+    try:
+        system.init()
+        nodes_file = tmp_path / "nodes.json"
+        nodes = [Node(system, i, nodes_file) for i in range(4)]
+        nodes_file.write_text(json.dumps([n.listed for n in nodes]))
+        for node in nodes:
+            node.start(system)
+        port = system.publish_tcp("echo", echo.target)  # every node serves it on its own address
+        state = system.register("c")  # enrolled at node 0's address
+        connector_id = json.loads((state / "connector.json").read_text())["connector_id"]
+        system.start_connector("c", workers=1, tunnels=1, extra=("--relay-nodes", "2"))
+
+        # Node 0 serves (the enrolled address is its address), and the best ranked other is added.
+        by_id = {n.id: n for n in nodes}
+        others = [by_id[a.id] for a in rank(connector_id, [NodeAddress(n.id, n.host, n.port) for n in nodes[1:]])]
+        first, second, third = others
+        home = nodes[0]
+        wait_until(lambda: echoes_at(home.host, port) and echoes_at(first.host, port), 30, "the app on the two nodes held")
+        assert not echoes_at(second.host, port) and not echoes_at(third.host, port)  # two nodes, not four
+
+        # 1. The first node drains: GOAWAY on its tunnels; the connector moves to the next one.
+        # Through node 0 (127.0.0.1) all along; bounded by time, not by count.
+        load = EchoLoad(port, clients=4, seconds=5.0, max_each=100_000).start()
+        wait_until(lambda: len(load.attempts) >= 20, 15, "the load through node 0 to get going")
+        drained_at = time.monotonic()
+        first.proc.signal(15)
+        wait_until(lambda: echoes_at(second.host, port), 15, "the connector to re-home to the next node", interval=0.1)
+        rehome_drain = time.monotonic() - drained_at
+        first.proc.popen.wait(15)
+
+        # 2. That node dies: SIGKILL; the connector moves to the last one.
+        killed_at = time.monotonic()
+        second.proc.kill()
+        wait_until(lambda: echoes_at(third.host, port), 15, "the connector to re-home after a SIGKILL", interval=0.1)
+        rehome_kill = time.monotonic() - killed_at
+        attempts = load.join()
+        failed = [a for a in attempts if not a.ok]
+        assert not failed, f"{len(failed)} of {len(attempts)} through node 0 failed: {failed[:3]}"
+        assert len([a for a in attempts if drained_at <= a.started <= killed_at + rehome_kill]) > 20  # it spanned both moves
+        assert echoes_at(home.host, port)
+
+        connector = system.connectors["c"]
+        lost = connector.log_entries("relay node lost; moving to another")
+        assert [e["node"] for e in lost] == [first.id, second.id]
+        print(f"re-homed after a drain in {rehome_drain:.2f} s, after a SIGKILL in {rehome_kill:.2f} s; "
+              f"{len(attempts)} connections through the node that stayed, none failed")
+
+        # 3. A connector enrolled through a load balancer (a TCP forwarder to node 0): its
+        # first tunnel's hello names node 0; it goes on with node 0 and one more at their
+        # own addresses, and lets the load balancer's tunnel go once both are up.
+        nodes_file.write_text(json.dumps([home.listed, third.listed]))
+        system.admin("group", "create", "lb")
+        port2 = system.publish_tcp("echo2", echo.target, group="lb")
+        balancer = FaultProxy(home.port)
+        try:
+            system.register("lb", group="lb", service=balancer.url)
+            lb = system.start_connector("lb", workers=1, tunnels=1)
+            wait_until(lambda: echoes_at(home.host, port2) and echoes_at(third.host, port2), 30, "echo2 on both nodes")
+            via = f"127.0.0.1:{balancer.port}"
+            wait_until(
+                lambda: any(e["relay"] == via for e in lb.log_entries("tunnels to a relay address retired")),
+                10, "the load balancer's tunnel to be retired",
+            )
+            held = {e["relay"] for e in lb.log_entries("tunnels to a relay address")}
+            assert held == {via, f"{home.host}:{home.port}", f"{third.host}:{third.port}"}
+        finally:
+            balancer.close()
+    finally:
+        system.stop()
