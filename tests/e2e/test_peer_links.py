@@ -135,12 +135,26 @@ def _http_get(port: int, host: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def _udp_echoes(port: int, payload: bytes) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.sendto(payload, (HOST_A, port))
+        try:
+            data, _ = sock.recvfrom(70000)
+        except (TimeoutError, socket.timeout):
+            return False
+        return data == payload
+
+
 def test_a_user_on_one_node_reaches_apps_whose_connector_is_on_the_other(nodes, backend):
     system = nodes.system
     echo = backend("echo")
     web = backend("http")
+    udp_echo = backend("udpecho")
     port = system.publish_tcp("echo", echo.target)
     system.publish_http("web", "web.peer.test", f"http://{web.target}")
+    udp_port = free_port()
+    system.admin("app", "publish", "flows", "--group", "default", "--udp", str(udp_port), "--target", udp_echo.target)
     nodes.reload()
     # the connector knows only node B: its tunnels are there, none on A
     system.register("remote", service=nodes.b_url)
@@ -162,6 +176,11 @@ def test_a_user_on_one_node_reaches_apps_whose_connector_is_on_the_other(nodes, 
         30, "the HTTP app to answer through A", interval=0.2,
     )
     assert status == 200 and body
+    assert nodes.stat(nodes.b, "peer_streams_bridged") > bridged
+
+    # UDP: a flow's datagrams cross the link both ways
+    bridged = nodes.stat(nodes.b, "peer_streams_bridged")
+    wait_until(lambda: _udp_echoes(udp_port, b"datagram"), 30, "the UDP app to echo through A", interval=0.2)
     assert nodes.stat(nodes.b, "peer_streams_bridged") > bridged
 
     # a local tunnel is preferred: with a connector on A too, B carries none of A's streams

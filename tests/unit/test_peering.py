@@ -467,3 +467,33 @@ def test_a_link_to_an_address_answered_by_another_node_sends_nothing_and_is_drop
         await c.stop()
 
     run(main())
+
+
+def test_a_draining_node_takes_no_new_streams_and_its_streams_in_flight_go_on(tmp_path):
+    async def main():
+        a, b = await nodes(tmp_path, 2)
+        remote = await b.connector()
+        a.knows(b)
+        end = user(a)
+        end.open()
+        got = await opened(remote)
+        remote.session.accept_stream(got.stream_id)
+        await remote.flush()
+        await settle(lambda: end.accepted, "OPEN_OK")
+        link = end.opening.tunnel
+        b.links.drain()  # B is stopping: GOAWAY on its links
+        await settle(lambda: not link.usable, "A to hear B's GOAWAY")
+        with pytest.raises(CannotOpen):
+            user(a, label="s-2").open()  # not on the draining link, and no second link to B
+        assert a.metrics.events["peer_links_dialed"] == 1
+        link.send(end.stream_id, b"still here")
+        await remote.until(
+            lambda seen: b"".join(e.data for e in remote.of(mux.DataReceived)) == b"still here", "the bytes"
+        )
+        remote.session.send_data(got.stream_id, b"and back", end=True)
+        await remote.flush()
+        await settle(lambda: end.received == b"and back" and end.ended, "the answer")
+        await a.stop()
+        await b.stop()
+
+    run(main())
