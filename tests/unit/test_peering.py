@@ -497,3 +497,35 @@ def test_a_draining_node_takes_no_new_streams_and_its_streams_in_flight_go_on(tm
         await b.stop()
 
     run(main())
+
+
+def test_a_link_let_go_is_drained_then_closed_and_the_node_dialed_anew_when_it_is_back(tmp_path):
+    async def main():
+        a, b = await nodes(tmp_path, 2)
+        remote = await b.connector()
+        a.knows(b)
+        end = user(a)
+        end.open()
+        got = await opened(remote)
+        remote.session.accept_stream(got.stream_id)
+        await remote.flush()
+        await settle(lambda: end.accepted, "OPEN_OK")
+        link = end.opening.tunnel
+        a.links.update({}, {})  # B is no longer listed: its link drains, the stream goes on
+        assert link.session.draining and not link.closed and a.links.links == {b.node_id: link}
+        remote.session.send_data(got.stream_id, b"done", end=True)
+        await remote.flush()
+        await settle(lambda: end.ended, "the answer")
+        link.end(end.stream_id)
+        await settle(lambda: link.load == 0, "the stream to end")
+        a.knows(b)  # B is back: the drained link is closed, and the next stream dials again
+        await settle(lambda: link.closed and b.node_id not in a.links.links, "the drained link to close")
+        await asyncio.sleep(PeeringLimits().redial_initial)
+        again = user(a, label="s-2")
+        again.open()
+        assert again.opening.tunnel is not link and a.metrics.events["peer_links_dialed"] == 2
+        await opened(remote, 2)
+        await a.stop()
+        await b.stop()
+
+    run(main())

@@ -206,7 +206,7 @@ class PeerLinks:
 
     def update(self, group_nodes: dict[str, list[str]], addresses: dict[str, str]) -> None:
         """New directory contents (see PeerDirectory.update); links to nodes no longer listed
-        are let go (closed when idle, drained otherwise)."""
+        are let go (closed when idle, drained otherwise), and drained links closed."""
         self.directory.update(group_nodes, addresses)
         nodes = self.directory.nodes()
         for node_id in [n for n in self._redial if n not in nodes]:
@@ -217,6 +217,10 @@ class PeerLinks:
                     link.goaway(ErrorCode.NO_ERROR, "the node is no longer listed")
                 else:
                     link.close(ErrorCode.NO_ERROR, "the node is no longer listed")
+            elif link.session.draining and not link.load:
+                # Drained (either side's GOAWAY) and idle: gone, so the node may be dialed anew
+                # (a node back from a restart); nobody else closes a drained link.
+                link.close(ErrorCode.NO_ERROR, "the link has drained")
 
     @property
     def load(self) -> int:
