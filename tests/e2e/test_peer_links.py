@@ -23,7 +23,6 @@ import pytest
 import uvloop
 
 from backhaul import pki
-from backhaul.relay.routing import TunnelRecord
 from backhaul.relay.worker import RelaySettings, RelayWorker
 
 from .harness import System, echoes, free_port, wait_until
