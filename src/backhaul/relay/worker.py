@@ -312,8 +312,9 @@ class RelayWorker:
 
         ``backhaul/1`` is a tunnel (a connector's certificate only); ``backhaul-peer/1`` a
         relay-to-relay link (a node's certificate only, relay.peering); ``http/1.1`` or no
-        ALPN (aiohttp's client offers none) is the control API. A client offering only other protocols never gets here: the
-        handshake refuses it (tlsconfig.server_context). None closes the connection.
+        ALPN (aiohttp's client offers none) is the control API. A client offering only other
+        protocols never gets here: the handshake refuses it (tlsconfig.server_context). None
+        closes the connection.
         """
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
