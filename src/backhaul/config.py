@@ -637,3 +637,32 @@ class Rehoming:
     def __post_init__(self) -> None:
         if self.failed_dials < 1 or self.fallback_nodes < 0:
             raise ValueError("rehoming failed_dials must be at least 1 and fallback_nodes not negative")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeeringLimits:
+    """Relay-to-relay links of one relay worker (relay/peering.py, docs/architecture.md "Peer links").
+
+    A worker dials at most one link per peer node (so at most ClusterSettings.max_nodes), on
+    the first user stream that needs it; what it accepts is bounded here.
+    """
+
+    #: Seconds the TCP connect and TLS handshake of a link may take. Opens wait in the link
+    #: meanwhile, so this is also the longest a user's first forwarded stream waits for it.
+    dial_timeout: float = 5.0
+    #: After a failed dial or a lost link, the node is not dialed again for this long, doubled
+    #: at each failure in a row up to ``redial_maximum``: a dead node costs one failed dial per
+    #: period, not one per user stream, and one back from a restart is found within seconds.
+    redial_initial: float = 0.25
+    redial_maximum: float = 10.0
+    #: Links this worker accepts from other nodes at once. Every worker of every other node
+    #: may dial one link to this node and the listen port spreads them over its workers, so
+    #: 16 workers for each of ClusterSettings.max_nodes (64) nodes; beyond it a link is refused
+    #: (and logged), as a misbehaving node dialing without end would be.
+    max_accepted: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.dial_timeout <= 0 or not 0 < self.redial_initial <= self.redial_maximum:
+            raise ValueError("peering dial_timeout must be positive and 0 < redial_initial <= redial_maximum")
+        if self.max_accepted < 1:
+            raise ValueError("peering max_accepted must be at least 1")

@@ -1,7 +1,8 @@
-"""``ssl.SSLContext`` factories: relay server, connector client, enrollment and admin clients.
+"""``ssl.SSLContext`` factories: relay server, connector client, relay-to-relay client,
+enrollment and admin clients.
 
-Every context speaks TLS 1.3 only. The relay's listen port carries both tunnels and the
-control API, told apart by ALPN (see docs/architecture.md).
+Every context speaks TLS 1.3 only. The relay's listen port carries tunnels, the control API
+and relay-to-relay links, told apart by ALPN (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from cryptography import x509
 
 from backhaul import openssl_ctx, pki
 from backhaul.errors import ConfigError
-from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL
+from backhaul.protocol.constants import ALPN_HTTP, ALPN_PEER, ALPN_TUNNEL
 
 __all__ = [
     "ALPN_HTTP",
+    "ALPN_PEER",
     "ALPN_TUNNEL",
     "admin_context",
     "connector_context",
     "edge_context",
     "enroll_context",
     "peer_cert_serial",
+    "peer_client_context",
     "peer_connector_id",
+    "peer_node_id",
     "pinning_probe_context",
     "server_context",
 ]
@@ -54,14 +58,19 @@ def _require(path: Path, what: str) -> str:
     return str(path)
 
 
+#: What the listen port serves, in the server's order of preference (a client offers one).
+LISTEN_ALPN = [ALPN_TUNNEL, ALPN_HTTP, ALPN_PEER]
+
+
 def server_context(
     data_dir: str | os.PathLike, on_alpn_refused: Callable[[ssl.SSLObject], None] | None = None
 ) -> ssl.SSLContext:
     """The relay's server context: service certificate, client certificates optional.
 
     A client certificate is requested and, when sent, must chain to the service CA.
-    Tunnels require one; the ALPN dispatcher enforces that after the handshake. A client
-    offering ALPN but neither of ours fails the handshake (no_application_protocol,
+    Tunnels (a connector's) and relay-to-relay links (a node's) require one; the ALPN
+    dispatcher enforces that after the handshake. A client offering ALPN but none of ours
+    fails the handshake (no_application_protocol,
     docs/protocol.md); one offering none is the control API's (aiohttp offers none).
     ``on_alpn_refused`` is called with the connection's SSLObject when that happens
     (openssl_ctx.refuse_unknown_alpn).
@@ -74,8 +83,8 @@ def server_context(
     except ssl.SSLError as exc:
         raise ConfigError(f"cannot load the service certificate or CA from {data_dir}: {exc.reason}") from exc
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.set_alpn_protocols([ALPN_TUNNEL, ALPN_HTTP])
-    if not openssl_ctx.refuse_unknown_alpn(ctx, [ALPN_TUNNEL, ALPN_HTTP], on_alpn_refused):
+    ctx.set_alpn_protocols(LISTEN_ALPN)
+    if not openssl_ctx.refuse_unknown_alpn(ctx, LISTEN_ALPN, on_alpn_refused):
         log.warning(
             "cannot install the ALPN check in OpenSSL: a client offering only unknown ALPN protocols "
             "completes the handshake with none and is served as the control API",
@@ -114,6 +123,23 @@ def connector_context(state: ClientCredentials, alpn: str) -> ssl.SSLContext:
         raise ConfigError(f"cannot load {state.cert_path} / {state.key_path}: {exc.reason}; re-register the connector") from exc
     ctx.check_hostname = True
     ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def peer_client_context(data_dir: str | os.PathLike) -> ssl.SSLContext:
+    """The client context of a relay-to-relay link: this node's own certificate (a node
+    certificate, pki.make_service_cert with a node id) and the service CA as the only trust
+    anchor, the peer's host name checked, ALPN ``backhaul-peer/1``."""
+    data_dir = Path(data_dir)
+    ctx = _tls13_only(
+        ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=_require(data_dir / "ca.pem", "CA certificate"))
+    )
+    try:
+        ctx.load_cert_chain(_require(data_dir / "service.pem", "service certificate"), _require(data_dir / "service.key", "service key"))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"cannot load the service certificate of {data_dir}: {exc.reason}") from exc
+    ctx.check_hostname = True
+    ctx.set_alpn_protocols([ALPN_PEER])
     return ctx
 
 
@@ -169,6 +195,13 @@ def peer_connector_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str |
     """The connector id named by the peer's verified certificate, or None."""
     cert = _peer_cert(ssl_object)
     return pki.connector_id_of(cert) if cert is not None else None
+
+
+def peer_node_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """The relay node id named by the peer's verified certificate, or None (no certificate,
+    or a certificate that is not a node's: a connector's, say)."""
+    cert = _peer_cert(ssl_object)
+    return pki.node_id_of(cert) if cert is not None else None
 
 
 def peer_cert_serial(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> int | None:

@@ -13,11 +13,19 @@ to another connector:
 - a stream is offered to at most ``attempts`` tunnels (connectors first, see
   ``TunnelRegistry.pick``), then the edge refuses the user with the reason.
 
+A stream is opened on a tunnel of this worker when the group has a usable one (a local
+tunnel is always preferred); when it has none left to try, on a relay-to-relay link to a
+node that holds the group's tunnels (``StreamOpener.peers``, relay.peering): a link is a
+``Tunnel`` too, speaking the same protocol, so an edge cannot tell and needs no change. The
+far node opens the stream on one of its own tunnels (relay.bridge) and answers as a
+connector would, so its refusals are retried by the same rules, and ``attempts`` counts
+links and tunnels alike. A stream opened for a peer (``forward=False``) is only ever offered
+to local tunnels: streams are forwarded at most once, so they cannot loop.
+
 An :class:`Opening` is the per-stream part: the tunnels tried, the metric hooks of the
 stream as the user sees it (one stream however many opens it took). A
-:class:`StreamOpener` is the per-worker part every edge shares: the registry, the attempt
-count, the metrics. A future way to reach a connector (through another relay node) is a
-change here, not in each edge.
+:class:`StreamOpener` is the per-worker part every edge shares: the registry, the peer
+links, the attempt count, the metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol
 from backhaul.errors import ConfigError
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES
 from backhaul.protocol.mux import SessionError, stream_meta
-from backhaul.relay.routing import NoRoute, TunnelRegistry
+from backhaul.relay.routing import NoRoute, TunnelRecord, TunnelRegistry
 
 if TYPE_CHECKING:
     from backhaul.relay.metrics import RelayMetrics
@@ -74,6 +82,13 @@ async def reconcile_listeners(running: dict, apps: list, proto: str, start: Call
                 log.error(f"cannot start {proto} app", extra={"app": name, "port": app.port, "error": str(exc)})
 
 
+class PeerRoutes(Protocol):
+    """What the opener asks of the worker's relay-to-relay links (relay.peering.PeerLinks)."""
+
+    def pick(self, group: str, exclude: list) -> "Tunnel | None":
+        """A link to a node holding a usable tunnel of ``group``, not one in ``exclude``; None if none."""
+
+
 class StreamFigures(Protocol):
     """What RelayMetrics reads of one user stream (a Pipe has these attributes)."""
 
@@ -98,10 +113,13 @@ class CannotOpen(Exception):
 class Opening:
     """One user stream's way to a connector: which tunnels were tried, which one holds it."""
 
-    __slots__ = ("opener", "app", "proto", "client", "stream_label", "extra", "figures", "tried", "tunnel", "counted")
+    __slots__ = (
+        "opener", "app", "proto", "client", "stream_label", "extra", "figures", "forward", "tried", "tunnel", "counted",
+    )
 
     def __init__(
-        self, opener: "StreamOpener", app, proto: str, client: str, stream_label: str, extra: dict, figures
+        self, opener: "StreamOpener", app, proto: str, client: str, stream_label: str, extra: dict, figures,
+        forward: bool = True,
     ) -> None:
         self.opener = opener  # the worker's shared part
         self.app = app  # the store's App record the stream is for
@@ -110,7 +128,9 @@ class Opening:
         self.stream_label = stream_label  # the id the connector's log line carries (request id for HTTP)
         self.extra = extra  # more OPEN metadata (the signed-in user of an HTTP app)
         self.figures = figures  # what the metrics count of the stream, or None (not counted)
-        self.tried: list[Tunnel] = []  # tunnels offered this stream, so a retry goes elsewhere
+        #: may go through a peer node (False: a stream a peer forwarded here, local tunnels only)
+        self.forward = forward
+        self.tried: list[Tunnel] = []  # tunnels and links offered this stream, so a retry goes elsewhere
         self.tunnel: Tunnel | None = None  # the tunnel of the open under way or accepted
         #: how far the metrics have counted the stream (_NEW, _STARTED, _ACCEPTED, _DONE): each
         #: hook counts once per user stream, whatever retries, failovers or late events follow
@@ -119,16 +139,21 @@ class Opening:
     def open(self, endpoint: "StreamEndpoint") -> int:
         """Open the stream on the next tunnel; returns its stream id, or raises CannotOpen."""
         app = self.app
-        registry = self.opener.registry
+        opener = self.opener
+        registry = opener.registry
+        peers = opener.peers if self.forward else None
         unreachable = False
-        while len(self.tried) < self.opener.attempts:
+        while len(self.tried) < opener.attempts:
             try:
-                tunnel = registry.pick(app.group, self.tried, app=app.name)
+                tunnel = registry.pick(app.group, self._local_tried() if peers is not None else self.tried, app=app.name)
             except NoRoute as exc:
-                unreachable = exc.unreachable
-                if not self.tried or unreachable:
-                    raise CannotOpen(str(exc), unreachable, len(self.tried)) from None
-                break
+                # No local tunnel left to try: a node that holds one of the group's, if any.
+                tunnel = peers.pick(app.group, self.tried) if peers is not None else None
+                if tunnel is None:
+                    unreachable = exc.unreachable
+                    if not self.tried or unreachable:
+                        raise CannotOpen(str(exc), unreachable, len(self.tried)) from None
+                    break
             self.tried.append(tunnel)
             meta = stream_meta(app.name, app.target, self.proto, self.client, self.stream_label, **self.extra)
             try:
@@ -143,6 +168,10 @@ class Opening:
             unreachable,
             len(self.tried),
         )
+
+    def _local_tried(self) -> list:
+        """The tunnels of this worker among those tried (routing knows nothing of links)."""
+        return [t for t in self.tried if isinstance(t.info, TunnelRecord)]
 
     @staticmethod
     def retryable(code: int) -> bool:
@@ -196,17 +225,28 @@ class Opening:
 class StreamOpener:
     """The part of opening streams every edge of one worker shares."""
 
-    __slots__ = ("registry", "metrics", "attempts")
+    __slots__ = ("registry", "metrics", "attempts", "peers")
 
-    def __init__(self, registry: TunnelRegistry, metrics: "RelayMetrics | None" = None, attempts: int = OPEN_ATTEMPTS) -> None:
+    def __init__(
+        self,
+        registry: TunnelRegistry,
+        metrics: "RelayMetrics | None" = None,
+        attempts: int = OPEN_ATTEMPTS,
+        peers: PeerRoutes | None = None,
+    ) -> None:
         self.registry = registry  # the worker's live tunnels by connector and group
         self.metrics = metrics  # the worker's figures (None: not counted, as in unit tests)
-        self.attempts = attempts  # tunnels one stream is offered to
+        self.attempts = attempts  # tunnels (and peer links) one stream is offered to
+        #: the worker's links to other relay nodes (None: one node, or no node certificate)
+        self.peers = peers
 
     def begin(
-        self, app, proto: str, client: str, stream_label: str, figures=None, **extra
+        self, app, proto: str, client: str, stream_label: str, figures=None, forward: bool = True, **extra
     ) -> Opening:
-        """The opening of one user stream; counted as started in the metrics when ``figures`` is given."""
-        opening = Opening(self, app, proto, client, stream_label, extra, figures)
+        """The opening of one user stream; counted as started in the metrics when ``figures`` is given.
+
+        ``forward=False``: a stream a peer node forwarded here, offered to local tunnels only.
+        """
+        opening = Opening(self, app, proto, client, stream_label, extra, figures, forward)
         opening.started()
         return opening

@@ -27,6 +27,7 @@ from typing import Callable
 
 from backhaul.config import UdpLimits
 from backhaul.protocol.constants import MAX_DATAGRAM, ErrorCode, error_name
+from backhaul.relay.bridge import Side
 from backhaul.relay.metrics import RelayMetrics
 from backhaul.relay.opening import CannotOpen, Opening, StreamOpener, reconcile_listeners
 from backhaul.transport.flow_table import FlowLimitReached, FlowTable
@@ -355,10 +356,13 @@ class UdpEdge:
         self.apps.clear()
 
     def deliver(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
-        """A DATAGRAM from a connector: to the user of its flow, or dropped if the flow is gone."""
+        """A DATAGRAM from a connector or a peer link: to the user of its flow (or across the
+        bridge of a forwarded flow), or dropped if the flow is gone."""
         flow = tunnel.endpoints.get(flow_id)
         if isinstance(flow, UserFlow) and flow.accepted:
             flow.deliver(data)
+        elif isinstance(flow, Side):
+            flow.deliver(data)  # a flow a peer node forwarded through this one (relay.bridge)
         else:
             # no flow, so no app to count it under
             self.metrics.count("udp_dropped_no_flow")

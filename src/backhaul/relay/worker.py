@@ -4,7 +4,9 @@ Workers share nothing but the store. Each holds its own tunnels (the connector m
 sure every worker gets some, see docs/architecture.md) and its own edges (TCP apps,
 UDP apps, the HTTP edge: relay.opening.Edge) on SO_REUSEPORT sockets, and follows
 configuration changes by polling the store's version once a second: every edge is
-given all of the store's apps and keeps its own kind.
+given all of the store's apps and keeps its own kind. With several nodes it also holds
+relay-to-relay links (relay.peering): each poll tells them which nodes hold which groups'
+tunnels, and the listen port accepts links other nodes dial.
 """
 
 from __future__ import annotations
@@ -20,18 +22,21 @@ import uvloop
 from aiohttp import web
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
+from backhaul.config import (
+    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, PeeringLimits, UdpLimits,
+)
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
 from backhaul.control.validate import Invalid, text
 from backhaul.protocol import mux
-from backhaul.protocol.constants import ALPN_HTTP, ALPN_TUNNEL, ErrorCode
+from backhaul.protocol.constants import ALPN_HTTP, ALPN_PEER, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http.edge import HttpEdge
 from backhaul.relay.metrics import SPECS, RelayMetrics
 from backhaul.relay.opening import Edge, StreamOpener
+from backhaul.relay.peering import PeerLinks
 from backhaul.relay.preauth.oidc import OidcGate
 from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.tcp_edge import TcpEdge
@@ -77,6 +82,10 @@ class RelaySettings:
     stats_interval: float = 1.0
     #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
     oidc: OidcSettings | None = None
+    #: Several nodes: freshness of the nodes table, how many nodes at most.
+    cluster: ClusterSettings = ClusterSettings()
+    #: Relay-to-relay links: dial timeout, redial backoff, links accepted at most.
+    peering: PeeringLimits = PeeringLimits()
 
 
 class RelayWorker:
@@ -110,6 +119,11 @@ class RelayWorker:
         #: the connection budget of this process, shared by every listener (made in start())
         self.admission: Admission | None = None
         self._listener: TlsListener | None = None
+        #: links to the other relay nodes (made in start(); None: the certificate names no node)
+        self.peers: PeerLinks | None = None
+        # The nodes table comes with the store's part of several nodes; a store without it
+        # serves one node, and the links stay empty.
+        self._store_lists_nodes = hasattr(self.store, "group_nodes") and hasattr(self.store, "list_nodes")
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,6 +154,12 @@ class RelayWorker:
         await self._runner.setup()
         self._http_server = self._runner.server
         self.admission = Admission.for_process(limits, self.metrics)
+        self.peers = PeerLinks.for_worker(
+            self.settings.data_dir, self.opener, flow=self.settings.flow, keepalive=self.settings.keepalive,
+            limits=self.settings.peering, metrics=self.metrics, deliver=self.udp_edge.deliver,
+            worker=self.settings.worker, max_nodes=self.settings.cluster.max_nodes,
+        )
+        self.opener.peers = self.peers
         ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
         self._listener = TlsListener(
             "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address
@@ -202,11 +222,15 @@ class RelayWorker:
             await edge.stop()
         for tunnel in self.registry.tunnels():
             tunnel.goaway(ErrorCode.NO_ERROR, "relay shutting down")
+        if self.peers is not None:
+            self.peers.drain()
         deadline = time.monotonic() + self.settings.drain_timeout
-        while any(t.load for t in self.registry.tunnels()) and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for tunnel in self.registry.tunnels():
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
+        if self.peers is not None:
+            self.peers.close()
         self.store.mark_worker_down(self.settings.worker)
         if self._reporter is not None:
             await self._reporter.stop()
@@ -218,6 +242,10 @@ class RelayWorker:
             self.admission.close()
         log.info("relay worker stopped", extra={"worker": self.settings.worker, **self.metrics.events})
 
+    def _in_flight(self) -> bool:
+        """Streams still open on a connector tunnel or a peer link (a drain waits for them)."""
+        return any(t.load for t in self.registry.tunnels()) or (self.peers is not None and self.peers.load > 0)
+
     async def _poll(self) -> None:
         try:
             version = self.store.config_version()
@@ -226,6 +254,22 @@ class RelayWorker:
             return
         if version != self.config_version:
             await self.reload()
+        else:
+            self.refresh_peers()
+
+    def refresh_peers(self) -> None:
+        """Tell the links which nodes hold which groups' tunnels (tunnels come and go without a
+        config version, so every poll). A store that cannot answer leaves them what they knew."""
+        if self.peers is None or not self._store_lists_nodes:
+            return
+        fresh = self.settings.cluster.node_fresh
+        try:
+            group_nodes = self.store.group_nodes(fresh)
+            addresses = {n.id: n.peer or n.listen for n in self.store.list_nodes(fresh) if n.status == "up"}
+        except Exception:
+            log.exception("cannot read the relay nodes from the store; peer links keep what they knew")
+            return
+        self.peers.update(group_nodes, addresses)
 
     async def reload(self) -> None:
         """Bring listeners and tunnel groups in line with the store."""
@@ -234,6 +278,9 @@ class RelayWorker:
         self._app_names = [app.name for app in apps]
         for edge in self.edges:
             await edge.set_apps(apps)
+        if self.peers is not None:
+            self.peers.set_apps(apps)
+            self.refresh_peers()
         # After the edges: the streams of a removed app have ended by now (its UDP flows with
         # its socket), so its figures go in this reload.
         self.metrics.prune(set(self._app_names), self._connector_exists)
@@ -263,14 +310,24 @@ class RelayWorker:
     def _tls_ready(self, transport: asyncio.Transport, slot: Slot) -> asyncio.BaseProtocol | None:
         """The ALPN split of the listen port: what a connection becomes once its handshake is done.
 
-        ``backhaul/1`` is a tunnel; ``http/1.1`` or no ALPN (aiohttp's client offers none)
-        is the control API. A client offering only other protocols never gets here: the
-        handshake refuses it (tlsconfig.server_context). None closes the connection.
+        ``backhaul/1`` is a tunnel (a connector's certificate only); ``backhaul-peer/1`` a
+        relay-to-relay link (a node's certificate only, relay.peering); ``http/1.1`` or no
+        ALPN (aiohttp's client offers none) is the control API. A client offering only other
+        protocols never gets here: the handshake refuses it (tlsconfig.server_context). None
+        closes the connection.
         """
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if alpn == ALPN_TUNNEL:
             return self.accept_tunnel(transport, ssl_object, slot)
+        if alpn == ALPN_PEER:
+            if self.peers is None:
+                log.warning(
+                    "peer link refused: this relay's certificate names no node (an old data dir)",
+                    extra={"peer": str(transport.get_extra_info("peername"))},
+                )
+                return None
+            return self.peers.accept(transport, ssl_object, slot)
         if alpn in (ALPN_HTTP, None):
             return self.http_protocol(slot)
         log.warning("connection with unknown ALPN closed", extra={"alpn": alpn})
