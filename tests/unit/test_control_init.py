@@ -28,7 +28,8 @@ def test_init_creates_everything_with_private_modes(tmp_path):
     result = _init(data_dir, "--json", "--name", "relay.example.com", "--name", "127.0.0.1")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"ca_sha256", "admin_token_file"}
+    assert set(out) == {"ca_sha256", "admin_token_file", "node_id"}
+    assert pki.is_node_id(out["node_id"])
     assert out["admin_token_file"] == str(data_dir / "admin.token")
     assert out["ca_sha256"] == pki.fingerprint_sha256((data_dir / "ca.pem").read_bytes())
     assert sorted(p.name for p in data_dir.iterdir() if not p.name.startswith("store.sqlite-")) == [
@@ -36,8 +37,11 @@ def test_init_creates_everything_with_private_modes(tmp_path):
     ]
     for secret in ("ca.key", "service.key", "admin.token"):
         assert stat.S_IMODE((data_dir / secret).stat().st_mode) == 0o600, secret
-    assert json.loads((data_dir / "service.json").read_text()) == {"names": ["relay.example.com", "127.0.0.1"], "ca_sha256": out["ca_sha256"]}
+    assert json.loads((data_dir / "service.json").read_text()) == {
+        "names": ["relay.example.com", "127.0.0.1"], "ca_sha256": out["ca_sha256"], "node_id": out["node_id"],
+    }
     cert = pki.load_cert_file(data_dir / "service.pem")
+    assert pki.node_id_of(cert) == out["node_id"]  # a node certificate, so a one-node relay has an id too
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["relay.example.com"]
     pki.verify_issued_by(cert, pki.load_cert_file(data_dir / "ca.pem"))

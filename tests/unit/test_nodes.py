@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from backhaul.config import ClusterSettings
-from backhaul.store import App, Connector, LimitReached, Node, NotFound, open_store
+from backhaul.store import App, Conflict, Connector, LimitReached, Node, NotFound, open_store
 
 from .conftest import is_postgres
 from .fakes import Clock
@@ -173,7 +173,7 @@ def test_nodes_are_bounded_and_a_down_one_can_be_removed(store_location, clock):
         with pytest.raises(LimitReached, match="admin node remove"):
             s.register_node(_node(C))
         s.register_node(_node(A, 9000))  # an upsert of a known node is not a new one
-        with pytest.raises(NotFound, match="is up"):
+        with pytest.raises(Conflict, match="is up"):
             s.remove_node(B)
         s.node_stopped(B)
         s.remove_node(B)

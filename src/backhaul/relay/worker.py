@@ -20,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from backhaul import __version__, tlsconfig
-from backhaul.config import FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
+from backhaul.config import ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
 from backhaul.control.validate import Invalid, text
@@ -37,7 +37,7 @@ from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
-from backhaul.store import open_store
+from backhaul.store import POSTGRES_SCHEMES, Node, NotFound, open_store
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -77,6 +77,39 @@ class RelaySettings:
     stats_interval: float = 1.0
     #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
     oidc: OidcSettings | None = None
+    #: This relay node's id (service.json's; "": read it from the data dir).
+    node_id: str = ""
+    #: The store: a postgresql:// URL (several nodes) or None, the data dir's SQLite.
+    store: str | None = None
+    #: HOST:PORT connectors dial to reach this node ("": --listen).
+    advertise: str = ""
+    #: HOST:PORT other nodes dial for relay-to-relay links ("": the advertise address).
+    peer_advertise: str = ""
+    #: Heartbeats and freshness of the nodes.
+    cluster: ClusterSettings = ClusterSettings()
+
+
+def node_record(settings: RelaySettings, node_id: str) -> Node:
+    """This node as it registers in the store (the times are the store's)."""
+    advertise = settings.advertise or settings.listen
+    return Node(node_id, advertise, settings.peer_advertise or advertise, __version__, 0.0, 0.0)
+
+
+def _node_id(settings: RelaySettings) -> str:
+    if settings.node_id:
+        return settings.node_id
+    from backhaul.control.init import ensure_node_id
+
+    return ensure_node_id(settings.data_dir)
+
+
+def register_node(settings: RelaySettings) -> None:
+    """Register the node from the supervisor, before it forks workers (its store is closed again)."""
+    store = open_store(settings.store or settings.data_dir, cluster=settings.cluster)
+    try:
+        store.register_node(node_record(settings, _node_id(settings)))
+    finally:
+        store.close()
 
 
 class RelayWorker:
@@ -84,7 +117,17 @@ class RelayWorker:
 
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
-        self.store = open_store(settings.data_dir)
+        self.node_id = _node_id(settings)
+        self.store = open_store(settings.store or settings.data_dir, cluster=settings.cluster)
+        #: set when the store's configuration may have changed (the listener below; the poll
+        #: runs at least every poll_interval anyway)
+        self._wake = asyncio.Event()
+        self._changes = None
+        if isinstance(settings.store, str) and settings.store.startswith(POSTGRES_SCHEMES):
+            from backhaul.store.notify import ChangeListener
+
+            self._changes = ChangeListener(settings.store, self._wake.set, check_interval=settings.cluster.heartbeat_interval)
+        self._heartbeat: asyncio.Task | None = None
         self.registry = TunnelRegistry()
         #: every figure of the worker: streams, tunnels, UDP datagrams, and its events by name
         self.metrics = RelayMetrics()
@@ -116,7 +159,13 @@ class RelayWorker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.store.mark_worker_down(self.settings.worker)
+        self.store.mark_worker_down(self.node_id, self.settings.worker)
+        if self.settings.worker == 0:
+            # An upsert: after the supervisor's registration, or alone (one worker, a test).
+            self.store.register_node(node_record(self.settings, self.node_id))
+            self._heartbeat = loop.create_task(self._heartbeats(), name="backhaul-node-heartbeat")
+        if self._changes is not None:
+            self._changes.start()
         reserved = {self._port}
         if self.settings.http:
             reserved.add(parse_hostport(self.settings.http, "--http")[1])
@@ -184,16 +233,38 @@ class RelayWorker:
         """Serve until SIGTERM/SIGINT, then drain."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop_requested)
         await self.start()
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+                # Woken by a change notification (PostgreSQL) or a stop; else poll every poll_interval.
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
             except asyncio.TimeoutError:
                 pass
+            self._wake.clear()
             if not self._stopping.is_set():
                 await self._poll()
         await self.stop()
+
+    def _stop_requested(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def _heartbeats(self) -> None:
+        """Worker 0 keeps this node fresh in the store; a failed beat is logged, never fatal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.cluster.heartbeat_interval)
+            try:
+                await loop.run_in_executor(None, self.store.node_heartbeat, self.node_id)
+            except NotFound:
+                log.warning("this node was not registered in the store any more; registering it again", extra={"node": self.node_id})
+                try:
+                    await loop.run_in_executor(None, self.store.register_node, node_record(self.settings, self.node_id))
+                except Exception:
+                    log.exception("cannot register this node in the store; will retry", extra={"node": self.node_id})
+            except Exception:
+                log.exception("cannot record this node's heartbeat in the store; will retry", extra={"node": self.node_id})
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -207,7 +278,16 @@ class RelayWorker:
             await asyncio.sleep(0.1)
         for tunnel in self.registry.tunnels():
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
-        self.store.mark_worker_down(self.settings.worker)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._changes is not None:
+            await self._changes.close()
+        try:
+            self.store.mark_worker_down(self.node_id, self.settings.worker)
+            if self.settings.worker == 0:
+                self.store.node_stopped(self.node_id)  # a clean stop: down at once, not after node_fresh
+        except Exception:
+            log.exception("cannot record this worker's stop in the store; its rows stop counting once the node is stale")
         if self._reporter is not None:
             await self._reporter.stop()
         if self.gate is not None:
@@ -220,7 +300,8 @@ class RelayWorker:
 
     async def _poll(self) -> None:
         try:
-            version = self.store.config_version()
+            # On a thread: a store that does not answer (PostgreSQL down) must not stall relaying.
+            version = await asyncio.get_running_loop().run_in_executor(None, self.store.config_version)
         except Exception:
             log.exception("cannot read the store's config version; will retry")
             return
@@ -310,8 +391,11 @@ class RelayWorker:
         connector_id = record.connector_id
         self.registry.add(tunnel)
         self.metrics.tunnel_opened(connector_id)
-        self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
-        record.counted = True
+        try:
+            self.store.tunnel_changed(connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
+            record.counted = True  # only then may its end take it off the count
+        except Exception:
+            log.exception("cannot count the tunnel in the store; it carries streams all the same", extra={"connector": connector_id})
         tunnel.control(
             {
                 "type": "hello",
@@ -353,7 +437,7 @@ class RelayWorker:
             return
         record.counted = False
         try:
-            self.store.tunnel_changed(record.connector_id, self.settings.worker, -1, tunnel.peer)
+            self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, -1, tunnel.peer)
         except Exception:
             log.exception("cannot record a closed or draining tunnel in the store")
 

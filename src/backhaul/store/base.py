@@ -6,7 +6,7 @@ import abc
 import dataclasses
 from typing import Any
 
-from backhaul.config import REFRESH_INTERVAL
+from backhaul.config import REFRESH_INTERVAL, ClusterSettings
 from backhaul.errors import BackhaulError
 
 DEFAULT_GROUP = "default"
@@ -407,6 +407,9 @@ class Store(abc.ABC):
     A connector's ``tunnels`` count only the rows of up nodes (fresh heartbeat, running).
     """
 
+    #: node freshness and the bounds of the nodes and change-log tables (given at open_store)
+    cluster: ClusterSettings
+
     # -- lifecycle and meta
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -527,7 +530,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def remove_node(self, node_id: str) -> None:
-        """Forget a node that is down; NotFound when there is none or it is up."""
+        """Forget a node that is down; NotFound when there is none, Conflict when it is up."""
 
     @abc.abstractmethod
     def list_nodes(self, fresh_for: float) -> list["Node"]:

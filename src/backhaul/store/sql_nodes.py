@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from backhaul.config import ClusterSettings
-from backhaul.store.base import LimitReached, Node, NotFound
+from backhaul.store.base import Conflict, LimitReached, Node, NotFound
 from backhaul.store.dbapi import Db
 
 #: The tunnel rows (alias ``t``) of up nodes: add ``AND t.connector_id = ...`` and bind
@@ -77,18 +77,16 @@ class NodeTables:
 
     def remove_node(self, node_id: str) -> None:
         """Forget a node that is down, with its tunnel rows (it registers again if it comes back);
-        NotFound when there is no such node or it is up."""
+        NotFound when there is no such node, Conflict when it is up."""
         since = self._fresh_since()
         with self._write() as db:
             removed = db.execute(
                 "DELETE FROM nodes WHERE id = ? AND (state = 'stopped' OR last_seen < ?)", (node_id, since)
             ).rowcount
             if removed == 0:
-                up = db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
-                raise NotFound(
-                    f"relay node {node_id} is up; stop it first" if up
-                    else f"there is no relay node {node_id!r}; see `backhaul admin node list`"
-                )
+                if db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None:
+                    raise Conflict(f"relay node {node_id} is up; stop it first (or wait until it is down)")
+                raise NotFound(f"there is no relay node {node_id!r}; see `backhaul admin node list`")
 
     def list_nodes(self, fresh_for: float) -> list[Node]:
         since = self._fresh_since(fresh_for)
