@@ -12,7 +12,9 @@ import stat
 
 import pytest
 
-from .harness import System, running_relay
+from tests.postgres import PostgresServer, find_bin_dir, require_bin_dir
+
+from .harness import Backend, System, echoes, free_port, running_relay, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.codec_independent]
 
@@ -102,3 +104,38 @@ def test_a_one_node_sqlite_relay_lists_itself(tmp_path):
         node_id = json.loads((system.data_dir / "service.json").read_text())["node_id"]
         [node] = system.admin_json("node", "list")
         assert (node["id"], node["status"], node["listen"], node["tunnels"]) == (node_id, "up", f"127.0.0.1:{system.port}", 0)
+
+
+@pytest.mark.slow  # its own server, a refused change waits out the store's busy_timeout (10 s)
+def test_a_database_outage_keeps_relaying_refuses_changes_and_catches_up(tmp_path):
+    server = PostgresServer(require_bin_dir(find_bin_dir(), os.environ))
+    node = System(tmp_path / "node")
+    try:
+        server.start()
+        node.ca_sha256 = json.loads(_init(node, server.url()).stdout)["ca_sha256"]
+        node.start_relay(workers=1)
+        backend = Backend("echo", tmp_path, node.procs)
+        port = node.publish_tcp("db", backend.target)
+        node.start_connector("c1")
+        node.wait_tunnels("c1", 2)
+        node.wait_app(port)
+
+        server.halt()
+        assert echoes(port)  # a new user connection while the database is away: relayed
+        later = free_port()
+        refused = node.admin("app", "publish", "web", "--tcp", str(later), "--target", backend.target, check=False)
+        assert refused.returncode != 0 and "unavailable" in refused.stderr, refused.stderr
+        assert echoes(port) and node.relay.alive()
+        assert node.health()["status"] == "ok"
+
+        server.launch()
+        # The pool reconnects with a backoff: the first changes may still be refused.
+        wait_until(
+            lambda: node.admin("app", "publish", "web", "--tcp", str(later), "--target", backend.target, check=False).returncode == 0,
+            30, "a change accepted once the database is back", interval=0.5,
+        )
+        node.wait_app(later, timeout=10)  # the relay caught up with the change
+        assert {n["status"] for n in node.admin_json("node", "list")} == {"up"}
+    finally:
+        node.stop()
+        server.stop()
