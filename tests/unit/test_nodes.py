@@ -218,7 +218,7 @@ def test_on_postgresql_every_bump_notifies_its_version_at_commit(store_location)
             s.create_group("g1")
             s.register_node(_node(A))  # not a bump: no notification
             s.create_group("g2")
-            with pytest.raises(Exception):
+            with pytest.raises(Conflict):
                 s.create_group("g2")  # refused: rolled back, nothing sent
             got = [n.payload for n in listener.notifies(timeout=1.0, stop_after=3)]
         version = s.config_version()

@@ -58,6 +58,7 @@ def test_a_change_wakes_the_listener_and_a_killed_connection_reconnects_and_catc
                 store.delete_app("db")
             missed = store.config_version()
             await _until(lambda: listener.connects == 2, "the reconnect")
+            assert listener.failures >= 1
             await _until(lambda: seen[-1] == missed, "the catch-up call after the reconnect")
             assert await listener.backend_pid() not in (None, pid)
         finally:
@@ -77,8 +78,10 @@ def test_an_unreachable_store_is_retried_with_backoff_until_close(tmp_path):
     async def go() -> None:
         listener = ChangeListener(url, lambda: calls.append(1), backoff=Backoff(initial=0.01, maximum=0.02))
         listener.start()
-        await asyncio.sleep(0.3)  # the time of several attempts, all refused
-        await listener.close()
+        try:
+            await _until(lambda: listener.failures >= 3, "three refused attempts, retried after each")
+        finally:
+            await listener.close()
         assert listener.connects == 0
 
     asyncio.run(go())

@@ -47,6 +47,8 @@ class ChangeListener:
         self.connects = 0
         #: notifications received so far
         self.notifications = 0
+        #: connections lost or refused so far (each followed by a backoff)
+        self.failures = 0
         self._task: asyncio.Task | None = None
         self._conn: psycopg.AsyncConnection | None = None
 
@@ -72,6 +74,7 @@ class ChangeListener:
             try:
                 await self._listen()
             except (psycopg.Error, OSError) as exc:
+                self.failures += 1
                 delay = self._delay(attempt)
                 log.warning(
                     "the store's change notifications are cut off; reconnecting (the 1 s poll goes on meanwhile)",
