@@ -38,11 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = service.add_parser("init", help="create the CA, service certificate, admin token and store")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--name", action="append", default=[], help="host name or IP the service is reached at (repeat)")
+    p.add_argument(
+        "--store", default=None, metavar="URL",
+        help="keep the service in PostgreSQL (postgresql://...), shared by several relay nodes; default: SQLite in the data dir",
+    )
+    p.add_argument(
+        "--cluster-key-file", default=None, metavar="FILE",
+        help="add this node to the service already in --store: a copy of cluster.key from one of its nodes",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.control.init:service_init"))
     p = service.add_parser("run", help="run the relay")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
+    p.add_argument(
+        "--advertise", default=None, metavar="HOST:PORT",
+        help="what connectors dial to reach this node (default: --listen, or the service certificate's first name "
+        "and the listen port when --listen is a wildcard)",
+    )
+    p.add_argument(
+        "--peer-advertise", default=None, metavar="HOST:PORT",
+        help="what the other relay nodes dial to reach this one (default: the --advertise address)",
+    )
     p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
     p.add_argument("--https", default=None, help="HOST:PORT where users reach published HTTP apps over TLS")
     p.add_argument("--https-cert", default=None, metavar="FILE", help="PEM certificate (chain) of the HTTPS edge")

@@ -87,3 +87,16 @@ def writer_lock_held(location):
         blocker.execute("ROLLBACK")
     finally:
         blocker.close()
+
+
+#: The relay node the store tests count tunnels on (a valid node id, pki.is_node_id).
+TEST_NODE = "n-testnodeaaaa"
+
+
+def count_tunnel(store, connector_id: str, delta: int = +1, worker: int = 0, peer: str = "p", node: str = TEST_NODE) -> None:
+    """Count a tunnel as a relay worker does at tunnel up (+1) or down (-1), on a node that is
+    up now: registering is an upsert whose heartbeat is now, so a test's clock may have moved."""
+    from backhaul.store import Node
+
+    store.register_node(Node(node, "127.0.0.1:8443", "127.0.0.1:8443", "test", 0.0, 0.0))
+    store.tunnel_changed(connector_id, node, worker, delta, peer)

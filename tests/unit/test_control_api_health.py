@@ -10,6 +10,7 @@ from backhaul.control import validate
 from backhaul.errors import ServiceError
 
 from .test_control_api import Service, clock, run, service_dir  # noqa: F401 (fixtures)
+from .conftest import count_tunnel
 
 pytestmark = pytest.mark.codec_independent
 
@@ -24,7 +25,7 @@ def test_heartbeat_health_shows_in_the_app_list(run, tmp_path):
         one = await s.register(tmp_path / "one")
         two = await s.register(tmp_path / "two")
         for state in (one, two):
-            s.store.tunnel_changed(state.connector_id, 0, +1, "127.0.0.1:1")
+            count_tunnel(s.store, state.connector_id, +1, worker=0, peer="127.0.0.1:1")
         async with control_client.connector_session(one) as session:
             await control_client.heartbeat(one, session, {**STATS, "apps": {"web": True, "db": False}})
         async with control_client.connector_session(two) as session:
@@ -55,7 +56,7 @@ def test_malformed_health_in_a_heartbeat_is_refused_and_changes_nothing(run, tmp
     async def go(s: Service):
         await s.call("POST", "/v1/apps", {"name": "web", "proto": "tcp", "port": 15000, "target": "10.0.0.1:80"})
         state = await s.register(tmp_path / "one")
-        s.store.tunnel_changed(state.connector_id, 0, +1, "127.0.0.1:1")
+        count_tunnel(s.store, state.connector_id, +1, worker=0, peer="127.0.0.1:1")
         async with control_client.connector_session(state) as session:
             await control_client.heartbeat(state, session, {**STATS, "apps": {"web": True}})
             with pytest.raises(ServiceError) as refused:

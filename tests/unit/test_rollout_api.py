@@ -13,6 +13,7 @@ from backhaul.admin.commands import release_rollout
 from backhaul.control.rollout_api import UPDATE_REPORTS, release_groups, rollout_for_group
 
 from .test_control_api import Service, clock, run, service_dir  # noqa: F401 (fixtures)
+from .conftest import count_tunnel
 
 pytestmark = pytest.mark.codec_independent
 
@@ -26,7 +27,7 @@ async def _connector_call(state, path: str, body) -> tuple[int, dict]:
 async def _two_active(s: Service, tmp_path):
     states = [await s.register(tmp_path / f"conn-{n}") for n in range(2)]
     for state in states:
-        s.store.tunnel_changed(state.connector_id, 0, +1, "127.0.0.1")  # as a relay worker does at tunnel up
+        count_tunnel(s.store, state.connector_id, +1, worker=0, peer="127.0.0.1")  # as a relay worker does at tunnel up
     return states
 
 

@@ -15,6 +15,7 @@ import pytest
 from backhaul.config import RolloutSettings
 from backhaul.store import Connector, LeaseRefused, NotFound, open_store
 from .fakes import Clock
+from .conftest import TEST_NODE, count_tunnel
 
 pytestmark = pytest.mark.codec_independent
 
@@ -53,7 +54,7 @@ def _enroll(store, cid: str, group: str = "default", *, active: bool = True, ver
         ),
     )
     if active:
-        store.tunnel_changed(cid, 0, +1, "127.0.0.1")
+        count_tunnel(store, cid, +1, worker=0, peer="127.0.0.1")
     return cid
 
 
@@ -96,12 +97,12 @@ def test_groups_have_a_lease_each(store, pair):
 
 def test_a_connector_alone_in_its_group_is_refused(store, pair):
     a, b = pair
-    store.tunnel_changed(b, 0, -1, "127.0.0.1")  # b has no tunnel: inactive
+    count_tunnel(store, b, -1, worker=0, peer="127.0.0.1")  # b has no tunnel: inactive
     refusal = _refused(store.acquire_update_lease, a, "2.0", TTL)
     assert refusal.reason == "alone"
     assert "--allow-downtime" in str(refusal)
     # Its own tunnels do not count, and neither do revoked connectors'.
-    store.tunnel_changed(b, 0, +1, "127.0.0.1")
+    count_tunnel(store, b, +1, worker=0, peer="127.0.0.1")
     store.revoke_connector(b)
     assert _refused(store.acquire_update_lease, a, "2.0", TTL).reason == "alone"
 
@@ -182,6 +183,7 @@ def test_an_expired_lease_frees_the_group(store, pair, clock):
     clock.now += TTL - 1
     assert _refused(store.acquire_update_lease, b, "2.0", TTL).reason == "busy"
     clock.now += 1
+    store.node_heartbeat(TEST_NODE)  # the relay node holding the tunnels is alive all along
     assert store.group_rollout("default").lease is None
     second = store.acquire_update_lease(b, "2.0", TTL)
     assert second.token > first.token
@@ -248,6 +250,7 @@ def test_a_report_with_an_old_token_does_not_release_the_new_lease(store, pair, 
     a, b = pair
     old = store.acquire_update_lease(a, "2.0", TTL)
     clock.now += TTL  # a's lease expires; b takes the group's lease
+    store.node_heartbeat(TEST_NODE)
     new = store.acquire_update_lease(b, "2.0", TTL)
     outcome = _report(store, a, "healthy", old.token)
     assert not outcome.released

@@ -21,7 +21,7 @@ from backhaul.store import (
     open_store,
 )
 from backhaul.errors import ConfigError
-from .conftest import is_postgres, raw_execute, writer_lock_held
+from .conftest import TEST_NODE, count_tunnel, is_postgres, raw_execute, writer_lock_held
 from .fakes import Clock
 
 pytestmark = pytest.mark.codec_independent
@@ -99,7 +99,7 @@ def test_every_routing_change_bumps_the_version(store):
     before = store.config_version()
     store.list_apps()
     store.heartbeat(other.id, ConnectorStats(cpu=1.0), "p")
-    store.tunnel_changed(other.id, 0, +1, "p")
+    count_tunnel(store, other.id, +1, worker=0, peer="p")
     assert store.config_version() == before  # reads, heartbeats and tunnels are not config
 
 
@@ -146,18 +146,18 @@ def test_tunnels_add_up_over_workers_and_worker_down_clears(store, clock):
     cid = _enroll(store, "c-aaaaaaaaaaaa").id
     assert store.get_connector(cid).status == "inactive"
     clock.now += 5
-    store.tunnel_changed(cid, 0, +1, "127.0.0.1:1")
-    store.tunnel_changed(cid, 0, +1, "127.0.0.1:2")
-    store.tunnel_changed(cid, 1, +1, "127.0.0.1:3")
+    count_tunnel(store, cid, +1, worker=0, peer="127.0.0.1:1")
+    count_tunnel(store, cid, +1, worker=0, peer="127.0.0.1:2")
+    count_tunnel(store, cid, +1, worker=1, peer="127.0.0.1:3")
     c = store.get_connector(cid)
     assert (c.tunnels, c.status, c.last_seen, c.source_addr) == (3, "active", clock.now, "127.0.0.1:3")
-    store.mark_worker_down(0)
+    store.mark_worker_down(TEST_NODE, 0)
     assert store.get_connector(cid).tunnels == 1
-    store.tunnel_changed(cid, 1, -1, "127.0.0.1:3")
-    store.tunnel_changed(cid, 1, -1, "127.0.0.1:3")  # never below zero
+    count_tunnel(store, cid, -1, worker=1, peer="127.0.0.1:3")
+    count_tunnel(store, cid, -1, worker=1, peer="127.0.0.1:3")  # never below zero
     assert store.get_connector(cid).tunnels == 0
     assert store.get_connector(cid).status == "inactive"
-    store.tunnel_changed("c-unknownxxxxx", 0, +1, "x")  # a deleted connector is ignored
+    count_tunnel(store, "c-unknownxxxxx", +1, worker=0, peer="x")  # a deleted connector is ignored
     assert store.get_connector("c-unknownxxxxx") is None
 
 
@@ -271,11 +271,13 @@ def test_prune_removes_unseen_inactive_connectors_after_ten_days(store, clock):
     idle = _enroll(store, "c-aaaaaaaaaaaa").id
     busy = _enroll(store, "c-bbbbbbbbbbbb").id
     fresh = _enroll(store, "c-cccccccccccc").id
-    store.tunnel_changed(busy, 0, +1, "p")
+    count_tunnel(store, busy, +1, worker=0, peer="p")
     clock.now += 10 * DAY - 10
     store.heartbeat(fresh, ConnectorStats(), "p")
+    store.node_heartbeat(TEST_NODE)  # the relay node holding busy's tunnel is alive all along
     assert store.prune(10 * DAY) == []
     clock.now += 20
+    store.node_heartbeat(TEST_NODE)
     assert store.prune(10 * DAY) == [idle]
     assert store.get_connector(idle) is None
     assert {c.id for c in store.list_connectors()} == {busy, fresh}
@@ -315,7 +317,7 @@ def test_limits_are_enforced(store_location, clock):
 def _hammer(path: str, worker: int, rounds: int) -> None:
     store = open_store(path)
     for i in range(rounds):
-        store.tunnel_changed("c-aaaaaaaaaaaa", worker, +1, f"w{worker}")
+        count_tunnel(store, "c-aaaaaaaaaaaa", +1, worker=worker, peer=f"w{worker}")
         store.create_app(App(f"app-{worker}-{i}", "default", "tcp", 10000 + worker * 1000 + i, "10.0.0.1:80"))
     store.close()
 

@@ -7,6 +7,7 @@ import pytest
 from backhaul.store import App, NotFound, open_store
 
 from .test_store import Clock, _enroll
+from .conftest import TEST_NODE, count_tunnel
 
 pytestmark = pytest.mark.codec_independent
 
@@ -26,7 +27,7 @@ def store(store_location, clock):
     for cid in ("c-aaaa", "c-bbbb", "c-idle"):
         _enroll(s, cid, group="g")
     for cid in ("c-aaaa", "c-bbbb"):
-        s.tunnel_changed(cid, 0, +1, "127.0.0.1:1")
+        count_tunnel(s, cid, +1, worker=0, peer="127.0.0.1:1")
     yield s
     s.close()
 
@@ -56,6 +57,7 @@ def test_a_report_replaces_the_previous_one_and_since_moves_only_on_change(store
     store.set_app_health("c-aaaa", {"web": True, "db": True})
     first = {r.connector: r.since for r in store.origin_health()["web"] if r.reachable is not None}
     clock.now += 60
+    store.node_heartbeat(TEST_NODE)  # the relay node holding the tunnels is alive all along
     store.set_app_health("c-aaaa", {"web": True, "db": False})
     web = {r.connector: r for r in store.origin_health()["web"]}
     db = {r.connector: r for r in store.origin_health()["db"]}
@@ -79,7 +81,7 @@ def test_rows_go_with_the_connector_the_app_and_app_changes(store, clock):
     assert _rows(store) == 1
     store.revoke_connector("c-aaaa")
     clock.now += 10**9  # its certificate expired long ago: pruned, rows cascade away
-    store.tunnel_changed("c-aaaa", 0, -1, "p")
+    count_tunnel(store, "c-aaaa", -1, worker=0, peer="p")
     store.prune(unseen_for=1)
     assert _rows(store) == 0
 

@@ -89,6 +89,10 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("group")
     leaf(connector, "delete", connector_delete, "delete a connector and revoke its certificate").add_argument("id")
 
+    node = objects.add_parser("node", help="relay nodes").add_subparsers(dest="admin_action", required=True)
+    leaf(node, "list", node_list, "list the relay nodes: addresses, up or down, tunnels, version, last heartbeat")
+    leaf(node, "remove", node_remove, "forget a relay node that is down (it registers again if it comes back)").add_argument("id")
+
     # -- releases
     release = objects.add_parser("release", help="signed connector releases").add_subparsers(dest="admin_action", required=True)
     p = leaf(release, "publish", release_publish, "sign a wheelhouse with your key and upload it as a release")
@@ -289,6 +293,20 @@ def connector_assign(args: argparse.Namespace) -> int:
 def connector_delete(args: argparse.Namespace) -> int:
     data = call(args, "DELETE", f"/v1/connectors/{_quote(args.id)}")
     return _emit(args, data, f"deleted connector {args.id}; its certificate is revoked")
+
+
+# -- relay nodes
+
+
+def node_list(args: argparse.Namespace) -> int:
+    data = call(args, "GET", "/v1/nodes")
+    rows = [[n["id"], n["listen"], n["peer"], n["status"], n["tunnels"], n["version"], when(n["last_seen"])] for n in data]
+    return _emit(args, data, table(["ID", "LISTEN", "PEER", "STATUS", "TUNNELS", "VERSION", "LAST SEEN"], rows))
+
+
+def node_remove(args: argparse.Namespace) -> int:
+    data = call(args, "DELETE", f"/v1/nodes/{_quote(args.id)}")
+    return _emit(args, data, f"removed relay node {args.id}")
 
 
 # -- releases

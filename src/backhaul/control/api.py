@@ -398,6 +398,24 @@ async def assign_connector(request: web.Request) -> web.Response:
     return json_response(connector_dict(connector, ctx.settings))
 
 
+# -- relay nodes
+
+
+@require_admin
+async def list_nodes(request: web.Request) -> web.Response:
+    store = context_of(request).store
+    nodes = await blocking(request, store.list_nodes, store.cluster.node_fresh)
+    return json_response([node.to_dict() for node in nodes])
+
+
+@require_admin
+async def delete_node(request: web.Request) -> web.Response:
+    node_id = request.match_info["id"]
+    await blocking(request, context_of(request).store.remove_node, node_id)
+    log.info("relay node removed", extra={"node": node_id})
+    return json_response({"deleted": node_id})
+
+
 # -- housekeeping
 
 
@@ -456,6 +474,8 @@ def build_app(
     r.add_patch("/v1/apps/{name}", update_app)
     r.add_delete("/v1/apps/{name}", delete_app)
     r.add_get("/v1/connectors", list_connectors)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_delete("/v1/nodes/{id}", delete_node)
     r.add_delete("/v1/connectors/{id}", delete_connector)
     r.add_put("/v1/connectors/{id}/group", assign_connector)
     releases_api.add_routes(app)

@@ -156,6 +156,11 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
                     health_path=_NULLABLE_S,
                 ),
             },
+            nodes={
+                "type": "array",
+                "description": "the relay nodes that are up, and the address connectors dial for each",
+                "items": _obj(["id", "listen"], id=_S, listen=_S),
+            },
         ),
         "Heartbeat": _obj(
             [],
@@ -257,6 +262,18 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             cpu=_N,
             memory=_N,
             cpu_warning=_B,
+        ),
+        "Node": _obj(
+            ["id", "listen", "peer", "status", "state", "tunnels", "version", "started", "last_seen"],
+            id=_S,
+            listen={**_S, "description": "HOST:PORT connectors dial"},
+            peer={**_S, "description": "HOST:PORT the other relay nodes dial"},
+            status={"type": "string", "enum": ["up", "down"]},
+            state={"type": "string", "enum": ["running", "stopped"]},
+            tunnels={**_I, "description": "usable connector tunnels it holds (0 when down)"},
+            version=_S,
+            started=_N,
+            last_seen={**_N, "description": "its last heartbeat"},
         ),
         "AssignRequest": _obj(["group"], group=_NAME),
         "Deleted": _obj(["deleted"], deleted=_S),
@@ -380,6 +397,8 @@ _ROUTES: list[tuple[str, str, str, str | None, str | None, str, dict[str, Any] |
     ("get", "/v1/connectors", "List connectors", "admin", None, "200", {"type": "array", "items": _ref("Connector")}),
     ("delete", "/v1/connectors/{id}", "Delete a connector and revoke its certificate", "admin", None, "200", _ref("Deleted")),
     ("put", "/v1/connectors/{id}/group", "Move a connector to another group", "admin", "AssignRequest", "200", _ref("Connector")),
+    ("get", "/v1/nodes", "List the relay nodes, up and down", "admin", None, "200", {"type": "array", "items": _ref("Node")}),
+    ("delete", "/v1/nodes/{id}", "Forget a relay node that is down", "admin", None, "200", _ref("Deleted")),
     # -- releases
     ("post", "/v1/releases", "Store a signed release manifest; its files follow (PUT)", "admin", "ReleaseUpload", "201", _ref("Release")),
     (

@@ -11,7 +11,7 @@ from pathlib import Path
 from backhaul import tlsconfig
 from backhaul.config import HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
-from backhaul.relay.worker import RelaySettings, run_worker
+from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
 from backhaul.transport.sockets import parse_hostport
 
@@ -116,8 +116,14 @@ def service_run(args: argparse.Namespace) -> int:
     )
     if not 0 < keepalive.interval < keepalive.timeout:
         raise ConfigError("--keepalive-interval must be above 0 and below --keepalive-timeout")
+    from backhaul.control.init import ensure_node_id, read_service, store_location
+
+    advertise = _advertise(args.listen, getattr(args, "advertise", None), read_service(data_dir).get("names") or [])
+    peer_advertise = getattr(args, "peer_advertise", None) or advertise
+    parse_hostport(peer_advertise, "--peer-advertise")
     settings = RelaySettings(
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
+        node_id=ensure_node_id(data_dir), store=store_location(data_dir), advertise=advertise, peer_advertise=peer_advertise,
         https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits, listen_limits=listen_limits,
         keepalive=keepalive,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
@@ -125,7 +131,26 @@ def service_run(args: argparse.Namespace) -> int:
     )
     with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
         _warn_loose_modes(data_dir)
+        if workers > 1:
+            # Before any worker counts a tunnel on this node (worker 0 registers again at its
+            # start, and says node_stopped at its clean stop).
+            register_node(settings)
         return _supervise(args, data_dir, settings, workers)
+
+
+def _advertise(listen: str, given: str | None, names: list[str]) -> str:
+    """What connectors dial: --advertise, else --listen, else (a wildcard --listen) the service
+    certificate's first name with the listen port."""
+    if given:
+        parse_hostport(given, "--advertise")
+        return given
+    host, port = parse_hostport(listen, "--listen")
+    if host not in _WILDCARDS:
+        return listen
+    if not names:
+        raise ConfigError(f"--listen {listen} is a wildcard and the service has no name; pass --advertise HOST:PORT")
+    name = names[0]
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
 
 
 #: In the data dir: locked by the running relay (holds its PID), so a second `service run`

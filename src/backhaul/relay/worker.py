@@ -42,7 +42,7 @@ from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
-from backhaul.store import open_store
+from backhaul.store import POSTGRES_SCHEMES, Node, NotFound, open_store
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -82,10 +82,41 @@ class RelaySettings:
     stats_interval: float = 1.0
     #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
     oidc: OidcSettings | None = None
-    #: Several nodes: freshness of the nodes table, how many nodes at most.
-    cluster: ClusterSettings = ClusterSettings()
     #: Relay-to-relay links: dial timeout, redial backoff, links accepted at most.
     peering: PeeringLimits = PeeringLimits()
+    #: This relay node's id (service.json's; "": read it from the data dir).
+    node_id: str = ""
+    #: The store: a postgresql:// URL (several nodes) or None, the data dir's SQLite.
+    store: str | None = None
+    #: HOST:PORT connectors dial to reach this node ("": --listen).
+    advertise: str = ""
+    #: HOST:PORT other nodes dial for relay-to-relay links ("": the advertise address).
+    peer_advertise: str = ""
+    #: Several nodes: heartbeats, freshness of the nodes table, how many nodes at most.
+    cluster: ClusterSettings = ClusterSettings()
+
+
+def node_record(settings: RelaySettings, node_id: str) -> Node:
+    """This node as it registers in the store (the times are the store's)."""
+    advertise = settings.advertise or settings.listen
+    return Node(node_id, advertise, settings.peer_advertise or advertise, __version__, 0.0, 0.0)
+
+
+def _node_id(settings: RelaySettings) -> str:
+    if settings.node_id:
+        return settings.node_id
+    from backhaul.control.init import ensure_node_id
+
+    return ensure_node_id(settings.data_dir)
+
+
+def register_node(settings: RelaySettings) -> None:
+    """Register the node from the supervisor, before it forks workers (its store is closed again)."""
+    store = open_store(settings.store or settings.data_dir, cluster=settings.cluster)
+    try:
+        store.register_node(node_record(settings, _node_id(settings)))
+    finally:
+        store.close()
 
 
 class RelayWorker:
@@ -93,7 +124,17 @@ class RelayWorker:
 
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
-        self.store = open_store(settings.data_dir)
+        self.node_id = _node_id(settings)
+        self.store = open_store(settings.store or settings.data_dir, cluster=settings.cluster)
+        #: set when the store's configuration may have changed (the listener below; the poll
+        #: runs at least every poll_interval anyway)
+        self._wake = asyncio.Event()
+        self._changes = None
+        if isinstance(settings.store, str) and settings.store.startswith(POSTGRES_SCHEMES):
+            from backhaul.store.notify import ChangeListener
+
+            self._changes = ChangeListener(settings.store, self._wake.set, check_interval=settings.cluster.heartbeat_interval)
+        self._heartbeat: asyncio.Task | None = None
         self.registry = TunnelRegistry()
         #: every figure of the worker: streams, tunnels, UDP datagrams, and its events by name
         self.metrics = RelayMetrics()
@@ -121,16 +162,22 @@ class RelayWorker:
         self._listener: TlsListener | None = None
         #: links to the other relay nodes (made in start(); None: the certificate names no node)
         self.peers: PeerLinks | None = None
-        # The nodes table comes with the store's part of several nodes; a store without it
-        # serves one node, and the links stay empty.
-        self._store_lists_nodes = hasattr(self.store, "group_nodes") and hasattr(self.store, "list_nodes")
+        #: the up nodes of the service ({"id", "listen"}), as connectors are told in the hello
+        #: and whenever the set changes (CONTROL ``nodes``)
+        self.nodes: list[dict] = []
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.store.mark_worker_down(self.settings.worker)
+        self.store.mark_worker_down(self.node_id, self.settings.worker)
+        if self.settings.worker == 0:
+            # An upsert: after the supervisor's registration, or alone (one worker, a test).
+            self.store.register_node(node_record(self.settings, self.node_id))
+            self._heartbeat = loop.create_task(self._heartbeats(), name="backhaul-node-heartbeat")
+        if self._changes is not None:
+            self._changes.start()
         reserved = {self._port}
         if self.settings.http:
             reserved.add(parse_hostport(self.settings.http, "--http")[1])
@@ -204,16 +251,38 @@ class RelayWorker:
         """Serve until SIGTERM/SIGINT, then drain."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop_requested)
         await self.start()
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+                # Woken by a change notification (PostgreSQL) or a stop; else poll every poll_interval.
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
             except asyncio.TimeoutError:
                 pass
+            self._wake.clear()
             if not self._stopping.is_set():
                 await self._poll()
         await self.stop()
+
+    def _stop_requested(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def _heartbeats(self) -> None:
+        """Worker 0 keeps this node fresh in the store; a failed beat is logged, never fatal."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.cluster.heartbeat_interval)
+            try:
+                await loop.run_in_executor(None, self.store.node_heartbeat, self.node_id)
+            except NotFound:
+                log.warning("this node was not registered in the store any more; registering it again", extra={"node": self.node_id})
+                try:
+                    await loop.run_in_executor(None, self.store.register_node, node_record(self.settings, self.node_id))
+                except Exception:
+                    log.exception("cannot register this node in the store; will retry", extra={"node": self.node_id})
+            except Exception:
+                log.exception("cannot record this node's heartbeat in the store; will retry", extra={"node": self.node_id})
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -231,7 +300,16 @@ class RelayWorker:
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
         if self.peers is not None:
             self.peers.close()
-        self.store.mark_worker_down(self.settings.worker)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._changes is not None:
+            await self._changes.close()
+        try:
+            self.store.mark_worker_down(self.node_id, self.settings.worker)
+            if self.settings.worker == 0:
+                self.store.node_stopped(self.node_id)  # a clean stop: down at once, not after node_fresh
+        except Exception:
+            log.exception("cannot record this worker's stop in the store; its rows stop counting once the node is stale")
         if self._reporter is not None:
             await self._reporter.stop()
         if self.gate is not None:
@@ -248,28 +326,46 @@ class RelayWorker:
 
     async def _poll(self) -> None:
         try:
-            version = self.store.config_version()
+            # On a thread: a store that does not answer (PostgreSQL down) must not stall relaying.
+            version, nodes = await asyncio.get_running_loop().run_in_executor(None, self._read_poll)
         except Exception:
-            log.exception("cannot read the store's config version; will retry")
+            log.exception("cannot read the store's config version or nodes; will retry")
             return
+        self._apply_nodes(*nodes)
         if version != self.config_version:
             await self.reload()
-        else:
-            self.refresh_peers()
+
+    def _read_poll(self) -> tuple[int, tuple[dict, list]]:
+        """What each poll reads (on an executor thread): the config version and the nodes."""
+        return self.store.config_version(), self._read_nodes()
+
+    def _read_nodes(self) -> tuple[dict[str, list[str]], list]:
+        """Which up nodes hold which groups' tunnels, and the up nodes (tunnels and nodes come
+        and go without a config version, so every poll reads them)."""
+        fresh = self.settings.cluster.node_fresh
+        return self.store.group_nodes(fresh), [n for n in self.store.list_nodes(fresh) if n.status == "up"]
+
+    def _apply_nodes(self, group_nodes: dict[str, list[str]], up: list) -> None:
+        """Give the links the nodes' routes; tell connectors when the up nodes changed, so they
+        re-home onto a new node or off a gone one without waiting for their next config pull."""
+        if self.peers is not None:
+            self.peers.update(group_nodes, {n.id: n.peer or n.listen for n in up})
+        nodes = [{"id": n.id, "listen": n.listen} for n in up]
+        if nodes == self.nodes:
+            return
+        self.nodes = nodes
+        for tunnel in self.registry.tunnels():
+            tunnel.control({"type": "nodes", "nodes": nodes})
 
     def refresh_peers(self) -> None:
-        """Tell the links which nodes hold which groups' tunnels (tunnels come and go without a
-        config version, so every poll). A store that cannot answer leaves them what they knew."""
-        if self.peers is None or not self._store_lists_nodes:
-            return
-        fresh = self.settings.cluster.node_fresh
+        """Read and apply the nodes now (at a reload); a store that cannot answer leaves the
+        links and connectors what they knew."""
         try:
-            group_nodes = self.store.group_nodes(fresh)
-            addresses = {n.id: n.peer or n.listen for n in self.store.list_nodes(fresh) if n.status == "up"}
+            nodes = self._read_nodes()
         except Exception:
             log.exception("cannot read the relay nodes from the store; peer links keep what they knew")
             return
-        self.peers.update(group_nodes, addresses)
+        self._apply_nodes(*nodes)
 
     async def reload(self) -> None:
         """Bring listeners and tunnel groups in line with the store."""
@@ -280,7 +376,7 @@ class RelayWorker:
             await edge.set_apps(apps)
         if self.peers is not None:
             self.peers.set_apps(apps)
-            self.refresh_peers()
+        self.refresh_peers()
         # After the edges: the streams of a removed app have ended by now (its UDP flows with
         # its socket), so its figures go in this reload.
         self.metrics.prune(set(self._app_names), self._connector_exists)
@@ -367,8 +463,11 @@ class RelayWorker:
         connector_id = record.connector_id
         self.registry.add(tunnel)
         self.metrics.tunnel_opened(connector_id)
-        self.store.tunnel_changed(connector_id, self.settings.worker, +1, tunnel.peer)
-        record.counted = True
+        try:
+            self.store.tunnel_changed(connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
+            record.counted = True  # only then may its end take it off the count
+        except Exception:
+            log.exception("cannot count the tunnel in the store; it carries streams all the same", extra={"connector": connector_id})
         tunnel.control(
             {
                 "type": "hello",
@@ -379,8 +478,8 @@ class RelayWorker:
                 "version": __version__,
                 # The node that answered and the up nodes (connector/nodes.py); none on a
                 # one-node service, whose connectors then dial their enrolled address only.
-                "node": getattr(self.settings, "node_id", None),
-                "nodes": getattr(self, "nodes", None) or [],
+                "node": self.node_id,
+                "nodes": self.nodes,
             }
         )
         log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})
@@ -414,7 +513,7 @@ class RelayWorker:
             return
         record.counted = False
         try:
-            self.store.tunnel_changed(record.connector_id, self.settings.worker, -1, tunnel.peer)
+            self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, -1, tunnel.peer)
         except Exception:
             log.exception("cannot record a closed or draining tunnel in the store")
 

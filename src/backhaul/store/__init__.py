@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from backhaul.config import ClusterSettings
+
 from backhaul.store.base import (
     DEFAULT_GROUP,
     HALTING_STEPS,
@@ -24,6 +26,7 @@ from backhaul.store.base import (
     InvalidToken,
     LeaseRefused,
     LimitReached,
+    Node,
     NotFound,
     OriginReport,
     Release,
@@ -48,6 +51,7 @@ __all__ = [
     "Group",
     "InvalidToken",
     "LimitReached",
+    "Node",
     "NotFound",
     "OriginReport",
     "Release",
@@ -78,22 +82,28 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(
-    location: str | os.PathLike, *, limits: StoreLimits | None = None, clock: Callable[[], float] | None = None
+    location: str | os.PathLike,
+    *,
+    limits: StoreLimits | None = None,
+    clock: Callable[[], float] | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``location``.
 
     ``location`` is a service data dir (the store is its ``store.sqlite``), the path of a
     SQLite file, or a ``postgresql://`` URL (the store of several relay nodes).
-    ``clock`` returns the current time in seconds (tests inject one).
+    ``clock`` returns the current time in seconds (tests inject one); ``cluster`` holds the
+    node freshness and the bounds of the nodes and change-log tables.
     """
+    cluster = cluster or ClusterSettings()
     if isinstance(location, str) and location.startswith(POSTGRES_SCHEMES):
         # Imported here: a one-node relay on SQLite never loads the PostgreSQL driver.
         from backhaul.store.postgres import PostgresStore
 
-        return PostgresStore(location, limits=limits or StoreLimits(), clock=clock)
+        return PostgresStore(location, limits=limits or StoreLimits(), clock=clock, cluster=cluster)
     from backhaul.store.sqlite import SqliteStore
 
     path = Path(location)
     if path.is_dir():
         path = path / STORE_FILE
-    return SqliteStore(path, limits=limits or StoreLimits(), clock=clock)
+    return SqliteStore(path, limits=limits or StoreLimits(), clock=clock, cluster=cluster)

@@ -6,7 +6,7 @@ import abc
 import dataclasses
 from typing import Any
 
-from backhaul.config import REFRESH_INTERVAL
+from backhaul.config import REFRESH_INTERVAL, ClusterSettings
 from backhaul.errors import BackhaulError
 
 DEFAULT_GROUP = "default"
@@ -402,8 +402,13 @@ class Store(abc.ABC):
     """Everything the control plane and the relay keep. Every method is short and blocking.
 
     Every change that affects routing or a connector's configuration (apps, groups,
-    a connector's group, revocation) bumps ``config_version`` in the same transaction.
+    a connector's group, revocation) bumps ``config_version`` in the same transaction, and
+    writes a change-log row (on PostgreSQL also a NOTIFY on ``backhaul_config``).
+    A connector's ``tunnels`` count only the rows of up nodes (fresh heartbeat, running).
     """
+
+    #: node freshness and the bounds of the nodes and change-log tables (given at open_store)
+    cluster: ClusterSettings
 
     # -- lifecycle and meta
     @abc.abstractmethod
@@ -501,12 +506,53 @@ class Store(abc.ABC):
         """Per app name, a report for every active connector of the app's group."""
 
     @abc.abstractmethod
-    def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:
-        """A relay worker gained (+1) or lost (-1) a tunnel of the connector."""
+    def tunnel_changed(self, connector_id: str, node_id: str, worker: int, delta: int, peer: str) -> None:
+        """Worker ``worker`` of relay node ``node_id`` gained (+1) or lost (-1) a usable tunnel
+        of the connector. NotFound when the node is not registered."""
 
     @abc.abstractmethod
-    def mark_worker_down(self, worker: int) -> None:
-        """Forget every tunnel counted for ``worker`` (at its start and exit)."""
+    def mark_worker_down(self, node_id: str, worker: int) -> None:
+        """Forget every tunnel counted for ``worker`` of ``node_id`` (at its start and exit)."""
+
+    # -- relay nodes (docs/architecture.md, "Several nodes")
+    @abc.abstractmethod
+    def register_node(self, node: "Node") -> None:
+        """Add or replace the node ``node.id`` (state running, started = last_seen = now);
+        LimitReached beyond ClusterSettings.max_nodes nodes."""
+
+    @abc.abstractmethod
+    def node_heartbeat(self, node_id: str) -> None:
+        """The node is alive now; NotFound when it is not registered as running."""
+
+    @abc.abstractmethod
+    def node_stopped(self, node_id: str) -> None:
+        """A clean stop: the node is ``stopped`` and its tunnel rows are deleted."""
+
+    @abc.abstractmethod
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node that is down; NotFound when there is none, Conflict when it is up."""
+
+    @abc.abstractmethod
+    def list_nodes(self, fresh_for: float) -> list["Node"]:
+        """Every registered node, by id, with ``tunnels`` and ``fresh`` computed (a node is
+        fresh while its heartbeat is younger than ``fresh_for`` and it has not stopped)."""
+
+    @abc.abstractmethod
+    def group_nodes(self, fresh_for: float) -> dict[str, list[str]]:
+        """Group name -> ids of the up nodes holding a usable tunnel of a non-revoked
+        connector of that group."""
+
+    @abc.abstractmethod
+    def changes_since(self, version: int) -> list[dict[str, Any]]:
+        """The change-log rows after ``version`` (version, kind, subject, at), oldest first."""
+
+    @abc.abstractmethod
+    def create_service(self, record: dict[str, str]) -> None:
+        """Record the service the nodes of this store join; Conflict when one is recorded."""
+
+    @abc.abstractmethod
+    def service_record(self) -> dict[str, str] | None:
+        """The recorded service, or None."""
 
     @abc.abstractmethod
     def prune(self, unseen_for: float) -> list[str]:

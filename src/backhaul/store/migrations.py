@@ -206,4 +206,41 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # -- several relay nodes
+    (
+        7,
+        (
+            # One row per relay node (`admin node list`); a node is up while its heartbeat
+            # (last_seen) is fresh and it has not stopped. At most ClusterSettings.max_nodes.
+            """CREATE TABLE nodes (
+                id TEXT PRIMARY KEY,
+                listen TEXT NOT NULL,
+                peer TEXT NOT NULL,
+                version TEXT NOT NULL,
+                started REAL NOT NULL,
+                last_seen REAL NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('running', 'stopped'))
+            )""",
+            # Tunnel counts are per (connector, node, worker) now. Their rows are transient (every
+            # worker clears its own at start), so the old table is dropped, not copied: the
+            # relay being upgraded restarts its workers, which count their tunnels again.
+            "DROP TABLE tunnels",
+            """CREATE TABLE tunnels (
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                node_id TEXT NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+                worker INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (connector_id, node_id, worker)
+            )""",
+            "CREATE INDEX tunnels_node ON tunnels (node_id, worker)",
+            # One row per config_version bump (the newest ClusterSettings.change_log_rows): what
+            # changed, for a node catching up and for an operator; the version stays the truth.
+            """CREATE TABLE change_log (
+                version INTEGER PRIMARY KEY,
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                at REAL NOT NULL
+            )""",
+        ),
+    ),
 )

@@ -22,6 +22,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg_pool
 
+from backhaul.config import ClusterSettings
 from backhaul.errors import ConfigError
 from backhaul.store.base import Conflict, StoreLimits, Unavailable
 from backhaul.store.postgres_migrations import PG_MIGRATIONS
@@ -30,6 +31,8 @@ from backhaul.store.sql import CLASH, SqlStore
 #: Advisory lock keys (any 64-bit numbers, fixed forever): b"backhaul" and the one after it.
 WRITE_LOCK = 0x6261636B6861756C
 MIGRATION_LOCK = WRITE_LOCK + 1
+#: The channel every config_version bump is announced on (its payload: the new version).
+NOTIFY_CHANNEL = "backhaul_config"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -74,10 +77,14 @@ def describe(url: str) -> str:
 class PostgresStore(SqlStore):
     """The Store on a PostgreSQL database (``postgresql://`` URL)."""
 
-    def __init__(self, url: str, *, limits: StoreLimits, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, url: str, *, limits: StoreLimits,
+        clock: Callable[[], float] | None = None, cluster: ClusterSettings = ClusterSettings(),
+    ) -> None:
         self.url = url
         self.where = describe(url)
         self.limits = limits
+        self.cluster = cluster
         self._clock = clock or time.time
         self._connect_timeout = max(2, round(limits.busy_timeout))  # libpq's minimum is 2 s
         self._migrate()
@@ -139,6 +146,11 @@ class PostgresStore(SqlStore):
         with conn, self._operational(), conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             self._apply_migrations(_Db(conn), PG_MIGRATIONS, self.where, "DOUBLE PRECISION")
+
+    def _notify(self, db: _Db, version: int) -> None:
+        # Delivered at commit, to every node LISTENing (store/notify.py): it only wakes them,
+        # they read the version (the truth) themselves.
+        db.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, str(version)))
 
     def close(self) -> None:
         self._pool.close()

@@ -167,4 +167,34 @@ PG_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # -- several relay nodes (see store/migrations.py step 7)
+    (
+        2,
+        (
+            """CREATE TABLE nodes (
+                id TEXT PRIMARY KEY,
+                listen TEXT NOT NULL,
+                peer TEXT NOT NULL,
+                version TEXT NOT NULL,
+                started DOUBLE PRECISION NOT NULL,
+                last_seen DOUBLE PRECISION NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('running', 'stopped'))
+            )""",
+            "DROP TABLE tunnels",
+            """CREATE TABLE tunnels (
+                connector_id TEXT NOT NULL REFERENCES connectors (id) ON DELETE CASCADE,
+                node_id TEXT NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+                worker INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (connector_id, node_id, worker)
+            )""",
+            "CREATE INDEX tunnels_node ON tunnels (node_id, worker)",
+            """CREATE TABLE change_log (
+                version BIGINT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
 )

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import orjson
 
-from backhaul.config import REFRESH_INTERVAL
+from backhaul.config import REFRESH_INTERVAL, ClusterSettings
 from backhaul.errors import ConfigError
 from backhaul.store.base import (
     DEFAULT_GROUP,
@@ -28,6 +28,7 @@ from backhaul.store.base import (
     Token,
 )
 from backhaul.store.dbapi import Db
+from backhaul.store.sql_nodes import LIVE_TUNNELS, NodeTables
 from backhaul.store.sql_releases import ReleaseTables
 from backhaul.store.sql_rollout import RolloutTables
 
@@ -39,7 +40,8 @@ CLASH = "the change clashes with a stored record ({}); reload and retry"
 _CONNECTOR_COLUMNS = (
     "c.id, c.name, c.hostname, c.version, c.grp, c.created, c.last_seen, c.source_addr, c.cert_serial, "
     "c.cert_expires, c.revoked, c.prev_serial, c.prev_expires, "
-    "COALESCE((SELECT SUM(t.count) FROM tunnels t WHERE t.connector_id = c.id), 0), "
+    # The one parameter of these columns: the oldest fresh node heartbeat (NodeTables._fresh_since).
+    f"COALESCE((SELECT SUM(t.count) {LIVE_TUNNELS} AND t.connector_id = c.id), 0), "
     "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory"
 )
 _APP_COLUMNS = (
@@ -82,7 +84,7 @@ def _app_values(app: App) -> tuple:
     )
 
 
-class SqlStore(ReleaseTables, RolloutTables, Store):
+class SqlStore(NodeTables, ReleaseTables, RolloutTables, Store):
     """The Store's logic, in the SQL that SQLite and PostgreSQL both run.
 
     A backend supplies the plumbing: ``_write()`` (a transaction that holds the store's one
@@ -94,6 +96,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
     """
 
     limits: StoreLimits
+    cluster: ClusterSettings
     _clock: Callable[[], float]
 
     @abc.abstractmethod
@@ -116,9 +119,15 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                 db.execute(statement)
             db.execute("INSERT INTO schema_migrations (version, applied) VALUES (?, ?)", (version, self._clock()))
 
-    @staticmethod
-    def _bump(db: Db) -> None:
-        db.execute("UPDATE config_version SET version = version + 1 WHERE id = 1")
+    def _bump(self, db: Db, kind: str, subject: str) -> None:
+        """A change that routing or connectors see: a new config_version, its change-log row and
+        (on PostgreSQL) the notification that wakes the other nodes, all in the caller's transaction."""
+        version = db.execute("UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()[0]
+        self._log_change(db, version, kind, subject)
+        self._notify(db, version)
+
+    def _notify(self, db: Db, version: int) -> None:
+        """Tell the other nodes about ``version`` at commit; SQLite's readers poll (one node)."""
 
     @staticmethod
     def _require_group(db: Db, name: str) -> None:
@@ -143,6 +152,20 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'admin_token_sha256'").fetchone()
         return row[0] if row else None
+
+    def create_service(self, record: dict[str, str]) -> None:
+        """Record the service every node of this store joins (control/init.py: the CA
+        certificate, the sealed CA key and admin token); Conflict if one is recorded already."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key = 'service'").fetchone() is not None:
+                raise Conflict("this store already holds a relay service; add a node with `backhaul service init --cluster-key-file FILE`")
+            db.execute("INSERT INTO meta (key, value) VALUES ('service', ?)", (orjson.dumps(record).decode(),))
+
+    def service_record(self) -> dict[str, str] | None:
+        """What ``create_service`` recorded, or None for a store no service was created in."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'service'").fetchone()
+        return orjson.loads(row[0]) if row else None
 
     # -- groups
 
@@ -170,7 +193,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             if db.execute("SELECT COUNT(*) FROM groups").fetchone()[0] >= self.limits.max_groups:
                 raise LimitReached(f"there are already {self.limits.max_groups} connector groups; delete unused ones first")
             db.execute("INSERT INTO groups (name, created) VALUES (?, ?)", (name, now))
-            self._bump(db)
+            self._bump(db, "group_created", name)
         return Group(name=name, created=now)
 
     def delete_group(self, name: str) -> None:
@@ -197,7 +220,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                 )
             db.execute("DELETE FROM tokens WHERE grp = ?", (name,))
             db.execute("DELETE FROM groups WHERE name = ?", (name,))
-            self._bump(db)
+            self._bump(db, "group_deleted", name)
 
     def rename_group(self, old: str, new: str) -> Group:
         if DEFAULT_GROUP in (old, new):
@@ -209,7 +232,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             db.execute("UPDATE groups SET name = ? WHERE name = ?", (new, old))
             for table in ("apps", "connectors", "tokens"):
                 db.execute(f"UPDATE {table} SET grp = ? WHERE grp = ?", (new, old))
-            self._bump(db)
+            self._bump(db, "group_renamed", f"{old}->{new}")
             row = db.execute(self._GROUP_QUERY + " WHERE g.name = ?", (new,)).fetchone()
         return Group(*row)
 
@@ -295,19 +318,21 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                 ),
             )
             db.execute("DELETE FROM tokens WHERE hash = ? AND uses_left <= 0", (token_hash,))
-            self._bump(db)
-            return _connector(db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector.id,)).fetchone())
+            self._bump(db, "connector_enrolled", connector.id)
+            return _connector(db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (self._fresh_since(), connector.id)).fetchone())
 
     # -- connectors
 
     def get_connector(self, connector_id: str) -> Connector | None:
         with self._read() as db:
-            row = db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector_id,)).fetchone()
+            row = db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (self._fresh_since(), connector_id)).fetchone()
         return _connector(row) if row else None
 
     def list_connectors(self) -> list[Connector]:
         with self._read() as db:
-            rows = db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.revoked = 0 ORDER BY c.grp, c.name, c.id")
+            rows = db.execute(
+                f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.revoked = 0 ORDER BY c.grp, c.name, c.id", (self._fresh_since(),)
+            )
             return [_connector(row) for row in rows]
 
     def _require_connector(self, db: Db, connector_id: str) -> None:
@@ -319,8 +344,10 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             self._require_connector(db, connector_id)
             self._require_group(db, group)
             db.execute("UPDATE connectors SET grp = ? WHERE id = ?", (group, connector_id))
-            self._bump(db)
-            return _connector(db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (connector_id,)).fetchone())
+            self._bump(db, "connector_assigned", connector_id)
+            return _connector(
+                db.execute(f"SELECT {_CONNECTOR_COLUMNS} FROM connectors c WHERE c.id = ?", (self._fresh_since(), connector_id)).fetchone()
+            )
 
     def revoke_connector(self, connector_id: str) -> None:
         with self._write() as db:
@@ -328,7 +355,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             # The record stays, marked revoked, until its certificates expire, so the
             # relay and the API keep refusing them; prune() removes it afterwards.
             db.execute("UPDATE connectors SET revoked = 1 WHERE id = ?", (connector_id,))
-            self._bump(db)
+            self._bump(db, "connector_revoked", connector_id)
 
     def renew_connector_cert(self, connector_id: str, serial: int, expires: float, presented: int | None = None) -> None:
         with self._write() as db:
@@ -404,35 +431,16 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             rows = db.execute(
                 "SELECT a.name, c.id, c.name, h.ok, h.since FROM apps a "
                 "JOIN connectors c ON c.grp = a.grp AND c.revoked = 0 "
-                "AND EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = c.id AND t.count > 0) "
+                f"AND EXISTS (SELECT 1 {LIVE_TUNNELS} AND t.connector_id = c.id) "
                 "LEFT JOIN app_health h ON h.connector_id = c.id AND h.app = a.name "
-                "ORDER BY a.name, c.name, c.id"
+                "ORDER BY a.name, c.name, c.id",
+                (self._fresh_since(),),
             )
             for app, cid, cname, ok, since in rows:
                 reports.setdefault(app, []).append(
                     OriginReport(connector_id=cid, connector=cname, reachable=None if ok is None else bool(ok), since=since)
                 )
         return reports
-
-    def tunnel_changed(self, connector_id: str, worker: int, delta: int, peer: str) -> None:
-        with self._write() as db:
-            if db.execute("SELECT 1 FROM connectors WHERE id = ?", (connector_id,)).fetchone() is None:
-                return
-            db.execute(
-                # Never below zero (CASE: SQLite's two-argument MAX is PostgreSQL's GREATEST).
-                "INSERT INTO tunnels (connector_id, worker, count) VALUES (?, ?, ?) "
-                "ON CONFLICT (connector_id, worker) DO UPDATE SET count = CASE WHEN tunnels.count + ? > 0 "
-                "THEN tunnels.count + ? ELSE 0 END",
-                (connector_id, worker, max(0, delta), delta, delta),
-            )
-            db.execute("DELETE FROM tunnels WHERE connector_id = ? AND worker = ? AND count = 0", (connector_id, worker))
-            db.execute(
-                "UPDATE connectors SET last_seen = ?, source_addr = ? WHERE id = ?", (self._clock(), peer, connector_id)
-            )
-
-    def mark_worker_down(self, worker: int) -> None:
-        with self._write() as db:
-            db.execute("DELETE FROM tunnels WHERE worker = ?", (worker,))
 
     def prune(self, unseen_for: float) -> list[str]:
         now = self._clock()
@@ -441,15 +449,16 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                 row[0]
                 for row in db.execute(
                     "SELECT c.id FROM connectors c WHERE "
-                    "(c.revoked = 0 AND c.last_seen < ? AND NOT EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = c.id)) "
+                    # Only the tunnels of up nodes keep a connector: a dead node's rows do not.
+                    f"(c.revoked = 0 AND c.last_seen < ? AND NOT EXISTS (SELECT 1 {LIVE_TUNNELS} AND t.connector_id = c.id)) "
                     "OR (c.revoked = 1 AND c.cert_expires < ? AND (c.prev_expires IS NULL OR c.prev_expires < ?))",
-                    (now - unseen_for, now, now),
+                    (now - unseen_for, self._fresh_since(), now, now),
                 )
             ]
             db.executemany("DELETE FROM connectors WHERE id = ?", [(cid,) for cid in removed])
             db.execute("DELETE FROM tokens WHERE expires <= ? OR uses_left <= 0", (now,))
             if removed:
-                self._bump(db)
+                self._bump(db, "connectors_removed", ",".join(removed)[:200])
         return removed
 
     def connector_config(self, connector_id: str, refresh_interval: int = REFRESH_INTERVAL) -> dict[str, Any]:
@@ -469,9 +478,10 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                     (group,),
                 )
             ]
+            nodes = self._up_nodes(db)
         # The ETag covers what the connector sees, not the global version, so a change
         # in another group does not make every connector download its config again.
-        content = {"connector_id": connector_id, "group": group, "refresh_interval": refresh_interval, "apps": apps}
+        content = {"connector_id": connector_id, "group": group, "refresh_interval": refresh_interval, "apps": apps, "nodes": nodes}
         etag = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
         return {"version": version, "etag": etag, **content}
 
@@ -514,7 +524,7 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
                 f"INSERT INTO apps ({_APP_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*_app_values(app), self._clock()),
             )
-            self._bump(db)
+            self._bump(db, "app_created", app.name)
         return app
 
     def update_app(self, name: str, app: App) -> App:
@@ -529,11 +539,11 @@ class SqlStore(ReleaseTables, RolloutTables, Store):
             )
             # What connectors said about the old app need not hold for the new one.
             db.execute("DELETE FROM app_health WHERE app = ?", (app.name,))
-            self._bump(db)
+            self._bump(db, "app_updated", name)
         return app
 
     def delete_app(self, name: str) -> None:
         with self._write() as db:
             if db.execute("DELETE FROM apps WHERE name = ?", (name,)).rowcount == 0:
                 raise NotFound(f"there is no app {name!r}; see `backhaul admin app list`")
-            self._bump(db)
+            self._bump(db, "app_deleted", name)

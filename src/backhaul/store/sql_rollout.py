@@ -18,6 +18,7 @@ from backhaul.store.base import (
     UpdateReport,
 )
 from backhaul.store.dbapi import Db
+from backhaul.store.sql_nodes import LIVE_TUNNELS
 
 
 class RolloutTables:
@@ -186,8 +187,9 @@ class RolloutTables:
             if not allow_downtime:
                 others = db.execute(
                     "SELECT COUNT(*) FROM connectors c WHERE c.grp = ? AND c.revoked = 0 AND c.id != ? "
-                    "AND EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = c.id AND t.count > 0)",
-                    (group, connector_id),
+                    # Only tunnels of up nodes: a dead node's rows must not let the last connector go.
+                    f"AND EXISTS (SELECT 1 {LIVE_TUNNELS} AND t.connector_id = c.id)",
+                    (group, connector_id, self._fresh_since()),
                 ).fetchone()[0]
                 if not others:
                     self._refuse_alone(group, window, now)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backhaul.config import ClusterSettings
 from backhaul.errors import ConfigError
 from backhaul.store.base import Conflict, StoreLimits, Unavailable
 from backhaul.store.migrations import MIGRATIONS
@@ -24,9 +25,13 @@ from backhaul.store.sql import CLASH, SqlStore
 class SqliteStore(SqlStore):
     """The Store on one SQLite file."""
 
-    def __init__(self, path: Path, *, limits: StoreLimits, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, path: Path, *, limits: StoreLimits,
+        clock: Callable[[], float] | None = None, cluster: ClusterSettings = ClusterSettings(),
+    ) -> None:
         self.path = Path(path)
         self.limits = limits
+        self.cluster = cluster
         self._clock = clock or time.time
         self._lock = threading.Lock()
         if not self.path.parent.is_dir():
