@@ -3,10 +3,10 @@ when one drains (GOAWAY) or dies (SIGKILL), without a failed connection through 
 that stays.
 
 Four real relay processes on 127.0.0.1..4, one data dir each from the same CA (each node
-certificate carries its own address and node id) over one SQLite store file; the node
-list reaches the connector in the relays' hellos through tests/e2e/node_hook.py (until the
-store lists nodes itself). A real connector, an echo backend, a TCP app every node serves
-on its own address.
+certificate carries its own address and node id) over one SQLite store file, so the store
+lists the four nodes and the relays tell the connector (hello, CONTROL ``nodes``) as they
+would on PostgreSQL. A real connector, an echo backend, a TCP app every node serves on its
+own address.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import shutil
 import socket
 import ssl
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -25,12 +24,9 @@ import pytest
 from backhaul import pki
 from backhaul.connector.nodes import NodeAddress, rank
 
-from .harness import HERE, EchoLoad, FaultProxy, Proc, System, free_port, wait_until
+from .harness import BACKHAUL, EchoLoad, FaultProxy, Proc, System, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
-
-HOOK = [sys.executable, str(HERE / "node_hook.py")]
-
 
 def echoes_at(host: str, port: int, probe: bytes = b"ping") -> bool:
     try:
@@ -50,33 +46,29 @@ def echoes_at(host: str, port: int, probe: bytes = b"ping") -> bool:
 class Node:
     """One relay node: its own address, data dir, certificate and node id."""
 
-    def __init__(self, system: System, index: int, nodes_file: Path) -> None:
+    def __init__(self, system: System, index: int) -> None:
         self.host = f"127.0.0.{index + 1}"
-        self.id = pki.new_node_id()
         self.dir = system.data_dir if index == 0 else system.workdir / f"node-{index}"
+        self.id = json.loads((system.data_dir / "service.json").read_text())["node_id"] if index == 0 else pki.new_node_id()
         self.port = system.port if index == 0 else free_port()
-        self.nodes_file = nodes_file
         self.proc: Proc | None = None
         if index:
             self._make_dir(system.data_dir)
 
     def _make_dir(self, first: Path) -> None:
         self.dir.mkdir(mode=0o700)
-        for name in ("ca.pem", "ca.key", "admin.token", "service.json"):
+        for name in ("ca.pem", "ca.key", "admin.token"):
             shutil.copy2(first / name, self.dir / name)
+        record = json.loads((first / "service.json").read_text())
+        pki.write_file(self.dir / "service.json", json.dumps({**record, "node_id": self.id}).encode())
         key, cert = pki.make_service_cert(pki.load_ca(first), [self.host], node_id=self.id)
         pki.write_private(self.dir / "service.key", pki.key_to_pem(key))
         pki.write_file(self.dir / "service.pem", pki.cert_to_pem(cert))
         (self.dir / "store.sqlite").symlink_to(first / "store.sqlite")  # one store for every node
 
-    @property
-    def listed(self) -> dict:
-        return {"id": self.id, "listen": f"{self.host}:{self.port}"}
-
     def start(self, system: System) -> None:
-        argv = HOOK + ["service", "run", "--data-dir", str(self.dir), "--listen", f"{self.host}:{self.port}", "--workers", "1"]
-        env = {**system.env, "BACKHAUL_TEST_NODE_ID": self.id, "BACKHAUL_TEST_NODES": str(self.nodes_file)}
-        self.proc = Proc(f"relay-{self.host}", argv, system.workdir, env)
+        argv = BACKHAUL + ["service", "run", "--data-dir", str(self.dir), "--listen", f"{self.host}:{self.port}", "--workers", "1"]
+        self.proc = Proc(f"relay-{self.host}", argv, system.workdir, system.env)
         system.procs.append(self.proc)
         ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
 
@@ -93,9 +85,7 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
     system = System(tmp_path)
     try:
         system.init()
-        nodes_file = tmp_path / "nodes.json"
-        nodes = [Node(system, i, nodes_file) for i in range(4)]
-        nodes_file.write_text(json.dumps([n.listed for n in nodes]))
+        nodes = [Node(system, i) for i in range(4)]
         for node in nodes:
             node.start(system)
         port = system.publish_tcp("echo", echo.target)  # every node serves it on its own address
@@ -141,7 +131,11 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
         # 3. A connector enrolled through a load balancer (a TCP forwarder to node 0): its
         # first tunnel's hello names node 0; it goes on with node 0 and one more at their
         # own addresses, and lets the load balancer's tunnel go once both are up.
-        nodes_file.write_text(json.dumps([home.listed, third.listed]))
+        # The killed node is listed until its heartbeat is stale; then home and third are the up nodes.
+        wait_until(
+            lambda: {n["listen"]: n["status"] for n in system.api("/v1/nodes")}[f"{second.host}:{second.port}"] == "down",
+            15, "the killed node to be listed down", interval=0.2,
+        )
         system.admin("group", "create", "lb")
         port2 = system.publish_tcp("echo2", echo.target, group="lb")
         balancer = FaultProxy(home.port)

@@ -259,9 +259,16 @@ class ConnectorAgent:
             tunnel.control(message)
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        answered = tunnel.info.hello
         self.homes.down(tunnel)
         self.metrics.tunnel_closed(tunnel)
         log.info("tunnel down", extra={"tunnel": tunnel.name, "reason": reason})
+        if not answered:
+            # Closed before the relay's hello: the relay refused the tunnel (the connector
+            # deleted or revoked, its certificate replaced) or is going away. The config
+            # pull says which at once (a deleted connector then stops) instead of at the
+            # next heartbeat; pulls run one at a time, so a burst of refusals is one pull.
+            self.upkeep.changed.set()
 
     def control_received(self, tunnel: Tunnel, message: dict) -> None:
         kind = message.get("type")
