@@ -34,6 +34,7 @@ from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http.edge import HttpEdge
+from backhaul.relay.known import KnownConnectors
 from backhaul.relay.metrics import SPECS, RelayMetrics
 from backhaul.relay.opening import Edge, StreamOpener
 from backhaul.relay.peering import PeerLinks
@@ -42,7 +43,7 @@ from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
-from backhaul.store import POSTGRES_SCHEMES, Node, NotFound, open_store
+from backhaul.store import POSTGRES_SCHEMES, Node, NotFound, StoreLimits, open_store
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -162,6 +163,10 @@ class RelayWorker:
         self._listener: TlsListener | None = None
         #: links to the other relay nodes (made in start(); None: the certificate names no node)
         self.peers: PeerLinks | None = None
+        #: False while the store does not answer (its poll failed): the worker relays with what
+        #: it knows (the connectors in ``known``) and rebuilds its tunnel counts once it is back
+        self.store_up = True
+        self.known = KnownConnectors(StoreLimits().max_connectors)
         #: the up nodes of the service ({"id", "listen"}), as connectors are told in the hello
         #: and whenever the set changes (CONTROL ``nodes``)
         self.nodes: list[dict] = []
@@ -328,12 +333,51 @@ class RelayWorker:
         try:
             # On a thread: a store that does not answer (PostgreSQL down) must not stall relaying.
             version, nodes = await asyncio.get_running_loop().run_in_executor(None, self._read_poll)
-        except Exception:
-            log.exception("cannot read the store's config version or nodes; will retry")
+        except Exception as exc:
+            self._store_lost(exc)
             return
+        if not self.store_up:
+            self._store_back()
         self._apply_nodes(*nodes)
         if version != self.config_version:
             await self.reload()
+
+    def _store_lost(self, exc: Exception) -> None:
+        if self.store_up:
+            self.store_up = False
+            log.warning(
+                "the store does not answer; relaying with what this worker knows, refusing connectors it has not seen",
+                extra={"worker": self.settings.worker, "error": str(exc), "connectors_known": len(self.known)},
+            )
+
+    def _store_back(self) -> None:
+        """The store answers again: count this worker's tunnels afresh (what went up or down
+        meanwhile was not recorded), then carry on as before."""
+        try:
+            self.store.mark_worker_down(self.node_id, self.settings.worker)
+            for tunnel in self.registry.tunnels():
+                record: TunnelRecord = tunnel.info
+                record.counted = False
+                if tunnel.usable:
+                    self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
+                    record.counted = True
+        except Exception as exc:
+            self._store_lost(exc)  # gone again: the next poll that answers tries again
+            return
+        self.store_up = True
+        log.info("the store answers again; tunnel counts rebuilt", extra={"worker": self.settings.worker, "tunnels": len(self.registry.tunnels())})
+
+    def _connector_record(self, connector_id: str):
+        """The connector's record: the store's, or while the store is away the one last read."""
+        if self.store_up:
+            try:
+                record = self.store.get_connector(connector_id)
+            except Exception as exc:
+                self._store_lost(exc)
+            else:
+                self.known.remember(connector_id, record)
+                return record
+        return self.known.get(connector_id)
 
     def _read_poll(self) -> tuple[int, tuple[dict, list]]:
         """What each poll reads (on an executor thread): the config version and the nodes."""
@@ -382,6 +426,7 @@ class RelayWorker:
         self.metrics.prune(set(self._app_names), self._connector_exists)
         for connector_id in self.registry.connectors():
             record = self.store.get_connector(connector_id)
+            self.known.remember(connector_id, record)
             if record is None or record.revoked:
                 for tunnel in self.registry.tunnels(connector_id):
                     tunnel.close(ErrorCode.NO_ERROR, "connector deleted or revoked")
@@ -442,7 +487,7 @@ class RelayWorker:
         if connector_id is None:
             log.warning("tunnel without a connector certificate refused", extra={"peer": str(peer)})
             return None
-        record = self.store.get_connector(connector_id)
+        record = self._connector_record(connector_id)
         if record is None or not record.accepts_serial(tlsconfig.peer_cert_serial(ssl_object), time.time()):
             log.warning(
                 "tunnel refused: connector unknown, revoked or certificate replaced",
@@ -464,8 +509,9 @@ class RelayWorker:
         self.registry.add(tunnel)
         self.metrics.tunnel_opened(connector_id)
         try:
-            self.store.tunnel_changed(connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
-            record.counted = True  # only then may its end take it off the count
+            if self.store_up:  # else counted when the store is back (_store_back)
+                self.store.tunnel_changed(connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
+                record.counted = True  # only then may its end take it off the count
         except Exception:
             log.exception("cannot count the tunnel in the store; it carries streams all the same", extra={"connector": connector_id})
         tunnel.control(
@@ -512,6 +558,8 @@ class RelayWorker:
         if not record.counted:
             return
         record.counted = False
+        if not self.store_up:
+            return  # its row goes when the store is back and the counts are rebuilt
         try:
             self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, -1, tunnel.peer)
         except Exception:
@@ -544,8 +592,8 @@ class RelayWorker:
         except Invalid:
             log.warning("connector hello with a malformed version ignored", extra={"connector": connector_id})
             return
-        if not version:
-            return  # a connector that does not say
+        if not version or not self.store_up:
+            return  # a connector that does not say, or no store to say it to (the heartbeat will)
         try:
             if self.store.set_connector_version(connector_id, version):
                 log.info("connector version recorded from its hello", extra={"connector": connector_id, "version": version})

@@ -60,6 +60,11 @@ class StoreLimits:
     #: executor threads, and every node's every worker shares the server's max_connections
     #: (100 by default), so a handful each. Unused by SQLite (one connection per process).
     pool_size: int = 4
+    #: Seconds a PostgreSQL store call waits for a pooled connection once the pool could not
+    #: give one within busy_timeout (the server is away), until a call succeeds again: a
+    #: caller on the relay's event loop (a connector redialing) then costs it half a second,
+    #: not ten, and the worker falls back on what it knows.
+    unreachable_wait: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)

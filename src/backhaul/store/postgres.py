@@ -87,6 +87,8 @@ class PostgresStore(SqlStore):
         self.cluster = cluster
         self._clock = clock or time.time
         self._connect_timeout = max(2, round(limits.busy_timeout))  # libpq's minimum is 2 s
+        #: the pool could not give a connection in time, and no call got through since
+        self._unreachable = False
         self._migrate()
         self._pool = psycopg_pool.ConnectionPool(
             url,
@@ -118,6 +120,11 @@ class PostgresStore(SqlStore):
     def _operational(self) -> Iterator[None]:
         try:
             yield
+        except psycopg_pool.PoolTimeout as exc:
+            # No connection within the wait: the server is away. Until a call gets through,
+            # callers wait only unreachable_wait for one (see _connection).
+            self._unreachable = True
+            raise Unavailable(f"the store {self.where} is busy or unavailable ({exc}); try again") from exc
         except psycopg.errors.IntegrityError as exc:
             raise Conflict(CLASH.format(exc.diag.message_primary)) from exc
         except psycopg.OperationalError as exc:
@@ -125,14 +132,21 @@ class PostgresStore(SqlStore):
             raise Unavailable(f"the store {self.where} is busy or unavailable ({exc}); try again") from exc
 
     @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        wait = self.limits.unreachable_wait if self._unreachable else None  # None: the pool's busy_timeout
+        with self._pool.connection(timeout=wait) as conn:
+            yield conn
+        self._unreachable = False
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[_Db]:
-        with self._operational(), self._pool.connection() as conn, conn.transaction():
+        with self._operational(), self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield _Db(conn)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[_Db]:
-        with self._operational(), self._pool.connection() as conn, conn.transaction():
+        with self._operational(), self._connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield _Db(conn)
 
