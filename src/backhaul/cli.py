@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer-advertise", default=None, metavar="HOST:PORT",
         help="what the other relay nodes dial to reach this one (default: the --advertise address)",
     )
+    p.add_argument(
+        "--drain-grace", type=float, default=None, metavar="SECONDS",
+        help="on SIGTERM with other nodes up, how long the user ports stay open after the listen port closed, "
+        "so a load balancer checking it moves users away first (default 2)",
+    )
     p.add_argument("--http", default=None, help="HOST:PORT where users reach published HTTP apps")
     p.add_argument("--https", default=None, help="HOST:PORT where users reach published HTTP apps over TLS")
     p.add_argument("--https-cert", default=None, metavar="FILE", help="PEM certificate (chain) of the HTTPS edge")

@@ -608,12 +608,21 @@ class ClusterSettings:
     #: Rows of the change log kept (the newest); a node that missed more catches up from the
     #: store's version, which is the truth, not from the log.
     change_log_rows: int = 1000
+    #: Seconds a node on SIGTERM keeps its user ports (TCP/UDP apps, HTTP edge) open after it
+    #: closed its listen port, when the service has other nodes. A load balancer that checks
+    #: the listen port takes the node out meanwhile; only then do the user ports close, so no
+    #: connection is reset in a closing port's accept queue after the balancer sent it there.
+    #: Two seconds covers checks a few hundred milliseconds apart (`service run
+    #: --drain-grace`: set it above your balancer's interval x fall count).
+    drain_grace: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.node_fresh:
             raise ValueError("cluster heartbeat_interval must be above 0 and below node_fresh")
         if min(self.connector_nodes, self.max_nodes, self.change_log_rows) < 1:
             raise ValueError("cluster connector_nodes, max_nodes and change_log_rows must be at least 1")
+        if self.drain_grace < 0:
+            raise ValueError("cluster drain_grace must not be negative")
 
 
 @dataclasses.dataclass(frozen=True)

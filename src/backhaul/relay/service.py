@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits, default_workers
+from backhaul.config import ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
@@ -121,9 +121,14 @@ def service_run(args: argparse.Namespace) -> int:
     advertise = _advertise(args.listen, getattr(args, "advertise", None), read_service(data_dir).get("names") or [])
     peer_advertise = getattr(args, "peer_advertise", None) or advertise
     parse_hostport(peer_advertise, "--peer-advertise")
+    cluster = ClusterSettings()
+    if getattr(args, "drain_grace", None) is not None:
+        if args.drain_grace < 0:
+            raise ConfigError("--drain-grace must not be negative")
+        cluster = dataclasses.replace(cluster, drain_grace=args.drain_grace)
     settings = RelaySettings(
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
-        node_id=ensure_node_id(data_dir), store=store_location(data_dir), advertise=advertise, peer_advertise=peer_advertise,
+        cluster=cluster, node_id=ensure_node_id(data_dir), store=store_location(data_dir), advertise=advertise, peer_advertise=peer_advertise,
         https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits, listen_limits=listen_limits,
         keepalive=keepalive,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),

@@ -292,6 +292,16 @@ class RelayWorker:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        grace = self.settings.cluster.drain_grace if len(self.nodes) > 1 and self._stopping.is_set() else 0.0
+        if grace:
+            # The listen port is closed (a balancer's check of it fails, connectors dial other
+            # nodes); the user ports stay open until the balancer has moved users away, else a
+            # connection it sent meanwhile would be reset in a closing port's accept queue.
+            log.info(
+                "relay node draining: listen port closed, user ports close after the grace",
+                extra={"worker": self.settings.worker, "grace": grace},
+            )
+            await asyncio.sleep(grace)
         for edge in self.edges:
             await edge.stop()
         for tunnel in self.registry.tunnels():
