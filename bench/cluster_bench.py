@@ -7,7 +7,8 @@ only (``--relay-nodes 1``): that node serves the app through a local tunnel; the
 carries each stream over its relay-to-relay link first. Small requests are ``wrk -t1 -c64
 --latency`` against nginx (100-byte body) through the app's port on each node, interleaved
 and repeated (the median is shown), as bench/compare.py does. Then the time a config change
-made on one node takes to be served by the other (an app published on A, requests on B).
+made on one node takes to be served by the other (an app published through A's API, timed
+from the request until a request through B's listener of the new app is answered).
 """
 
 from __future__ import annotations
@@ -59,13 +60,18 @@ def _json(args, *argv: str) -> dict:
     return peers._json_of(_cli(args, *argv), " ".join(argv[:2]))
 
 
-def _api(node: dict, path: str):
+def _api(node: dict, path: str, body: dict | None = None):
+    """GET (or with ``body``, POST) the node's control API with its admin token."""
     import ssl
     import urllib.request
 
     ctx = ssl.create_default_context(cafile=str(node["dir"] / "ca.pem"))
     token = (node["dir"] / "admin.token").read_text().strip()
-    request = urllib.request.Request(f"https://{node['listen']}{path}", headers={"Authorization": f"Bearer {token}"})
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(f"https://{node['listen']}{path}", data=data, headers=headers)
     with urllib.request.urlopen(request, context=ctx, timeout=5) as response:
         return json.loads(response.read())
 
@@ -159,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         propagation = []
         for i in range(args.changes):
             port = peers.free_port()
+            # Timed from the API request (a CLI process would add its own start-up).
             started = time.monotonic()
-            _cli(args, *admin, "app", "publish", f"change-{i}", "--tcp", str(port), "--target", f"127.0.0.1:{backend.nginx_port}")
+            _api(a, "/v1/apps", {"name": f"change-{i}", "proto": "tcp", "port": port, "target": f"127.0.0.1:{backend.nginx_port}"})
             peers.wait_until(f"change {i} on node B", lambda port=port: peers.probe_http(port, nodes[1]["host"]), time.monotonic() + 30, [connector])
             propagation.append(time.monotonic() - started)
         print(render(rows, local, forwarded, propagation, args))

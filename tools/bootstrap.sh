@@ -15,6 +15,8 @@ command -v cc >/dev/null || need+=(gcc)
 command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v tinyproxy >/dev/null || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
+# The load balancer in front of several relay nodes (tests/e2e/cluster.py).
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # PostgreSQL, the store of several relay nodes: the tests start a throwaway server (tests/postgres.py).
 command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then

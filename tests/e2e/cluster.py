@@ -206,6 +206,8 @@ class Cluster(System):
         balancer in front of relay nodes would be set up.
         """
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(haproxy).is_file():
+            raise AssertionError("haproxy is not installed; tools/bootstrap.sh installs it (the load balancer of these tests)")
         port = free_port()
         root = self.workdir / f"haproxy-{port}"
         root.mkdir()
