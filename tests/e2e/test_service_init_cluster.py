@@ -127,6 +127,11 @@ def test_a_database_outage_keeps_relaying_refuses_changes_and_catches_up(tmp_pat
         assert refused.returncode != 0 and "unavailable" in refused.stderr, refused.stderr
         assert echoes(port) and node.relay.alive()
         assert node.health()["status"] == "ok"
+        # A connector that restarts while the database is away serves the config it saved, and
+        # the relay accepts its tunnels on the record it last read of it: the app is served again.
+        node.connectors["c1"].kill()
+        node.start_connector("c1")
+        node.wait_app(port, timeout=30)
 
         server.launch()
         # The pool reconnects with a backoff: the first changes may still be refused.

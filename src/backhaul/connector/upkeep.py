@@ -11,6 +11,11 @@ and renews its certificate when it is due; new tunnels and API calls then use th
 one, open tunnels carry on. An explicit "this connector is deleted" answer to any of
 these calls stops the worker for good (see control_client.DELETED_CODES).
 
+Every configuration applied is also saved in the state dir (``config.json``, 0600, the
+control API's answer as it came): a worker that starts while no relay can answer (the
+service's database is away, every node is down) serves the apps of the last configuration
+saved and keeps pulling, instead of allowing nothing until a pull succeeds.
+
 Every call goes to the enrolled service URL (any node of a service serves it, a load
 balancer in front of them too); when that fails (the node is down, a 5xx), it is tried
 on the addresses of a few nodes of the last list (``fallbacks``), best ranked first. A
@@ -26,16 +31,21 @@ import time
 from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
+import orjson
 
-from backhaul import __version__
+from backhaul import __version__, pki
 from backhaul.config import REFRESH_INTERVAL
 from backhaul.connector import control_client
 from backhaul.connector.settings import ConnectorSettings
 from backhaul.connector.slots import backoff_delay
 from backhaul.connector.state import ConnectorState
-from backhaul.errors import ServiceError
+from backhaul.errors import ConfigError, ServiceError
+from backhaul.files import read_bounded
 
 log = logging.getLogger("backhaul.connector")
+
+#: The last configuration applied, in the state dir (see the module docstring).
+CONFIG_FILE = "config.json"
 
 T = TypeVar("T")
 
@@ -130,6 +140,8 @@ class Upkeep:
                 if not initial:
                     log.warning("config pull failed; keeping the current config", extra={"error": str(exc)})
                     return
+                if attempt == 0 and self._use_saved(exc):
+                    return  # the regular pulls (and the relays' hints) bring the current one
                 delay = backoff_delay(self._settings().backoff, attempt)
                 attempt += 1
                 log.warning("config pull failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
@@ -142,7 +154,35 @@ class Upkeep:
                 self._use_config(etag, config)
             return
 
-    def _use_config(self, etag: str, config: dict) -> None:
+    def _use_saved(self, exc: Exception) -> bool:
+        """At start, with no answer: apply the configuration saved by the last pull, if any."""
+        path = self.state.state_dir / CONFIG_FILE
+        if not path.exists():
+            return False
+        try:
+            saved = orjson.loads(read_bounded(path, control_client.MAX_RESPONSE, "the saved config", "delete it"))
+            etag, config = saved["etag"], saved["config"]
+            if not isinstance(config, dict) or not isinstance(config.get("apps"), list):
+                raise ValueError("it has no apps list")
+        except (ConfigError, ValueError, KeyError, TypeError) as bad:
+            log.warning("the saved config cannot be used; waiting for the service", extra={"file": str(path), "error": str(bad)})
+            return False
+        log.warning(
+            "config pull failed at start; serving the config saved by the last pull until the service answers",
+            extra={"error": str(exc), "version": config.get("version")},
+        )
+        self._use_config(etag, config, save=False)
+        return True
+
+    def _save(self, etag: str, config: dict) -> None:
+        try:
+            pki.write_private(self.state.state_dir / CONFIG_FILE, orjson.dumps({"etag": etag, "config": config}))
+        except OSError as exc:
+            log.warning("cannot save the config in the state dir; a start without the service will wait for it", extra={"error": str(exc)})
+
+    def _use_config(self, etag: str, config: dict, save: bool = True) -> None:
+        if save:
+            self._save(etag, config)
         apps = {app["name"]: app for app in config.get("apps", [])}
         self.etag = etag
         self.config_version = config.get("version")
