@@ -34,7 +34,7 @@ from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
 from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http.edge import HttpEdge
-from backhaul.relay.known import KnownConnectors
+from backhaul.relay.membership import Membership
 from backhaul.relay.metrics import SPECS, RelayMetrics
 from backhaul.relay.opening import Edge, StreamOpener
 from backhaul.relay.peering import PeerLinks
@@ -43,7 +43,7 @@ from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
-from backhaul.store import POSTGRES_SCHEMES, Node, NotFound, StoreLimits, open_store
+from backhaul.store import POSTGRES_SCHEMES, Node, open_store
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -135,7 +135,6 @@ class RelayWorker:
             from backhaul.store.notify import ChangeListener
 
             self._changes = ChangeListener(settings.store, self._wake.set, check_interval=settings.cluster.heartbeat_interval)
-        self._heartbeat: asyncio.Task | None = None
         self.registry = TunnelRegistry()
         #: every figure of the worker: streams, tunnels, UDP datagrams, and its events by name
         self.metrics = RelayMetrics()
@@ -163,10 +162,9 @@ class RelayWorker:
         self._listener: TlsListener | None = None
         #: links to the other relay nodes (made in start(); None: the certificate names no node)
         self.peers: PeerLinks | None = None
-        #: False while the store does not answer (its poll failed): the worker relays with what
-        #: it knows (the connectors in ``known``) and rebuilds its tunnel counts once it is back
-        self.store_up = True
-        self.known = KnownConnectors(StoreLimits().max_connectors)
+        #: this worker as a node of the service in the store: registration, heartbeat, tunnel
+        #: rows, the store away (relay.membership)
+        self.membership = Membership(self.store, node_record(settings, self.node_id), settings.worker, self.registry, settings.cluster)
         #: the up nodes of the service ({"id", "listen"}), as connectors are told in the hello
         #: and whenever the set changes (CONTROL ``nodes``)
         self.nodes: list[dict] = []
@@ -176,11 +174,7 @@ class RelayWorker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.store.mark_worker_down(self.node_id, self.settings.worker)
-        if self.settings.worker == 0:
-            # An upsert: after the supervisor's registration, or alone (one worker, a test).
-            self.store.register_node(node_record(self.settings, self.node_id))
-            self._heartbeat = loop.create_task(self._heartbeats(), name="backhaul-node-heartbeat")
+        self.membership.start()
         if self._changes is not None:
             self._changes.start()
         reserved = {self._port}
@@ -273,22 +267,6 @@ class RelayWorker:
         self._stopping.set()
         self._wake.set()
 
-    async def _heartbeats(self) -> None:
-        """Worker 0 keeps this node fresh in the store; a failed beat is logged, never fatal."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.settings.cluster.heartbeat_interval)
-            try:
-                await loop.run_in_executor(None, self.store.node_heartbeat, self.node_id)
-            except NotFound:
-                log.warning("this node was not registered in the store any more; registering it again", extra={"node": self.node_id})
-                try:
-                    await loop.run_in_executor(None, self.store.register_node, node_record(self.settings, self.node_id))
-                except Exception:
-                    log.exception("cannot register this node in the store; will retry", extra={"node": self.node_id})
-            except Exception:
-                log.exception("cannot record this node's heartbeat in the store; will retry", extra={"node": self.node_id})
-
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
@@ -315,16 +293,9 @@ class RelayWorker:
             tunnel.close(ErrorCode.NO_ERROR, "relay shutting down")
         if self.peers is not None:
             self.peers.close()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
         if self._changes is not None:
             await self._changes.close()
-        try:
-            self.store.mark_worker_down(self.node_id, self.settings.worker)
-            if self.settings.worker == 0:
-                self.store.node_stopped(self.node_id)  # a clean stop: down at once, not after node_fresh
-        except Exception:
-            log.exception("cannot record this worker's stop in the store; its rows stop counting once the node is stale")
+        self.membership.stop()
         if self._reporter is not None:
             await self._reporter.stop()
         if self.gate is not None:
@@ -340,64 +311,13 @@ class RelayWorker:
         return any(t.load for t in self.registry.tunnels()) or (self.peers is not None and self.peers.load > 0)
 
     async def _poll(self) -> None:
-        try:
-            # On a thread: a store that does not answer (PostgreSQL down) must not stall relaying.
-            version, nodes = await asyncio.get_running_loop().run_in_executor(None, self._read_poll)
-        except Exception as exc:
-            self._store_lost(exc)
-            return
-        if not self.store_up:
-            self._store_back()
-        self._apply_nodes(*nodes)
+        polled = await self.membership.poll()
+        if polled is None:
+            return  # the store is away (logged once): relaying goes on with what the worker knows
+        version, group_nodes, up = polled
+        self._apply_nodes(group_nodes, up)
         if version != self.config_version:
             await self.reload()
-
-    def _store_lost(self, exc: Exception) -> None:
-        if self.store_up:
-            self.store_up = False
-            log.warning(
-                "the store does not answer; relaying with what this worker knows, refusing connectors it has not seen",
-                extra={"worker": self.settings.worker, "error": str(exc), "connectors_known": len(self.known)},
-            )
-
-    def _store_back(self) -> None:
-        """The store answers again: count this worker's tunnels afresh (what went up or down
-        meanwhile was not recorded), then carry on as before."""
-        try:
-            self.store.mark_worker_down(self.node_id, self.settings.worker)
-            for tunnel in self.registry.tunnels():
-                record: TunnelRecord = tunnel.info
-                record.counted = False
-                if tunnel.usable:
-                    self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
-                    record.counted = True
-        except Exception as exc:
-            self._store_lost(exc)  # gone again: the next poll that answers tries again
-            return
-        self.store_up = True
-        log.info("the store answers again; tunnel counts rebuilt", extra={"worker": self.settings.worker, "tunnels": len(self.registry.tunnels())})
-
-    def _connector_record(self, connector_id: str):
-        """The connector's record: the store's, or while the store is away the one last read."""
-        if self.store_up:
-            try:
-                record = self.store.get_connector(connector_id)
-            except Exception as exc:
-                self._store_lost(exc)
-            else:
-                self.known.remember(connector_id, record)
-                return record
-        return self.known.get(connector_id)
-
-    def _read_poll(self) -> tuple[int, tuple[dict, list]]:
-        """What each poll reads (on an executor thread): the config version and the nodes."""
-        return self.store.config_version(), self._read_nodes()
-
-    def _read_nodes(self) -> tuple[dict[str, list[str]], list]:
-        """Which up nodes hold which groups' tunnels, and the up nodes (tunnels and nodes come
-        and go without a config version, so every poll reads them)."""
-        fresh = self.settings.cluster.node_fresh
-        return self.store.group_nodes(fresh), [n for n in self.store.list_nodes(fresh) if n.status == "up"]
 
     def _apply_nodes(self, group_nodes: dict[str, list[str]], up: list) -> None:
         """Give the links the nodes' routes; tell connectors when the up nodes changed, so they
@@ -415,7 +335,7 @@ class RelayWorker:
         """Read and apply the nodes now (at a reload); a store that cannot answer leaves the
         links and connectors what they knew."""
         try:
-            nodes = self._read_nodes()
+            nodes = self.membership.read_nodes()
         except Exception:
             log.exception("cannot read the relay nodes from the store; peer links keep what they knew")
             return
@@ -436,7 +356,7 @@ class RelayWorker:
         self.metrics.prune(set(self._app_names), self._connector_exists)
         for connector_id in self.registry.connectors():
             record = self.store.get_connector(connector_id)
-            self.known.remember(connector_id, record)
+            self.membership.known.remember(connector_id, record)
             if record is None or record.revoked:
                 for tunnel in self.registry.tunnels(connector_id):
                     tunnel.close(ErrorCode.NO_ERROR, "connector deleted or revoked")
@@ -497,7 +417,7 @@ class RelayWorker:
         if connector_id is None:
             log.warning("tunnel without a connector certificate refused", extra={"peer": str(peer)})
             return None
-        record = self._connector_record(connector_id)
+        record = self.membership.connector(connector_id)
         if record is None or not record.accepts_serial(tlsconfig.peer_cert_serial(ssl_object), time.time()):
             log.warning(
                 "tunnel refused: connector unknown, revoked or certificate replaced",
@@ -518,12 +438,7 @@ class RelayWorker:
         connector_id = record.connector_id
         self.registry.add(tunnel)
         self.metrics.tunnel_opened(connector_id)
-        try:
-            if self.store_up:  # else counted when the store is back (_store_back)
-                self.store.tunnel_changed(connector_id, self.node_id, self.settings.worker, +1, tunnel.peer)
-                record.counted = True  # only then may its end take it off the count
-        except Exception:
-            log.exception("cannot count the tunnel in the store; it carries streams all the same", extra={"connector": connector_id})
+        self.membership.count(tunnel)
         tunnel.control(
             {
                 "type": "hello",
@@ -560,20 +475,7 @@ class RelayWorker:
                 },
             )
         self.metrics.tunnel_closed(tunnel)
-        self._uncount(tunnel)
-
-    def _uncount(self, tunnel: Tunnel) -> None:
-        """The store counts usable tunnels: a tunnel leaves the count when it closes or drains."""
-        record: TunnelRecord = tunnel.info
-        if not record.counted:
-            return
-        record.counted = False
-        if not self.store_up:
-            return  # its row goes when the store is back and the counts are rebuilt
-        try:
-            self.store.tunnel_changed(record.connector_id, self.node_id, self.settings.worker, -1, tunnel.peer)
-        except Exception:
-            log.exception("cannot record a closed or draining tunnel in the store")
+        self.membership.uncount(tunnel)
 
     def stream_opened(self, tunnel: Tunnel, stream_id: int, meta: dict) -> None:
         tunnel.reject(stream_id, ErrorCode.PROTOCOL_ERROR, "the relay does not accept streams from connectors")
@@ -602,7 +504,7 @@ class RelayWorker:
         except Invalid:
             log.warning("connector hello with a malformed version ignored", extra={"connector": connector_id})
             return
-        if not version or not self.store_up:
+        if not version or not self.membership.up:
             return  # a connector that does not say, or no store to say it to (the heartbeat will)
         try:
             if self.store.set_connector_version(connector_id, version):
@@ -624,7 +526,7 @@ class RelayWorker:
     def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
         # Tunnel.usable is already False (the session is draining): routing skips it from now on.
         log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})
-        self._uncount(tunnel)
+        self.membership.uncount(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
         self.udp_edge.deliver(tunnel, flow_id, data)
