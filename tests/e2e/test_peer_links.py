@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -33,11 +34,15 @@ HOST_A, HOST_B = "127.0.0.1", "127.0.0.2"
 
 
 def _node_cert(data_dir, ca, names: list[str]) -> str:
+    """A node of its own in ``data_dir``: a new node id, in its certificate and its service.json."""
     node_id = pki.new_node_id()
     key, cert = pki.make_service_cert(ca, names, node_id=node_id)
     pki.write_private(data_dir / "service.key", pki.key_to_pem(key))
     (data_dir / "service.pem").unlink()
     pki.write_file(data_dir / "service.pem", pki.cert_to_pem(cert))
+    record = json.loads((data_dir / "service.json").read_text())
+    (data_dir / "service.json").unlink()
+    pki.write_file(data_dir / "service.json", json.dumps({**record, "node_id": node_id}).encode())
     return node_id
 
 
@@ -63,13 +68,19 @@ class TwoNodes:
         self.thread.start()
         self.a: RelayWorker | None = None
         self.b: RelayWorker | None = None
-        self.a = self.call(self._start(a_dir, f"{HOST_A}:{self.system.port}", f"{HOST_A}:{self.system.http_port}"))
+        # A advertises to connectors an address they cannot dial (a bind-all one, which they drop
+        # from the node list): whatever a connector learns, its tunnels stay where it enrolled.
+        self.a = self.call(
+            self._start(a_dir, f"{HOST_A}:{self.system.port}", f"{HOST_A}:{self.system.http_port}", advertise="0.0.0.0:9")
+        )
         self.b_http = free_port()
         self.b = self.call(self._start(self.b_dir, f"{HOST_B}:{self.b_port}", f"{HOST_B}:{self.b_http}"))
 
     @staticmethod
-    async def _start(data_dir, listen: str, http: str) -> RelayWorker:
-        worker = RelayWorker(RelaySettings(data_dir=data_dir, listen=listen, http=http, drain_timeout=0.5))
+    async def _start(data_dir, listen: str, http: str, advertise: str = "") -> RelayWorker:
+        worker = RelayWorker(
+            RelaySettings(data_dir=data_dir, listen=listen, http=http, drain_timeout=0.5, advertise=advertise, peer_advertise=listen)
+        )
         await worker.start()
         return worker
 

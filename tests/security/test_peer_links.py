@@ -15,6 +15,7 @@ import time
 import pytest
 
 from backhaul import pki
+from backhaul.store import Node, open_store
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_PEER, ALPN_TUNNEL, ErrorCode
 from backhaul.protocol.mux import stream_meta
@@ -72,12 +73,19 @@ def _write_cert(path, key, cert) -> tuple[str, str]:
     return str(path.with_suffix(".pem")), str(path.with_suffix(".key"))
 
 
+def _link_accepted(system: System, cert: tuple) -> bool:
+    """Whether a link with ``cert`` stays open (a refused one is closed at once)."""
+    with contextlib.closing(_connect(system, ALPN_PEER, cert)) as sock:
+        return not _closed_by_relay(sock, timeout=0.3)
+
+
 def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
     system, ca = _node_relay(tmp_path)
     try:
         state = system.register("one")
         connector_cert = (str(state / "cert.pem"), str(state / "key.pem"))
-        peer_key, peer_cert = pki.make_service_cert(ca, ["127.0.0.9"], node_id=pki.new_node_id())
+        peer_node_id = pki.new_node_id()
+        peer_key, peer_cert = pki.make_service_cert(ca, ["127.0.0.9"], node_id=peer_node_id)
         node_cert = _write_cert(tmp_path / "peer-node", peer_key, peer_cert)
         plain_key, plain_cert = pki.make_service_cert(ca, ["127.0.0.9"])  # a service cert naming no node
         plain = _write_cert(tmp_path / "plain", plain_key, plain_cert)
@@ -95,6 +103,21 @@ def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
         wait_until(
             lambda: system.relay.log_entries("tunnel without a connector certificate refused"), 5, "the refusal's log line"
         )
+
+        # a node's certificate for a node the store does not list (never registered, or
+        # removed with `admin node remove`): no link
+        with contextlib.closing(_connect(system, ALPN_PEER, node_cert)) as sock:
+            assert _closed_by_relay(sock)
+        assert system.relay.log_entries("peer link refused: its node is not in the service's nodes table "
+                                        "(never registered, or removed with `admin node remove`)")
+
+        # registered, it opens a link; readiness: the relay's next poll has read the node
+        store = open_store(system.data_dir)
+        try:
+            store.register_node(Node(peer_node_id, "127.0.0.9:1", "127.0.0.9:1", "test", 0.0, 0.0))
+        finally:
+            store.close()
+        wait_until(lambda: _link_accepted(system, node_cert), 10, "a link from the registered node")
 
         # a node's certificate on the peer ALPN is a link: it is served as one (an OPEN for an
         # app this node does not have gets its OPEN_FAIL), and the link stays up

@@ -87,25 +87,25 @@ class Membership:
     # ------------------------------------------------------------------ the poll
 
     async def poll(self) -> tuple[int, dict[str, list[str]], list[Node]] | None:
-        """The config version, which up nodes hold which groups' tunnels, and the up nodes;
-        None while the store does not answer."""
+        """The config version, which up nodes hold which groups' tunnels, and every node the
+        store lists (up or down); None while the store does not answer."""
         try:
-            version, (group_nodes, up) = await asyncio.get_running_loop().run_in_executor(None, self._read_poll)
+            version, (group_nodes, nodes) = await asyncio.get_running_loop().run_in_executor(None, self._read_poll)
         except Exception as exc:
             self._lost(exc)
             return None
         if not self.up:
             self._back()
-        return version, group_nodes, up
+        return version, group_nodes, nodes
 
     def _read_poll(self) -> tuple[int, tuple[dict[str, list[str]], list[Node]]]:
         return self.store.config_version(), self.read_nodes()
 
     def read_nodes(self) -> tuple[dict[str, list[str]], list[Node]]:
-        """Which up nodes hold which groups' tunnels, and the up nodes (tunnels and nodes come
-        and go without a config version, so every poll reads them)."""
+        """Which up nodes hold which groups' tunnels, and every node listed (tunnels and
+        nodes come and go without a config version, so every poll reads them)."""
         fresh = self.cluster.node_fresh
-        return self.store.group_nodes(fresh), [n for n in self.store.list_nodes(fresh) if n.status == "up"]
+        return self.store.group_nodes(fresh), self.store.list_nodes(fresh)
 
     def _lost(self, exc: Exception) -> None:
         if self.up:

@@ -185,6 +185,9 @@ class PeerLinks:
         self.links: dict[str, LinkTunnel] = {}
         #: links other nodes dialed to this worker
         self.accepted: set[Tunnel] = set()
+        #: the node ids the store lists (up or down), the only ones a link is accepted from;
+        #: None until the worker's first poll (then any node certificate of the service CA)
+        self.registered: frozenset[str] | None = None
         self._redial: dict[str, _Redial] = {}
         self._dials: set[asyncio.Task] = set()
         self._closing = False
@@ -204,9 +207,15 @@ class PeerLinks:
         """The worker's apps after a reload: forwarded streams are served from these."""
         self.apps = {app.name: app for app in apps}
 
-    def update(self, group_nodes: dict[str, list[str]], addresses: dict[str, str]) -> None:
+    def update(
+        self, group_nodes: dict[str, list[str]], addresses: dict[str, str], registered: set[str] | None = None
+    ) -> None:
         """New directory contents (see PeerDirectory.update); links to nodes no longer listed
-        are let go (closed when idle, drained otherwise), and drained links closed."""
+        are let go (closed when idle, drained otherwise), and drained links closed.
+        ``registered``: every node id the store lists; from then on a link is accepted only
+        from one of them (None: keep what was known)."""
+        if registered is not None:
+            self.registered = frozenset(registered)
         self.directory.update(group_nodes, addresses)
         nodes = self.directory.nodes()
         for node_id in [n for n in self._redial if n not in nodes]:
@@ -330,6 +339,14 @@ class PeerLinks:
         if node_id is None:
             self._count("peer_links_refused")
             log.warning("peer link without a node certificate refused", extra={"peer": str(peer)})
+            return None
+        if self.registered is not None and node_id not in self.registered:
+            self._count("peer_links_refused")
+            log.warning(
+                "peer link refused: its node is not in the service's nodes table (never registered, "
+                "or removed with `admin node remove`)",
+                extra={"node": node_id, "peer": str(peer)},
+            )
             return None
         if self._closing or len(self.accepted) >= self.limits.max_accepted:
             self._count("peer_links_refused")

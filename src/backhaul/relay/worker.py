@@ -314,16 +314,19 @@ class RelayWorker:
         polled = await self.membership.poll()
         if polled is None:
             return  # the store is away (logged once): relaying goes on with what the worker knows
-        version, group_nodes, up = polled
-        self._apply_nodes(group_nodes, up)
+        version, group_nodes, listed = polled
+        self._apply_nodes(group_nodes, listed)
         if version != self.config_version:
             await self.reload()
 
-    def _apply_nodes(self, group_nodes: dict[str, list[str]], up: list) -> None:
-        """Give the links the nodes' routes; tell connectors when the up nodes changed, so they
-        re-home onto a new node or off a gone one without waiting for their next config pull."""
+    def _apply_nodes(self, group_nodes: dict[str, list[str]], listed: list) -> None:
+        """Give the links the nodes' routes and the nodes they may accept links from (every
+        node listed, up or down: a removed node's certificate opens no link); tell connectors
+        when the up nodes changed, so they re-home onto a new node or off a gone one without
+        waiting for their next config pull."""
+        up = [n for n in listed if n.status == "up"]
         if self.peers is not None:
-            self.peers.update(group_nodes, {n.id: n.peer or n.listen for n in up})
+            self.peers.update(group_nodes, {n.id: n.peer or n.listen for n in up}, registered={n.id for n in listed})
         nodes = [{"id": n.id, "listen": n.listen} for n in up]
         if nodes == self.nodes:
             return
