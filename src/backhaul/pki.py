@@ -315,33 +315,30 @@ def sign_csr(
     return builder.sign(ca.key, hashes.SHA256())
 
 
-def connector_id_of(cert: x509.Certificate) -> str | None:
-    """The connector id a certificate names (URI SAN, which must agree with the CN), or None."""
+def _one_uri_id(cert: x509.Certificate, prefix: str) -> str | None:
+    """What follows ``prefix`` in the certificate's one URI SAN starting with it, or None
+    (no SAN, none such, or more than one)."""
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(CONNECTOR_URI_PREFIX)]
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(prefix)]
+    return uris[0][len(prefix) :] if len(uris) == 1 else None
+
+
+def connector_id_of(cert: x509.Certificate) -> str | None:
+    """The connector id a certificate names (URI SAN, which must agree with the CN), or None."""
+    cid = _one_uri_id(cert, CONNECTOR_URI_PREFIX)
     cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if len(uris) != 1:
-        return None
-    cid = uris[0][len(CONNECTOR_URI_PREFIX) :]
-    if not is_connector_id(cid) or cns != [cid]:
+    if cid is None or not is_connector_id(cid) or cns != [cid]:
         return None
     return cid
 
 
 def node_id_of(cert: x509.Certificate) -> str | None:
     """The relay node id a certificate names (its one node URI SAN), or None."""
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(NODE_URI_PREFIX)]
-    if len(uris) != 1:
-        return None
-    node_id = uris[0][len(NODE_URI_PREFIX) :]
-    return node_id if is_node_id(node_id) else None
+    node_id = _one_uri_id(cert, NODE_URI_PREFIX)
+    return node_id if node_id is not None and is_node_id(node_id) else None
 
 
 def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:

@@ -13,33 +13,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import time
 import urllib.request
 from pathlib import Path
 
-from .harness import BACKHAUL, Proc, System, free_port, wait_until
+from .harness import BACKHAUL, Proc, System, echoes, free_port, wait_until
 
 #: How long a node is given to answer /v1/health after it starts (a cold start forks
 #: workers, migrates, registers).
 NODE_START_TIMEOUT = 30.0
-
-
-def echoes_at(host: str, port: int, probe: bytes = b"ping", timeout: float = 3.0) -> bool:
-    """True when a new connection to host:port sends ``probe`` back; False if it cannot."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(probe)
-            got = b""
-            while len(got) < len(probe):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return False
-                got += chunk
-            return got == probe
-    except OSError:
-        return False
 
 
 class Node:
@@ -195,8 +178,17 @@ class Cluster(System):
         """Seconds until an echo through node ``index``'s listener of the app at ``port`` works."""
         node = self.nodes[index]
         started = time.monotonic()
-        wait_until(lambda: echoes_at(node.host, port), timeout, f"the app on {node.host}:{port} to echo", interval=0.05)
+        wait_until(lambda: echoes(port, host=node.host), timeout, f"the app on {node.host}:{port} to echo", interval=0.05)
         return time.monotonic() - started
+
+    def publish_timed(self, via: int, on: int, name: str, target: str, timeout: float = 10.0) -> tuple[int, float]:
+        """Publish a TCP app through node ``via``'s API: its port, and the seconds from the
+        request until an echo through node ``on``'s listener of it works."""
+        port = free_port()
+        started = time.monotonic()
+        self.nodes[via].api("/v1/apps", "POST", {"name": name, "proto": "tcp", "port": port, "target": target})
+        self.wait_app_on(on, port, timeout=timeout)
+        return port, time.monotonic() - started
 
     def balancer(self, app_port: int) -> int:
         """haproxy in front of every node's listener of the app at ``app_port``; its port.
@@ -239,5 +231,5 @@ backend nodes
         proc = Proc(f"haproxy-{port}", [haproxy, "-db", "-f", str(conf)], self.workdir)
         self.procs.append(proc)
         self._balancers.append(proc)
-        wait_until(lambda: echoes_at("127.0.0.1", port), 20, "an echo through haproxy", interval=0.1)
+        wait_until(lambda: echoes(port), 20, "an echo through haproxy", interval=0.1)
         return port

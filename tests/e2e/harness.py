@@ -67,10 +67,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
 
 
-def echoes(port: int, probe: bytes = b"ping") -> bool:
-    """True when a new connection to 127.0.0.1:port sends ``probe`` back; False if it cannot."""
+def echoes(port: int, probe: bytes = b"ping", host: str = "127.0.0.1") -> bool:
+    """True when a new connection to host:port sends ``probe`` back; False if it cannot."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        with socket.create_connection((host, port), timeout=2) as sock:
             sock.sendall(probe)
             got = b""
             while len(got) < len(probe):
@@ -80,6 +80,20 @@ def echoes(port: int, probe: bytes = b"ping") -> bool:
                 got += chunk
             return got == probe
     except OSError:
+        return False
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the far end closes ``sock`` (EOF or reset) within ``timeout`` seconds (over
+    TLS 1.3, a refused client certificate or a close after the handshake shows on the first read)."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
+        return True
+    except (TimeoutError, socket.timeout):
         return False
 
 

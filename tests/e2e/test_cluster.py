@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from .cluster import Cluster, echoes_at
-from .harness import EchoLoad, free_port, wait_until
+from .cluster import Cluster
+from .harness import EchoLoad, echoes, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -94,11 +94,7 @@ def test_users_reach_apps_through_any_node_and_changes_reach_every_node(cluster,
     wait_until(answered_on_away, 20, "web.test through the node without a tunnel", interval=0.1)
 
     # A change made on node 0 reaches node 2 within about a second (timed from the request).
-    second = free_port()
-    started = time.monotonic()
-    cluster.nodes[0].api("/v1/apps", "POST", {"name": "echo2", "proto": "tcp", "port": second, "target": echo.target})
-    cluster.wait_app_on(2, second, timeout=10)
-    seconds = time.monotonic() - started
+    _, seconds = cluster.publish_timed(0, 2, "echo2", echo.target)
     print(f"\nconfig change on node 0 served by node 2 after {seconds:.3f} s")
     assert seconds < 3.0, f"a published app took {seconds:.2f} s to reach node 2"
 
@@ -108,7 +104,7 @@ def test_users_reach_apps_through_any_node_and_changes_reach_every_node(cluster,
     wait_until(lambda: sum(cluster.tunnels_per_node().values()) == 0, 10, "no tunnel left on any node", interval=0.1)
     assert cluster.connectors["c1"].popen.wait(20) is not None
     for node in cluster.nodes:
-        assert not echoes_at(node.host, port), f"node {node.index} still serves the app after the revocation"
+        assert not echoes(port, host=node.host), f"node {node.index} still serves the app after the revocation"
 
 
 def test_a_killed_node_fails_no_new_connection_and_its_connectors_re_home(cluster, backend):
@@ -196,11 +192,7 @@ def test_a_node_whose_database_connections_were_killed_catches_up(cluster, backe
     killed = postgres_server.terminate_connections(postgres_shared_db)
     assert killed >= 2, "each node holds store connections (its pool and its listener)"
     # A change made right away: node 1's listener is reconnecting, its notification is lost.
-    port = free_port()
-    started = time.monotonic()
-    cluster.nodes[0].api("/v1/apps", "POST", {"name": "echo", "proto": "tcp", "port": port, "target": echo.target})
-    cluster.wait_app_on(1, port, timeout=10)
-    seconds = time.monotonic() - started
+    _, seconds = cluster.publish_timed(0, 1, "echo", echo.target)
     print(f"\nnode 1 served an app published just after its store connections were killed after {seconds:.3f} s")
     assert cluster.nodes[1].alive() and cluster.nodes[0].alive(), "losing the store's connections must not end a node"
     status = cluster.node_status()

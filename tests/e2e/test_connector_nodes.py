@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import time
 import urllib.request
@@ -24,24 +23,9 @@ import pytest
 from backhaul import pki
 from backhaul.connector.nodes import NodeAddress, rank
 
-from .harness import BACKHAUL, EchoLoad, FaultProxy, Proc, System, free_port, wait_until
+from .harness import BACKHAUL, EchoLoad, FaultProxy, Proc, System, echoes, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
-
-def echoes_at(host: str, port: int, probe: bytes = b"ping") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2) as sock:
-            sock.sendall(probe)
-            got = b""
-            while len(got) < len(probe):
-                chunk = sock.recv(1024)
-                if not chunk:
-                    return False
-                got += chunk
-            return got == probe
-    except OSError:
-        return False
-
 
 class Node:
     """One relay node: its own address, data dir, certificate and node id."""
@@ -107,7 +91,7 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
         home = nodes[0]  # the users' node all along (it never goes away)
         spare = [n for n in nodes if n.listen not in homes]
         for node in spare:  # a node without a tunnel forwards (once its poll has seen where they are)
-            wait_until(lambda node=node: echoes_at(node.host, port), 10, f"the app through {node.host}, forwarded", interval=0.1)
+            wait_until(lambda node=node: echoes(port, host=node.host), 10, f"the app through {node.host}, forwarded", interval=0.1)
 
         # 1. A held node other than node 0 drains: GOAWAY on its tunnels; the connector moves on.
         # Through node 0 (127.0.0.1) all along; bounded by time, not by count.
@@ -135,7 +119,7 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
         failed = [a for a in attempts if not a.ok]
         assert not failed, f"{len(failed)} of {len(attempts)} through node 0 failed: {failed[:3]}"
         assert len([a for a in attempts if drained_at <= a.started <= killed_at + rehome_kill]) > 20  # it spanned both moves
-        assert echoes_at(home.host, port)
+        assert echoes(port, host=home.host)
 
         connector = system.connectors["c"]
         lost = connector.log_entries("relay node lost; moving to another")
@@ -157,7 +141,7 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
         try:
             system.register("lb", group="lb", service=balancer.url)
             lb = system.start_connector("lb", workers=1, tunnels=1)
-            wait_until(lambda: echoes_at(home.host, port2) and echoes_at(third.host, port2), 30, "echo2 on both nodes")
+            wait_until(lambda: echoes(port2, host=home.host) and echoes(port2, host=third.host), 30, "echo2 on both nodes")
             via = f"127.0.0.1:{balancer.port}"
             wait_until(
                 lambda: any(e["relay"] == via for e in lb.log_entries("tunnels to a relay address retired")),

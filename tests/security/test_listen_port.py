@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import BACKHAUL, Proc, System, echoes, running_relay, wait_until
+from tests.e2e.harness import BACKHAUL, Proc, System, closed_by_peer, echoes, running_relay, wait_until
 
 
 def _client_context(system: System, alpn: list[str] | None) -> ssl.SSLContext:
@@ -46,19 +46,6 @@ def _health_over(sock: ssl.SSLSocket) -> bytes:
             break
         answer += chunk
     return answer
-
-
-def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True when the relay closes ``sock`` (EOF or reset) within ``timeout`` seconds."""
-    sock.settimeout(timeout)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return True
-    except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
-        return True
-    except (TimeoutError, socket.timeout):
-        return False
 
 
 def _edge_answers(system: System) -> bool:
@@ -111,7 +98,7 @@ def test_idle_and_trickling_control_connections_are_closed_while_others_are_serv
             assert received.startswith(b"HTTP/1.1 408 "), received
             assert 0 < sent < len(head) // 10  # closed a few seconds into an unfinished head
             for sock in idle:
-                assert _closed_by_peer(sock, timeout=5), "an idle TLS connection was not closed"
+                assert closed_by_peer(sock, timeout=5), "an idle TLS connection was not closed"
             assert time.monotonic() - opened < 10
             assert system.health()["status"] == "ok"
             assert _edge_answers(system)

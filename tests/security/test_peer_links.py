@@ -20,7 +20,7 @@ from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_PEER, ALPN_TUNNEL, ErrorCode
 from backhaul.protocol.mux import stream_meta
 
-from tests.e2e.harness import System, wait_until
+from tests.e2e.harness import System, closed_by_peer, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,20 +53,6 @@ def _connect(system: System, alpn: str, cert: tuple | None) -> ssl.SSLSocket:
     return sock
 
 
-def _closed_by_relay(sock: ssl.SSLSocket, timeout: float = 5.0) -> bool:
-    """True when the relay ends the connection within ``timeout`` (TLS 1.3 reports a refused client
-    certificate, or the close after the handshake, on the first read)."""
-    sock.settimeout(timeout)
-    try:
-        while True:
-            if not sock.recv(4096):
-                return True
-    except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
-        return True
-    except (TimeoutError, socket.timeout):
-        return False
-
-
 def _write_cert(path, key, cert) -> tuple[str, str]:
     pki.write_private(path.with_suffix(".key"), pki.key_to_pem(key))
     pki.write_file(path.with_suffix(".pem"), pki.cert_to_pem(cert))
@@ -76,7 +62,7 @@ def _write_cert(path, key, cert) -> tuple[str, str]:
 def _link_accepted(system: System, cert: tuple) -> bool:
     """Whether a link with ``cert`` stays open (a refused one is closed at once)."""
     with contextlib.closing(_connect(system, ALPN_PEER, cert)) as sock:
-        return not _closed_by_relay(sock, timeout=0.3)
+        return not closed_by_peer(sock, timeout=0.3)
 
 
 def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
@@ -93,13 +79,13 @@ def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
         # a connector's certificate, a certificate naming no node, or none: no link
         for cert in (connector_cert, plain, None):
             with contextlib.closing(_connect(system, ALPN_PEER, cert)) as sock:
-                assert _closed_by_relay(sock), cert
+                assert closed_by_peer(sock), cert
         refused = system.relay.log_entries("peer link without a node certificate refused")
         assert len(refused) >= 2  # (without a client certificate, servers' TLS may end it sooner)
 
         # a node's certificate on the tunnel ALPN: no tunnel
         with contextlib.closing(_connect(system, ALPN_TUNNEL, node_cert)) as sock:
-            assert _closed_by_relay(sock)
+            assert closed_by_peer(sock)
         wait_until(
             lambda: system.relay.log_entries("tunnel without a connector certificate refused"), 5, "the refusal's log line"
         )
@@ -107,7 +93,7 @@ def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
         # a node's certificate for a node the store does not list (never registered, or
         # removed with `admin node remove`): no link
         with contextlib.closing(_connect(system, ALPN_PEER, node_cert)) as sock:
-            assert _closed_by_relay(sock)
+            assert closed_by_peer(sock)
         assert system.relay.log_entries("peer link refused: its node is not in the service's nodes table "
                                         "(never registered, or removed with `admin node remove`)")
 
@@ -136,7 +122,7 @@ def test_only_a_node_certificate_opens_a_link_and_it_opens_no_tunnel(tmp_path):
                     if isinstance(event, mux.StreamRejected):
                         rejected.append(event)
             assert [e.code for e in rejected] == [ErrorCode.UNKNOWN_APP]
-            assert not _closed_by_relay(sock, timeout=0.5)
+            assert not closed_by_peer(sock, timeout=0.5)
         assert system.relay.alive()
     finally:
         system.stop()

@@ -84,6 +84,26 @@ async def opened(far: FarEnd, count: int = 1) -> mux.StreamOpened:
     return far.of(mux.StreamOpened)[count - 1]
 
 
+async def stop(*stopping: Node) -> None:
+    for node in stopping:
+        await node.stop()
+
+
+async def forwarded(tmp_path, app=APP, **kwargs):
+    """Nodes A and B, a connector on B only, and a user stream on A carried to it and
+    accepted: (a, b, the connector, the user's end, the connector's StreamOpened)."""
+    a, b = await nodes(tmp_path, 2, **kwargs)
+    remote = await b.connector()
+    a.knows(b)
+    end = user(a, app=app)
+    end.open()
+    got = await opened(remote)
+    remote.session.accept_stream(got.stream_id)
+    await remote.flush()
+    await settle(lambda: end.accepted, "OPEN_OK")
+    return a, b, remote, end, got
+
+
 def test_a_stream_with_no_local_tunnel_is_carried_to_the_node_holding_one_and_spliced_both_ways(tmp_path):
     async def main():
         a, b = await nodes(tmp_path, 2)
@@ -120,8 +140,7 @@ def test_a_stream_with_no_local_tunnel_is_carried_to_the_node_holding_one_and_sp
         second = user(a, label="s-78")
         second.open()
         assert second.opening.tunnel is link
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -138,8 +157,7 @@ def test_a_local_tunnel_is_preferred_and_no_link_is_dialed(tmp_path):
             assert isinstance(end.opening.tunnel.info, TunnelRecord)
         await opened(local, 5)
         assert a.links.links == {} and "peer_links_dialed" not in a.metrics.events
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -161,8 +179,7 @@ def test_when_the_local_tunnels_refuse_the_stream_goes_to_a_peer_within_the_atte
         await settle(lambda: end.accepted, "OPEN_OK from the peer's connector")
         assert end.events == [("rejected", ErrorCode.REFUSED_STREAM), ("accepted",)]
         assert [type(t.info) for t in end.opening.tried] == [TunnelRecord, PeerLink]
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -192,8 +209,7 @@ def test_a_connectors_refusal_reaches_the_user_node_with_its_code(tmp_path):
         await settle(lambda: again.events, "the refusal")
         assert again.events == [("rejected", ErrorCode.REFUSED_STREAM)]
         assert len(again.opening.tried) == 1, "a node is not offered the same stream twice"
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -216,8 +232,7 @@ def test_an_unknown_app_or_a_wrong_kind_is_refused_by_the_far_node(tmp_path):
         await settle(lambda: wrong.events, "the refusal")
         assert wrong.events == [("rejected", ErrorCode.PROTOCOL_ERROR)]
         assert b.metrics.events["peer_streams_refused"] == 2 and link.usable
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -245,9 +260,7 @@ def test_a_node_that_cannot_be_dialed_is_skipped_and_not_dialed_again_before_its
         other.open()
         assert other.opening.tunnel.info.node_id == b.node_id
         await opened(remote)
-        await a.stop()
-        await b.stop()
-        await dead.stop()
+        await stop(a, b, dead)
 
     run(main())
 
@@ -269,24 +282,14 @@ def test_an_open_not_yet_accepted_when_the_far_node_goes_is_retried_on_another_n
         await settle(lambda: end.accepted, "OPEN_OK from C")
         assert end.lost == [True] and [t.info.node_id for t in end.opening.tried] == [b.node_id, c.node_id]
         assert a.metrics.apps["web"].opened == 1
-        await a.stop()
-        await b.stop()
-        await c.stop()
+        await stop(a, b, c)
 
     run(main())
 
 
 def test_the_far_node_going_away_mid_stream_resets_the_users_stream_and_its_connectors(tmp_path):
     async def main():
-        a, b = await nodes(tmp_path, 2)
-        remote = await b.connector()
-        a.knows(b)
-        end = user(a)
-        end.open()
-        got = await opened(remote)
-        remote.session.accept_stream(got.stream_id)
-        await remote.flush()
-        await settle(lambda: end.accepted, "OPEN_OK")
+        a, b, remote, end, got = await forwarded(tmp_path)
         [accepted_link] = b.links.accepted
         accepted_link.transport.abort()  # B's end of the link is gone
         await settle(lambda: end.lost, "the user's stream to hear it")
@@ -301,8 +304,7 @@ def test_the_far_node_going_away_mid_stream_resets_the_users_stream_and_its_conn
         again = user(a, label="s-2")
         again.open()
         await opened(remote, 2)
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -313,15 +315,7 @@ def test_the_bridge_credits_a_peer_only_for_bytes_the_connector_side_took(tmp_pa
 
     async def main():
         flow = FlowControl(stream_window=256 * 1024, write_high=64 * 1024, write_low=16 * 1024, tunnel_window=4 << 20)
-        a, b = await nodes(tmp_path, 2, flow=flow)
-        remote = await b.connector()
-        a.knows(b)
-        end = user(a)
-        end.open()
-        got = await opened(remote)
-        remote.session.accept_stream(got.stream_id)
-        await remote.flush()
-        await settle(lambda: end.accepted, "OPEN_OK")
+        a, b, remote, end, got = await forwarded(tmp_path, flow=flow)
         link = end.opening.tunnel
         total = 3 << 20
         chunk = bytes(range(256)) * 256  # 64 KiB
@@ -362,24 +356,15 @@ def test_the_bridge_credits_a_peer_only_for_bytes_the_connector_side_took(tmp_pa
         await remote.flush()
         await pump(credit=True, until=20)
         assert len(received) == total and received == chunk * (total // len(chunk))
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
 
 def test_a_udp_flows_datagrams_cross_the_link_both_ways(tmp_path):
     async def main():
-        a, b = await nodes(tmp_path, 2)
-        remote = await b.connector()
-        a.knows(b)
-        end = user(a, app=FLOW_APP)
-        end.open()
-        got = await opened(remote)
+        a, b, remote, end, got = await forwarded(tmp_path, app=FLOW_APP)
         assert got.meta["proto"] == "udp"
-        remote.session.accept_stream(got.stream_id)
-        await remote.flush()
-        await settle(lambda: end.accepted, "OPEN_OK")
         link = end.opening.tunnel
         assert link.datagram(end.stream_id, b"query")
         await remote.until(lambda seen: remote.of(mux.DatagramReceived), "the datagram at the connector")
@@ -393,8 +378,7 @@ def test_a_udp_flows_datagrams_cross_the_link_both_ways(tmp_path):
         remote.sock.close()
         await settle(lambda: end.lost, "the flow's reset")
         assert ("reset", ErrorCode.GOING_AWAY) in end.events
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
@@ -413,9 +397,7 @@ def test_accepted_links_are_bounded_and_refused_beyond(tmp_path):
         await settle(lambda: end.events, "the second link to be refused")
         assert end.lost == [True] and len(b.links.accepted) == 1
         assert b.metrics.events["peer_links_refused"] == 1
-        await a.stop()
-        await b.stop()
-        await other.stop()
+        await stop(a, b, other)
 
     run(main())
 
@@ -443,9 +425,7 @@ def test_streams_a_peer_forwarded_are_never_forwarded_again(tmp_path):
         await settle(lambda: end.events, "B's refusal")
         assert end.events == [("rejected", ErrorCode.REFUSED_STREAM)]
         assert b.links.links == {} and "peer_links_dialed" not in b.metrics.events
-        await a.stop()
-        await b.stop()
-        await c.stop()
+        await stop(a, b, c)
 
     run(main())
 
@@ -462,24 +442,14 @@ def test_a_link_to_an_address_answered_by_another_node_sends_nothing_and_is_drop
         assert end.lost == [True] and c.node_id not in a.links.links
         assert b.metrics.events.get("peer_streams_bridged", 0) == 0
         assert not at_b.of(mux.StreamOpened)
-        await a.stop()
-        await b.stop()
-        await c.stop()
+        await stop(a, b, c)
 
     run(main())
 
 
 def test_a_draining_node_takes_no_new_streams_and_its_streams_in_flight_go_on(tmp_path):
     async def main():
-        a, b = await nodes(tmp_path, 2)
-        remote = await b.connector()
-        a.knows(b)
-        end = user(a)
-        end.open()
-        got = await opened(remote)
-        remote.session.accept_stream(got.stream_id)
-        await remote.flush()
-        await settle(lambda: end.accepted, "OPEN_OK")
+        a, b, remote, end, got = await forwarded(tmp_path)
         link = end.opening.tunnel
         b.links.drain()  # B is stopping: GOAWAY on its links
         await settle(lambda: not link.usable, "A to hear B's GOAWAY")
@@ -493,23 +463,14 @@ def test_a_draining_node_takes_no_new_streams_and_its_streams_in_flight_go_on(tm
         remote.session.send_data(got.stream_id, b"and back", end=True)
         await remote.flush()
         await settle(lambda: end.received == b"and back" and end.ended, "the answer")
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())
 
 
 def test_a_link_let_go_is_drained_then_closed_and_the_node_dialed_anew_when_it_is_back(tmp_path):
     async def main():
-        a, b = await nodes(tmp_path, 2)
-        remote = await b.connector()
-        a.knows(b)
-        end = user(a)
-        end.open()
-        got = await opened(remote)
-        remote.session.accept_stream(got.stream_id)
-        await remote.flush()
-        await settle(lambda: end.accepted, "OPEN_OK")
+        a, b, remote, end, got = await forwarded(tmp_path)
         link = end.opening.tunnel
         a.links.update({}, {})  # B is no longer listed: its link drains, the stream goes on
         assert link.session.draining and not link.closed and a.links.links == {b.node_id: link}
@@ -525,7 +486,6 @@ def test_a_link_let_go_is_drained_then_closed_and_the_node_dialed_anew_when_it_i
         again.open()
         assert again.opening.tunnel is not link and a.metrics.events["peer_links_dialed"] == 2
         await opened(remote, 2)
-        await a.stop()
-        await b.stop()
+        await stop(a, b)
 
     run(main())

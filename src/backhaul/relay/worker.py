@@ -358,8 +358,7 @@ class RelayWorker:
         # its socket), so its figures go in this reload.
         self.metrics.prune(set(self._app_names), self._connector_exists)
         for connector_id in self.registry.connectors():
-            record = self.store.get_connector(connector_id)
-            self.membership.known.remember(connector_id, record)
+            record = self.membership.connector(connector_id)  # the store's, remembered for an outage
             if record is None or record.revoked:
                 for tunnel in self.registry.tunnels(connector_id):
                     tunnel.close(ErrorCode.NO_ERROR, "connector deleted or revoked")
@@ -371,7 +370,7 @@ class RelayWorker:
             self.admission.recount()  # app listeners came or went: they are descriptors too
 
     def _connector_exists(self, connector_id: str) -> bool:
-        record = self.store.get_connector(connector_id)
+        record = self.membership.connector(connector_id)
         return record is not None and not record.revoked
 
     def _snapshot(self) -> dict:
