@@ -155,3 +155,10 @@ def error_name(code: int) -> str:
 RETRYABLE_OPEN_FAILURES = frozenset(
     {ErrorCode.REFUSED_STREAM, ErrorCode.GOING_AWAY, ErrorCode.INTERNAL_ERROR, ErrorCode.PEER_DEAD}
 )
+
+
+class Role(enum.Enum):
+    """Which end of the tunnel a session is; it decides stream-id parity (protocol.md)."""
+
+    RELAY = 0
+    CONNECTOR = 1

@@ -7,36 +7,9 @@ without the Cython build instead of falling back to it (CI and production use th
 
 from __future__ import annotations
 
-import importlib
-import os
-import warnings
+from backhaul import twins
 
-if os.environ.get("BACKHAUL_PURE") == "1":
-    from backhaul.protocol import _framing_py as _impl
-
-    IMPLEMENTATION = "python"
-else:
-    try:
-        # import_module, not `from ... import`: it honours a None placeholder in sys.modules.
-        _impl = importlib.import_module("backhaul.protocol._framing_c")
-
-        IMPLEMENTATION = "cython"
-    except ImportError as exc:
-        if os.environ.get("BACKHAUL_REQUIRE_EXT") == "1":
-            raise ImportError(
-                "the compiled frame codec backhaul.protocol._framing_c is missing or broken "
-                f"({exc}) and BACKHAUL_REQUIRE_EXT=1 forbids the slow pure-Python twin; "
-                "build it with tools/bootstrap.sh or `pip install -e .` (Cython and a C compiler needed)"
-            ) from exc
-        warnings.warn(
-            f"backhaul: the compiled frame codec could not be imported ({exc}); using the slow "
-            "pure-Python twin. Run tools/bootstrap.sh or `pip install -e .` to build it.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        from backhaul.protocol import _framing_py as _impl
-
-        IMPLEMENTATION = "python"
+_impl, IMPLEMENTATION = twins.load("backhaul.protocol", "framing", "frame codec")
 
 Frame = _impl.Frame
 FrameDecoder = _impl.FrameDecoder

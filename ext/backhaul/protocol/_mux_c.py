@@ -1,0 +1,1 @@
+../../../src/backhaul/protocol/_mux_py.py

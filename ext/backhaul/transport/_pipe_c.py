@@ -1,0 +1,1 @@
+../../../src/backhaul/transport/_pipe_py.py

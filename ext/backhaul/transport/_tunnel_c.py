@@ -1,0 +1,1 @@
+../../../src/backhaul/transport/_tunnel_py.py
