@@ -68,7 +68,7 @@ def draw(rows: list[tuple[str, str, dict]], out: str | Path, title: str) -> None
             if value is None:
                 continue
             bar = ax.bar(i, value, color=colours[i % len(colours)])
-            ax.bar_label(bar, fmt="{:,.0f}" if value >= 100 else "{:.2f}", fontsize=7)
+            ax.bar_label(bar, fmt="{:,.0f}" if value >= 100 else "{:.1f}" if value >= 10 else "{:.2f}", fontsize=7)
         ax.set_title(panel_title, fontsize=9)
         ax.set_ylabel(unit, fontsize=8)
         ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
