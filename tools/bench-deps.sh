@@ -12,8 +12,12 @@ have() {
 # matplotlib draws `compare.py --plot`; the same requirement as pyproject.toml's `bench` extra.
 MATPLOTLIB='matplotlib>=3.6'
 if [ -x .venv/bin/python ] && ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
-    .venv/bin/python -m pip install -q "$MATPLOTLIB"
-    echo "bench-deps: installed $MATPLOTLIB into .venv"
+    # Optional (only --plot needs it): a failed install is said, not fatal.
+    if .venv/bin/python -m pip install -q "$MATPLOTLIB"; then
+        echo "bench-deps: installed $MATPLOTLIB into .venv"
+    else
+        echo "bench-deps: could not install $MATPLOTLIB into .venv; compare.py --plot needs it" >&2
+    fi
 fi
 
 missing=()
