@@ -667,8 +667,8 @@ def tls_files(root: Path, backhaul: str) -> dict[str, Path]:
     python = Path(backhaul).parent / "python"
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise BenchError(
-            f"making the peers' certificates needs backhaul and cryptography: this Python has "
-            f"neither and there is no {python}; run tools/bootstrap.sh or pass --backhaul PATH"
+            f"making the peers' certificates needs backhaul and cryptography: this Python cannot import them "
+            f"and there is no {python}; run tools/bootstrap.sh or pass --backhaul PATH"
         )
     _run_cli([str(python), str(Path(peer_pki.__file__)), str(root)], "peer certificates")
     return {key: root / name for key, name in peer_pki.FILES.items()}
@@ -785,16 +785,19 @@ def start_v2ray(procs: Processes, backend: Backend, backhaul: str) -> Route:
         "portal": v2ray_portal_config(tunnel_port, {http_port: backend.nginx_port, iperf_port: iperf.port}, tls),
         "bridge": v2ray_bridge_config(tunnel_port, tls),
     }
-    started = {}
     for role, config in configs.items():
-        path = root / f"{role}.json"
-        path.write_text(json.dumps(config, indent=2))
-        started[role] = procs.start(f"v2ray-{role}", [v2ray, "-config", str(path)], cwd=root)
-        if role == "portal":
-            deadline = time.monotonic() + READY_TIMEOUT
-            wait_until("v2ray portal", lambda: socket.create_connection(("127.0.0.1", tunnel_port), 2).close(),
-                       deadline, [started["portal"]])
+        (root / f"{role}.json").write_text(json.dumps(config, indent=2))
+    started = {}
     deadline = time.monotonic() + READY_TIMEOUT
+    # The portal first: the bridge dials it as soon as it starts.
+    started["portal"] = procs.start("v2ray-portal", [v2ray, "-config", str(root / "portal.json")], cwd=root)
+    wait_until(
+        "v2ray portal",
+        lambda: socket.create_connection(("127.0.0.1", tunnel_port), 2).close(),
+        deadline,
+        [started["portal"]],
+    )
+    started["bridge"] = procs.start("v2ray-bridge", [v2ray, "-config", str(root / "bridge.json")], cwd=root)
     wait_until("v2ray reverse tunnel", lambda: probe_http(http_port), deadline, list(started.values()))
     return Route(
         "v2ray",
