@@ -2,11 +2,13 @@
 """Compare backhaul's full path with reference relays, side by side, in one run; print one table.
 
 Paths: direct to the backend, haproxy (mode tcp), OpenSSH ``ssh -R`` (aes128-gcm,
-TCP_NODELAY), and backhaul (user -> relay app port -> TLS tunnel -> connector -> backend).
+TCP_NODELAY), an stunnel mutual-TLS pair, v2ray's reverse proxy (bridge -> portal, VLESS +
+TLS, mux), and backhaul (user -> relay app port -> TLS tunnel -> connector -> backend).
 Small requests: ``wrk -t1 -c64 -dNs --latency`` against nginx serving a 100-byte body with
 keep-alive. Bulk: ``iperf3 -c 127.0.0.1 -t N -P 1`` and ``-P 8``. Measurements of the
-different paths are interleaved and repeated; the median of the repeats is reported.
-See bench/README.md.
+different paths are interleaved and repeated; the median of the repeats is reported, with
+the CPU the path's own processes used per 1,000 requests and per GB. ``--plot`` draws the
+table as a PNG. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -28,12 +30,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import peers  # noqa: E402  (bench/ is not a package; the line above makes it importable)
+import chart  # noqa: E402  (bench/ is not a package; the line above makes it importable)
+import peers  # noqa: E402
 from peers import BenchError, Route  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PATH_KEYS = ("direct", "haproxy", "ssh", "backhaul")
+PATH_KEYS = ("direct", "haproxy", "ssh", "stunnel", "v2ray", "backhaul")
 PROGRAMS = ("nginx", "haproxy", "iperf3", "wrk", "ssh", "sshd", "ssh-keygen")
+#: Peers measured only where their program is installed: path key -> (programs, any of
+#: which will do; the Debian package that has them). A missing one is skipped, not fatal.
+OPTIONAL_PEERS = {
+    "stunnel": (("stunnel4", "stunnel"), "stunnel4"),
+    "v2ray": (("v2ray",), "v2ray"),
+}
+#: The byte count CPU-seconds per "GB" are given for (decimal, as Gbit/s are).
+GB = 1e9
 
 #: The targets of BASELINES.md for backhaul's full path.
 TARGET_RPS = 30_000
@@ -61,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated paths to measure, of {','.join(PATH_KEYS)} (default: all)",
     )
     parser.add_argument("--json", metavar="OUT", help="also write every result to this JSON file")
+    parser.add_argument("--plot", metavar="FILE", help="also draw the table as a PNG chart (needs matplotlib)")
     parser.add_argument(
         "--backhaul", default=str(REPO / ".venv" / "bin" / "backhaul"), help="the backhaul command to drive"
     )
@@ -91,19 +103,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(w < 1 for w in workers):
         parser.error("--workers values must be at least 1")
     args.workers = sorted(workers | {1})
+    if args.plot:
+        # Before any server starts or anything is measured.
+        try:
+            chart.require()
+        except chart.ChartError as exc:
+            parser.error(str(exc))
     return args
 
 
-def ensure_programs() -> None:
-    """Install the benchmark's programs with tools/bench-deps.sh when any is missing."""
+def missing_peer(key: str) -> str | None:
+    """Why the optional peer ``key`` cannot be measured here (its program is missing), or None."""
+    if key not in OPTIONAL_PEERS:
+        return None
+    programs, package = OPTIONAL_PEERS[key]
+    if any(peers.find_program(p) for p in programs):
+        return None
+    return f"{' or '.join(programs)} is not installed (tools/bench-deps.sh installs Debian's {package})"
+
+
+def ensure_programs(only: list[str]) -> None:
+    """Install the benchmark's programs with tools/bench-deps.sh when any is missing.
+
+    The optional peers' programs only for the paths selected; when they still cannot be
+    found (or the script could not run) those paths are skipped later, with a line saying so."""
     missing = [p for p in PROGRAMS if peers.find_program(p) is None]
-    if not missing:
+    peers_missing = [k for k in only if missing_peer(k)]
+    if not missing and not peers_missing:
         return
-    print(f"missing {', '.join(missing)}: running tools/bench-deps.sh", file=sys.stderr)
-    subprocess.run(["bash", str(REPO / "tools" / "bench-deps.sh")], check=True)
+    print(f"missing {', '.join(missing + peers_missing)}: running tools/bench-deps.sh", file=sys.stderr)
+    done = subprocess.run(["bash", str(REPO / "tools" / "bench-deps.sh")])
     still = [p for p in PROGRAMS if peers.find_program(p) is None]
     if still:
-        raise BenchError(f"tools/bench-deps.sh ran but {', '.join(still)} still cannot be found")
+        raise BenchError(f"tools/bench-deps.sh ran (status {done.returncode}) but {', '.join(still)} still cannot be found")
 
 
 def _to_ms(text: str) -> float:
@@ -192,6 +224,7 @@ def run_iperf(route: Route, duration: float, parallel: int) -> dict:
         route.iperf.start()
         raise
     outcome["gbps"] = report["end"]["sum_received"]["bits_per_second"] / 1e9
+    outcome["bytes"] = report["end"]["sum_received"]["bytes"]
     return outcome
 
 
@@ -213,17 +246,28 @@ def warm_up(route: Route) -> None:
     peers.wait_until(f"{route.key} bulk port", transfer, deadline, list(route.roles.values()))
 
 
-def start_routes(procs: peers.Processes, backend: peers.Backend, args) -> tuple[list[Route], dict[str, str]]:
-    """Start every selected path; a path that fails to start is reported, not fatal."""
-    routes, failed = [], {}
+def start_routes(
+    procs: peers.Processes, backend: peers.Backend, args
+) -> tuple[list[Route], dict[str, str], dict[str, str]]:
+    """Start every selected path; a path that fails to start is reported, not fatal, and an
+    optional peer whose program is missing is skipped. Routes, failed and skipped (key -> why)."""
+    routes, failed, skipped = [], {}, {}
     starters = []
     for key in args.only:
-        if key == "direct":
+        reason = missing_peer(key)
+        if reason:
+            skipped[key] = reason
+            print(f"[{key}] skipped: {reason}", file=sys.stderr)
+        elif key == "direct":
             starters.append(("direct", backend.direct))
         elif key == "haproxy":
             starters.append(("haproxy", lambda: peers.start_haproxy(procs, backend)))
         elif key == "ssh":
             starters.append(("ssh", lambda: peers.start_ssh_tunnel(procs, backend)))
+        elif key == "stunnel":
+            starters.append(("stunnel", lambda: peers.start_stunnel(procs, backend, args.backhaul)))
+        elif key == "v2ray":
+            starters.append(("v2ray", lambda: peers.start_v2ray(procs, backend, args.backhaul)))
         else:
             for workers in args.workers:
                 starters.append(
@@ -239,7 +283,36 @@ def start_routes(procs: peers.Processes, backend: peers.Backend, args) -> tuple[
             continue
         routes.append(route)
         print(f"[{key}] ready", file=sys.stderr)
-    return routes, failed
+    return routes, failed, skipped
+
+
+def with_cpu(route: Route, run) -> dict:
+    """``run(route)``'s outcome, with the CPU seconds each of the path's processes used
+    during it (``cpu_s``: role -> seconds; empty for a path with no process of its own)."""
+    before = route.cpu()
+    outcome = run(route)
+    after = route.cpu()
+    outcome["cpu_s"] = {role: round(after[role] - before[role], 3) for role in before}
+    return outcome
+
+
+def cpu_cost(cpu_s: dict[str, float], amount: float, per: float) -> dict[str, float] | None:
+    """CPU cost per ``per`` units of work, per process and in ``total``, from the CPU seconds
+    of one run that did ``amount`` units: ``cpu_cost(cpu, bytes, GB)`` is CPU-seconds per GB,
+    ``cpu_cost(cpu_ms, requests, 1000)`` CPU-ms per 1,000 requests. None without work or processes."""
+    if not cpu_s or amount <= 0:
+        return None
+    cost = {role: seconds * per / amount for role, seconds in cpu_s.items()}
+    cost["total"] = sum(cost.values())
+    return cost
+
+
+def median_cost(costs: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Per key (each process, and total), the median over the runs that have a cost."""
+    present = [c for c in costs if c]
+    if not present:
+        return None
+    return {key: statistics.median(c[key] for c in present) for key in present[0]}
 
 
 def measure(routes: list[Route], args) -> dict[str, dict[str, list]]:
@@ -256,7 +329,7 @@ def measure(routes: list[Route], args) -> dict[str, dict[str, list]]:
             shift = rep % len(routes)
             for route in routes[shift:] + routes[:shift]:
                 try:
-                    outcome = run(route)
+                    outcome = with_cpu(route, run)
                 except BenchError as exc:
                     outcome = {"error": str(exc)}
                     print(f"[{route.key}] {test} run {rep + 1} failed: {exc}", file=sys.stderr)
@@ -282,9 +355,14 @@ def summarize(results: dict[str, dict[str, list]]) -> dict[str, dict]:
         for field in ("rps", "p50_ms", "p99_ms"):
             row[field] = statistics.median(r[field] for r in wrk_ok) if wrk_ok else None
         row["wrk_errors"] = sum(r["errors"] for r in wrk_ok)
+        # CPU-ms (seconds x 1000) per 1,000 requests.
+        row["cpu_ms_per_1k_req"] = median_cost(
+            [cpu_cost({k: v * 1000 for k, v in r.get("cpu_s", {}).items()}, r["requests"], 1000) for r in wrk_ok]
+        )
         for test in ("bulk1", "bulk8"):
-            ok = [r["gbps"] for r in tests[test] if "error" not in r]
-            row[test] = statistics.median(ok) if ok else None
+            ok = [r for r in tests[test] if "error" not in r]
+            row[test] = statistics.median(r["gbps"] for r in ok) if ok else None
+            row[f"cpu_s_per_gb_{test}"] = median_cost([cpu_cost(r.get("cpu_s", {}), r["bytes"], GB) for r in ok])
         row["failed_runs"] = sum(1 for runs in tests.values() for r in runs if "error" in r)
         row["lingered_runs"] = sum(1 for runs in tests.values() for r in runs if "lingered" in r)
         summary[key] = row
@@ -311,10 +389,31 @@ def _ratio(value, base) -> str:
     return f"{value / base:.2f}×"
 
 
+def _total(cost: dict | None):
+    return None if cost is None else cost["total"]
+
+
+def cpu_breakdown(cost: dict | None, spec: str) -> str:
+    """``relay 2.10 + connector 2.60 = 4.70`` (one process: just its figure); — without one."""
+    if cost is None:
+        return "—"
+    parts = [f"{role} {format(v, spec)}" for role, v in cost.items() if role != "total"]
+    if len(parts) == 1:
+        return parts[0]
+    return " + ".join(parts) + f" = {format(cost['total'], spec)}"
+
+
 def render(
-    routes: list[Route], summary: dict, usage_before: dict, usage_after: dict, failed: dict, load: dict, args
+    routes: list[Route],
+    summary: dict,
+    usage_before: dict,
+    usage_after: dict,
+    failed: dict,
+    load: dict,
+    args,
+    skipped: dict | None = None,
 ) -> str:
-    """The one table, ratios vs direct, memory, and the BASELINES target lines."""
+    """The one table, ratios vs direct, CPU per unit of work, memory, and the BASELINES target lines."""
     lines = [
         f"backhaul comparison on {platform.node()} ({len(os.sched_getaffinity(0))} cores), "
         f"{time.strftime('%Y-%m-%d %H:%M')}; median of {args.repeat} interleaved run(s)",
@@ -324,8 +423,9 @@ def render(
         + ("  — something else was using the CPU; figures are noisier" if load["before"] > BUSY_LOAD else ""),
         "",
         "| path | req/s | p50 ms | p99 ms | bulk 1 stream Gbit/s | bulk 8 streams Gbit/s "
-        "| req/s vs direct | 1 stream vs direct | 8 streams vs direct |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| req/s vs direct | 1 stream vs direct | 8 streams vs direct "
+        "| CPU-ms / 1k req | CPU-s / GB 1 stream | CPU-s / GB 8 streams |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     direct = summary.get("direct", {})
     for route in routes:
@@ -345,10 +445,30 @@ def render(
             f"| {label} | {_fmt(row['rps'], ',.0f')} | {_fmt(row['p50_ms'], '.2f')} | {_fmt(row['p99_ms'], '.2f')} "
             f"| {_fmt(row['bulk1'], '.2f')} | {_fmt(row['bulk8'], '.2f')} "
             f"| {_ratio(row['rps'], direct.get('rps'))} | {_ratio(row['bulk1'], direct.get('bulk1'))} "
-            f"| {_ratio(row['bulk8'], direct.get('bulk8'))} |"
+            f"| {_ratio(row['bulk8'], direct.get('bulk8'))} "
+            f"| {_fmt(_total(row['cpu_ms_per_1k_req']), '.1f')} | {_fmt(_total(row['cpu_s_per_gb_bulk1']), '.2f')} "
+            f"| {_fmt(_total(row['cpu_s_per_gb_bulk8']), '.2f')} |"
         )
+    dashes = " | —" * 11
     for key, reason in failed.items():
-        lines.append(f"| {key}: not measured — {_one_line(reason)} | — | — | — | — | — | — | — | — |")
+        lines.append(f"| {key}: not measured — {_one_line(reason)}{dashes} |")
+    for key, reason in (skipped or {}).items():
+        lines.append(f"| {key}: skipped — {_one_line(reason)}{dashes} |")
+    lines += [
+        "",
+        "CPU of each path's own processes per unit of work, median of the runs (utime+stime of "
+        "each process tree from /proc, read before and after every run; wrk, iperf3 and the "
+        "backend are not counted):",
+    ]
+    for route in routes:
+        row = summary[route.key]
+        if not route.roles:
+            continue
+        lines.append(
+            f"  {route.key}: CPU-ms per 1,000 requests {cpu_breakdown(row['cpu_ms_per_1k_req'], '.1f')}; "
+            f"CPU-s per GB, 1 stream {cpu_breakdown(row['cpu_s_per_gb_bulk1'], '.2f')}, "
+            f"8 streams {cpu_breakdown(row['cpu_s_per_gb_bulk8'], '.2f')}"
+        )
     lines += [
         "",
         "memory idle before the measurements -> after the run, and CPU time used during them "
@@ -413,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGHUP, _raise_system_exit)
-    ensure_programs()
+    ensure_programs(args.only)
     workdir = Path(tempfile.mkdtemp(prefix="backhaul-bench-"))
     procs = peers.Processes(workdir)
     atexit.register(procs.stop_all)
@@ -422,16 +542,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = peers.Backend(procs, args.nginx_workers)
         backend.start()
-        routes, failed = start_routes(procs, backend, args)
+        routes, failed, skipped = start_routes(procs, backend, args)
         if not routes:
-            raise BenchError("no path could be set up: " + "; ".join(f"{k}: {_one_line(v)}" for k, v in failed.items()))
+            raise BenchError(
+                "no path could be set up: "
+                + "; ".join(f"{k}: {_one_line(v)}" for k, v in {**failed, **skipped}.items())
+            )
         started = time.time()
         usage_before = {route.key: route.usage() for route in routes if route.roles}
         results = measure(routes, args)
         usage_after = {route.key: route.usage() for route in routes if route.roles}
         summary = summarize(results)
         load["after"] = os.getloadavg()[0]
-        print(render(routes, summary, usage_before, usage_after, failed, load, args))
+        print(render(routes, summary, usage_before, usage_after, failed, load, args, skipped))
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -455,11 +578,25 @@ def main(argv: list[str] | None = None) -> int:
                         "usage_before": usage_before,
                         "usage_after": usage_after,
                         "not_measured": failed,
+                        "skipped": skipped,
                     },
                     indent=2,
                 )
                 + "\n"
             )
+        if args.plot:
+            try:
+                chart.draw(
+                    [(r.key, r.label, summary[r.key]) for r in routes],
+                    args.plot,
+                    f"backhaul comparison on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M')}: "
+                    f"median of {args.repeat} run(s), wrk -c{args.connections} {args.duration:g} s, "
+                    f"iperf3 {args.iperf_duration:g} s",
+                )
+            except (chart.ChartError, OSError) as exc:
+                # The table and the JSON are out already; only the chart is lost.
+                raise BenchError(f"could not write the chart to {args.plot}: {exc}") from exc
+            print(f"compare: chart written to {args.plot}", file=sys.stderr)
         problems = list(failed) + [k for k, row in summary.items() if row["failed_runs"]]
         if problems:
             keep_logs = True

@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import peer_pki  # bench/ is on sys.path (compare.py puts it there); backhaul is imported lazily
+
 #: The response body nginx serves for the request/response test.
 BODY = b"x" * 99 + b"\n"
 #: How long a server may take to become ready before the benchmark gives up on it.
@@ -107,6 +109,12 @@ def cpu_seconds(pid: int) -> float:
     # After the command name: state is field 3 of stat, so utime..cstime (14..17) are 11..14 here.
     ticks = sum(int(f) for f in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (utime + stime, and those of reaped children) of ``pid`` and all its living
+    descendants, from /proc; 0 for a process that is gone. Threads are counted in their process."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
 @dataclasses.dataclass
@@ -265,6 +273,11 @@ class Route:
     def usage(self) -> dict:
         """RSS and CPU time of each role's process tree, read from /proc now."""
         return {role: managed.usage() for role, managed in self.roles.items()}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each role's process tree (the path's own processes:
+        never the load generators or the backend)."""
+        return {role: tree_cpu_seconds(managed.proc.pid) for role, managed in self.roles.items()}
 
 
 class IperfServer:
@@ -639,4 +652,238 @@ def start_backhaul(procs: Processes, backend: Backend, backhaul: str, workers: i
         iperf_port,
         iperf,
         {"relay": relay, "connector": connector},
+    )
+
+
+def tls_files(root: Path, backhaul: str) -> dict[str, Path]:
+    """Our own CA, a server and a client certificate in ``root`` (bench/peer_pki.py).
+
+    In this interpreter when it can import backhaul and cryptography, otherwise with the
+    Python of the virtualenv that holds ``backhaul`` (compare.py itself needs neither)."""
+    try:
+        return peer_pki.write_pki(root)
+    except ImportError:
+        pass
+    python = Path(backhaul).parent / "python"
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise BenchError(
+            f"making the peers' certificates needs backhaul and cryptography: this Python cannot import them "
+            f"and there is no {python}; run tools/bootstrap.sh or pass --backhaul PATH"
+        )
+    _run_cli([str(python), str(Path(peer_pki.__file__)), str(root)], "peer certificates")
+    return {key: root / name for key, name in peer_pki.FILES.items()}
+
+
+#: The "domain" a v2ray bridge and portal recognise each other's reverse connections by
+#: (never resolved: routing rules match it).
+V2RAY_REVERSE_DOMAIN = "reverse.bench"
+#: A fixed VLESS user id: the benchmark's portal listens on loopback only.
+V2RAY_USER_ID = "5783a3e7-e373-51cd-8642-c83782b807c5"
+
+
+def v2ray_portal_config(tunnel_port: int, forwards: dict[int, int], tls: dict[str, Path]) -> dict:
+    """The portal (the relay side): a VLESS-over-TLS inbound the bridge dials into, and a
+    dokodemo-door inbound per user port whose traffic goes back through the bridge's
+    reverse (mux) connections to ``127.0.0.1:forwards[port]`` as the bridge sees it."""
+    user_tags = [f"user-{port}" for port in forwards]
+    return {
+        # No access log: a line per connection is not what is measured.
+        "log": {"access": "none", "loglevel": "warning"},
+        "reverse": {"portals": [{"tag": "portal", "domain": V2RAY_REVERSE_DOMAIN}]},
+        "inbounds": [
+            {
+                "tag": "tunnel",
+                "listen": "127.0.0.1",
+                "port": tunnel_port,
+                "protocol": "vless",
+                "settings": {"clients": [{"id": V2RAY_USER_ID}], "decryption": "none"},
+                "streamSettings": {
+                    "network": "tcp",
+                    "security": "tls",
+                    "tlsSettings": {
+                        "certificates": [
+                            {"certificateFile": str(tls["server_cert"]), "keyFile": str(tls["server_key"])}
+                        ]
+                    },
+                },
+            }
+        ]
+        + [
+            {
+                "tag": tag,
+                "listen": "127.0.0.1",
+                "port": port,
+                "protocol": "dokodemo-door",
+                "settings": {"address": "127.0.0.1", "port": target, "network": "tcp"},
+            }
+            for tag, (port, target) in zip(user_tags, forwards.items())
+        ],
+        # Only the reverse portal carries traffic; anything unmatched is dropped.
+        "outbounds": [{"tag": "drop", "protocol": "blackhole"}],
+        "routing": {
+            "rules": [
+                {"type": "field", "inboundTag": user_tags, "outboundTag": "portal"},
+                {"type": "field", "inboundTag": ["tunnel"], "domain": [f"full:{V2RAY_REVERSE_DOMAIN}"], "outboundTag": "portal"},
+            ]
+        },
+    }
+
+
+def v2ray_bridge_config(tunnel_port: int, tls: dict[str, Path]) -> dict:
+    """The bridge (the connector side): dials out to the portal over VLESS + TLS (verified
+    against our CA) for its reverse connections, and opens what arrives on them with freedom."""
+    return {
+        # No access log: a line per connection is not what is measured.
+        "log": {"access": "none", "loglevel": "warning"},
+        "reverse": {"bridges": [{"tag": "bridge", "domain": V2RAY_REVERSE_DOMAIN}]},
+        "outbounds": [
+            {"tag": "backend", "protocol": "freedom", "settings": {}},
+            {
+                "tag": "tunnel",
+                "protocol": "vless",
+                "settings": {
+                    "vnext": [
+                        {
+                            "address": "127.0.0.1",
+                            "port": tunnel_port,
+                            "users": [{"id": V2RAY_USER_ID, "encryption": "none"}],
+                        }
+                    ]
+                },
+                "streamSettings": {
+                    "network": "tcp",
+                    "security": "tls",
+                    "tlsSettings": {
+                        "serverName": peer_pki.SERVER_NAME,
+                        "disableSystemRoot": True,
+                        "certificates": [{"usage": "verify", "certificateFile": str(tls["ca"])}],
+                    },
+                },
+            },
+        ],
+        "routing": {
+            "rules": [
+                {"type": "field", "inboundTag": ["bridge"], "domain": [f"full:{V2RAY_REVERSE_DOMAIN}"], "outboundTag": "tunnel"},
+                {"type": "field", "inboundTag": ["bridge"], "outboundTag": "backend"},
+            ]
+        },
+    }
+
+
+def start_v2ray(procs: Processes, backend: Backend, backhaul: str) -> Route:
+    """v2ray's reverse proxy: the bridge (inside, beside the backend) dials out to the
+    portal over VLESS + TLS and holds mux connections; users reach the portal's ports."""
+    v2ray = find_program("v2ray")
+    if v2ray is None:
+        raise BenchError("v2ray is not installed; tools/bench-deps.sh installs Debian's v2ray package")
+    root = procs.workdir / "v2ray"
+    root.mkdir()
+    tls = tls_files(root, backhaul)
+    tunnel_port, http_port, iperf_port = free_port(), free_port(), free_port()
+    iperf = backend.iperf_server("v2ray")
+    configs = {
+        "portal": v2ray_portal_config(tunnel_port, {http_port: backend.nginx_port, iperf_port: iperf.port}, tls),
+        "bridge": v2ray_bridge_config(tunnel_port, tls),
+    }
+    for role, config in configs.items():
+        (root / f"{role}.json").write_text(json.dumps(config, indent=2))
+    started = {}
+    deadline = time.monotonic() + READY_TIMEOUT
+    # The portal first: the bridge dials it as soon as it starts.
+    started["portal"] = procs.start("v2ray-portal", [v2ray, "-config", str(root / "portal.json")], cwd=root)
+    wait_until(
+        "v2ray portal",
+        lambda: socket.create_connection(("127.0.0.1", tunnel_port), 2).close(),
+        deadline,
+        [started["portal"]],
+    )
+    started["bridge"] = procs.start("v2ray-bridge", [v2ray, "-config", str(root / "bridge.json")], cwd=root)
+    wait_until("v2ray reverse tunnel", lambda: probe_http(http_port), deadline, list(started.values()))
+    return Route(
+        "v2ray",
+        "v2ray reverse (bridge -> portal), VLESS + TLS, mux",
+        http_port,
+        iperf_port,
+        iperf,
+        {"portal": started["portal"], "bridge": started["bridge"]},
+    )
+
+
+#: stunnel's TLS 1.3 suite here: the one backhaul's relay prefers (issue 14), so the
+#: comparison is of the programs, not of the ciphers.
+STUNNEL_CIPHERSUITES = "TLS_AES_128_GCM_SHA256"
+
+
+def stunnel_conf(side: str, services: dict[str, tuple[int, int]], tls: dict[str, Path]) -> str:
+    """An stunnel.conf for one side of the mutual-TLS pair.
+
+    ``side`` "client": accepts users in the clear and connects over TLS with the client
+    certificate, checking the server's against our CA and name; "server": accepts TLS,
+    requires a client certificate from our CA, connects to the backend in the clear.
+    ``services``: name -> (accept port, connect port), all on 127.0.0.1.
+    """
+    if side not in ("client", "server"):
+        raise ValueError(f"stunnel side must be 'client' or 'server', not {side!r}")
+
+    cert, key = (tls["client_cert"], tls["client_key"]) if side == "client" else (tls["server_cert"], tls["server_key"])
+    lines = [
+        "foreground = yes",
+        "syslog = no",
+        # Empty: no pid file (the benchmark holds the process).
+        "pid =",
+        "debug = warning",
+        "",
+    ]
+    for name, (accept, connect) in services.items():
+        lines += [
+            f"[{name}]",
+            f"client = {'yes' if side == 'client' else 'no'}",
+            f"accept = 127.0.0.1:{accept}",
+            f"connect = 127.0.0.1:{connect}",
+            f"cert = {cert}",
+            f"key = {key}",
+            f"CAfile = {tls['ca']}",
+            "verifyChain = yes",
+            "sslVersionMin = TLSv1.3",
+            f"ciphersuites = {STUNNEL_CIPHERSUITES}",
+            "socket = l:TCP_NODELAY=1",
+            "socket = r:TCP_NODELAY=1",
+        ]
+        if side == "client":
+            lines.append(f"checkHost = {peer_pki.SERVER_NAME}")
+        else:
+            lines.append("requireCert = yes")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def start_stunnel(procs: Processes, backend: Backend, backhaul: str) -> Route:
+    """An stunnel mutual-TLS pair: users -> client-side stunnel -> TLS with a client
+    certificate -> server-side stunnel -> backend. One TLS connection per user connection."""
+    stunnel = find_program("stunnel4") or find_program("stunnel")
+    if stunnel is None:
+        raise BenchError("stunnel is not installed; tools/bench-deps.sh installs Debian's stunnel4 package")
+    root = procs.workdir / "stunnel"
+    root.mkdir()
+    tls = tls_files(root, backhaul)
+    http_port, iperf_port, tls_http, tls_iperf = free_port(), free_port(), free_port(), free_port()
+    iperf = backend.iperf_server("stunnel")
+    sides = {
+        "server": {"http": (tls_http, backend.nginx_port), "iperf3": (tls_iperf, iperf.port)},
+        "client": {"http": (http_port, tls_http), "iperf3": (iperf_port, tls_iperf)},
+    }
+    started = {}
+    for side, services in sides.items():
+        conf = root / f"stunnel-{side}.conf"
+        conf.write_text(stunnel_conf(side, services, tls))
+        started[side] = procs.start(f"stunnel-{side}", [stunnel, str(conf)], cwd=root)
+    deadline = time.monotonic() + READY_TIMEOUT
+    wait_until("stunnel pair", lambda: probe_http(http_port), deadline, list(started.values()))
+    return Route(
+        "stunnel",
+        f"stunnel mutual-TLS pair, {STUNNEL_CIPHERSUITES}, TLS per connection",
+        http_port,
+        iperf_port,
+        iperf,
+        {"stunnel-client": started["client"], "stunnel-server": started["server"]},
     )
