@@ -206,15 +206,15 @@ class Session:
         """True once either side sent GOAWAY: no new streams may be opened."""
         return self._local_goaway or self._remote_goaway
 
-    def send_buffered(self, stream_id: int) -> int:
+    def send_buffered(self, stream_id):
         """Bytes queued in the session for a stream, waiting for credit."""
         stream = self._streams.get(stream_id)
         return stream.queued if stream is not None else 0
 
-    def has_stream(self, stream_id: int) -> bool:
+    def has_stream(self, stream_id):
         return stream_id in self._streams
 
-    def set_sink(self, stream_id: int, sink) -> None:
+    def set_sink(self, stream_id, sink):
         """Hand this stream's DATA to ``sink.on_data(data, False)`` as it is decoded.
 
         The data path's shortcut: a DATA frame then costs no event object and no dispatch.
@@ -247,11 +247,11 @@ class Session:
         else:
             self._connection_lost("the tunnel's byte stream ended")
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, sizehint):
         """For BufferedProtocol.get_buffer: read straight into the decoder's buffer."""
         return self._decoder.get_buffer(sizehint)
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes):
         """For BufferedProtocol.buffer_updated."""
         self._last_received = self._clock()
         self._decoder.buffer_updated(nbytes)
@@ -261,7 +261,7 @@ class Session:
         if not self._closed:
             self._connection_lost(reason)
 
-    def next_event(self) -> Event | None:
+    def next_event(self):
         """The next event, or None when more input is needed (or input is held: ``input_held``)."""
         events = self._events
         while not events:
@@ -280,7 +280,7 @@ class Session:
                 self._fail(exc.code, str(exc.args[0]) if exc.args else "malformed frame")
         return events.popleft()
 
-    def data_to_send(self) -> bytes | bytearray:
+    def data_to_send(self):
         """Everything encoded since the last call, as one buffer; b"" when nothing."""
         return self._encoder.take()
 
@@ -386,7 +386,7 @@ class Session:
         if code in UNWANTED_REFUSALS and not self._is_local(stream_id):
             self._flood(self._guard.unwanted(self._last_received))
 
-    def send_data(self, stream_id: int, data, end: bool = False) -> bool:
+    def send_data(self, stream_id, data, end=False):
         """Send bytes on a stream; returns False when the caller should stop producing.
 
         What the windows do not allow yet is queued (copied) in the session and sent as
@@ -431,7 +431,7 @@ class Session:
             return False
         return True
 
-    def end_stream(self, stream_id: int) -> None:
+    def end_stream(self, stream_id):
         """Half-close: we send no more bytes (after what is queued)."""
         stream = self._streams.get(stream_id)
         if stream is None or not stream.local_open or stream.end_pending:
@@ -442,14 +442,14 @@ class Session:
             self._encoder.fin(stream_id)
             self._local_end(stream)
 
-    def reset_stream(self, stream_id: int, code: int, reason: str) -> None:
+    def reset_stream(self, stream_id, code, reason):
         """Abort a stream both ways; queued bytes are dropped."""
         if stream_id not in self._streams or self._closed:
             return
         self._encoder.rst(stream_id, code, reason)
         self._remove(stream_id)
 
-    def consumed(self, stream_id: int, nbytes: int) -> None:
+    def consumed(self, stream_id, nbytes):
         """The application handed on ``nbytes`` of received DATA: credit them back."""
         if nbytes <= 0 or self._closed:
             return

@@ -25,11 +25,9 @@ from backhaul.transport.tunnel import Tunnel
 log = logging.getLogger("backhaul.stream")
 
 
-class Pipe(asyncio.BufferedProtocol):
-    """Relays between ``transport`` (a TCP socket) and ``stream_id`` on ``tunnel``.
-
-    ``buffer`` is the process's shared read buffer (see the module docstring).
-    """
+class _PipeCore:
+    """Everything of a ``Pipe`` (below): a cdef class once compiled, with C fields
+    (ext/backhaul/transport/_pipe_c.pxd); ``Pipe`` adds asyncio's Protocol base in Python."""
 
     __slots__ = (
         "flow",
@@ -85,10 +83,10 @@ class Pipe(asyncio.BufferedProtocol):
         set_nodelay(transport)
         transport.set_write_buffer_limits(self.flow.write_high, self.flow.write_low)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, sizehint):
         return self._buffer
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes):
         if self.result is not None:
             return
         self.bytes_up += nbytes
@@ -121,10 +119,10 @@ class Pipe(asyncio.BufferedProtocol):
                 self.tunnel.reset(self.stream_id, code, reason)
             self.finish(reason, code=code)
 
-    def pause_writing(self) -> None:
+    def pause_writing(self):
         self._write_paused = True
 
-    def resume_writing(self) -> None:
+    def resume_writing(self):
         self._write_paused = False
         if self._owed and self.result is None:
             self.tunnel.consumed(self.stream_id, self._owed)
@@ -151,7 +149,7 @@ class Pipe(asyncio.BufferedProtocol):
     def on_rejected(self, code: int, reason: str) -> None:
         self.finish(f"open refused: {error_name(code)}: {reason}", abort=True, code=code)
 
-    def on_data(self, data: bytes, end: bool) -> None:
+    def on_data(self, data, end):
         size = len(data)
         if size:
             self.bytes_down += size
@@ -206,3 +204,12 @@ class Pipe(asyncio.BufferedProtocol):
         )
         if self.on_done is not None:
             self.on_done(self)
+
+
+class Pipe(_PipeCore, asyncio.BufferedProtocol):
+    """Relays between ``transport`` (a TCP socket) and ``stream_id`` on ``tunnel``.
+
+    ``buffer`` is the process's shared read buffer (see the module docstring).
+    """
+
+    __slots__ = ()

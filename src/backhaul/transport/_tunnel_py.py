@@ -32,8 +32,10 @@ from backhaul.transport.sockets import set_nodelay
 log = logging.getLogger("backhaul.tunnel")
 
 
-class Tunnel(asyncio.BufferedProtocol):
-    """One tunnel connection. ``session`` is its state machine; ``endpoints`` its streams."""
+class _TunnelCore:
+    """Everything of a ``Tunnel`` (below): a cdef class once compiled, whose fields are C fields
+    (ext/backhaul/transport/_tunnel_c.pxd). A cdef class cannot derive from asyncio's Protocol
+    classes, so ``Tunnel`` adds that base in Python."""
 
     def __init__(
         self, session: mux.Session, owner: TunnelOwner, name: str = "tunnel", flow: FlowControl = FlowControl()
@@ -102,10 +104,10 @@ class Tunnel(asyncio.BufferedProtocol):
         self.owner.tunnel_up(self)
         self.flush()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, sizehint):
         return self.session.get_buffer(sizehint)
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def buffer_updated(self, nbytes):
         self.bytes_in += nbytes
         self.session.buffer_updated(nbytes)
         self._process()
@@ -144,7 +146,7 @@ class Tunnel(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ API for pipes and owners
 
-    def send(self, stream_id: int, data, end: bool = False) -> bool:
+    def send(self, stream_id, data, end=False):
         """Queue bytes on a stream; False means: pause the socket until on_write_resumed."""
         keep_going = self.session.send_data(stream_id, data, end)
         if end:
@@ -167,7 +169,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self.session.reset_stream(stream_id, code, reason)
         self.schedule_flush()
 
-    def consumed(self, stream_id: int, nbytes: int) -> None:
+    def consumed(self, stream_id, nbytes):
         self.session.consumed(stream_id, nbytes)
         self.schedule_flush()
 
@@ -232,12 +234,12 @@ class Tunnel(asyncio.BufferedProtocol):
     def usable(self) -> bool:
         return not self.closed and not self.session.closed and not self.session.draining
 
-    def schedule_flush(self) -> None:
+    def schedule_flush(self):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
-    def flush(self) -> None:
+    def flush(self):
         self._flush_scheduled = False
         data = self.session.data_to_send()
         # Once the transport is closing the session has reset every stream and logged why;
@@ -248,7 +250,7 @@ class Tunnel(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ internals
 
-    def _process(self) -> None:
+    def _process(self):
         session = self.session
         dispatch = self._dispatch
         # Whatever the endpoints send while events are handed out goes in the one write below
@@ -277,7 +279,7 @@ class Tunnel(asyncio.BufferedProtocol):
                    "reply_bytes": self.session.reply_bytes},
         )
 
-    def _forget_if_closed(self, stream_id: int) -> None:
+    def _forget_if_closed(self, stream_id):
         """Drop the endpoint of a stream the session has closed both ways."""
         if not self.session.has_stream(stream_id):
             self._ending.discard(stream_id)
@@ -404,3 +406,6 @@ class Tunnel(asyncio.BufferedProtocol):
         self._stop()
         self.owner.tunnel_down(self, event.code, event.reason)
 
+
+class Tunnel(_TunnelCore, asyncio.BufferedProtocol):
+    """One tunnel connection. ``session`` is its state machine; ``endpoints`` its streams."""
