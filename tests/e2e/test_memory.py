@@ -155,6 +155,12 @@ def _download(port: int, seconds: float) -> int:
     return got
 
 
+def _streams_data(port: int) -> bool:
+    """True when a connection to the endless app gets its first bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        return len(sock.recv(65536)) > 0
+
+
 def test_memory_returns_to_idle_after_a_bulk_run(system, backend, record_property):
     """After a bulk run both ways, the relay's and the connector's RSS come back near idle.
 
@@ -171,9 +177,18 @@ def test_memory_returns_to_idle_after_a_bulk_run(system, backend, record_propert
     up = system.publish_tcp("up", reply.target)
     down = system.publish_tcp("down", source.target)
     system.wait_tunnels("one", 2)
-    wait_until(lambda: _download(down, 0.05) > 0, 30, "the source app through the connector", interval=0.2)
+    wait_until(lambda: _streams_data(down), 30, "the source app through the connector", interval=0.2)
     relay, connector = system.relay, system.connectors["one"]
-    idle = relay.rss_kib(), connector.rss_kib()
+    # Idle: once both processes are settled after their start (their RSS still for a second;
+    # a start is a burst too, and is trimmed like one).
+    samples = [(relay.rss_kib(), connector.rss_kib())]
+
+    def settled() -> bool:
+        samples.append((relay.rss_kib(), connector.rss_kib()))
+        return all(abs(a - b) <= 256 for a, b in zip(samples[-1], samples[-2]))
+
+    wait_until(settled, 15, "the relay's and the connector's RSS to settle after their start", interval=1.0)
+    idle = samples[-1]
 
     peak = list(idle)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
