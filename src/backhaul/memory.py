@@ -6,8 +6,10 @@ good). glibc keeps it: freeing the run's large buffers (the encoder's batch, the
 TLS layer hands to the socket, several MiB each) raises malloc's mmap threshold, so later
 buffers of that size come from the heap, and free() gives back only a free top of the heap
 above the trim threshold; pages freed below a live block stay resident. ``malloc_trim(0)``
-returns every free page of every arena (``madvise``), whatever lies above it: 45 to 50 MiB
-of the relay's 80 after the run.
+returns every free page of every arena (``madvise``), whatever lies above it: about 50 MiB
+of the 80 the run left on the relay. The rest is the TLS output buffer of each tunnel
+(OpenSSL's memory BIO inside uvloop's SSL transport), which keeps its largest size for the
+tunnel's life and is no allocator's to give back.
 
 Nothing here runs per frame. The owner (the relay worker, the connector agent) starts a
 ``QuietTrim``; once a ``MemoryTrim.check_interval`` it compares the process's CPU time with
