@@ -675,3 +675,36 @@ class PeeringLimits:
             raise ValueError("peering dial_timeout must be positive and 0 < redial_initial <= redial_maximum")
         if self.max_accepted < 1:
             raise ValueError("peering max_accepted must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTrim:
+    """When a relay or connector worker gives memory back to the system (backhaul/memory.py).
+
+    After a bulk run glibc keeps the freed heap: large buffers freed during the run raise
+    its mmap threshold, so later ones come from the heap, and free() returns only a free
+    top of the heap larger than the trim threshold. ``malloc_trim(0)`` hands every free
+    page back; it is called once the process has gone quiet after a burst, never per frame.
+    """
+
+    #: Seconds between two looks at the process's CPU time (one getrusage() each): often
+    #: enough to trim within a few seconds of a burst's end, rare enough to cost nothing.
+    check_interval: float = 1.0
+    #: A look that finds at least this share of one core used since the last marks a burst:
+    #: a bulk stream keeps a core busy, while keepalives, heartbeats and config polls of an
+    #: idle worker use well under 1%.
+    busy_cpu: float = 0.2
+    #: Below this share of a core the process counts as quiet (an idle worker's timers stay under it).
+    quiet_cpu: float = 0.05
+    #: Seconds of quiet after a burst before trimming: a pause between two requests of a
+    #: busy app does not trim (the pages would be faulted back in at once), while the
+    #: memory of a finished bulk run is back within a few seconds (tests/e2e/test_memory.py
+    #: asks for 10 s).
+    quiet_seconds: float = 2.0
+    #: 0 turns trimming off (1: on).
+    enabled: int = 1
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "memory trim", switches=("enabled",))
+        if self.quiet_cpu > self.busy_cpu:
+            raise ValueError("memory trim quiet_cpu must not be above busy_cpu")

@@ -115,3 +115,106 @@ def test_user_that_never_reads_holds_the_backend_at_the_window(system, backend):
             got += len(sock.recv(MiB))
     finally:
         sock.close()
+
+
+BULK_SECONDS = 5.0
+#: RSS may stay this much above idle once a bulk run is over (the issue's target: within 25%).
+AFTER_BULK_SLACK = 1.25
+
+
+def _upload(port: int, seconds: float) -> int:
+    """Send as fast as the path takes for ``seconds``, then EOF; the reply app's count must match."""
+    chunk = b"\xab" * (256 * 1024)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            got = sock.recv(256)
+            if not got:
+                break
+            reply += got
+    assert int(reply.split()[0]) == sent, f"the app counted {reply!r}, {sent} bytes were sent"
+    return sent
+
+
+def _download(port: int, seconds: float) -> int:
+    """Read an endless app for ``seconds``; how much came."""
+    got = 0
+    buf = bytearray(1024 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n = sock.recv_into(buf)
+            assert n, "the app's stream ended"
+            got += n
+    return got
+
+
+def _streams_data(port: int) -> bool:
+    """True when a connection to the endless app gets its first bytes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        return len(sock.recv(65536)) > 0
+
+
+def test_memory_returns_to_idle_after_a_bulk_run(system, backend, record_property):
+    """After a bulk run both ways, the relay's and the connector's RSS come back near idle.
+
+    glibc keeps the heap a bulk run freed (backhaul/memory.py); each worker trims it once
+    traffic has been quiet for MemoryTrim.quiet_seconds. Two streams each way over the
+    connector's two tunnels, as a benchmark run does.
+    """
+    import concurrent.futures
+
+    from .harness import wait_until
+
+    reply, source = backend("reply"), backend("source")
+    system.start_connector("one")
+    up = system.publish_tcp("up", reply.target)
+    down = system.publish_tcp("down", source.target)
+    system.wait_tunnels("one", 2)
+    wait_until(lambda: _streams_data(down), 30, "the source app through the connector", interval=0.2)
+    relay, connector = system.relay, system.connectors["one"]
+    # Idle: once both processes are settled after their start (their RSS still for a second;
+    # a start is a burst too, and is trimmed like one).
+    samples = [(relay.rss_kib(), connector.rss_kib())]
+
+    def settled() -> bool:
+        samples.append((relay.rss_kib(), connector.rss_kib()))
+        return all(abs(a - b) <= 256 for a, b in zip(samples[-1], samples[-2]))
+
+    wait_until(settled, 15, "the relay's and the connector's RSS to settle after their start", interval=1.0)
+    idle = samples[-1]
+
+    peak = list(idle)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = [pool.submit(_upload, up, BULK_SECONDS) for _ in range(2)]
+        runs += [pool.submit(_download, down, BULK_SECONDS) for _ in range(2)]
+        while not all(run.done() for run in runs):
+            peak = [max(peak[0], relay.rss_kib()), max(peak[1], connector.rss_kib())]
+            time.sleep(0.2)
+        moved = sum(run.result() for run in runs)
+    ended = time.monotonic()
+    assert moved > 256 * MiB, f"the bulk run moved only {moved} bytes"
+
+    last = idle
+
+    def near_idle() -> bool:
+        nonlocal last
+        last = relay.rss_kib(), connector.rss_kib()
+        return all(now <= AFTER_BULK_SLACK * before for now, before in zip(last, idle))
+
+    try:
+        wait_until(near_idle, 10, "the RSS of the relay and the connector to come back within 25% of idle", interval=0.5)
+    finally:
+        record_property("rss_kib_idle", idle)
+        record_property("rss_kib_peak", peak)
+        record_property("rss_kib_after", last)
+        print(
+            f"RSS KiB relay, connector: idle {idle}, peak {peak}, last {last} "
+            f"({time.monotonic() - ended:.1f} s after the run), {moved / MiB:.0f} MiB moved"
+        )

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "backhaul.release"),
     # moving bytes and keeping records: transports, figures, the store, processes
     ("backhaul.transport", "backhaul.metrics", "backhaul.reporter", "backhaul.store", "backhaul.supervisor",
-     "backhaul.admin"),
+     "backhaul.admin", "backhaul.memory"),
     # the two sides' control planes and agents
     ("backhaul.control", "backhaul.connector"),
     # what runs them: the relay's workers, the updater

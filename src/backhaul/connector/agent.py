@@ -32,6 +32,7 @@ from backhaul.connector.streams import TargetStreams, open_failure
 from backhaul.connector.upkeep import Upkeep
 from backhaul.errors import BackhaulError
 from backhaul.logs import add_admin_log
+from backhaul.memory import QuietTrim
 from backhaul.protocol.constants import ErrorCode
 from backhaul.supervisor import EXIT_NO_RESTART
 from backhaul.transport.tunnel import Tunnel
@@ -74,6 +75,8 @@ class ConnectorAgent:
         )
         self.streams = TargetStreams(self._current, self.metrics, self.observer.session_log, self.origins, self.backend_tls)
         self.udp = udp_flows.UdpFlows(settings.udp, self.metrics.events, open_failure)
+        #: gives the memory of a finished burst back (backhaul.memory)
+        self.memory = QuietTrim(settings.memory, worker=settings.worker)
 
     def _current(self) -> ConnectorSettings:
         return self.settings
@@ -97,12 +100,14 @@ class ConnectorAgent:
             self._serving = True
             self.udp.start()
             self.upkeep.start()
+            self.memory.start()
             checker = asyncio.create_task(self.origins.run())
             await self._stopping.wait()
             self.upkeep.stop()
             checker.cancel()
             await self.drain()
         finally:
+            self.memory.stop()
             await self.observer.stop()
             await self.upkeep.close()
 

@@ -17,7 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backhaul.config import Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
+from backhaul.config import (
+    Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, MemoryTrim, UdpLimits,
+)
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
 from backhaul.transport.proxy_connect import Proxy
@@ -62,6 +64,8 @@ class ConnectorSettings:
     control_fd: int | None = None
     #: Seconds between two publications of this worker's figures.
     stats_interval: float = 1.0
+    #: When the worker gives the memory of a finished burst back to the system.
+    memory: MemoryTrim = MemoryTrim()
 
     @property
     def slots(self) -> int:
@@ -100,6 +104,7 @@ _NESTED: dict[str, type] = {
     "flow": FlowControl,
     "health": HealthChecks,
     "udp": UdpLimits,
+    "memory": MemoryTrim,
 }
 
 

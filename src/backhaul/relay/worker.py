@@ -23,11 +23,12 @@ from aiohttp import web
 
 from backhaul import __version__, tlsconfig
 from backhaul.config import (
-    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, PeeringLimits, UdpLimits,
+    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, UdpLimits,
 )
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
 from backhaul.control.validate import Invalid, text
+from backhaul.memory import QuietTrim
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_PEER, ALPN_TUNNEL, ErrorCode
 from backhaul.relay.accept import Slot, TlsListener, send_alpn_alert
@@ -95,6 +96,8 @@ class RelaySettings:
     peer_advertise: str = ""
     #: Several nodes: heartbeats, freshness of the nodes table, how many nodes at most.
     cluster: ClusterSettings = ClusterSettings()
+    #: When the worker gives the memory of a finished burst back to the system.
+    memory: MemoryTrim = MemoryTrim()
 
 
 def node_record(settings: RelaySettings, node_id: str) -> Node:
@@ -169,6 +172,8 @@ class RelayWorker:
         #: and whenever the set changes (CONTROL ``nodes``)
         self.nodes: list[dict] = []
         self._stopping = asyncio.Event()
+        #: gives the memory of a finished burst back (backhaul.memory)
+        self.memory = QuietTrim(settings.memory, worker=settings.worker)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,6 +238,7 @@ class RelayWorker:
         for edge in self.edges:
             await edge.start()
         await self.reload()
+        self.memory.start()
         if self.settings.run_dir is not None:
             self._reporter = Reporter(self.settings.run_dir, SPECS, self._snapshot, self.settings.stats_interval)
             await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
@@ -268,6 +274,7 @@ class RelayWorker:
         self._wake.set()
 
     async def stop(self) -> None:
+        self.memory.stop()
         for server in self._servers:
             server.close()
         grace = self.settings.cluster.drain_grace if len(self.nodes) > 1 and self._stopping.is_set() else 0.0
