@@ -21,6 +21,8 @@ cdef class _TunnelCore:
     cdef public dict _early
     # The FlowControl the tunnel was made with.
     cdef public object _flow
+    # FlowControl.tunnel_write_low: a batch this big is written at once (send()).
+    cdef public long long _flush_at
     # The TLS transport's write buffer is above its high mark.
     cdef public bint write_paused
     # Endpoints that stopped reading because of that; resumed together.

@@ -77,7 +77,11 @@ from backhaul.protocol.events import (
     TunnelFailed,
 )
 from backhaul.protocol.floods import ERROR_FRAME_SIZE, PONG_SIZE, UNWANTED_REFUSALS, FloodGuard
-from backhaul.protocol import framing as _codec
+if cython.compiled:
+    # The compiled session calls the compiled codec in C (its .pxd cimports it): always that one.
+    from backhaul.protocol import _framing_c as _codec
+else:
+    from backhaul.protocol import framing as _codec
 from backhaul.protocol.framing import (
     FrameError,
     parse_error_payload,
@@ -283,6 +287,11 @@ class Session:
     def data_to_send(self):
         """Everything encoded since the last call, as one buffer; b"" when nothing."""
         return self._encoder.take()
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes encoded and not yet taken by data_to_send()."""
+        return self._encoder.pending
 
     def output_blocked(self, blocked: bool) -> None:
         """The transport's write buffer went above its high mark (True) or below its low mark (False).

@@ -48,6 +48,8 @@ class _TunnelCore:
         #: connecting); bounded by the stream's initial window, since no credit is returned for it
         self._early: dict[int, list] = {}
         self._flow = flow
+        #: encoded bytes that are written at once rather than at the end of the loop turn
+        self._flush_at = flow.tunnel_write_low
         #: the TLS transport's write buffer is above its high mark
         self.write_paused = False
         #: endpoints that stopped reading their socket because of that; resumed together
@@ -130,6 +132,7 @@ class _TunnelCore:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
             self._loop.call_soon(self._process)
+        self.flush()
         stalled, self._stalled = self._stalled, set()
         for endpoint in stalled:
             endpoint.on_write_resumed()
@@ -151,7 +154,13 @@ class _TunnelCore:
         keep_going = self.session.send_data(stream_id, data, end)
         if end:
             self._forget_if_closed(stream_id)
-        self.schedule_flush()
+        if self.session.pending_output >= self._flush_at:
+            # Hand the batch over now, not at the end of the loop turn (libuv may read 32 socket
+            # buffers in one): the TLS transport SSL_writes all it is given into its output BIO at
+            # once, and that buffer keeps its largest size for good.
+            self.flush()
+        else:
+            self.schedule_flush()
         if self.write_paused:
             endpoint = self.endpoints.get(stream_id)
             if endpoint is not None:
@@ -241,6 +250,8 @@ class _TunnelCore:
 
     def flush(self):
         self._flush_scheduled = False
+        if self.write_paused and not self.session.closed:
+            return  # resume_writing() flushes: above the high mark nothing more goes into the TLS BIO
         data = self.session.data_to_send()
         # Once the transport is closing the session has reset every stream and logged why;
         # what is left (at most a GOAWAY) has nowhere to go.
