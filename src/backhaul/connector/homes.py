@@ -70,7 +70,7 @@ class TunnelHomes:
 
     def use_credentials(self, state: ConnectorState) -> None:
         """Tunnels dialed from now on present ``state``'s certificate; open ones carry on."""
-        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
+        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL, self._settings().tls)
 
     # ------------------------------------------------------------------ what the worker asks
 

@@ -1,7 +1,7 @@
 """Where a connector's settings come from: defaults, a TOML file, command-line flags.
 
 ``connector run --config FILE`` reads a TOML file whose keys are ``ConnectorSettings``
-field names (``[keepalive]``, ``[backoff]``, ``[flow]``, ``[health]`` and ``[udp]`` are tables of the nested
+field names (``[keepalive]``, ``[backoff]``, ``[flow]``, ``[health]``, ``[udp]`` and ``[tls]`` are tables of the nested
 settings). Flags given on the command line win over the file; the file wins over the
 defaults. SIGHUP reads the file again: ``split_changes`` tells which changed keys a
 running worker applies at once and which wait for a restart.
@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from backhaul.config import Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, UdpLimits
+from backhaul.config import Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, TlsSettings, UdpLimits
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
 from backhaul.transport.proxy_connect import Proxy
@@ -62,6 +62,8 @@ class ConnectorSettings:
     control_fd: int | None = None
     #: Seconds between two publications of this worker's figures.
     stats_interval: float = 1.0
+    #: Tunnel TLS: suites offered, kernel TLS, key rotation (``[tls]``; after a restart).
+    tls: TlsSettings = TlsSettings()
 
     @property
     def slots(self) -> int:
@@ -100,6 +102,7 @@ _NESTED: dict[str, type] = {
     "flow": FlowControl,
     "health": HealthChecks,
     "udp": UdpLimits,
+    "tls": TlsSettings,
 }
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from backhaul import __version__, tlsconfig
 from backhaul.config import (
-    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, PeeringLimits, UdpLimits,
+    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
 )
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
@@ -95,6 +95,8 @@ class RelaySettings:
     peer_advertise: str = ""
     #: Several nodes: heartbeats, freshness of the nodes table, how many nodes at most.
     cluster: ClusterSettings = ClusterSettings()
+    #: Tunnel TLS: suites and their order, kernel TLS, key rotation (``--tls NAME=VALUE``).
+    tls: TlsSettings = TlsSettings()
 
 
 def node_record(settings: RelaySettings, node_id: str) -> Node:
@@ -206,7 +208,9 @@ class RelayWorker:
             worker=self.settings.worker, max_nodes=self.settings.cluster.max_nodes,
         )
         self.opener.peers = self.peers
-        ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
+        ssl_context = tlsconfig.server_context(
+            self.settings.data_dir, on_alpn_refused=send_alpn_alert, tls=self.settings.tls
+        )
         self._listener = TlsListener(
             "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address
         )
