@@ -20,7 +20,7 @@ from typing import Callable
 
 import uvloop
 
-from backhaul import __version__
+from backhaul import __version__, tls_kernel
 from backhaul.connector import admission, health, udp_flows
 from backhaul.connector.http_target import BackendTls
 from backhaul.connector.metrics import ConnectorMetrics, WorkerNow
@@ -74,6 +74,8 @@ class ConnectorAgent:
         )
         self.streams = TargetStreams(self._current, self.metrics, self.observer.session_log, self.origins, self.backend_tls)
         self.udp = udp_flows.UdpFlows(settings.udp, self.metrics.events, open_failure)
+        #: whether kernel TLS could apply here, looked at once (each tunnel's "tunnel up" says)
+        self.ktls = tls_kernel.detect(bool(settings.tls.ktls))
 
     def _current(self) -> ConnectorSettings:
         return self.settings
@@ -273,9 +275,14 @@ class ConnectorAgent:
     def control_received(self, tunnel: Tunnel, message: dict) -> None:
         kind = message.get("type")
         if kind == "hello":
+            ssl_object = tunnel.transport.get_extra_info("ssl_object") if tunnel.transport is not None else None
+            ktls, ktls_reason = tls_kernel.for_transport(self.ktls, ssl_object)
             log.info(
                 "tunnel up",
-                extra={"tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node")},
+                extra={
+                    "tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node"),
+                    "ktls": ktls, "ktls_reason": ktls_reason,
+                },
             )
             self.homes.hello(tunnel, message)
             self.upkeep.version_seen(message.get("config_version"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from backhaul import __version__, tlsconfig
+from backhaul import __version__, tls_kernel, tlsconfig
 from backhaul.config import (
     ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
 )
@@ -171,6 +171,8 @@ class RelayWorker:
         #: and whenever the set changes (CONTROL ``nodes``)
         self.nodes: list[dict] = []
         self._stopping = asyncio.Event()
+        #: whether kernel TLS could apply here, looked at once (each tunnel's "tunnel up" says)
+        self.ktls = tls_kernel.detect(bool(settings.tls.ktls))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -459,7 +461,14 @@ class RelayWorker:
                 "nodes": self.nodes,
             }
         )
-        log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})
+        ktls, ktls_reason = tls_kernel.for_transport(self.ktls, tunnel.transport.get_extra_info("ssl_object"))
+        log.info(
+            "tunnel up",
+            extra={
+                "connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker,
+                "ktls": ktls, "ktls_reason": ktls_reason,
+            },
+        )
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         record: TunnelRecord = tunnel.info
