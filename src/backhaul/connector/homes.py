@@ -162,6 +162,10 @@ class TunnelHomes:
     def goaway(self, tunnel: Tunnel) -> None:
         tunnel.info.home.goaway(tunnel)
 
+    def rotate(self, tunnel: Tunnel, send: bool) -> None:
+        """``tunnel``'s keys are due (slots.TunnelSlots.rotate): a successor is dialed at once."""
+        tunnel.info.home.rotate(tunnel, send)
+
     # ------------------------------------------------------------------ decisions
 
     def replan(self) -> None:

@@ -44,6 +44,7 @@ from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
 from backhaul.store import POSTGRES_SCHEMES, Node, open_store
+from backhaul.transport import rotation
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -173,6 +174,8 @@ class RelayWorker:
         self._stopping = asyncio.Event()
         #: whether kernel TLS could apply here, looked at once (each tunnel's "tunnel up" says)
         self.ktls = tls_kernel.detect(bool(settings.tls.ktls))
+        #: tunnels whose TLS keys are due, draining until their streams end (transport/rotation.py)
+        self.rotations = rotation.Rotations(settings.tls)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +269,7 @@ class RelayWorker:
                 pass
             self._wake.clear()
             if not self._stopping.is_set():
+                self.rotate_keys()
                 await self._poll()
         await self.stop()
 
@@ -375,6 +379,35 @@ class RelayWorker:
         if self.admission is not None:
             self.admission.recount()  # app listeners came or went: they are descriptors too
 
+    def rotate_keys(self, now: float | None = None) -> None:
+        """Rotate the tunnels whose TLS keys are due (GOAWAY "key rotation": routing skips them,
+        the connector dials successors) and close the rotated ones once their streams ended
+        (transport/rotation.py). At each store poll, never per frame."""
+        now = time.monotonic() if now is None else now
+        for tunnel in self.registry.tunnels():
+            if tunnel.closed or (tunnel not in self.rotations and not tunnel.usable):
+                continue
+            verdict = self.rotations.decide(tunnel, now)
+            if verdict == rotation.ROTATE:
+                self._rotating(tunnel, now)
+                tunnel.goaway(ErrorCode.NO_ERROR, rotation.ROTATION_REASON)
+            elif verdict == rotation.CLOSE:
+                tunnel.close(ErrorCode.NO_ERROR, rotation.ROTATION_REASON)
+
+    def _rotating(self, tunnel: Tunnel, now: float, by: str = "relay") -> None:
+        if tunnel in self.rotations:
+            return
+        self.rotations.started(tunnel, now)
+        self.metrics.count("tunnels_rotated")
+        self.membership.uncount(tunnel)
+        log.info(
+            "tunnel rotated: its TLS keys are due",
+            extra={
+                "connector": tunnel.info.connector_id, "tunnel": tunnel.name, "by": by,
+                "records": self.rotations.records(tunnel), "streams": tunnel.load,
+            },
+        )
+
     def _connector_exists(self, connector_id: str) -> bool:
         record = self.membership.connector(connector_id)
         return record is not None and not record.revoked
@@ -473,6 +506,7 @@ class RelayWorker:
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         record: TunnelRecord = tunnel.info
         self.registry.remove(tunnel)
+        self.rotations.forget(tunnel)
         slot, record.listen_slot = record.listen_slot, None
         if slot is not None:
             slot.release()
@@ -542,6 +576,8 @@ class RelayWorker:
         # Tunnel.usable is already False (the session is draining): routing skips it from now on.
         log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})
         self.membership.uncount(tunnel)
+        if reason == rotation.ROTATION_REASON:
+            self._rotating(tunnel, time.monotonic(), by="connector")  # closed here too once its streams end
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
         self.udp_edge.deliver(tunnel, flow_id, data)
