@@ -711,18 +711,19 @@ class TlsSettings:
     ktls: int = 0
     #: Records a tunnel may send (or receive) under one key before it is rotated: GOAWAY
     #: "key rotation", drained, and dialed again by the connector (transport/rotation.py).
-    #: 2^23 is 2.8 times under AES-GCM's 2^24.5 (RFC 8446 section 5.5), and twice it, where a
-    #: rotated tunnel still draining is closed whatever it carries, is still under: the count
-    #: is an upper bound (bytes / 16 KiB + frames) and the checks seconds apart add a few
-    #: hundred thousand records at most (at 7 Gbit/s of full records, 2^23 take about 160 s).
+    #: 2^23 is 2.8 times under AES-GCM's 2^24.5 (RFC 8446 section 5.5), where a rotated tunnel
+    #: still draining is closed whatever it carries: the streams on it get the 15 million
+    #: records between the two (7 minutes at 7 Gbit/s) to finish. The count is an upper bound
+    #: (bytes / 16 KiB + frames) and the checks seconds apart add a few hundred thousand
+    #: records at most (at 7 Gbit/s of full records, 2^23 take about 160 s).
     rotate_records: int = 2**23
     #: Seconds between two rotation checks on the connector (the relay checks at its store
     #: poll, once a second): a few seconds of records at line rate are a few hundred
     #: thousand, far under the margin above.
     rotate_check_interval: float = 5.0
     #: Seconds a rotated tunnel may take to finish its streams before it is closed (they are
-    #: reset then), unless twice ``rotate_records`` closes it first. An hour lets long
-    #: transfers finish on the old keys and still bounds how long a tunnel lingers.
+    #: reset then), unless AES-GCM's limit closes it first. An hour lets long transfers
+    #: finish on the old keys and still bounds how long a tunnel lingers.
     rotate_drain_timeout: float = 3600.0
 
     def __post_init__(self) -> None:

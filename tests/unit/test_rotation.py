@@ -82,16 +82,16 @@ def test_the_decisions():
     limit, deadline = 1000, 60.0
     assert rotation.action(999, limit, None, 0.0, 5, deadline) == rotation.KEEP
     assert rotation.action(1000, limit, None, 0.0, 5, deadline) == rotation.ROTATE
-    # Rotating: kept while streams finish, closed once they have, at the hard limit or the deadline.
+    # Rotating: kept while streams finish, closed once they have, at AES-GCM's limit or the deadline.
     assert rotation.action(1500, limit, 10.0, 20.0, 5, deadline) == rotation.KEEP
     assert rotation.action(1500, limit, 10.0, 20.0, 0, deadline) == rotation.CLOSE
-    assert rotation.action(2000, limit, 10.0, 20.0, 5, deadline) == rotation.CLOSE
+    assert rotation.action(AES_GCM_RECORD_LIMIT - 1, limit, 10.0, 20.0, 5, deadline) == rotation.KEEP
+    assert rotation.action(AES_GCM_RECORD_LIMIT, limit, 10.0, 20.0, 5, deadline) == rotation.CLOSE
     assert rotation.action(1500, limit, 10.0, 70.0, 5, deadline) == rotation.CLOSE
-    assert rotation.hard_limit(2**24) == AES_GCM_RECORD_LIMIT  # never above AES-GCM's
     # Either direction counts: it is the larger bound.
     assert rotation.tunnel_records(16384 * 10, 3, 0, 0) == 13
     assert rotation.tunnel_records(0, 1, 16384 * 100, 2) == 102
-    # The default and the hard limit of a draining tunnel stay under RFC 8446's limit.
+    # The default leaves most of RFC 8446's limit to the streams of a draining tunnel.
     assert 2 * TlsSettings().rotate_records < AES_GCM_RECORD_LIMIT
 
 

@@ -5,8 +5,8 @@ at 2^24.5 full-size records per key. Rather than update keys inside a connection
 tunnel is rotated: the side that finds it past ``TlsSettings.rotate_records`` sends GOAWAY
 with the reason ``ROTATION_REASON``, so no new stream lands on it; the connector dials a
 successor at once (connector.slots), and the old tunnel is closed once its streams have
-ended, or when it reaches the hard limit (twice the setting, never above AES-GCM's) or
-the drain deadline, whichever comes first. Both ends check both directions, so either
+ended, or when it reaches AES-GCM's limit itself or the drain deadline, whichever comes
+first (its streams are reset then: a stream cannot move to another tunnel). Both ends check both directions, so either
 end's setting rotates the tunnel.
 
 The count is an upper bound, from counters the tunnel keeps anyway: every TLS write of n
@@ -46,17 +46,12 @@ def tunnel_records(bytes_out: int, frames_out: int, bytes_in: int, frames_in: in
     return max(records_bound(bytes_out, frames_out), records_bound(bytes_in, frames_in))
 
 
-def hard_limit(limit: int) -> int:
-    """Records at which a draining tunnel is closed even with streams on it."""
-    return min(2 * limit, AES_GCM_RECORD_LIMIT)
-
-
 def action(records: int, limit: int, draining_since: float | None, now: float, streams: int, drain_timeout: float) -> str:
     """What to do with a tunnel now: KEEP it, ROTATE it (GOAWAY, successor dialed), or CLOSE
-    it (rotated earlier, and its streams ended, or it is at the hard limit or the deadline)."""
+    it (rotated earlier, and its streams ended, or it is at AES-GCM's limit or the deadline)."""
     if draining_since is None:
         return ROTATE if records >= limit else KEEP
-    if streams == 0 or records >= hard_limit(limit) or now - draining_since >= drain_timeout:
+    if streams == 0 or records >= AES_GCM_RECORD_LIMIT or now - draining_since >= drain_timeout:
         return CLOSE
     return KEEP
 
