@@ -725,6 +725,10 @@ class TlsSettings:
     #: reset then), unless AES-GCM's limit closes it first. An hour lets long transfers
     #: finish on the old keys and still bounds how long a tunnel lingers.
     rotate_drain_timeout: float = 3600.0
+    #: The connector's TLS transport for its direct dials: "uvloop" (its memory-BIO TLS, the
+    #: default) or "aiofastnet" (optional package; transport/fasttls.py). uvloop stays the
+    #: default until the other has run everything the project runs for long enough.
+    transport: str = "uvloop"
 
     def __post_init__(self) -> None:
         suites = [s for s in self.ciphersuites.split(":") if s]
@@ -740,6 +744,8 @@ class TlsSettings:
             raise ValueError(f"tls rotate_records must be from 1 to {AES_GCM_RECORD_LIMIT} (AES-GCM's limit per key)")
         if self.rotate_check_interval <= 0 or self.rotate_drain_timeout <= 0:
             raise ValueError("tls rotate_check_interval and rotate_drain_timeout must be above 0 seconds")
+        if self.transport not in ("uvloop", "aiofastnet"):
+            raise ValueError(f'tls transport {self.transport!r}: expected "uvloop" or "aiofastnet"')
 
     def replace_from(self, assignments: list[str]) -> "TlsSettings":
         """A copy with ``NAME=VALUE`` assignments (``--tls``) applied; ValueError says what is wrong."""

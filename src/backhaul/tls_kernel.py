@@ -30,6 +30,7 @@ NO_KERNEL_MODULE = "kernel has no tls module (tcp_available_ulp lacks tls; modpr
 OLD_OPENSSL = "OpenSSL older than 3.0 has no kernel TLS"
 NOT_ASKED = "off in the settings (tls ktls=0)"
 MEMORY_BIO = "memory-BIO transport (uvloop's TLS never gives OpenSSL the socket)"
+NOT_VERIFIED = "not verified: the transport does not say whether OpenSSL switched to kTLS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,6 @@ def for_transport(found: KernelTls, ssl_object: object) -> tuple[bool, str]:
         return False, NOT_ASKED
     if isinstance(ssl_object, ssl.SSLObject):
         return False, MEMORY_BIO
-    # An ssl.SSLSocket owns its socket; whether OpenSSL switched to kTLS is not visible from
-    # Python 3.11 (BIO_get_ktls_send), so it is not claimed.
-    return False, "not verified (no such transport in use)"
+    # A transport that owns its socket (aiofastnet's, an ssl.SSLSocket): whether OpenSSL
+    # switched to kTLS is not visible from Python 3.11 (BIO_get_ktls_send), so it is not claimed.
+    return False, NOT_VERIFIED

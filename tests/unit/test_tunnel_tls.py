@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import ssl
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import uvloop
 
 from backhaul import openssl_ctx, pki, tlsconfig
 from backhaul.config import TlsSettings
+from backhaul.errors import ConfigError
 from backhaul.protocol.constants import ALPN_TUNNEL
+from backhaul.transport import fasttls
 
 pytestmark = pytest.mark.codec_independent
 
@@ -142,3 +145,45 @@ def test_tls_settings_from_flags():
         TlsSettings().replace_from(["nope=1"])
     with pytest.raises(ValueError, match="rotate_records"):
         TlsSettings(rotate_records=2**25)
+
+
+def test_the_transport_setting_is_checked():
+    with pytest.raises(ValueError, match="uvloop"):
+        TlsSettings(transport="openssl")
+    if importlib.util.find_spec("aiofastnet") is None:
+        with pytest.raises(ConfigError, match="pip install aiofastnet"):
+            fasttls.require(fasttls.AIOFASTNET)
+    fasttls.require(fasttls.UVLOOP)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiofastnet") is None, reason="aiofastnet is not installed (optional)")
+def test_an_aiofastnet_dial_meets_the_relay_on_our_suite_alpn_and_certificate(pki_dirs):
+    data, creds = pki_dirs
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = loop.create_future()
+
+        class Server(Echo):
+            def connection_made(self, transport):
+                super().connection_made(transport)
+                so = transport.get_extra_info("ssl_object")
+                seen.set_result((so.cipher()[0], so.selected_alpn_protocol(), tlsconfig.peer_connector_id(so)))
+
+        server = await loop.create_server(Server, "127.0.0.1", 0, ssl=tlsconfig.server_context(data))
+        try:
+            transport, client = await fasttls.create_connection(
+                fasttls.AIOFASTNET, Client, "127.0.0.1", server.sockets[0].getsockname()[1],
+                tlsconfig.connector_context(creds, ALPN_TUNNEL), "127.0.0.1",
+            )
+            transport.write(b"hello")
+            assert await asyncio.wait_for(client.got, 5) == b"hello"
+            client_side = transport.get_extra_info("ssl_object")
+            transport.close()
+            return await seen, client_side.cipher()[0]
+        finally:
+            server.close()
+
+    (cipher, alpn, connector), client_cipher = uvloop.run(main())
+    assert cipher == client_cipher == "TLS_AES_128_GCM_SHA256" and alpn == ALPN_TUNNEL
+    assert connector == pki.connector_id_of(pki.load_cert_file(pki_dirs[1].cert_path))

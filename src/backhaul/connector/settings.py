@@ -20,6 +20,7 @@ from typing import Any
 from backhaul.config import Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, TlsSettings, UdpLimits
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
+from backhaul.transport import fasttls
 from backhaul.transport.proxy_connect import Proxy
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +175,10 @@ def _validate(settings: ConnectorSettings, source: str) -> ConnectorSettings:
     b = settings.backoff
     if not 0 < b.initial <= b.maximum or b.factor < 1:
         problems.append("backoff needs 0 < initial <= maximum and factor >= 1")
+    try:
+        fasttls.require(settings.tls.transport)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return settings

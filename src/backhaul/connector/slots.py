@@ -38,7 +38,7 @@ from backhaul.connector.settings import ConnectorSettings
 from backhaul.errors import ProxyError
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
-from backhaul.transport import proxy_connect
+from backhaul.transport import fasttls, proxy_connect
 from backhaul.transport.rotation import ROTATION_REASON
 from backhaul.transport.tunnel import Tunnel, TunnelOwner
 
@@ -373,4 +373,4 @@ class TunnelSlots:
             return await proxy_connect.open_tunnel(
                 factory, settings.proxy, self.host, self.port, ssl_context=self._ssl(), server_hostname=hostname
             )
-        return await loop.create_connection(factory, self.host, self.port, ssl=self._ssl(), server_hostname=hostname)
+        return await fasttls.create_connection(settings.tls.transport, factory, self.host, self.port, self._ssl(), hostname)
