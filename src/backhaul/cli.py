@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="change one limit of the listen port or the descriptor reserve (repeat), e.g. idle_timeout=30; "
         "see backhaul.config.ListenLimits",
     )
+    p.add_argument(
+        "--tls", action="append", default=[], metavar="NAME=VALUE",
+        help="change one setting of the tunnels' TLS (repeat), e.g. rotate_records=1000000; see backhaul.config.TlsSettings",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9465; default off)")
     p.add_argument(

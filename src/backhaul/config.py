@@ -708,3 +708,85 @@ class MemoryTrim:
         _require_positive(self, "memory trim", switches=("enabled",))
         if self.quiet_cpu > self.busy_cpu:
             raise ValueError("memory trim quiet_cpu must not be above busy_cpu")
+
+
+# -- TLS of the tunnels
+
+
+#: TLS 1.3 suites OpenSSL knows (RFC 8446 appendix B.4); anything else in a setting is a typo.
+TLS13_SUITES = frozenset(
+    {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+     "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256"}
+)
+#: AES-GCM's full-size records per key (RFC 8446 section 5.5: 2^24.5) beyond which the
+#: confidentiality margin of the AEAD limits paper is spent.
+AES_GCM_RECORD_LIMIT = int(2**24.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsSettings:
+    """TLS of the tunnels: suites, kernel TLS, key rotation (``service run --tls NAME=VALUE``,
+    ``[tls]`` in a connector's settings file; docs/security.md "Tunnel TLS").
+    """
+
+    #: TLS 1.3 suites in the relay's order of preference, applied with server preference, so
+    #: every tunnel uses AES-128-GCM whatever the client prefers (Python's clients put
+    #: AES-256 first). Measured on a project machine (/work/shared/notes/tls-measurements.md):
+    #: AES-128-GCM is 3-9% cheaper per byte than AES-256-GCM, ChaCha20 slower than both on
+    #: CPUs with AES-NI; 128-bit keys are the security level of everything else here (P-256,
+    #: the CA's ECDSA keys). ChaCha20 stays last for peers without AES instructions.
+    ciphersuites: str = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+    #: Kernel TLS (0/1, off by default): ask OpenSSL to hand the record layer to the kernel.
+    #: It can work only where the kernel lists the ``tls`` ULP and OpenSSL owns the socket;
+    #: uvloop's TLS (a memory BIO, the default transport) never gives it the socket, so today
+    #: this only makes each tunnel's "tunnel up" line say why kTLS is not in use
+    #: (backhaul.tls_kernel).
+    ktls: int = 0
+    #: Records a tunnel may send (or receive) under one key before it is rotated: GOAWAY
+    #: "key rotation", drained, and dialed again by the connector (transport/rotation.py).
+    #: 2^23 is 2.8 times under AES-GCM's 2^24.5 (RFC 8446 section 5.5), where a rotated tunnel
+    #: still draining is closed whatever it carries: the streams on it get the 15 million
+    #: records between the two (7 minutes at 7 Gbit/s) to finish. The count is an upper bound
+    #: (bytes / 16 KiB + frames) and the checks seconds apart add a few hundred thousand
+    #: records at most (at 7 Gbit/s of full records, 2^23 take about 160 s).
+    rotate_records: int = 2**23
+    #: Seconds between two rotation checks on the connector (the relay checks at its store
+    #: poll, once a second): a few seconds of records at line rate are a few hundred
+    #: thousand, far under the margin above.
+    rotate_check_interval: float = 5.0
+    #: Seconds a rotated tunnel may take to finish its streams before it is closed (they are
+    #: reset then), unless AES-GCM's limit closes it first. An hour lets long transfers
+    #: finish on the old keys and still bounds how long a tunnel lingers.
+    rotate_drain_timeout: float = 3600.0
+    #: The connector's TLS transport for its direct dials: "uvloop" (its memory-BIO TLS, the
+    #: default) or "aiofastnet" (optional package; transport/fasttls.py). uvloop stays the
+    #: default until the other has run everything the project runs for long enough.
+    transport: str = "uvloop"
+
+    def __post_init__(self) -> None:
+        suites = [s for s in self.ciphersuites.split(":") if s]
+        unknown = [s for s in suites if s not in TLS13_SUITES]
+        if not suites or unknown:
+            raise ValueError(
+                f"tls ciphersuites {self.ciphersuites!r}: expected TLS 1.3 suite names separated by ':' "
+                f"from {', '.join(sorted(TLS13_SUITES))}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        if self.ktls not in (0, 1):
+            raise ValueError("tls ktls is a switch: 0 (off) or 1 (on)")
+        if not 1 <= self.rotate_records <= AES_GCM_RECORD_LIMIT:
+            raise ValueError(f"tls rotate_records must be from 1 to {AES_GCM_RECORD_LIMIT} (AES-GCM's limit per key)")
+        if self.rotate_check_interval <= 0 or self.rotate_drain_timeout <= 0:
+            raise ValueError("tls rotate_check_interval and rotate_drain_timeout must be above 0 seconds")
+        if self.transport not in ("uvloop", "aiofastnet"):
+            raise ValueError(f'tls transport {self.transport!r}: expected "uvloop" or "aiofastnet"')
+
+    def replace_from(self, assignments: list[str]) -> "TlsSettings":
+        """A copy with ``NAME=VALUE`` assignments (``--tls``) applied; ValueError says what is wrong."""
+        text = {f.name for f in dataclasses.fields(self) if f.type in (str, "str")}
+        strings = [a for a in assignments if a.partition("=")[0].strip().replace("-", "_") in text]
+        numbers = [a for a in assignments if a not in strings]
+        changed = _replace_from(self, numbers, "--tls")
+        for item in strings:
+            name, _, raw = item.partition("=")
+            changed = dataclasses.replace(changed, **{name.strip().replace("-", "_"): raw.strip()})
+        return changed

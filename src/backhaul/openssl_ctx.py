@@ -21,6 +21,11 @@ here runs once per TLS handshake.
   and uvloop's TLS protocols close the socket on a failed handshake without sending
   what OpenSSL wrote for the peer, the alert included: ``on_refused`` is told, with the
   connection's ``ssl.SSLObject``, so that its owner can send the alert itself.)
+- ``set_ciphersuites(ctx, suites)``: the TLS 1.3 cipher suites and their order
+  (``SSL_CTX_set_ciphersuites``), which ``SSLContext.set_ciphers`` does not reach.
+- ``enable_ktls(ctx)``: OpenSSL 3's ``SSL_OP_ENABLE_KTLS``, which the ssl module names only
+  from Python 3.12 (kernel TLS; it applies only where OpenSSL owns the socket, see
+  backhaul.tls_kernel).
 """
 
 from __future__ import annotations
@@ -173,3 +178,56 @@ def refuse_unknown_alpn(
     setattr(ctx, _KEEP, callback)
     set_cb(pointer, callback, None)
     return True
+
+
+def set_ciphersuites(ctx: ssl.SSLContext, suites: str) -> bool:
+    """Set the TLS 1.3 cipher suites of ``ctx`` to ``suites`` (OpenSSL's colon-separated
+    names, in order of preference). The ssl module has no ``set_ciphersuites`` before
+    Python 3.15 (``set_ciphers`` only reaches TLS 1.2 and below). True when set; False
+    (ctx unchanged) when OpenSSL cannot be reached as this module expects; ValueError
+    when OpenSSL refuses the list (no suite of it is known)."""
+    lib = _libssl()
+    pointer = ssl_ctx_pointer(ctx, lib)
+    if pointer is None:
+        return False
+    try:
+        setter = lib.SSL_CTX_set_ciphersuites
+    except AttributeError:
+        return False
+    setter.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    setter.restype = ctypes.c_int
+    if setter(pointer, suites.encode("ascii")) != 1:
+        clear = getattr(lib, "ERR_clear_error", None)
+        if clear is not None:
+            clear()  # what OpenSSL queued about the refusal must not surface in a later ssl call
+        raise ValueError(f"OpenSSL refuses the TLS 1.3 cipher suites {suites!r}")
+    return True
+
+
+#: openssl/ssl.h (OpenSSL 3.0): SSL_OP_ENABLE_KTLS
+SSL_OP_ENABLE_KTLS = 1 << 3
+
+
+def enable_ktls(ctx: ssl.SSLContext) -> bool:
+    """Set ``SSL_OP_ENABLE_KTLS`` on ``ctx``: OpenSSL then hands the record layer to the
+    kernel after the handshake, when the kernel and the suite allow and OpenSSL reads and
+    writes the socket itself. True when set (through the ssl module on 3.12+, else
+    ``SSL_CTX_set_options``); False when OpenSSL is older than 3.0 or cannot be reached."""
+    option = getattr(ssl, "OP_ENABLE_KTLS", None)
+    if option is not None:
+        ctx.options |= option
+        return True
+    if ssl.OPENSSL_VERSION_INFO < (3, 0):
+        return False
+    lib = _libssl()
+    pointer = ssl_ctx_pointer(ctx, lib)
+    if pointer is None:
+        return False
+    try:
+        set_options = lib.SSL_CTX_set_options
+    except AttributeError:
+        return False
+    set_options.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    set_options.restype = ctypes.c_uint64
+    set_options(pointer, SSL_OP_ENABLE_KTLS)
+    return bool(int(ctx.options) & SSL_OP_ENABLE_KTLS)

@@ -3,6 +3,14 @@ enrollment and admin clients.
 
 Every context speaks TLS 1.3 only. The relay's listen port carries tunnels, the control API
 and relay-to-relay links, told apart by ALPN (see docs/architecture.md).
+
+Tunnel TLS (``config.TlsSettings``, docs/security.md "Tunnel TLS"): the listen port picks the
+TLS 1.3 suite by its own order (AES-128-GCM first, server preference) and issues no session
+tickets: tunnels and peer links are long-lived and mutually authenticated, nothing of ours
+resumes a session (neither aiohttp nor urllib keep one), and each ticket is an encryption
+and a few hundred bytes after every handshake. A client context cannot refuse tickets (the
+server decides in TLS 1.3); the connector's offers the same suite order, so a relay without
+server preference still meets it on AES-128-GCM.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Callable, Protocol
 from cryptography import x509
 
 from backhaul import openssl_ctx, pki
+from backhaul.config import TlsSettings
 from backhaul.errors import ConfigError
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_PEER, ALPN_TUNNEL
 
@@ -52,6 +61,26 @@ def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
+def _tunnel_suites(ctx: ssl.SSLContext, tls: TlsSettings, server: bool) -> ssl.SSLContext:
+    """The TLS 1.3 suites of ``tls`` in their order, chosen by the server's preference; a
+    server issues no session tickets (see the module docstring)."""
+    if server:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        ctx.num_tickets = 0
+    try:
+        applied = openssl_ctx.set_ciphersuites(ctx, tls.ciphersuites)
+    except ValueError as exc:
+        raise ConfigError(f"tls ciphersuites: {exc}; pass TLS 1.3 suite names this OpenSSL knows") from None
+    if not applied:
+        log.warning(
+            "cannot set the TLS 1.3 cipher suites in OpenSSL: tunnels use OpenSSL's default order",
+            extra={"openssl": ssl.OPENSSL_VERSION, "ciphersuites": tls.ciphersuites},
+        )
+    if tls.ktls and not openssl_ctx.enable_ktls(ctx):
+        log.warning("cannot enable kernel TLS in OpenSSL (3.0 or later needed)", extra={"openssl": ssl.OPENSSL_VERSION})
+    return ctx
+
+
 def _require(path: Path, what: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{what} {path} is missing; run `backhaul service init` for this data dir")
@@ -63,7 +92,9 @@ LISTEN_ALPN = [ALPN_TUNNEL, ALPN_HTTP, ALPN_PEER]
 
 
 def server_context(
-    data_dir: str | os.PathLike, on_alpn_refused: Callable[[ssl.SSLObject], None] | None = None
+    data_dir: str | os.PathLike,
+    on_alpn_refused: Callable[[ssl.SSLObject], None] | None = None,
+    tls: TlsSettings = TlsSettings(),
 ) -> ssl.SSLContext:
     """The relay's server context: service certificate, client certificates optional.
 
@@ -73,7 +104,7 @@ def server_context(
     fails the handshake (no_application_protocol,
     docs/protocol.md); one offering none is the control API's (aiohttp offers none).
     ``on_alpn_refused`` is called with the connection's SSLObject when that happens
-    (openssl_ctx.refuse_unknown_alpn).
+    (openssl_ctx.refuse_unknown_alpn). ``tls`` sets the suites, their order and kernel TLS.
     """
     data_dir = Path(data_dir)
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
@@ -90,7 +121,7 @@ def server_context(
             "completes the handshake with none and is served as the control API",
             extra={"openssl": ssl.OPENSSL_VERSION},
         )
-    return ctx
+    return _tunnel_suites(ctx, tls, server=True)
 
 
 def edge_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLContext:
@@ -110,8 +141,9 @@ def edge_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLCont
     return ctx
 
 
-def connector_context(state: ClientCredentials, alpn: str) -> ssl.SSLContext:
-    """A connector's client context: its certificate, the service CA only, one ALPN id.
+def connector_context(state: ClientCredentials, alpn: str, tls: TlsSettings = TlsSettings()) -> ssl.SSLContext:
+    """A connector's client context: its certificate, the service CA only, one ALPN id,
+    the suites of ``tls`` offered in its order.
 
     ``state`` is what holds the paths (a loaded connector.state.ConnectorState): this layer
     does not know a connector's state dir.
@@ -123,7 +155,7 @@ def connector_context(state: ClientCredentials, alpn: str) -> ssl.SSLContext:
         raise ConfigError(f"cannot load {state.cert_path} / {state.key_path}: {exc.reason}; re-register the connector") from exc
     ctx.check_hostname = True
     ctx.set_alpn_protocols([alpn])
-    return ctx
+    return _tunnel_suites(ctx, tls, server=False)
 
 
 def peer_client_context(data_dir: str | os.PathLike) -> ssl.SSLContext:

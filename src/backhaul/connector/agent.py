@@ -20,7 +20,7 @@ from typing import Callable
 
 import uvloop
 
-from backhaul import __version__
+from backhaul import __version__, tls_kernel
 from backhaul.connector import admission, health, udp_flows
 from backhaul.connector.http_target import BackendTls
 from backhaul.connector.metrics import ConnectorMetrics, WorkerNow
@@ -35,6 +35,7 @@ from backhaul.logs import add_admin_log
 from backhaul.memory import QuietTrim
 from backhaul.protocol.constants import ErrorCode
 from backhaul.supervisor import EXIT_NO_RESTART
+from backhaul.transport import rotation
 from backhaul.transport.tunnel import Tunnel
 
 log = logging.getLogger("backhaul.connector")
@@ -77,6 +78,10 @@ class ConnectorAgent:
         self.udp = udp_flows.UdpFlows(settings.udp, self.metrics.events, open_failure)
         #: gives the memory of a finished burst back (backhaul.memory)
         self.memory = QuietTrim(settings.memory, worker=settings.worker)
+        #: whether kernel TLS could apply here, looked at once (each tunnel's "tunnel up" says)
+        self.ktls = tls_kernel.detect(bool(settings.tls.ktls))
+        #: tunnels whose TLS keys are due, draining while their successors are dialed
+        self.rotations = rotation.Rotations(settings.tls)
 
     def _current(self) -> ConnectorSettings:
         return self.settings
@@ -102,9 +107,11 @@ class ConnectorAgent:
             self.upkeep.start()
             self.memory.start()
             checker = asyncio.create_task(self.origins.run())
+            rotator = asyncio.create_task(self._rotate_keys_loop())
             await self._stopping.wait()
             self.upkeep.stop()
             checker.cancel()
+            rotator.cancel()
             await self.drain()
         finally:
             self.memory.stop()
@@ -247,6 +254,40 @@ class ConnectorAgent:
             for message in messages:
                 tunnel.control(message)
 
+    # ------------------------------------------------------------------ key rotation
+
+    async def _rotate_keys_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tls.rotate_check_interval)
+            self.rotate_keys()
+
+    def rotate_keys(self, now: float | None = None) -> None:
+        """Rotate the tunnels whose TLS keys are due, close the rotated ones that are done
+        (transport/rotation.py); from the periodic loop, never per frame."""
+        now = time.monotonic() if now is None else now
+        for tunnel in list(self.homes.tunnels):
+            if tunnel.closed or (tunnel not in self.rotations and not (tunnel.info.serving and tunnel.usable)):
+                continue
+            verdict = self.rotations.decide(tunnel, now)
+            if verdict == rotation.ROTATE:
+                self._rotating(tunnel, now, send=True)
+            elif verdict == rotation.CLOSE:
+                tunnel.close(ErrorCode.NO_ERROR, rotation.ROTATION_REASON)
+
+    def _rotating(self, tunnel: Tunnel, now: float, send: bool) -> None:
+        if tunnel in self.rotations:
+            return
+        self.rotations.started(tunnel, now)
+        self.metrics.count("tunnels_rotated")
+        log.info(
+            "tunnel rotated: its TLS keys are due",
+            extra={
+                "tunnel": tunnel.name, "by": "connector" if send else "relay",
+                "records": self.rotations.records(tunnel), "streams": tunnel.load,
+            },
+        )
+        self.homes.rotate(tunnel, send)
+
     # ------------------------------------------------------------------ TunnelOwner
 
     def tunnel_up(self, tunnel: Tunnel) -> None:
@@ -265,6 +306,7 @@ class ConnectorAgent:
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         answered = tunnel.info.hello
+        self.rotations.forget(tunnel)
         self.homes.down(tunnel)
         self.metrics.tunnel_closed(tunnel)
         log.info("tunnel down", extra={"tunnel": tunnel.name, "reason": reason})
@@ -278,9 +320,14 @@ class ConnectorAgent:
     def control_received(self, tunnel: Tunnel, message: dict) -> None:
         kind = message.get("type")
         if kind == "hello":
+            ssl_object = tunnel.transport.get_extra_info("ssl_object") if tunnel.transport is not None else None
+            ktls, ktls_reason = tls_kernel.for_transport(self.ktls, ssl_object)
             log.info(
                 "tunnel up",
-                extra={"tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node")},
+                extra={
+                    "tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node"),
+                    "ktls": ktls, "ktls_reason": ktls_reason,
+                },
             )
             self.homes.hello(tunnel, message)
             self.upkeep.version_seen(message.get("config_version"))
@@ -293,6 +340,10 @@ class ConnectorAgent:
 
     def goaway_received(self, tunnel: Tunnel, code: int, reason: str) -> None:
         log.info("relay draining a tunnel", extra={"tunnel": tunnel.name, "reason": reason})
+        if reason == rotation.ROTATION_REASON:
+            # Not its node draining: this tunnel's keys are due; dial its successor now.
+            self._rotating(tunnel, time.monotonic(), send=False)
+            return
         self.homes.goaway(tunnel)
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:

@@ -70,7 +70,7 @@ class TunnelHomes:
 
     def use_credentials(self, state: ConnectorState) -> None:
         """Tunnels dialed from now on present ``state``'s certificate; open ones carry on."""
-        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL)
+        self._ssl = tlsconfig.connector_context(state, ALPN_TUNNEL, self._settings().tls)
 
     # ------------------------------------------------------------------ what the worker asks
 
@@ -161,6 +161,10 @@ class TunnelHomes:
 
     def goaway(self, tunnel: Tunnel) -> None:
         tunnel.info.home.goaway(tunnel)
+
+    def rotate(self, tunnel: Tunnel, send: bool) -> None:
+        """``tunnel``'s keys are due (slots.TunnelSlots.rotate): a successor is dialed at once."""
+        tunnel.info.home.rotate(tunnel, send)
 
     # ------------------------------------------------------------------ decisions
 

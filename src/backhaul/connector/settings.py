@@ -1,7 +1,7 @@
 """Where a connector's settings come from: defaults, a TOML file, command-line flags.
 
 ``connector run --config FILE`` reads a TOML file whose keys are ``ConnectorSettings``
-field names (``[keepalive]``, ``[backoff]``, ``[flow]``, ``[health]`` and ``[udp]`` are tables of the nested
+field names (``[keepalive]``, ``[backoff]``, ``[flow]``, ``[health]``, ``[udp]`` and ``[tls]`` are tables of the nested
 settings). Flags given on the command line win over the file; the file wins over the
 defaults. SIGHUP reads the file again: ``split_changes`` tells which changed keys a
 running worker applies at once and which wait for a restart.
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from backhaul.config import (
-    Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, MemoryTrim, UdpLimits,
+    Backoff, ClusterSettings, FlowControl, HealthChecks, Keepalive, LogFiles, MemoryTrim, TlsSettings, UdpLimits,
 )
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
+from backhaul.transport import fasttls
 from backhaul.transport.proxy_connect import Proxy
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ConnectorSettings:
     stats_interval: float = 1.0
     #: When the worker gives the memory of a finished burst back to the system.
     memory: MemoryTrim = MemoryTrim()
+    #: Tunnel TLS: suites offered, kernel TLS, key rotation (``[tls]``; after a restart).
+    tls: TlsSettings = TlsSettings()
 
     @property
     def slots(self) -> int:
@@ -105,6 +108,7 @@ _NESTED: dict[str, type] = {
     "health": HealthChecks,
     "udp": UdpLimits,
     "memory": MemoryTrim,
+    "tls": TlsSettings,
 }
 
 
@@ -176,6 +180,10 @@ def _validate(settings: ConnectorSettings, source: str) -> ConnectorSettings:
     b = settings.backoff
     if not 0 < b.initial <= b.maximum or b.factor < 1:
         problems.append("backoff needs 0 < initial <= maximum and factor >= 1")
+    try:
+        fasttls.require(settings.tls.transport)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return settings

@@ -16,7 +16,8 @@ its dials keep failing); ``leave`` retires a whole group.
 
 Each tunnel carries a ``TunnelRecord`` in ``tunnel.info`` from the moment it is made:
 its slot, whether the relay said hello and from which worker and node, whether it is
-retiring, whether the relay sent GOAWAY, and a future done when it is down. The
+retiring or rotating, whether the relay sent GOAWAY, a future done when it is down and one
+done when its slot may dial its successor (down, or rotated: transport/rotation.py). The
 decisions (``to_retire``, ``needs_another``, ``group_view``) are plain functions of
 those records.
 """
@@ -37,7 +38,8 @@ from backhaul.connector.settings import ConnectorSettings
 from backhaul.errors import ProxyError
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
-from backhaul.transport import proxy_connect
+from backhaul.transport import fasttls, proxy_connect
+from backhaul.transport.rotation import ROTATION_REASON
 from backhaul.transport.tunnel import Tunnel, TunnelOwner
 
 log = logging.getLogger("backhaul.connector")
@@ -51,9 +53,11 @@ def backoff_delay(backoff: Backoff, attempt: int) -> float:
 class TunnelRecord:
     """What the connector keeps about one of its tunnels (``tunnel.info``)."""
 
-    __slots__ = ("slot", "home", "hello", "relay_worker", "node", "retiring", "relay_goaway", "closed")
+    __slots__ = ("slot", "home", "hello", "relay_worker", "node", "retiring", "rotating", "relay_goaway", "closed", "released")
 
-    def __init__(self, slot: int, closed: asyncio.Future, home: "TunnelSlots | None" = None) -> None:
+    def __init__(
+        self, slot: int, closed: asyncio.Future, home: "TunnelSlots | None" = None, released: asyncio.Future | None = None
+    ) -> None:
         #: the slot that dialed it, and the group of slots it belongs to
         self.slot = slot
         self.home = home
@@ -65,16 +69,20 @@ class TunnelRecord:
         self.node: str | None = None
         #: GOAWAY sent because the worker needs fewer tunnels; it no longer covers its relay worker
         self.retiring = False
+        #: GOAWAY "key rotation" sent or received: it drains while its slot dials a successor
+        self.rotating = False
         #: the relay sent GOAWAY on it (a draining node): it may carry streams still, but
         #: its node is on its way out
         self.relay_goaway = False
         #: done once the tunnel is down
         self.closed = closed
+        #: done once its slot may dial again: the tunnel is down or rotating (None: at ``closed``)
+        self.released = released
 
     @property
     def serving(self) -> bool:
         """Up and not on its way out: it covers its relay worker."""
-        return self.hello and not self.retiring
+        return self.hello and not self.retiring and not self.rotating
 
 
 def to_retire(live: Iterable[int], want: int, records: Mapping[int, TunnelRecord]) -> list[int]:
@@ -216,13 +224,17 @@ class TunnelSlots:
             self.add()
         if len(live) <= want:
             return
-        by_slot = {t.info.slot: t for t in self.tunnels}
+        by_slot = self._by_slot()
         self._retire_slots(to_retire(live, want, {i: t.info for i, t in by_slot.items()}), by_slot)
 
     def leave(self) -> None:
         """Retire every slot: no more dialing here; tunnels get GOAWAY and close once idle."""
         self.leaving = True
-        self._retire_slots(self._live(), {t.info.slot: t for t in self.tunnels})
+        self._retire_slots(self._live(), self._by_slot())
+
+    def _by_slot(self) -> dict[int, Tunnel]:
+        """The tunnel each slot holds; a rotating one is no longer its slot's (it closes on its own)."""
+        return {t.info.slot: t for t in self.tunnels if not t.info.rotating}
 
     def hello(self, tunnel: Tunnel, relay_worker: object, relay_workers: int, node: str | None = None) -> None:
         """The relay answered on ``tunnel``: it is up; cover every relay worker."""
@@ -243,6 +255,20 @@ class TunnelSlots:
         self.goaway_seen = True
         self._changed()
 
+    def rotate(self, tunnel: Tunnel, send: bool) -> None:
+        """Rotate ``tunnel`` (its TLS keys are due, transport/rotation.py): GOAWAY "key rotation"
+        unless the relay sent it (``send`` False), and its slot dials a successor now while
+        it drains; the owner closes it once its streams end."""
+        if tunnel.info.rotating:
+            return
+        tunnel.info.rotating = True
+        if send:
+            tunnel.goaway(ErrorCode.NO_ERROR, ROTATION_REASON)
+        released = tunnel.info.released
+        if released is not None and not released.done():
+            released.set_result(None)
+        self._changed()
+
     def up(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
         if tunnel.info.slot in self._retired and not tunnel.info.retiring:
@@ -250,9 +276,9 @@ class TunnelSlots:
 
     def down(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
-        closed = tunnel.info.closed
-        if not closed.done():
-            closed.set_result(None)
+        for done in (tunnel.info.closed, tunnel.info.released):
+            if done is not None and not done.done():
+                done.set_result(None)
         if not tunnel.info.hello:
             self.failures += 1
         self._changed()
@@ -323,7 +349,7 @@ class TunnelSlots:
                 self._changed()
                 await asyncio.sleep(delay)
                 continue
-            await tunnel.info.closed
+            await (tunnel.info.released or tunnel.info.closed)
             if index in self._retired:
                 return
             if tunnel.info.hello:
@@ -339,7 +365,7 @@ class TunnelSlots:
         def factory() -> Tunnel:
             session = mux.Session(mux.Role.CONNECTOR, settings.flow, settings.keepalive)
             tunnel = Tunnel(session, self._owner, name=name, flow=settings.flow)
-            tunnel.info = TunnelRecord(index, loop.create_future(), self)
+            tunnel.info = TunnelRecord(index, loop.create_future(), self, loop.create_future())
             return tunnel
 
         hostname = self.target.server_hostname
@@ -347,4 +373,4 @@ class TunnelSlots:
             return await proxy_connect.open_tunnel(
                 factory, settings.proxy, self.host, self.port, ssl_context=self._ssl(), server_hostname=hostname
             )
-        return await loop.create_connection(factory, self.host, self.port, ssl=self._ssl(), server_hostname=hostname)
+        return await fasttls.create_connection(settings.tls.transport, factory, self.host, self.port, self._ssl(), hostname)

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, UdpLimits, default_workers
+from backhaul.config import ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, TlsSettings, UdpLimits, default_workers
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
@@ -102,6 +102,7 @@ def service_run(args: argparse.Namespace) -> int:
     try:
         http_limits = HttpLimits().replace_from(args.http_limit or [])
         listen_limits = ListenLimits().replace_from(getattr(args, "listen_limit", None) or [])
+        tls = TlsSettings().replace_from(getattr(args, "tls", None) or [])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     workers = args.workers or default_workers()
@@ -130,7 +131,7 @@ def service_run(args: argparse.Namespace) -> int:
         data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
         cluster=cluster, node_id=ensure_node_id(data_dir), store=store_location(data_dir), advertise=advertise, peer_advertise=peer_advertise,
         https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits, listen_limits=listen_limits,
-        keepalive=keepalive,
+        keepalive=keepalive, tls=tls,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),
     )

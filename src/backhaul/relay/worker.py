@@ -21,9 +21,9 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from backhaul import __version__, tlsconfig
+from backhaul import __version__, tls_kernel, tlsconfig
 from backhaul.config import (
-    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, UdpLimits,
+    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
 )
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
@@ -45,6 +45,7 @@ from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
 from backhaul.reporter import Reporter
 from backhaul.store import POSTGRES_SCHEMES, Node, open_store
+from backhaul.transport import rotation
 from backhaul.transport.sockets import parse_hostport, reuseport_socket
 from backhaul.transport.tunnel import Tunnel
 
@@ -98,6 +99,8 @@ class RelaySettings:
     cluster: ClusterSettings = ClusterSettings()
     #: When the worker gives the memory of a finished burst back to the system.
     memory: MemoryTrim = MemoryTrim()
+    #: Tunnel TLS: suites and their order, kernel TLS, key rotation (``--tls NAME=VALUE``).
+    tls: TlsSettings = TlsSettings()
 
 
 def node_record(settings: RelaySettings, node_id: str) -> Node:
@@ -174,6 +177,10 @@ class RelayWorker:
         self._stopping = asyncio.Event()
         #: gives the memory of a finished burst back (backhaul.memory)
         self.memory = QuietTrim(settings.memory, worker=settings.worker)
+        #: whether kernel TLS could apply here, looked at once (each tunnel's "tunnel up" says)
+        self.ktls = tls_kernel.detect(bool(settings.tls.ktls))
+        #: tunnels whose TLS keys are due, draining until their streams end (transport/rotation.py)
+        self.rotations = rotation.Rotations(settings.tls)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,7 +218,9 @@ class RelayWorker:
             worker=self.settings.worker, max_nodes=self.settings.cluster.max_nodes,
         )
         self.opener.peers = self.peers
-        ssl_context = tlsconfig.server_context(self.settings.data_dir, on_alpn_refused=send_alpn_alert)
+        ssl_context = tlsconfig.server_context(
+            self.settings.data_dir, on_alpn_refused=send_alpn_alert, tls=self.settings.tls
+        )
         self._listener = TlsListener(
             "listen", ssl_context, self.admission, self._tls_ready, max_per_address=limits.max_per_address
         )
@@ -266,6 +275,7 @@ class RelayWorker:
                 pass
             self._wake.clear()
             if not self._stopping.is_set():
+                self.rotate_keys()
                 await self._poll()
         await self.stop()
 
@@ -376,6 +386,35 @@ class RelayWorker:
         if self.admission is not None:
             self.admission.recount()  # app listeners came or went: they are descriptors too
 
+    def rotate_keys(self, now: float | None = None) -> None:
+        """Rotate the tunnels whose TLS keys are due (GOAWAY "key rotation": routing skips them,
+        the connector dials successors) and close the rotated ones once their streams ended
+        (transport/rotation.py). At each store poll, never per frame."""
+        now = time.monotonic() if now is None else now
+        for tunnel in self.registry.tunnels():
+            if tunnel.closed or (tunnel not in self.rotations and not tunnel.usable):
+                continue
+            verdict = self.rotations.decide(tunnel, now)
+            if verdict == rotation.ROTATE:
+                self._rotating(tunnel, now)
+                tunnel.goaway(ErrorCode.NO_ERROR, rotation.ROTATION_REASON)
+            elif verdict == rotation.CLOSE:
+                tunnel.close(ErrorCode.NO_ERROR, rotation.ROTATION_REASON)
+
+    def _rotating(self, tunnel: Tunnel, now: float, by: str = "relay") -> None:
+        if tunnel in self.rotations:
+            return
+        self.rotations.started(tunnel, now)
+        self.metrics.count("tunnels_rotated")
+        self.membership.uncount(tunnel)
+        log.info(
+            "tunnel rotated: its TLS keys are due",
+            extra={
+                "connector": tunnel.info.connector_id, "tunnel": tunnel.name, "by": by,
+                "records": self.rotations.records(tunnel), "streams": tunnel.load,
+            },
+        )
+
     def _connector_exists(self, connector_id: str) -> bool:
         record = self.membership.connector(connector_id)
         return record is not None and not record.revoked
@@ -462,11 +501,19 @@ class RelayWorker:
                 "nodes": self.nodes,
             }
         )
-        log.info("tunnel up", extra={"connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker})
+        ktls, ktls_reason = tls_kernel.for_transport(self.ktls, tunnel.transport.get_extra_info("ssl_object"))
+        log.info(
+            "tunnel up",
+            extra={
+                "connector": connector_id, "peer": tunnel.peer, "worker": self.settings.worker,
+                "ktls": ktls, "ktls_reason": ktls_reason,
+            },
+        )
 
     def tunnel_down(self, tunnel: Tunnel, code: int, reason: str) -> None:
         record: TunnelRecord = tunnel.info
         self.registry.remove(tunnel)
+        self.rotations.forget(tunnel)
         slot, record.listen_slot = record.listen_slot, None
         if slot is not None:
             slot.release()
@@ -536,6 +583,8 @@ class RelayWorker:
         # Tunnel.usable is already False (the session is draining): routing skips it from now on.
         log.info("connector draining its tunnel", extra={"tunnel": tunnel.name, "reason": reason})
         self.membership.uncount(tunnel)
+        if reason == rotation.ROTATION_REASON:
+            self._rotating(tunnel, time.monotonic(), by="connector")  # closed here too once its streams end
 
     def datagram_received(self, tunnel: Tunnel, flow_id: int, data: bytes) -> None:
         self.udp_edge.deliver(tunnel, flow_id, data)
