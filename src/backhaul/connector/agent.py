@@ -327,6 +327,8 @@ class ConnectorAgent:
                 extra={
                     "tunnel": tunnel.name, "relay_worker": message.get("worker"), "relay_node": message.get("node"),
                     "ktls": ktls, "ktls_reason": ktls_reason,
+                    # which TLS implementation carries it ([tls] transport): uvloop's or aiofastnet's
+                    "tls_transport": type(tunnel.transport).__module__.partition(".")[0],
                 },
             )
             self.homes.hello(tunnel, message)
