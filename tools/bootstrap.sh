@@ -31,4 +31,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel cython
 .venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/python -c 'import backhaul.protocol.framing as f, backhaul.relay.http.reader as r; print("backhaul ready; frame codec:", f.IMPLEMENTATION, "; HTTP reader:", r.IMPLEMENTATION)'
+.venv/bin/python -c 'import backhaul.protocol.framing as f, backhaul.relay.http.reader as r, backhaul.relay.http.exchange as x; print("backhaul ready; frame codec:", f.IMPLEMENTATION, "; HTTP reader:", r.IMPLEMENTATION, "; HTTP exchange:", x.IMPLEMENTATION)'

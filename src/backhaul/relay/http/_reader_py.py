@@ -48,6 +48,10 @@ _HEAD_SLACK = 16 * 1024
 
 _EMPTY: frozenset = frozenset()
 
+#: The header names a reader looks at as they come (the others are only kept): a set
+#: lookup spares most headers a method call in the pure twin.
+_NOTED = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"connection"})
+
 
 class Request:
     """A request head as the user sent it. Header names and values are the raw bytes;
@@ -189,7 +193,7 @@ class _Reader:
             lower = name.lower()
             self._headers.append((name, value))
             self._names.append(lower)
-            if self._error is None:
+            if lower in _NOTED and self._error is None:
                 self._note(lower, value)
         # else a trailer: counted against the limits above, then dropped
 
