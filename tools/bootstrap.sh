@@ -31,4 +31,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel cython
 .venv/bin/python -m pip install -q -e '.[test]'
-.venv/bin/python -c 'import backhaul.protocol.framing as f; print("backhaul ready; frame codec:", f.IMPLEMENTATION)'
+.venv/bin/python -c 'from backhaul.protocol import framing, mux; from backhaul.transport import tunnel, pipe; from backhaul.relay.http import reader, exchange; print("backhaul ready; compiled twins:", ", ".join(f"{m.__name__.rpartition(chr(46))[2]} {m.IMPLEMENTATION}" for m in (framing, mux, tunnel, pipe, reader, exchange)))'

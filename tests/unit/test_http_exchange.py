@@ -28,8 +28,8 @@ from backhaul.store import App
 
 from .fakes import Clock
 
-#: Message handling only: no tunnel, so one run (not one per codec) is enough.
-pytestmark = pytest.mark.codec_independent
+# (not codec_independent: the readers under the machine have two builds, and the suite
+# runs this file against each)
 
 LIMITS = HttpLimits()
 MODES = ["whole", "bytes", "trailing"]
@@ -847,3 +847,29 @@ def test_a_stream_that_ends_before_its_open_ok_is_a_refusal(mode):
     assert c.steps[:2] == [("open", "c0.1"), ("forget", ErrorCode.PROTOCOL_ERROR)]
     assert responses_in(bytes(c.user))[0][0] == 502
     c.finish()
+
+
+# ---------------------------------------------------------------------- which build
+
+
+def test_the_machine_under_test_is_the_build_the_environment_asks_for(monkeypatch):
+    import importlib
+    import os
+    import sys
+
+    from backhaul.relay.http import exchange
+
+    if os.environ.get("BACKHAUL_REQUIRE_EXT") == "1":
+        assert exchange.IMPLEMENTATION == "cython"
+        assert ExchangeMachine.__module__ == "backhaul.relay.http._exchange_c"
+        assert not hasattr(Conn().m, "__dict__"), "a cdef class, not the Python one"
+    elif os.environ.get("BACKHAUL_PURE") == "1":
+        assert exchange.IMPLEMENTATION == "python"
+        assert ExchangeMachine.__module__ == "backhaul.relay.http._exchange_py"
+    # A missing build is an ImportError under BACKHAUL_REQUIRE_EXT=1, never a silent fallback.
+    monkeypatch.delenv("BACKHAUL_PURE", raising=False)
+    monkeypatch.setenv("BACKHAUL_REQUIRE_EXT", "1")
+    monkeypatch.setitem(sys.modules, "backhaul.relay.http._exchange_c", None)
+    monkeypatch.delitem(sys.modules, "backhaul.relay.http.exchange")
+    with pytest.raises(ImportError, match="HTTP exchange machine"):
+        importlib.import_module("backhaul.relay.http.exchange")

@@ -2,9 +2,15 @@
 
 Every case is fed three ways: whole, one byte at a time, and followed by another request
 (which must never be read as part of, or instead of, a refused one: that is smuggling).
+The readers have two builds (the Cython one and the pure twin, one source): the suite
+runs this file once per build (BACKHAUL_REQUIRE_EXT=1, then BACKHAUL_PURE=1).
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+import sys
 
 import pytest
 
@@ -22,9 +28,6 @@ from backhaul.relay.http.reader import (
     RequestReader,
     ResponseReader,
 )
-
-#: Message handling only: no tunnel, so one run (not one per codec) is enough.
-pytestmark = pytest.mark.codec_independent
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
 MODES = ["whole", "bytes", "trailing"]
@@ -389,3 +392,90 @@ def test_connection_tokens_are_collected_for_hop_by_hop_removal():
     assert request.connection == {b"keep-alive", b"x-foo", b"upgrade"}
     _, events = respond(b"HTTP/1.1 200 OK\r\nConnection: close, X-Bar\r\nContent-Length: 0\r\n\r\n")
     assert events[0][1].connection == {b"close", b"x-bar"}
+
+
+def test_header_names_are_lowered_once_and_kept_beside_the_headers():
+    request = read(b"GET / HTTP/1.1\r\nHOST: a\r\nX-Mixed-Case: 1\r\nConnection: X-Mixed-Case\r\n\r\n")[0][1]
+    assert request.headers == [(b"HOST", b"a"), (b"X-Mixed-Case", b"1"), (b"Connection", b"X-Mixed-Case")]
+    assert request.names == [b"host", b"x-mixed-case", b"connection"]
+    assert request.host == b"a"
+    _, events = respond(b"HTTP/1.1 200 OK\r\nContent-LENGTH: 2\r\nSet-Cookie: a=b\r\n\r\nok")
+    assert events[0][1].names == [b"content-length", b"set-cookie"] and events[0][1].length == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_refusals_keep_their_order_version_method_then_headers_in_order(mode):
+    # Each header is looked at as it is read, its refusal raised with the complete head:
+    # the version and the method come first, then the first header that breaks a rule.
+    assert refused(b"GET / HTTP/2.0\r\nHost: a\r\nHost: b\r\n\r\n", mode).status == 505
+    assert refused(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\nExpect: x\r\n\r\n", mode).status == 405
+    assert refused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nExpect: x\r\n\r\n", mode).status == 400
+    assert refused(b"GET / HTTP/1.1\r\nExpect: x\r\nHost: a\r\nHost: b\r\n\r\n", mode).status == 417
+    assert refused(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nExpect: x\r\n\r\n", mode).status == 501
+
+
+# ---------------------------------------------------------------------- which build
+
+
+def _reimport_reader(monkeypatch, env):
+    for key in ("BACKHAUL_PURE", "BACKHAUL_REQUIRE_EXT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delitem(sys.modules, "backhaul.relay.http.reader", raising=False)
+    return importlib.import_module("backhaul.relay.http.reader")
+
+
+def test_the_build_under_test_is_the_one_the_environment_asks_for():
+    from backhaul.relay.http import reader
+
+    if os.environ.get("BACKHAUL_REQUIRE_EXT") == "1":
+        assert reader.IMPLEMENTATION == "cython"
+        assert type(reader.RequestReader(LIMITS)).__module__ == "backhaul.relay.http._reader_c"
+    elif os.environ.get("BACKHAUL_PURE") == "1":
+        assert reader.IMPLEMENTATION == "python"
+        assert reader.RequestReader.__module__ == "backhaul.relay.http._reader_py"
+
+
+def test_selector_honours_backhaul_pure(monkeypatch):
+    reader = _reimport_reader(monkeypatch, {"BACKHAUL_PURE": "1"})
+    from backhaul.relay.http import _reader_py
+
+    assert reader.IMPLEMENTATION == "python" and reader.ResponseReader is _reader_py.ResponseReader
+
+
+def test_selector_uses_the_extension_when_required(monkeypatch):
+    try:
+        importlib.import_module("backhaul.relay.http._reader_c")
+    except ImportError as exc:
+        if os.environ.get("BACKHAUL_REQUIRE_EXT") == "1":
+            pytest.fail(f"the compiled HTTP reader is required but does not import: {exc}")
+        pytest.skip("the compiled HTTP reader is not built")
+    reader = _reimport_reader(monkeypatch, {"BACKHAUL_REQUIRE_EXT": "1"})
+    assert reader.IMPLEMENTATION == "cython"
+    assert not hasattr(reader.RequestReader(LIMITS), "__dict__"), "a cdef class, not the Python one"
+
+
+def test_selector_refuses_the_fallback_when_the_extension_is_required(monkeypatch):
+    monkeypatch.setitem(sys.modules, "backhaul.relay.http._reader_c", None)
+    with pytest.raises(ImportError, match="bootstrap.sh"):
+        _reimport_reader(monkeypatch, {"BACKHAUL_REQUIRE_EXT": "1"})
+
+
+def test_selector_warns_loudly_when_falling_back(monkeypatch):
+    monkeypatch.setitem(sys.modules, "backhaul.relay.http._reader_c", None)
+    with pytest.warns(RuntimeWarning, match="slow pure-Python twin"):
+        reader = _reimport_reader(monkeypatch, {})
+    assert reader.IMPLEMENTATION == "python"
+
+
+def test_both_builds_raise_the_one_http_error():
+    from backhaul.relay.http import _reader_py, errors
+
+    assert _reader_py.HttpError is errors.HttpError
+    try:
+        compiled = importlib.import_module("backhaul.relay.http._reader_c")
+    except ImportError:
+        return  # (the build is checked by the tests above)
+    with pytest.raises(errors.HttpError):
+        compiled.RequestReader(LIMITS).feed(b"GET / HTTP/1.1\r\n\r\n")

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from backhaul import twins
 from backhaul.protocol import framing, mux
+from backhaul.relay.http import exchange, reader
 from backhaul.transport import pipe, tunnel
 from backhaul.config import FlowControl
 from backhaul.protocol.constants import ErrorCode, Role
@@ -23,6 +24,8 @@ TWINS = [
     ("backhaul.protocol", "mux"),
     ("backhaul.transport", "tunnel"),
     ("backhaul.transport", "pipe"),
+    ("backhaul.relay.http", "reader"),
+    ("backhaul.relay.http", "exchange"),
 ]
 IDS = [name for _, name in TWINS]
 
@@ -86,7 +89,8 @@ def test_the_pickers_agree_with_the_environment():
     want = "python" if os.environ.get("BACKHAUL_PURE") == "1" else "cython"
     if os.environ.get("BACKHAUL_PURE") != "1" and os.environ.get("BACKHAUL_REQUIRE_EXT") != "1":
         pytest.skip("neither BACKHAUL_PURE nor BACKHAUL_REQUIRE_EXT: either build may be in use")
-    assert {framing.IMPLEMENTATION, mux.IMPLEMENTATION, tunnel.IMPLEMENTATION, pipe.IMPLEMENTATION} == {want}
+    modules = (framing, mux, tunnel, pipe, reader, exchange)
+    assert {m.IMPLEMENTATION for m in modules} == {want}
 
 
 # ---------------------------------------------------------------------------- no drift

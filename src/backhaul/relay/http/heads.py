@@ -37,8 +37,8 @@ def gate_head(request: Request, host: str, scheme: str, client_ip: str, undersco
     """The request as the pre-authentication gate sees it: what the backend would get of it."""
     prefix = IDENTITY_HEADER_PREFIX
     headers = []
-    for name, value in request.headers:
-        key = name.decode("latin-1").lower()
+    for lower, (_, value) in zip(request.names, request.headers):
+        key = lower.decode("latin-1")  # (names are tokens: ASCII, so lowering bytes or str is alike)
         if "_" in key and (not underscores or translate.reserved(key.replace("_", "-").encode("latin-1"))):
             continue  # what the backend will not get either
         if not key.startswith(prefix):

@@ -145,8 +145,8 @@ def request_headers(
     out: list[tuple[bytes, bytes]] = [(b"Host", host)]
     forwarded_for: list[bytes] = []
     upgrade = None
-    for name, value in request.headers:
-        lower = name.lower()
+    # (the reader lower-cased each name once: request.names)
+    for lower, (name, value) in zip(request.names, request.headers):
         if lower == b"host":
             continue
         elif b"_" in lower:
@@ -239,8 +239,7 @@ def response_headers(
     tokens = response.connection
     out: list[tuple[bytes, bytes]] = []
     upgrade = None
-    for name, value in response.headers:
-        lower = name.lower()
+    for lower, (name, value) in zip(response.names, response.headers):
         if lower == b"location" or lower == b"content-location":
             out.append((name, rewrite_url(route, value, external_base)))
         elif lower == b"set-cookie":

@@ -1,0 +1,1 @@
+../../../../src/backhaul/relay/http/_exchange_py.py

@@ -1,0 +1,1 @@
+../../../../src/backhaul/relay/http/_reader_py.py
