@@ -67,6 +67,36 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
 
 
+def echo_digests(sock: socket.socket, total: int, rng, chunk: int = 1 << 20, timeout: float = 120) -> tuple[str, str, int]:
+    """Send ``total`` bytes from ``rng`` on an open echo connection while a thread reads them
+    back: (sha256 sent, sha256 received, bytes received)."""
+    import hashlib
+
+    sent, received = hashlib.sha256(), hashlib.sha256()
+    got = 0
+
+    def reader():
+        nonlocal got
+        while got < total:
+            data = sock.recv(min(4 << 20, total - got))
+            if not data:
+                break
+            received.update(data)
+            got += len(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    left = total
+    while left:
+        block = rng.randbytes(min(chunk, left))
+        sent.update(block)
+        sock.sendall(block)
+        left -= len(block)
+    thread.join(timeout)
+    assert not thread.is_alive(), "the echo did not come back"
+    return sent.hexdigest(), received.hexdigest(), got
+
+
 def echoes(port: int, probe: bytes = b"ping", host: str = "127.0.0.1") -> bool:
     """True when a new connection to host:port sends ``probe`` back; False if it cannot."""
     try:

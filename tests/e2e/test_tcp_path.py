@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .harness import running_relay, wait_until
+from .harness import echo_digests, running_relay, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,33 +29,9 @@ def echo_app(system, backend):
 
 def _stream_through(port: int, total: int, chunk: int = MiB) -> tuple[str, str, int]:
     """Send ``total`` random bytes through an echo app while reading them back; both digests."""
-    rng = random.Random(1234)
-    sent, received = hashlib.sha256(), hashlib.sha256()
-    got = 0
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.setblocking(True)
-        import threading
-
-        def reader():
-            nonlocal got
-            while got < total:
-                data = sock.recv(4 * MiB)
-                if not data:
-                    break
-                received.update(data)
-                got += len(data)
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        left = total
-        while left:
-            block = rng.randbytes(min(chunk, left))
-            sent.update(block)
-            sock.sendall(block)
-            left -= len(block)
-        thread.join(120)
-        assert not thread.is_alive(), "the echo did not come back"
-    return sent.hexdigest(), received.hexdigest(), got
+        return echo_digests(sock, total, random.Random(1234), chunk)
 
 
 def test_200_mb_each_way_byte_exact(echo_app):

@@ -5,16 +5,14 @@ readiness and the outcome read from the relay's metrics endpoint and admin API."
 
 from __future__ import annotations
 
-import hashlib
 import random
 import socket
-import threading
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import free_port, running_relay, wait_until
+from .harness import echo_digests, free_port, running_relay, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -34,34 +32,6 @@ def _scrape(port: int) -> dict:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def _echo(sock: socket.socket, total: int, rng: random.Random) -> tuple[str, str]:
-    """Send ``total`` random bytes on an open echo connection and read them all back: both digests."""
-    sent, received = hashlib.sha256(), hashlib.sha256()
-    got = 0
-
-    def reader():
-        nonlocal got
-        while got < total:
-            data = sock.recv(min(4 * MiB, total - got))
-            if not data:
-                break
-            received.update(data)
-            got += len(data)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    left = total
-    while left:
-        block = rng.randbytes(min(MiB, left))
-        sent.update(block)
-        sock.sendall(block)
-        left -= len(block)
-    thread.join(60)
-    assert not thread.is_alive(), "the echo did not come back"
-    assert got == total
-    return sent.hexdigest(), received.hexdigest()
 
 
 @pytest.mark.parametrize("side", ["relay", "connector"])
@@ -90,8 +60,8 @@ def test_a_long_transfer_survives_a_key_rotation(tmp_path, backend, side):
 
         rng = random.Random(14)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            first = _echo(sock, HALF, rng)
-            assert first[0] == first[1]
+            first = echo_digests(sock, HALF, rng, timeout=60)
+            assert first[0] == first[1] and first[2] == HALF
             # Past the limit: one end rotates the tunnel (GOAWAY "key rotation") at its next
             # check; the connector dials a successor while this stream stays on the old one.
             # The relay counts a rotation whichever end sent the GOAWAY.
@@ -102,8 +72,8 @@ def test_a_long_transfer_survives_a_key_rotation(tmp_path, backend, side):
             )
             # The admin API counts usable tunnels only: the successor, not the draining one.
             system.wait_tunnels("one", 1)
-            second = _echo(sock, HALF, rng)
-            assert second[0] == second[1], "the transfer on the rotated tunnel lost or changed bytes"
+            second = echo_digests(sock, HALF, rng, timeout=60)
+            assert second[0] == second[1] and second[2] == HALF, "the transfer on the rotated tunnel lost or changed bytes"
         # Its last stream ended: the old tunnel closes; the successor carries new streams.
         wait_until(lambda: _scrape(metrics).get(up) == 1, 15, "the rotated tunnel to close once its stream ended")
         system.wait_app(port)
