@@ -94,6 +94,21 @@ def ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL | None = None) -> int 
     return pointer
 
 
+def _ctx_function(ctx: ssl.SSLContext, name: str, argtypes: list, restype) -> tuple | None:
+    """(libssl, the ``SSL_CTX *`` of ``ctx``, libssl's function ``name`` with its C types),
+    or None when any of them cannot be reached as this module expects."""
+    lib = _libssl()
+    pointer = ssl_ctx_pointer(ctx, lib)
+    if pointer is None:
+        return None
+    function = getattr(lib, name, None)  # a CDLL raises AttributeError for a missing symbol
+    if function is None:
+        return None
+    function.argtypes = argtypes
+    function.restype = restype
+    return lib, pointer, function
+
+
 def _parse_protocols(wire: bytes) -> dict[bytes, int] | None:
     """The client's ALPN list (length-prefixed names) as name -> offset of the name in
     ``wire``, or None when it is malformed."""
@@ -134,16 +149,10 @@ def refuse_unknown_alpn(
 
     Call it after ``ctx.set_alpn_protocols`` (which installs the ssl module's own callback).
     """
-    lib = _libssl()
-    pointer = ssl_ctx_pointer(ctx, lib)
-    if pointer is None:
+    reached = _ctx_function(ctx, "SSL_CTX_set_alpn_select_cb", [ctypes.c_void_p, _ALPN_SELECT_CB, ctypes.c_void_p], None)
+    if reached is None:
         return False
-    try:
-        set_cb = lib.SSL_CTX_set_alpn_select_cb
-    except AttributeError:
-        return False
-    set_cb.argtypes = [ctypes.c_void_p, _ALPN_SELECT_CB, ctypes.c_void_p]
-    set_cb.restype = None
+    lib, pointer, set_cb = reached
     if on_refused is not None:
         try:
             lib.SSL_get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -186,16 +195,10 @@ def set_ciphersuites(ctx: ssl.SSLContext, suites: str) -> bool:
     Python 3.15 (``set_ciphers`` only reaches TLS 1.2 and below). True when set; False
     (ctx unchanged) when OpenSSL cannot be reached as this module expects; ValueError
     when OpenSSL refuses the list (no suite of it is known)."""
-    lib = _libssl()
-    pointer = ssl_ctx_pointer(ctx, lib)
-    if pointer is None:
+    reached = _ctx_function(ctx, "SSL_CTX_set_ciphersuites", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int)
+    if reached is None:
         return False
-    try:
-        setter = lib.SSL_CTX_set_ciphersuites
-    except AttributeError:
-        return False
-    setter.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    setter.restype = ctypes.c_int
+    lib, pointer, setter = reached
     if setter(pointer, suites.encode("ascii")) != 1:
         clear = getattr(lib, "ERR_clear_error", None)
         if clear is not None:
@@ -219,15 +222,9 @@ def enable_ktls(ctx: ssl.SSLContext) -> bool:
         return True
     if ssl.OPENSSL_VERSION_INFO < (3, 0):
         return False
-    lib = _libssl()
-    pointer = ssl_ctx_pointer(ctx, lib)
-    if pointer is None:
+    reached = _ctx_function(ctx, "SSL_CTX_set_options", [ctypes.c_void_p, ctypes.c_uint64], ctypes.c_uint64)
+    if reached is None:
         return False
-    try:
-        set_options = lib.SSL_CTX_set_options
-    except AttributeError:
-        return False
-    set_options.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
-    set_options.restype = ctypes.c_uint64
+    _, pointer, set_options = reached
     set_options(pointer, SSL_OP_ENABLE_KTLS)
     return bool(int(ctx.options) & SSL_OP_ENABLE_KTLS)
