@@ -3,7 +3,6 @@ every event of the stream, and the sink owes credit exactly as for a DataReceive
 
 from __future__ import annotations
 
-from backhaul.config import FlowControl
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ErrorCode
 from .test_mux import SMALL, events, open_accepted, pair, pump
@@ -69,11 +68,7 @@ def test_fin_after_sink_data_arrives_after_it_even_byte_by_byte():
 
 
 def test_credit_from_a_sink_reopens_the_window():
-    flow = FlowControl(
-        stream_window=256 * 1024, tunnel_window=1024 * 1024, max_frame_payload=16 * 1024,
-        max_streams=8, write_high=64 * 1024, write_low=16 * 1024,
-    )
-    relay, connector = pair(flow)
+    relay, connector = pair(SMALL)
     sid = open_accepted(relay, connector)
     sink = Sink(relay, sid)
     relay.set_sink(sid, sink)

@@ -3,6 +3,7 @@ cannot drift (the same operations give the same bytes and the same events)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -14,7 +15,8 @@ from backhaul import twins
 from backhaul.protocol import framing, mux
 from backhaul.relay.http import exchange, reader
 from backhaul.transport import pipe, tunnel
-from backhaul.config import FlowControl
+
+from .test_mux import SMALL
 from backhaul.protocol.constants import ErrorCode, Role
 from backhaul.protocol.errors import SessionError
 
@@ -107,10 +109,8 @@ def _sessions():
     return pure.Session, compiled.Session
 
 
-FLOW = FlowControl(
-    stream_window=256 * 1024, tunnel_window=1024 * 1024, max_frame_payload=16 * 1024,
-    max_streams=4, write_high=64 * 1024, write_low=16 * 1024,
-)
+#: test_mux's small windows, with few streams so that scripts reach the stream limit.
+FLOW = dataclasses.replace(SMALL, max_streams=4)
 
 #: One step of a script: who acts, what it does, a size or index.
 STEP = st.tuples(
