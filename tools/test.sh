@@ -5,7 +5,8 @@
 # identically twice, so the second pass leaves them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/bootstrap.sh
+tools/bootstrap.sh test
+tools/test-deps.sh
 echo "== test suite, Cython codec"
 BACKHAUL_REQUIRE_EXT=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests bench/test_bench_codec.py --benchmark-disable "$@"
 echo "== test suite, pure-Python codec"
