@@ -669,12 +669,23 @@ class PeeringLimits:
     #: 16 workers for each of ClusterSettings.max_nodes (64) nodes; beyond it a link is refused
     #: (and logged), as a misbehaving node dialing without end would be.
     max_accepted: int = 1024
+    #: Seconds a user stream that finds no route at all (no local tunnel of its group, no
+    #: node listed as holding one) waits for one before it is refused. When the node holding
+    #: a group's tunnels dies, its connectors need two failed dials (Rehoming.failed_dials)
+    #: and a new tunnel, and this node its next poll (once a second), to route again: about
+    #: two seconds. The user's bytes wait unsent meanwhile, and each waiting stream is a
+    #: connection the worker's admission budget already counts, so the wait adds no table.
+    route_wait: float = 3.0
+    #: Seconds between two looks for a route while a stream waits: one table lookup each.
+    route_retry: float = 0.1
 
     def __post_init__(self) -> None:
         if self.dial_timeout <= 0 or not 0 < self.redial_initial <= self.redial_maximum:
             raise ValueError("peering dial_timeout must be positive and 0 < redial_initial <= redial_maximum")
         if self.max_accepted < 1:
             raise ValueError("peering max_accepted must be at least 1")
+        if self.route_wait < 0 or self.route_retry <= 0:
+            raise ValueError("peering route_wait must not be negative and route_retry must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -564,8 +564,11 @@ class EchoLoad:
     connection sends ``size`` random bytes and counts as ok only when all of them came back.
     """
 
-    def __init__(self, port: int, clients: int = 16, seconds: float = 4.0, size: int = 1024, max_each: int = 2000) -> None:
+    def __init__(
+        self, port: int, clients: int = 16, seconds: float = 4.0, size: int = 1024, max_each: int = 2000, host: str = "127.0.0.1"
+    ) -> None:
         self.port = port
+        self.host = host
         self.clients = clients
         self.seconds = seconds
         self.size = size
@@ -595,7 +598,7 @@ class EchoLoad:
             attempt = Attempt(started=time.monotonic())
             payload = os.urandom(self.size)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=15) as sock:
+                with socket.create_connection((self.host, self.port), timeout=15) as sock:
                     sock.sendall(payload)
                     got = bytearray()
                     while len(got) < len(payload):

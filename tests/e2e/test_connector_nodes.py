@@ -116,8 +116,13 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
         wait_until(lambda: {home.listen, third.listen} <= held(), 15, "the connector to re-home after a SIGKILL", interval=0.1)
         rehome_kill = time.monotonic() - killed_at
         attempts = load.join()
-        failed = [a for a in attempts if not a.ok]
+        # When node 0 holds no tunnel of its own it forwards to the held nodes: a connection
+        # whose stream the SIGKILLed node carried is lost with it. No other may fail: not in
+        # the drain, and not after the kill (a stream with no route waits for the re-homing).
+        in_flight = [a for a in attempts if not a.ok and a.started < killed_at <= a.ended]
+        failed = [a for a in attempts if not a.ok and a not in in_flight]
         assert not failed, f"{len(failed)} of {len(attempts)} through node 0 failed: {failed[:3]}"
+        assert len(in_flight) <= 4, f"more lost than the 4 clients had in flight at the kill: {in_flight[:3]}"
         assert len([a for a in attempts if drained_at <= a.started <= killed_at + rehome_kill]) > 20  # it spanned both moves
         assert echoes(port, host=home.host)
 
@@ -151,5 +156,49 @@ def test_a_connector_holds_two_nodes_and_rehomes_on_goaway_and_on_sigkill(tmp_pa
             assert dialed == {via, home.listen, third.listen}
         finally:
             balancer.close()
+    finally:
+        system.stop()
+
+
+def test_users_on_a_node_without_the_tunnel_wait_out_the_rehoming_when_its_holder_dies(tmp_path, backend):
+    """The gap the route wait covers (relay.opening, PeeringLimits.route_wait): the users'
+    node holds no tunnel and forwards to the node that does; that node is SIGKILLed. Until
+    the connector has re-homed to the users' node, no node has a route: the users'
+    connections wait for one instead of being refused."""
+    echo = backend("echo")
+    system = System(tmp_path)
+    try:
+        system.init()
+        nodes = [Node(system, i) for i in range(2)]
+        for node in nodes:
+            node.start(system)
+        port = system.publish_tcp("echo", echo.target)
+        system.register("c")
+        system.start_connector("c", workers=1, tunnels=1, extra=("--relay-nodes", "1"))
+
+        def holder() -> Node | None:
+            held = [n for n in system.api("/v1/nodes") if n["status"] == "up" and n["tunnels"] > 0]
+            return next((n for n in nodes if n.listen == held[0]["listen"]), None) if len(held) == 1 else None
+
+        dying = wait_until(holder, 30, "the connector's tunnel on one node", interval=0.1)
+        users = next(n for n in nodes if n is not dying)
+        wait_until(lambda: echoes(port, host=users.host), 10, f"the app through {users.host}, forwarded", interval=0.1)
+
+        load = EchoLoad(port, clients=4, seconds=6.0, max_each=100_000, host=users.host).start()
+        wait_until(lambda: len(load.attempts) >= 20, 15, "the load through the users' node to get going")
+        killed_at = time.monotonic()
+        dying.proc.kill()
+        attempts = load.join()
+        # A connection whose stream the dying node carried at the kill is lost with it (its
+        # bytes were committed); every one made after the kill waits for the new route.
+        failed = [a for a in attempts if not a.ok and a.started >= killed_at]
+        in_flight = [a for a in attempts if not a.ok and a.started < killed_at]
+        assert not failed, f"{len(failed)} of {len(attempts)} made after the kill through {users.host} failed: {failed[:3]}"
+        assert len(in_flight) <= 4, f"more lost than the 4 clients had in flight: {in_flight[:3]}"
+        assert len([a for a in attempts if a.started >= killed_at]) > 20, "the load went on past the kill"
+        assert echoes(port, host=users.host)
+        waited = [a.ended - a.started for a in attempts if a.started >= killed_at]
+        print(f"{len(attempts)} connections, {len(in_flight)} lost in flight at the kill, none after it; "
+              f"the longest after the kill took {max(waited):.2f} s")
     finally:
         system.stop()

@@ -407,3 +407,67 @@ def test_a_reset_is_lost_with_the_tunnel_only_before_open_ok_on_a_dead_tunnel():
         survivor.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------------------- waiting for a route
+
+
+class NoPeers:
+    """PeerRoutes of a worker whose store lists other nodes, none holding the group (yet)."""
+
+    clustered = True
+
+    def pick(self, group, exclude):
+        return None
+
+
+def test_with_other_nodes_a_stream_without_a_route_waits_for_one_then_is_refused():
+    async def main():
+        now = [100.0]
+        registry = TunnelRegistry()
+        opener = StreamOpener(registry, peers=NoPeers(), clock=lambda: now[0])
+        opening = opener.begin(APP, "tcp", "c", "s-1")
+        with pytest.raises(CannotOpen) as waiting:
+            opening.open(Recorder())
+        assert waiting.value.retry_after == pytest.approx(0.1), "no route yet: try again shortly"
+        now[0] += 2.0
+        a = _tunnel(registry, "a")  # the connector re-homed here meanwhile
+        assert opening.open(Recorder()) > 0 and opening.tunnel is a
+
+        late = opener.begin(APP, "tcp", "c", "s-2")
+        registry.remove(a)
+        now[0] += 2.95
+        with pytest.raises(CannotOpen) as last:
+            late.open(Recorder())
+        assert last.value.retry_after == pytest.approx(0.05), "never past route_wait"
+        now[0] += 0.05
+        with pytest.raises(CannotOpen) as refused:
+            late.open(Recorder())
+        assert refused.value.retry_after == 0 and str(refused.value) == "no active connector in group 'g'"
+
+    run(main())
+
+
+def test_a_live_connectors_refusal_or_a_single_node_never_waits():
+    async def main():
+        registry = TunnelRegistry()
+        single = NoPeers()
+        single.clustered = False
+        with pytest.raises(CannotOpen) as alone:
+            StreamOpener(registry, peers=single).begin(APP, "tcp", "c", "s-1").open(Recorder())
+        assert alone.value.retry_after == 0, "one node: no route can turn up elsewhere"
+
+        _tunnel(registry, "a")
+        opening = StreamOpener(registry, peers=NoPeers()).begin(APP, "tcp", "c", "s-2")
+        opening.open(Recorder())  # a takes it, then refuses it (as an edge learns from OPEN_FAIL)
+        with pytest.raises(CannotOpen) as refused:
+            opening.open(Recorder())
+        assert refused.value.retry_after == 0 and refused.value.attempted == 1, "a live tunnel said no"
+
+        forwarded = StreamOpener(registry, peers=NoPeers()).begin(APP, "tcp", "c", "s-3", forward=False)
+        forwarded.open(Recorder())
+        with pytest.raises(CannotOpen) as once:
+            forwarded.open(Recorder())
+        assert once.value.retry_after == 0, "a stream a peer forwarded here never waits: the peer does"
+
+    run(main())

@@ -22,6 +22,14 @@ connector would, so its refusals are retried by the same rules, and ``attempts``
 links and tunnels alike. A stream opened for a peer (``forward=False``) is only ever offered
 to local tunnels: streams are forwarded at most once, so they cannot loop.
 
+With several nodes there is a moment when no node has a route: the node holding a group's
+tunnels died, and its connectors have not yet dialed another one, or this node's next poll
+has not yet seen where they went. A stream that finds no route at all then is not refused at
+once: ``CannotOpen.retry_after`` tells the edge to try again shortly, for at most
+``PeeringLimits.route_wait`` from the stream's start, while the user's bytes wait unsent
+(only when the store lists other nodes, and only while every tunnel the stream was offered
+is dead: a live connector's refusal is final as before).
+
 An :class:`Opening` is the per-stream part: the tunnels tried, the metric hooks of the
 stream as the user sees it (one stream however many opens it took). A
 :class:`StreamOpener` is the per-worker part every edge shares: the registry, the peer
@@ -31,8 +39,10 @@ links, the attempt count, the metrics.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol
 
+from backhaul.config import PeeringLimits
 from backhaul.errors import ConfigError
 from backhaul.protocol.constants import RETRYABLE_OPEN_FAILURES
 from backhaul.protocol.mux import SessionError, stream_meta
@@ -88,6 +98,9 @@ class PeerRoutes(Protocol):
     def pick(self, group: str, exclude: list) -> "Tunnel | None":
         """A link to a node holding a usable tunnel of ``group``, not one in ``exclude``; None if none."""
 
+    #: whether the store lists other nodes (where a route may turn up while a stream waits)
+    clustered: bool
+
 
 class StreamFigures(Protocol):
     """What RelayMetrics reads of one user stream (a Pipe has these attributes)."""
@@ -102,12 +115,15 @@ class StreamFigures(Protocol):
 class CannotOpen(Exception):
     """No tunnel took the stream; ``str()`` is a reason a user or operator can act on."""
 
-    def __init__(self, reason: str, unreachable: bool = False, attempted: int = 0) -> None:
+    def __init__(self, reason: str, unreachable: bool = False, attempted: int = 0, retry_after: float = 0.0) -> None:
         super().__init__(reason)
         #: the group has usable tunnels, but their connectors reported the app's origin down
         self.unreachable = unreachable
         #: how many tunnels were offered the stream and refused or failed it
         self.attempted = attempted
+        #: seconds after which the edge should call ``Opening.open`` again, since a route may
+        #: appear by then (a connector re-homing between nodes); 0: the refusal is final
+        self.retry_after = retry_after
 
 
 class Opening:
@@ -115,6 +131,7 @@ class Opening:
 
     __slots__ = (
         "opener", "app", "proto", "client", "stream_label", "extra", "figures", "forward", "tried", "tunnel", "counted",
+        "route_deadline",
     )
 
     def __init__(
@@ -135,6 +152,10 @@ class Opening:
         #: how far the metrics have counted the stream (_NEW, _STARTED, _ACCEPTED, _DONE): each
         #: hook counts once per user stream, whatever retries, failovers or late events follow
         self.counted = _NEW
+        #: until when a stream with no route at all waits for one (0: it never waits, as
+        #: with one node, where no other node's connectors can turn up)
+        peers = opener.peers
+        self.route_deadline = opener.clock() + opener.route_wait if forward and peers is not None and peers.clustered else 0.0
 
     def open(self, endpoint: "StreamEndpoint") -> int:
         """Open the stream on the next tunnel; returns its stream id, or raises CannotOpen."""
@@ -151,6 +172,10 @@ class Opening:
                 tunnel = peers.pick(app.group, self.tried) if peers is not None else None
                 if tunnel is None:
                     unreachable = exc.unreachable
+                    if not unreachable:
+                        retry = self._route_retry()
+                        if retry:
+                            raise CannotOpen(str(exc), False, len(self.tried), retry) from None
                     if not self.tried or unreachable:
                         raise CannotOpen(str(exc), unreachable, len(self.tried)) from None
                     break
@@ -168,6 +193,16 @@ class Opening:
             unreachable,
             len(self.tried),
         )
+
+    def _route_retry(self) -> float:
+        """Seconds until the next try of a stream that found no route, or 0: it has waited
+        its ``route_wait``, or a tunnel it was offered is alive and refused it (a full or
+        draining connector is a refusal to pass on, not a route still to come). The tunnels
+        tried stay tried, so the stream is still offered to at most ``attempts``."""
+        left = self.route_deadline - self.opener.clock()
+        if left <= 0 or not all(t.session.closed for t in self.tried):
+            return 0.0
+        return min(self.opener.route_retry, left)
 
     def _local_tried(self) -> list:
         """The tunnels of this worker among those tried (routing knows nothing of links)."""
@@ -225,7 +260,7 @@ class Opening:
 class StreamOpener:
     """The part of opening streams every edge of one worker shares."""
 
-    __slots__ = ("registry", "metrics", "attempts", "peers")
+    __slots__ = ("registry", "metrics", "attempts", "peers", "route_wait", "route_retry", "clock")
 
     def __init__(
         self,
@@ -233,12 +268,18 @@ class StreamOpener:
         metrics: "RelayMetrics | None" = None,
         attempts: int = OPEN_ATTEMPTS,
         peers: PeerRoutes | None = None,
+        limits: PeeringLimits = PeeringLimits(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry  # the worker's live tunnels by connector and group
         self.metrics = metrics  # the worker's figures (None: not counted, as in unit tests)
         self.attempts = attempts  # tunnels (and peer links) one stream is offered to
         #: the worker's links to other relay nodes (None: one node, or no node certificate)
         self.peers = peers
+        #: how long a stream with no route waits for one, and how often it looks (PeeringLimits)
+        self.route_wait = limits.route_wait
+        self.route_retry = limits.route_retry
+        self.clock = clock  # monotonic seconds (a fake one in unit tests)
 
     def begin(
         self, app, proto: str, client: str, stream_label: str, figures=None, forward: bool = True, **extra

@@ -188,6 +188,9 @@ class PeerLinks:
         #: the node ids the store lists (up or down), the only ones a link is accepted from;
         #: None until the worker's first poll (then any node certificate of the service CA)
         self.registered: frozenset[str] | None = None
+        #: whether the store lists another node: only then may a route turn up elsewhere,
+        #: so only then does a stream with none wait for one (relay.opening)
+        self.clustered = False
         self._redial: dict[str, _Redial] = {}
         self._dials: set[asyncio.Task] = set()
         self._closing = False
@@ -216,6 +219,7 @@ class PeerLinks:
         from one of them (None: keep what was known)."""
         if registered is not None:
             self.registered = frozenset(registered)
+            self.clustered = bool(self.registered - {self.node_id})
         self.directory.update(group_nodes, addresses)
         nodes = self.directory.nodes()
         for node_id in [n for n in self._redial if n not in nodes]:

@@ -33,7 +33,7 @@ def _stream_done(pipe: "UserPipe") -> None:
 class UserPipe(Pipe):
     """A user's connection to a TCP app; opens its stream through the app's group."""
 
-    __slots__ = ("app", "opener", "metrics", "opening", "admission", "_accepted")
+    __slots__ = ("app", "opener", "metrics", "opening", "admission", "_accepted", "_route_wait")
 
     def __init__(
         self, app, opener: StreamOpener, flow: FlowControl, buffer: memoryview, metrics: RelayMetrics
@@ -47,6 +47,8 @@ class UserPipe(Pipe):
         self._accepted = False  # a connector has connected the target: no retry after this
         #: the worker's connection budget this connection counts in (released when it closes)
         self.admission: Admission | None = None
+        #: the next try of an open that found no route yet (relay.opening: a connector re-homing)
+        self._route_wait: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -58,9 +60,15 @@ class UserPipe(Pipe):
         self._open()
 
     def _open(self) -> None:
+        self._route_wait = None
+        if self.result is not None:
+            return  # the user went away while the stream waited for a route
         try:
             self.stream_id = self.opening.open(self)
         except CannotOpen as exc:
+            if exc.retry_after:
+                self._route_wait = asyncio.get_running_loop().call_later(exc.retry_after, self._open)
+                return
             self.metrics.count("refused")
             if exc.unreachable or not exc.attempted:
                 reason = str(exc)  # routing's own words: no active connector, or none reaches the app
@@ -72,6 +80,9 @@ class UserPipe(Pipe):
         self.tunnel = self.opening.tunnel
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._route_wait is not None:
+            self._route_wait.cancel()
+            self._route_wait = None
         super().connection_lost(exc)
         if self.admission is not None:
             self.admission.release()

@@ -145,7 +145,7 @@ class RelayWorker:
         #: every figure of the worker: streams, tunnels, UDP datagrams, and its events by name
         self.metrics = RelayMetrics()
         #: how every edge opens streams to connectors
-        self.opener = StreamOpener(self.registry, self.metrics)
+        self.opener = StreamOpener(self.registry, self.metrics, limits=settings.peering)
         self._reporter: Reporter | None = None
         self._app_names: list[str] = []
         #: the read buffer every user socket of this process is read into (see transport.pipe)

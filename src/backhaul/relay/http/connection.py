@@ -32,7 +32,7 @@ from backhaul.relay.http import writer
 from backhaul.relay.http.actions import SEND, WRITE
 from backhaul.relay.http.exchange import ExchangeMachine
 from backhaul.relay.http.pacing import T_NONE
-from backhaul.relay.http.states import CLOSED, Exchange
+from backhaul.relay.http.states import CLOSED, OPENING, Exchange
 from backhaul.relay.opening import CannotOpen, Opening
 from backhaul.transport.sockets import set_nodelay
 
@@ -191,6 +191,8 @@ class HttpConnection(asyncio.Protocol):
         self._running = False
         self._pacing = None  # the machine's Pacing (read after every run)
         self._gate_task: asyncio.Task | None = None
+        #: the next try of an open that found no route yet (relay.opening: a connector re-homing)
+        self._route_wait: asyncio.TimerHandle | None = None
         # One timer handle per connection: re-arming moves a deadline (a float), and a new
         # handle is made only when the deadline comes before the pending one.
         self._timer: asyncio.TimerHandle | None = None
@@ -277,6 +279,9 @@ class HttpConnection(asyncio.Protocol):
         if self._gate_task is not None:
             self._gate_task.cancel()
             self._gate_task = None
+        if self._route_wait is not None:
+            self._route_wait.cancel()
+            self._route_wait = None
         machine.connection_lost()
         self.run()
         self._cancel_timer()
@@ -403,11 +408,22 @@ class HttpConnection(asyncio.Protocol):
         try:
             stream.id = opening.open(stream)
         except CannotOpen as exc:
+            if exc.retry_after:
+                self._route_wait = self._loop.call_later(exc.retry_after, self._open_again, opening)
+                return
             opening.done(ErrorCode.REFUSED_STREAM)
             self.machine.link.open_failed(exc)
             return
         stream.tunnel = opening.tunnel
         self.stream = stream
+
+    def _open_again(self, opening: Opening) -> None:
+        """Try again to open a request's stream that found no route: unless the request has
+        since ended (timed out, say) and the machine moved on."""
+        self._route_wait = None
+        if opening is self.opening and self.stream is None and self.machine.state is OPENING:
+            self._open()
+            self.run()
 
     def _detach(self) -> TunnelStream | None:
         """Let the current stream go its own way (it only returns credit from now on)."""
