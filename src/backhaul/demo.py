@@ -35,7 +35,7 @@ PAGE_MARK = b"<h1>Hello from the private app</h1>"
 #: The prefix of every answer of the private app's UDP echo.
 UDP_MARK = b"private udp app got: "
 #: The HTTP app's external host name (routed by the relay's HTTP edge; --resolve makes curl use it).
-HTTP_HOST = "web.demo.internal"
+HTTP_HOST = "hello.demo.internal"
 CONNECTORS = ("demo-a", "demo-b")
 #: Seconds one start-up step may take on a loaded machine before the demo gives up.
 STEP_TIMEOUT = 60.0
@@ -293,15 +293,15 @@ class Demo:
         self.wait("both connectors' tunnels", self.tunnels_up)
         self.done(started, "2 tunnels each")
 
-        started = self.step("apps web-tcp (TCP), web (HTTP by host name), echo (UDP)")
+        started = self.step("apps hello-tcp (TCP), hello-web (HTTP by host name), hello-udp (UDP)")
         target = f"127.0.0.1:{self.app_http}"
-        self.admin("POST", "/v1/apps", {"name": "web-tcp", "group": "default", "proto": "tcp", "port": self.tcp_app, "target": target})
+        self.admin("POST", "/v1/apps", {"name": "hello-tcp", "group": "default", "proto": "tcp", "port": self.tcp_app, "target": target})
         self.admin("POST", "/v1/apps", {
-            "name": "web", "group": "default", "proto": "http", "external_host": HTTP_HOST,
+            "name": "hello-web", "group": "default", "proto": "http", "external_host": HTTP_HOST,
             "internal_url": f"http://{target}", "preauth": "passthrough",
         })
         self.admin("POST", "/v1/apps", {
-            "name": "echo", "group": "default", "proto": "udp", "port": self.udp_app, "target": f"127.0.0.1:{self.app_udp}",
+            "name": "hello-udp", "group": "default", "proto": "udp", "port": self.udp_app, "target": f"127.0.0.1:{self.app_udp}",
         })
         self.wait("the TCP app through a tunnel", lambda: _fetch(self.tcp_app).startswith(PAGE_MARK))
         self.wait("the HTTP app through the HTTP edge", lambda: _fetch(self.http, HTTP_HOST).startswith(PAGE_MARK))
@@ -330,9 +330,9 @@ class Demo:
         self.say(f"  logs        {self.logs}")
         self.say()
         self.say("Try these; each works as pasted in a new shell:")
-        self.say(f"  curl http://127.0.0.1:{self.tcp_app}/    # TCP app web-tcp")
-        self.say(f"  curl --resolve {HTTP_HOST}:{self.http}:127.0.0.1 http://{HTTP_HOST}:{self.http}/    # HTTP app web, by host name")
-        self.say(f"  {udp}    # UDP app echo")
+        self.say(f"  curl http://127.0.0.1:{self.tcp_app}/    # TCP app hello-tcp")
+        self.say(f"  curl --resolve {HTTP_HOST}:{self.http}:127.0.0.1 http://{HTTP_HOST}:{self.http}/    # HTTP app hello-web, by host name")
+        self.say(f"  {udp}    # UDP app hello-udp")
         self.say(f"  {self.admin_line('connector', 'list')}")
         self.say(f"  {self.admin_line('app', 'list')}")
         self.say(f"  curl --cacert {ca} {self.url}/admin/    # the admin page")

@@ -107,6 +107,24 @@ def paste(line: str, env: dict[str, str]) -> str:
     return result.stdout
 
 
+README = Path(__file__).parents[2] / "README.md"
+
+
+def readme_admin_examples_work(data_dir: Path, listen: str, backhaul: str, env: dict[str, str], cwd: Path) -> None:
+    """Every `backhaul admin --data-dir svc ...` line of the README works against the demo's
+    relay with the demo's data dir for `svc`: the data dir says where its relay listens."""
+    lines = [line.partition("  #")[0].strip() for line in README.read_text().splitlines()]
+    examples = [line for line in lines if line.startswith("backhaul admin --data-dir svc ")]
+    assert len(examples) >= 3, examples
+    if not (data_dir / "relay.json").exists():  # until the data dir records its relay (relay.json)
+        env = {**env, "BACKHAUL_SERVICE": listen}
+    for line in examples:
+        pasted = line.replace("backhaul", backhaul, 1).replace(" svc ", f" {data_dir} ", 1)
+        result = subprocess.run(["bash", "-c", pasted], capture_output=True, text=True, env=env, cwd=cwd, timeout=COMMAND_TIMEOUT)
+        assert result.returncode == 0, f"README: {line}\nfailed: {result.stderr.strip()}"
+    assert (cwd / "token.txt").read_text().strip()  # `token create > token.txt` printed the token
+
+
 def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(tmp_path):
     workdir = tmp_path / "demo"
     demo = DemoRun(workdir)
@@ -122,7 +140,7 @@ def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(
         assert (data_dir / "admin.token").is_file()
         commands = out.partition("Try these; each works as pasted in a new shell:\n")[2].partition("\n\n")[0].splitlines()
         tcp, http, udp = (next(c for c in commands if c.endswith(f"# {kind} app {name}") or f"# {kind} app {name}," in c)
-                          for kind, name in (("TCP", "web-tcp"), ("HTTP", "web"), ("UDP", "echo")))
+                          for kind, name in (("TCP", "hello-tcp"), ("HTTP", "hello-web"), ("UDP", "hello-udp")))
         admin_list = next(c for c in commands if c.endswith(" connector list"))
         app_list = next(c for c in commands if c.endswith(" app list"))
         version = next(c for c in commands if c.endswith(" --version"))
@@ -133,7 +151,7 @@ def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(
 
         def apps_answer() -> None:
             assert "Hello from the private app" in paste(tcp, env)
-            assert "Host: web.demo.internal" in paste(http, env)  # routed by host name through the HTTP edge
+            assert "Host: hello.demo.internal" in paste(http, env)  # routed by host name through the HTTP edge
             assert paste(udp, env).strip() == "private udp app got: hello"
 
         apps_answer()
@@ -141,9 +159,10 @@ def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(
         for name in ("demo-a", "demo-b"):
             assert re.search(rf"\b{name}\s+default\s+active\b", listing), listing
         apps = paste(app_list, env)
-        for name in ("web-tcp", "web", "echo"):
+        for name in ("hello-tcp", "hello-web", "hello-udp"):
             assert re.search(rf"^{name}\s", apps, re.M), apps
         assert re.fullmatch(r"backhaul \S+\n", paste(version, env))
+        readme_admin_examples_work(data_dir, listen, version.removesuffix(" --version").strip(), env, tmp_path)
 
         # Kill demo-b by the printed PID: the demo says so, and every app answers through demo-a.
         paste(kill.group(1), env)
