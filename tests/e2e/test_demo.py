@@ -144,6 +144,8 @@ def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(
         admin_list = next(c for c in commands if c.endswith(" connector list"))
         app_list = next(c for c in commands if c.endswith(" app list"))
         version = next(c for c in commands if c.endswith(" --version"))
+        admin_page = next(c for c in commands if c.endswith("# the admin page"))
+        assert f" {listen}/admin/ " in admin_page
         kill = re.search(r"^  (kill (\d+)) +# connector (demo-b)$", out, re.M)
         assert kill, out
 
@@ -158,6 +160,7 @@ def test_the_printed_commands_work_as_pasted_and_the_apps_outlive_one_connector(
         listing = paste(admin_list, env)
         for name in ("demo-a", "demo-b"):
             assert re.search(rf"\b{name}\s+default\s+active\b", listing), listing
+        paste(admin_page, env)  # the relay's certificate verifies against the CA the line names
         apps = paste(app_list, env)
         for name in ("hello-tcp", "hello-web", "hello-udp"):
             assert re.search(rf"^{name}\s", apps, re.M), apps
