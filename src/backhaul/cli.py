@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole system on loopback, one command")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    demo.add_argument(
+        "--dir", default=None, metavar="DIR",
+        help="new or empty work dir for the demo's keys, state and logs, kept after it stops (default: a new one in /tmp)",
+    )
     demo.set_defaults(func=_handler("backhaul.demo:demo"))
 
     release = commands.add_parser("release", help="signed connector releases (the publisher's side)").add_subparsers(
