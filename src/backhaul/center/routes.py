@@ -1,0 +1,331 @@
+"""The admin center's routes on the control API's aiohttp app: sign-in, sign-out, the pages,
+their static files, and the security headers every answer under /admin/ carries."""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from backhaul.center import adminlog, csrf, sessions, views
+from backhaul.center.samples import HEIGHT, WIDTH, ByteSamples
+from backhaul.config import AdminCenterSettings
+from backhaul.control.ratelimit import AddressLimiter
+from backhaul.control.web import CONTEXT, ApiError, admin_session, blocking, context_of, peer_of, token_hash
+
+log = logging.getLogger("backhaul.center")
+
+SETTINGS = web.AppKey("backhaul_center_settings", AdminCenterSettings)
+SIGN_IN_LIMITER = web.AppKey("backhaul_center_sign_in_limiter", AddressLimiter)
+SAMPLES = web.AppKey("backhaul_center_samples", ByteSamples)
+RECORDS = web.AppKey("backhaul_center_records", adminlog.RecordRing)
+STATIC = Path(__file__).parent / "static"
+PREFIX = "/admin/"
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+#: The pages: path under /admin/, template, title (the navigation, in order).
+PAGES = (
+    ("", "overview.html", "Overview"),
+    ("connectors", "connectors.html", "Connectors"),
+    ("apps", "apps.html", "Apps"),
+    ("groups", "groups.html", "Groups"),
+    ("tokens", "tokens.html", "Tokens"),
+    ("releases", "releases.html", "Releases"),
+    ("log", "log.html", "Admin log"),
+)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """CSP and friends on everything under /admin/; pages (not the static files) are never cached."""
+    response = await handler(request)
+    if request.path == "/admin" or request.path.startswith(PREFIX):
+        response.headers.update(SECURITY_HEADERS)
+        if not request.path.startswith(PREFIX + "static/"):
+            response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+# -- formatting for the templates
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "—"
+    return datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit in ("B/s", "KB/s", "MB/s", "GB/s"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B/s" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB/s"
+
+
+def _segment(value: Any) -> str:
+    """A value as one URL path segment (nothing left that would end it)."""
+    return quote(str(value), safe="")
+
+
+def _environment(app: web.Application) -> None:
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("backhaul.center", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(when=_when, rate=_rate, segment=_segment)
+    env.globals.update(PAGES=PAGES, CHART_WIDTH=WIDTH, CHART_HEIGHT=HEIGHT)
+
+
+# -- sign-in and sign-out
+
+
+def _signin_page(request: web.Request, error: str = "", status: int = 200) -> web.Response:
+    return aiohttp_jinja2.render_template("signin.html", request, {"error": error, "title": "Sign in"}, status=status)
+
+
+async def signin_form(request: web.Request) -> web.Response:
+    return _signin_page(request)
+
+
+def _set_cookie(response: web.StreamResponse, value: str, max_age: int) -> None:
+    response.set_cookie(sessions.COOKIE, value, max_age=max_age, path="/", secure=True, httponly=True, samesite="Strict")
+
+
+async def start_session(request: web.Request, subject: str) -> web.Response:
+    """Sign ``subject`` in: the session cookie, and on to the overview."""
+    ctx = context_of(request)
+    settings = request.app[SETTINGS]
+    state = await blocking(request, ctx.store.center_state)
+    stored = await blocking(request, ctx.store.admin_token_hash)
+    if stored is None:
+        return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
+    _, cookie = sessions.issue(sessions.mac_key(state[0], stored), subject, ctx.clock(), settings.session_lifetime)
+    log.info("admin center: signed in", extra={"subject": subject, "peer": peer_of(request)})
+    response = _see_other(PREFIX)
+    _set_cookie(response, cookie, int(settings.session_lifetime))
+    return response
+
+
+async def signin(request: web.Request) -> web.StreamResponse:
+    limiter = request.app[SIGN_IN_LIMITER]
+    peer = peer_of(request)
+    wait = limiter.retry_after(peer)
+    if wait:
+        if limiter.should_log(peer):
+            log.warning("admin center sign-ins refused from this address for a while: too many wrong tokens", extra={"peer": peer, "retry_after": wait})
+        response = _signin_page(request, f"too many failed sign-ins from this address; retry in {wait} s", 429)
+        response.headers["Retry-After"] = str(wait)
+        return response
+    try:
+        csrf.check_origin(request.headers, request.host)
+    except sessions.Refused as exc:
+        log.warning("admin center sign-in refused", extra={"peer": peer, "reason": exc.code})
+        return _signin_page(request, exc.detail, exc.status)
+    form = await request.post()
+    token = form.get("token")
+    stored = await blocking(request, context_of(request).store.admin_token_hash)
+    if (
+        not isinstance(token, str) or not token.strip() or len(token) > 512 or stored is None
+        or not hmac.compare_digest(token_hash(token.strip()), stored)
+    ):
+        limiter.failed(peer)
+        log.warning("admin center sign-in refused: wrong admin token", extra={"peer": peer})
+        return _signin_page(request, "that is not the admin token (it is in DATA_DIR/admin.token)", 401)
+    return await start_session(request, "admin token")
+
+
+async def signout(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    field = form.get("csrf")
+    session, _ = await admin_session(request, field if isinstance(field, str) else None)
+    settings = request.app[SETTINGS]
+    rotated = await blocking(request, context_of(request).store.center_sign_out, session.id, session.expires, settings.max_signed_out)
+    if rotated:
+        log.warning(
+            "admin center: the signed-out list was full, so the session key was replaced and every session ended",
+            extra={"most": settings.max_signed_out},
+        )
+    log.info("admin center: signed out", extra={"subject": session.subject, "peer": peer_of(request)})
+    response = _see_other(PREFIX + "signin")
+    response.del_cookie(sessions.COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+    return response
+
+
+# -- pages
+
+
+def _page(path: str, template: str, title: str, build: Callable[[web.Request], Awaitable[dict[str, Any]]]):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        fragment = request.query.get("fragment") == "1"
+        try:
+            session, key = await admin_session(request)
+        except ApiError as exc:
+            if fragment or exc.status != 401:
+                raise
+            return _see_other(PREFIX + "signin")
+        data = await build(request)
+        data.update(
+            title=title, here=path, fragment=fragment, subject=session.subject,
+            csrf_token=sessions.csrf_token(key, session), refresh=request.app[SETTINGS].refresh_seconds,
+            query=dict(request.query),
+        )
+        return aiohttp_jinja2.render_template(template, request, data)
+
+    return handler
+
+
+def _sample(request: web.Request, connectors) -> ByteSamples:
+    samples = request.app[SAMPLES]
+    samples.record(time.monotonic(), ((c.id, c.bytes_in + c.bytes_out) for c in connectors if not c.revoked))
+    return samples
+
+
+async def overview(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    nodes = await blocking(request, store.list_nodes, store.cluster.node_fresh)
+    connectors = await blocking(request, store.list_connectors)
+    groups = await blocking(request, store.list_groups)
+    apps = await blocking(request, store.list_apps)
+    tokens = await blocking(request, store.list_tokens)
+    samples = _sample(request, connectors)
+    rates = samples.rates(samples.totals)
+    recent, source = adminlog.entries(request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, "warning")
+    return {
+        "nodes": [n.to_dict() for n in nodes],
+        "counts": views.status_counts(connectors),
+        "groups": groups,
+        "apps": len(apps),
+        "tokens": len(tokens),
+        "chart": samples.chart_of(None),
+        "rate": rates[-1] if rates else None,
+        "recent": recent[:10],
+        "log_source": source,
+    }
+
+
+async def connectors_page(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    q = request.query
+    connectors = await blocking(request, store.list_connectors)
+    groups = await blocking(request, store.list_groups)
+    samples = _sample(request, connectors)
+    rows = views.connector_rows(connectors, views.filter_text(q, "group"), views.filter_text(q, "status"), views.filter_text(q, "q"))
+    paged = views.paginate(rows, *views.page_args(q, request.app[SETTINGS]))
+    for row in paged.rows:
+        row["rate"] = samples.rate_of(row["id"])
+        row["chart"] = samples.chart_of(row["id"])
+    return {"paged": paged, "groups": groups, "counts": views.status_counts(connectors)}
+
+
+async def apps_page(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    q = request.query
+    apps = await blocking(request, store.list_apps)
+    health = await blocking(request, store.origin_health)
+    groups = await blocking(request, store.list_groups)
+    rows = views.app_rows(apps, health, views.filter_text(q, "group"), views.filter_text(q, "kind"), views.filter_text(q, "q"))
+    return {"paged": views.paginate(rows, *views.page_args(q, request.app[SETTINGS])), "groups": groups}
+
+
+async def groups_page(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    groups = await blocking(request, store.list_groups)
+    connectors = await blocking(request, store.list_connectors)
+    return {"groups": groups, "counts": views.status_counts(connectors)}
+
+
+async def tokens_page(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    tokens = await blocking(request, store.list_tokens)
+    groups = await blocking(request, store.list_groups)
+    rows = sorted((t.to_dict() for t in tokens), key=lambda t: t["expires"])
+    return {"paged": views.paginate(rows, *views.page_args(request.query, request.app[SETTINGS])), "groups": groups}
+
+
+async def releases_page(request: web.Request) -> dict[str, Any]:
+    store = context_of(request).store
+    releases = await blocking(request, store.list_releases)
+    rollouts = await blocking(request, store.list_rollouts, 10)
+    return {"releases": [r.to_dict() for r in releases], "rollouts": [r.to_dict() for r in rollouts]}
+
+
+async def log_page(request: web.Request) -> dict[str, Any]:
+    q = request.query
+    level = views.filter_text(q, "level")
+    found, source = adminlog.entries(
+        request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, level, views.filter_text(q, "q")
+    )
+    rows = [
+        {"ts": e.get("ts"), "level": e.get("level", ""), "msg": e.get("msg", ""),
+         "fields": {k: v for k, v in e.items() if k not in ("ts", "level", "msg", "logger", "pid")}}
+        for e in found
+    ]
+    return {"paged": views.paginate(rows, *views.page_args(q, request.app[SETTINGS])), "levels": adminlog.LEVELS, "log_source": source}
+
+
+BUILDERS = {
+    "": overview, "connectors": connectors_page, "apps": apps_page, "groups": groups_page,
+    "tokens": tokens_page, "releases": releases_page, "log": log_page,
+}
+
+
+async def to_center(request: web.Request) -> web.StreamResponse:
+    return _see_other(PREFIX)
+
+
+async def _records(app: web.Application):
+    """This worker's log records for the log view, while the app runs."""
+    ring = app[RECORDS]
+    logger = logging.getLogger("backhaul")
+    logger.addHandler(ring)
+    yield
+    logger.removeHandler(ring)
+
+
+def setup(app: web.Application, settings: AdminCenterSettings) -> None:
+    """Mount the admin center on the control API's app (before it starts)."""
+    app[SETTINGS] = settings
+    app[SIGN_IN_LIMITER] = AddressLimiter(settings.sign_in, app[CONTEXT].clock)
+    app[SAMPLES] = ByteSamples(settings)
+    app[RECORDS] = adminlog.RecordRing(settings.log_records)
+    app.middlewares.insert(0, security_headers)
+    _environment(app)
+    r = app.router
+    r.add_get("/", to_center)
+    r.add_get("/admin", to_center)
+    r.add_get(PREFIX + "signin", signin_form)
+    r.add_post(PREFIX + "signin", signin)
+    r.add_post(PREFIX + "signout", signout)
+    r.add_static(PREFIX + "static/", STATIC)
+    for path, template, title in PAGES:
+        r.add_get(PREFIX + path, _page(path, template, title, BUILDERS[path]))
+    app.cleanup_ctx.append(_records)
