@@ -109,7 +109,7 @@ def _environment(app: web.Application) -> None:
 
 
 def _signin_page(request: web.Request, error: str = "", status: int = 200) -> web.Response:
-    return aiohttp_jinja2.render_template("signin.html", request, {"error": error, "title": "Sign in"}, status=status)
+    return aiohttp_jinja2.render_template("signin.html", request, {"error": error, "title": "Sign in", "oidc": ""}, status=status)
 
 
 async def signin_form(request: web.Request) -> web.Response:
