@@ -78,6 +78,8 @@ def test_csrf_token_is_per_session_and_checked():
         ({"Origin": "http://relay.example:8443"}, False),
         ({"Origin": "https://relay.example:9999"}, False),
         ({"Origin": "null"}, False),
+        ({"Origin": "null", "Sec-Fetch-Site": "same-origin"}, True),
+        ({"Origin": "null", "Sec-Fetch-Site": "cross-site"}, False),
     ],
 )
 def test_origin_checks(headers, ok):
