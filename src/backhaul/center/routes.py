@@ -3,6 +3,7 @@ their static files, and the security headers every answer under /admin/ carries.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hmac
 import logging
@@ -186,6 +187,8 @@ async def signout(request: web.Request) -> web.StreamResponse:
 def _page(path: str, template: str, title: str, build: Callable[[web.Request], Awaitable[dict[str, Any]]]):
     async def handler(request: web.Request) -> web.StreamResponse:
         fragment = request.query.get("fragment") == "1"
+        if sessions.COOKIE not in request.cookies and not fragment:
+            return _see_other(PREFIX + "signin")  # no session at all: not worth a log line
         try:
             session, key = await admin_session(request)
         except ApiError as exc:
@@ -240,9 +243,13 @@ async def connectors_page(request: web.Request) -> dict[str, Any]:
     samples = _sample(request, connectors)
     rows = views.connector_rows(connectors, views.filter_text(q, "group"), views.filter_text(q, "status"), views.filter_text(q, "q"))
     paged = views.paginate(rows, *views.page_args(q, request.app[SETTINGS]))
-    for row in paged.rows:
-        row["rate"] = samples.rate_of(row["id"])
-        row["chart"] = samples.chart_of(row["id"])
+    listed = []
+    for connector in paged.rows:
+        row = views.connector_row(connector)
+        row["rate"] = samples.rate_of(connector.id)
+        row["chart"] = samples.chart_of(connector.id)
+        listed.append(row)
+    paged = dataclasses.replace(paged, rows=listed)
     return {"paged": paged, "groups": groups, "counts": views.status_counts(connectors)}
 
 
@@ -252,8 +259,10 @@ async def apps_page(request: web.Request) -> dict[str, Any]:
     apps = await blocking(request, store.list_apps)
     health = await blocking(request, store.origin_health)
     groups = await blocking(request, store.list_groups)
-    rows = views.app_rows(apps, health, views.filter_text(q, "group"), views.filter_text(q, "kind"), views.filter_text(q, "q"))
-    return {"paged": views.paginate(rows, *views.page_args(q, request.app[SETTINGS])), "groups": groups}
+    rows = views.app_rows(apps, views.filter_text(q, "group"), views.filter_text(q, "kind"), views.filter_text(q, "q"))
+    paged = views.paginate(rows, *views.page_args(q, request.app[SETTINGS]))
+    paged = dataclasses.replace(paged, rows=[views.app_row(a, health.get(a.name, [])) for a in paged.rows])
+    return {"paged": paged, "groups": groups}
 
 
 async def groups_page(request: web.Request) -> dict[str, Any]:

@@ -56,16 +56,20 @@ def matching(items: Iterable[T], text: str, fields: Callable[[T], Iterable[Any]]
     return [item for item in items if any(needle in str(f).lower() for f in fields(item) if f is not None)]
 
 
-def connector_rows(connectors: Iterable[Connector], group: str, status: str, text: str) -> list[dict[str, Any]]:
-    """The connectors as the page lists them (their API fields, including any a newer relay
-    adds such as inactive_since and removal_at), filtered, grouped by group then name."""
+def connector_rows(connectors: Iterable[Connector], group: str, status: str, text: str) -> list[Connector]:
+    """The connectors the page lists, filtered, by group then name (rows: ``connector_row``)."""
     picked = [
-        c.to_dict() for c in connectors
+        c for c in connectors
         if not c.revoked and (not group or c.group == group) and (not status or c.status == status)
     ]
-    picked = matching(picked, text, lambda c: (c["name"], c["id"], c["hostname"], c["version"]))
-    picked.sort(key=lambda c: (c["group"], c["name"]))
+    picked = matching(picked, text, lambda c: (c.name, c.id, c.hostname, c.version))
+    picked.sort(key=lambda c: (c.group, c.name))
     return picked
+
+
+def connector_row(connector: Connector) -> dict[str, Any]:
+    """A listed connector: its API fields, including any a newer relay adds (inactive_since, removal_at)."""
+    return connector.to_dict()
 
 
 def status_counts(connectors: Iterable[Connector]) -> dict[str, dict[str, int]]:
@@ -78,21 +82,23 @@ def status_counts(connectors: Iterable[Connector]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def app_rows(apps: Iterable[App], health: Mapping[str, list[OriginReport]], group: str, kind: str, text: str) -> list[dict[str, Any]]:
-    """The apps with their address and which connectors reach them (the REACHABLE view)."""
+def app_rows(apps: Iterable[App], group: str, kind: str, text: str) -> list[App]:
+    """The apps the page lists, filtered, by name (rows: ``app_row``)."""
     picked = [a for a in apps if (not group or a.group == group) and (not kind or a.proto == kind)]
     picked = matching(picked, text, lambda a: (a.name, a.external_host, a.target, a.internal_url, a.port))
-    rows = []
-    for a in picked:
-        reports = health.get(a.name, [])
-        data = a.to_dict()
-        data["address"] = a.external_host if a.proto == "http" else f":{a.port}"
-        data["destination"] = a.internal_url if a.proto == "http" else a.target
-        data["reach"] = {
-            "active": len(reports),
-            "reachable": sum(r.reachable is True for r in reports),
-            "unreachable": sum(r.reachable is False for r in reports),
-            "connectors": [{"name": r.connector, "reachable": r.reachable} for r in reports[:LISTED_REACH]],
-        }
-        rows.append(data)
-    return rows
+    picked.sort(key=lambda a: a.name)
+    return picked
+
+
+def app_row(app: App, reports: list[OriginReport]) -> dict[str, Any]:
+    """A listed app with its address and which connectors reach it (the REACHABLE view)."""
+    data = app.to_dict()
+    data["address"] = app.external_host if app.proto == "http" else f":{app.port}"
+    data["destination"] = app.internal_url if app.proto == "http" else app.target
+    data["reach"] = {
+        "active": len(reports),
+        "reachable": sum(r.reachable is True for r in reports),
+        "unreachable": sum(r.reachable is False for r in reports),
+        "connectors": [{"name": r.connector, "reachable": r.reachable} for r in reports[:LISTED_REACH]],
+    }
+    return data
