@@ -833,6 +833,10 @@ class AdminCenterSettings:
     log_records: int = 2000
     #: Bytes read from the end of an admin log file for the log view: the newest lines only.
     log_tail_bytes: int = 1024 * 1024
+    #: (claim, value) an OpenID Connect id_token must carry to sign in to the admin center
+    #: (``service run --admin-oidc-claim groups=backhaul-admins``); None: admin token only.
+    #: Never a default: who is an admin is the operator's decision, not ours.
+    oidc_claim: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if min(self.session_lifetime, self.refresh_seconds, self.sample_interval) <= 0:

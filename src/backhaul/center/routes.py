@@ -16,10 +16,11 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from backhaul.center import adminlog, csrf, sessions, views
+from backhaul.center import adminlog, csrf, oidc, sessions, views
 from backhaul.center.samples import HEIGHT, WIDTH, ByteSamples
-from backhaul.config import AdminCenterSettings
+from backhaul.config import AdminCenterSettings, OidcSettings
 from backhaul.control.ratelimit import AddressLimiter
+from backhaul.errors import IdentityProviderError
 from backhaul.control.web import CONTEXT, ApiError, admin_session, blocking, context_of, peer_of, token_hash
 
 log = logging.getLogger("backhaul.center")
@@ -28,6 +29,7 @@ SETTINGS = web.AppKey("backhaul_center_settings", AdminCenterSettings)
 SIGN_IN_LIMITER = web.AppKey("backhaul_center_sign_in_limiter", AddressLimiter)
 SAMPLES = web.AppKey("backhaul_center_samples", ByteSamples)
 RECORDS = web.AppKey("backhaul_center_records", adminlog.RecordRing)
+OIDC = web.AppKey("backhaul_center_oidc", oidc.AdminOidc)
 STATIC = Path(__file__).parent / "static"
 PREFIX = "/admin/"
 
@@ -110,7 +112,7 @@ def _environment(app: web.Application) -> None:
 
 
 def _signin_page(request: web.Request, error: str = "", status: int = 200) -> web.Response:
-    return aiohttp_jinja2.render_template("signin.html", request, {"error": error, "title": "Sign in", "oidc": ""}, status=status)
+    return aiohttp_jinja2.render_template("signin.html", request, {"error": error, "title": "Sign in", "oidc": request.app[OIDC].settings.issuer if OIDC in request.app else ""}, status=status)
 
 
 async def signin_form(request: web.Request) -> web.Response:
@@ -121,17 +123,30 @@ def _set_cookie(response: web.StreamResponse, value: str, max_age: int) -> None:
     response.set_cookie(sessions.COOKIE, value, max_age=max_age, path="/", secure=True, httponly=True, samesite="Strict")
 
 
-async def start_session(request: web.Request, subject: str) -> web.Response:
-    """Sign ``subject`` in: the session cookie, and on to the overview."""
+async def _key(request: web.Request) -> bytes | None:
+    """The center's signing key now (None: the relay has no admin token)."""
     ctx = context_of(request)
-    settings = request.app[SETTINGS]
     state = await blocking(request, ctx.store.center_state)
     stored = await blocking(request, ctx.store.admin_token_hash)
-    if stored is None:
+    return None if stored is None else sessions.mac_key(state[0], stored)
+
+
+async def start_session(request: web.Request, subject: str, *, cross_site: bool = False) -> web.Response:
+    """Sign ``subject`` in: the session cookie, and on to the overview. After a cross-site
+    redirect (the issuer's) a page leads on instead of a redirect: a SameSite=Strict cookie
+    set there would not be sent with the redirect's request."""
+    ctx = context_of(request)
+    settings = request.app[SETTINGS]
+    key = await _key(request)
+    if key is None:
         return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
-    _, cookie = sessions.issue(sessions.mac_key(state[0], stored), subject, ctx.clock(), settings.session_lifetime)
+    _, cookie = sessions.issue(key, subject, ctx.clock(), settings.session_lifetime)
     log.info("admin center: signed in", extra={"subject": subject, "peer": peer_of(request)})
-    response = _see_other(PREFIX)
+    if cross_site:
+        response = aiohttp_jinja2.render_template("signed_in.html", request, {"title": "Signed in", "subject": subject})
+        oidc.flow_cookie(response, "", 0)
+    else:
+        response = _see_other(PREFIX)
     _set_cookie(response, cookie, int(settings.session_lifetime))
     return response
 
@@ -179,6 +194,40 @@ async def signout(request: web.Request) -> web.StreamResponse:
     response = _see_other(PREFIX + "signin")
     response.del_cookie(sessions.COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
     return response
+
+
+async def oidc_login(request: web.Request) -> web.StreamResponse:
+    if OIDC not in request.app:
+        raise web.HTTPNotFound()
+    key = await _key(request)
+    if key is None:
+        return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
+    try:
+        location, flow = await request.app[OIDC].login(key, request.host, context_of(request).clock())
+    except IdentityProviderError as exc:
+        log.error("admin center: cannot start an OIDC sign-in", extra={"error": str(exc)})
+        return _signin_page(request, f"the identity provider cannot be reached: {exc}", 502)
+    response = web.Response(status=302, headers={"Location": location})
+    oidc.flow_cookie(response, flow, int(request.app[OIDC].settings.login_lifetime))
+    return response
+
+
+async def oidc_callback(request: web.Request) -> web.StreamResponse:
+    if OIDC not in request.app:
+        raise web.HTTPNotFound()
+    key = await _key(request)
+    if key is None:
+        return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
+    try:
+        subject = await request.app[OIDC].finish(
+            key, request.query, request.cookies.get(oidc.FLOW_COOKIE, ""), context_of(request).clock()
+        )
+    except sessions.Refused as exc:
+        log.warning("admin center: OIDC sign-in refused", extra={"peer": peer_of(request), "reason": exc.code})
+        response = _signin_page(request, exc.detail, exc.status)
+        oidc.flow_cookie(response, "", 0)
+        return response
+    return await start_session(request, subject, cross_site=True)
 
 
 # -- pages
@@ -320,8 +369,14 @@ async def _records(app: web.Application):
     logger.removeHandler(ring)
 
 
-def setup(app: web.Application, settings: AdminCenterSettings) -> None:
-    """Mount the admin center on the control API's app (before it starts)."""
+async def _close_oidc(app: web.Application):
+    yield
+    await app[OIDC].close()
+
+
+def setup(app: web.Application, settings: AdminCenterSettings, issuer: OidcSettings | None = None) -> None:
+    """Mount the admin center on the control API's app (before it starts); with ``issuer``
+    and ``settings.oidc_claim`` it also signs admins in through OpenID Connect."""
     app[SETTINGS] = settings
     app[SIGN_IN_LIMITER] = AddressLimiter(settings.sign_in, app[CONTEXT].clock)
     app[SAMPLES] = ByteSamples(settings)
@@ -335,6 +390,11 @@ def setup(app: web.Application, settings: AdminCenterSettings) -> None:
     r.add_post(PREFIX + "signin", signin)
     r.add_post(PREFIX + "signout", signout)
     r.add_static(PREFIX + "static/", STATIC)
+    if issuer is not None and settings.oidc_claim is not None:
+        app[OIDC] = oidc.AdminOidc(issuer, settings.oidc_claim)
+        app.cleanup_ctx.append(_close_oidc)
+    r.add_get(PREFIX + "oidc/login", oidc_login)
+    r.add_get(oidc.CALLBACK_PATH, oidc_callback)
     for path, template, title in PAGES:
         r.add_get(PREFIX + path, _page(path, template, title, BUILDERS[path]))
     app.cleanup_ctx.append(_records)

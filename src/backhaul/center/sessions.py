@@ -90,6 +90,26 @@ def verify(key: bytes, cookie: str, now: float, signed_out: dict[str, float]) ->
     return session
 
 
+def seal(key: bytes, purpose: str, data: dict, now: float, lifetime: float) -> str:
+    """``data`` signed for ``purpose`` until ``now + lifetime`` (the OIDC sign-in's flow cookie)."""
+    payload = _b64(orjson.dumps({**data, "exp": now + lifetime}))
+    return f"{payload}.{_mac(key, purpose.encode() + b'|' + payload.encode())}"
+
+
+def unseal(key: bytes, purpose: str, value: str, now: float) -> dict | None:
+    """What ``seal`` signed, or None if forged, for another purpose, malformed or expired."""
+    payload, _, mac = value.partition(".") if len(value) <= MAX_COOKIE else ("", "", "")
+    if not payload or not hmac.compare_digest(_mac(key, purpose.encode() + b"|" + payload.encode()), mac):
+        return None
+    try:
+        data = orjson.loads(_unb64(payload))
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("exp"), (int, float)) or now >= data["exp"]:
+        return None
+    return data
+
+
 def csrf_token(key: bytes, session: Session) -> str:
     """The CSRF token of a session: its pages carry it, its changes must send it back."""
     return _mac(key, b"csrf|" + session.id.encode())
