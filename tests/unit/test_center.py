@@ -104,9 +104,9 @@ def test_authorize_needs_csrf_only_for_changes():
         guard.authorize(state, None, cookie, "GET", {}, "h:1", 1.0)
 
 
-def test_the_signed_out_list_is_bounded_and_a_full_list_replaces_the_key(tmp_path):
+def test_the_signed_out_list_is_bounded_and_a_full_list_replaces_the_key(store_location):
     now = [1000.0]
-    store = open_store(tmp_path / "store", clock=lambda: now[0])
+    store = open_store(store_location, clock=lambda: now[0])
     try:
         key_hex, ended = store.center_state()
         assert ended == {} and store.center_state()[0] == key_hex  # made once, then kept
