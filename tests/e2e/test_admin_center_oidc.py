@@ -1,6 +1,7 @@
 """Signing in to the admin center through OpenID Connect, against the test issuer (a real
 HTTPS issuer, tests/e2e/oidc_issuer.py) and a real relay: only a user whose id_token
-carries the admin claim gets a session; a flow started elsewhere, or answered with an
+carries the admin claim gets a session (the relay has two workers: the flow and the
+session hold on whichever answers); a flow started elsewhere, or answered with an
 error, gets none."""
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _sign_in(system, issuer, relay_ctx, issuer_ctx):
 
 def test_only_users_with_the_admin_claim_sign_in(tmp_path):
     with OidcIssuer(tmp_path) as issuer, running_relay(
-        tmp_path, relay_args=(*oidc_flags(issuer), "--admin-oidc-claim", "groups=backhaul-admins")
+        tmp_path, workers=2, relay_args=(*oidc_flags(issuer), "--admin-oidc-claim", "groups=backhaul-admins")
     ) as system:
         relay_ctx = ssl.create_default_context(cafile=str(system.data_dir / "ca.pem"))
         issuer_ctx = ssl.create_default_context(cafile=str(issuer.ca_path))
