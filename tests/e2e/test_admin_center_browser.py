@@ -2,7 +2,7 @@
 
 One relay and one connector for the whole walk: sign in, publish an app from the page and
 reach it through the relay, create and revoke a token, watch a stopped connector go
-inactive, and see a cross-site form POST refused. A screenshot of each page goes to the
+inactive, pause and resume a rollout, and see a cross-site form POST refused. A screenshot of each page goes to the
 test's output directory (docs/admin-center.png is one of them).
 """
 
@@ -104,6 +104,16 @@ def test_the_admin_center_in_a_browser(system, backend, browser, tmp_path):
     connector.stop()
     expect(connector_row.locator("td.status-inactive")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(shots / "connectors.png"), full_page=True)
+
+    # A group's rollout paused and resumed from the page.
+    page.goto(f"{system.url}/admin/releases")
+    rollout = page.locator('tr[data-rollout="default"]')
+    rollout.get_by_role("button", name="Pause").click()
+    expect(rollout.get_by_role("button", name="Resume")).to_be_visible()
+    assert {g["group"]: g["paused"] for g in system.api("/v1/rollout")}["default"] is True
+    rollout.get_by_role("button", name="Resume").click()
+    expect(rollout.get_by_role("button", name="Pause")).to_be_visible()
+    assert {g["group"]: g["paused"] for g in system.api("/v1/rollout")}["default"] is False
 
     for name in ("groups", "releases", "log"):
         page.goto(f"{system.url}/admin/{name}")
