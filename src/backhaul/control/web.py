@@ -162,7 +162,10 @@ async def admin_session(request: web.Request, form_csrf: str | None = None) -> t
             request.host, ctx.clock(), form_csrf,
         )
     except sessions.Refused as exc:
-        log.warning("admin center request refused", extra={"peer": peer_of(request), "path": request.path, "reason": exc.code})
+        # A change from another site or without the page's token is worth a warning; an
+        # expired or signed-out session (a tab left open) is routine.
+        level = logging.WARNING if exc.status == 403 else logging.INFO
+        log.log(level, "admin center request refused", extra={"peer": peer_of(request), "path": request.path, "reason": exc.code})
         raise ApiError(exc.status, exc.code, exc.detail) from None
 
 
