@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.e2e.harness import echoes, free_port, wait_until
+from tests.e2e.harness import echoes, free_port
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
