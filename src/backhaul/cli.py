@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--oidc-session-lifetime", type=float, default=None, metavar="SECONDS",
         help="how long a browser stays signed in to an oidc app (default 8 hours)",
     )
+    p.add_argument(
+        "--admin-oidc-claim", default=None, metavar="NAME=VALUE",
+        help="let users of --oidc-issuer whose id_token has this claim (or a list claim holding VALUE) "
+        "sign in to the admin center, e.g. groups=backhaul-admins (default: admin token only)",
+    )
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)

@@ -801,3 +801,59 @@ class TlsSettings:
             name, _, raw = item.partition("=")
             changed = dataclasses.replace(changed, **{name.strip().replace("-", "_"): raw.strip()})
         return changed
+
+
+# -- the admin center
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminCenterSettings:
+    """The admin center's web page at /admin/ (backhaul.center; docs/operations.md "The admin center").
+
+    Sessions are signed cookies whose key is kept in the store, so every worker and every
+    relay node accepts them; signing out records the session id until it would have
+    expired anyway (a bounded list, see ``max_signed_out``).
+    """
+
+    #: Seconds a session lasts after sign-in. A working day: an operator signs in once in
+    #: the morning; a stolen cookie is good for hours, not weeks (OIDC apps use the same).
+    session_lifetime: float = 8 * 3600.0
+    #: Sessions signed out before their expiry that the store remembers (about 40 bytes
+    #: each in one row of the meta table, read on every admin-center request). When the
+    #: list is full the session key is replaced, which ends every session: a flood of
+    #: sign-outs costs re-signing in, never an unbounded row.
+    max_signed_out: int = 1000
+    #: Refused sign-ins per client address (an AddressLimiter, per worker): the admin token
+    #: is 256-bit random so guessing is hopeless; the bucket bounds log lines and work.
+    #: Five at once, then one a minute: a person mistyping, not a script.
+    sign_in: EnrollLimits = EnrollLimits(burst=5, refill_per_second=1 / 60, max_addresses=4096, log_interval=60.0)
+    #: Rows per page of a list (connectors, apps, tokens, log); a page asks for at most
+    #: ``max_page_size`` with ?size=. 50 rows render in a few milliseconds; 200 is a screenful.
+    page_size: int = 50
+    max_page_size: int = 200
+    #: Seconds between two re-fetches of a page's live part by its script.
+    refresh_seconds: float = 5.0
+    #: Byte-counter samples kept per worker for the charts: one per ``sample_interval``
+    #: taken when a page is rendered (nothing is sampled while nobody looks), 60 of them
+    #: (five minutes at 5 s). Per connector at most ``max_sampled_connectors`` series.
+    samples: int = 60
+    sample_interval: float = 5.0
+    max_sampled_connectors: int = 2000
+    #: The relay's own log records kept per worker for the admin log view (when there is
+    #: no admin log file to read): the newest, ~1 KiB each, so about 2 MiB per worker.
+    log_records: int = 2000
+    #: Bytes read from the end of an admin log file for the log view: the newest lines only.
+    log_tail_bytes: int = 1024 * 1024
+    #: (claim, value) an OpenID Connect id_token must carry to sign in to the admin center
+    #: (``service run --admin-oidc-claim groups=backhaul-admins``); None: admin token only.
+    #: Never a default: who is an admin is the operator's decision, not ours.
+    oidc_claim: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.session_lifetime, self.refresh_seconds, self.sample_interval) <= 0:
+            raise ValueError("admin center session_lifetime, refresh_seconds and sample_interval must be positive")
+        if min(self.max_signed_out, self.page_size, self.max_page_size, self.samples,
+               self.max_sampled_connectors, self.log_records, self.log_tail_bytes) < 1:
+            raise ValueError("admin center limits must be at least 1")
+        if self.page_size > self.max_page_size:
+            raise ValueError("admin center page_size must not exceed max_page_size")

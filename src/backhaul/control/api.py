@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from backhaul import pki
-from backhaul.config import RolloutSettings
+from backhaul.center import routes as center
+from backhaul.config import AdminCenterSettings, OidcSettings, RolloutSettings
 from backhaul.control import releases_api, rollout_api, validate
 from backhaul.control.context import ControlContext
 from backhaul.control.openapi import openapi_document
@@ -445,12 +446,18 @@ async def _housekeeping(app: web.Application):
 
 
 def build_app(
-    ctx: ControlContext, *, rollout: RolloutSettings = RolloutSettings(), update_reports: dict[str, int] | None = None
+    ctx: ControlContext,
+    *,
+    rollout: RolloutSettings = RolloutSettings(),
+    update_reports: dict[str, int] | None = None,
+    admin_center: AdminCenterSettings = AdminCenterSettings(),
+    oidc: OidcSettings | None = None,
 ) -> web.Application:
     """The control API as an aiohttp Application (no socket of its own).
 
     ``update_reports`` is where update reports are counted by step (the relay's metrics);
-    None: a table of the app's own."""
+    None: a table of the app's own. The admin center (backhaul.center) is mounted at /admin/;
+    ``oidc``: the relay's issuer, for its OpenID Connect sign-in."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=ctx.settings.max_body)
     app[CONTEXT] = ctx
     app[ENROLL_LIMITER] = AddressLimiter(ctx.settings.enroll, ctx.clock)
@@ -480,5 +487,6 @@ def build_app(
     r.add_put("/v1/connectors/{id}/group", assign_connector)
     releases_api.add_routes(app)
     rollout_api.add_routes(app, rollout, update_reports)
+    center.setup(app, admin_center, oidc)
     app.cleanup_ctx.append(_housekeeping)
     return app

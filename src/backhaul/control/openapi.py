@@ -542,7 +542,8 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
             op["requestBody"] = {"required": True, **_json(_ref(request))}
             op["responses"]["413"] = {"description": f"the request body is larger than {settings.max_body} bytes", **_json(_ref("Error"))}
         if auth == "admin":
-            op["security"] = [{"adminToken": []}]
+            # Or the admin center's session: its cookie, and for a change its page's CSRF token.
+            op["security"] = [{"adminToken": []}, {"adminSession": [], "adminCsrf": []}]
         elif auth == "mtls":
             op["security"] = [{"connectorCertificate": []}]
         else:
@@ -561,6 +562,15 @@ def openapi_document(settings: ControlSettings = ControlSettings()) -> dict[str,
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/admin.token"},
                 "connectorCertificate": {"type": "mutualTLS", "description": "the connector's client certificate"},
+                "adminSession": {
+                    "type": "apiKey", "in": "cookie", "name": "__Host-backhaul-admin",
+                    "description": "the admin center's session cookie (sign in at /admin/); GET needs only this",
+                },
+                "adminCsrf": {
+                    "type": "apiKey", "in": "header", "name": "X-CSRF-Token",
+                    "description": "the session's CSRF token (the admin center page's csrf-token meta); every change "
+                    "needs it, from the same origin (Origin / Sec-Fetch-Site)",
+                },
             },
         },
     }

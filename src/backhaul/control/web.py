@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from backhaul import tlsconfig
+from backhaul.center import guard, sessions
 from backhaul.control import validate
 from backhaul.control.context import ControlContext
 from backhaul.errors import CertificateError
@@ -135,6 +136,9 @@ def require_admin(handler: Callable[[web.Request], Awaitable[web.StreamResponse]
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
+        if not header and sessions.COOKIE in request.cookies:
+            await admin_session(request)
+            return await handler(request)
         scheme, _, presented = header.partition(" ")
         stored = await blocking(request, context_of(request).store.admin_token_hash)
         if scheme.lower() != "bearer" or not presented.strip() or len(presented) > MAX_TOKEN or stored is None:
@@ -144,6 +148,25 @@ def require_admin(handler: Callable[[web.Request], Awaitable[web.StreamResponse]
         return await handler(request)
 
     return wrapped
+
+
+async def admin_session(request: web.Request, form_csrf: str | None = None) -> tuple[sessions.Session, bytes]:
+    """The admin-center session of this request's cookie (and its key), or ApiError: the
+    second way to call an admin endpoint, for the page's script (center/guard.py)."""
+    ctx = context_of(request)
+    state = await blocking(request, ctx.store.center_state)
+    stored = await blocking(request, ctx.store.admin_token_hash)
+    try:
+        return guard.authorize(
+            state, stored, request.cookies.get(sessions.COOKIE, ""), request.method, request.headers,
+            request.host, ctx.clock(), form_csrf,
+        )
+    except sessions.Refused as exc:
+        # A change from another site or without the page's token is worth a warning; an
+        # expired or signed-out session (a tab left open) is routine.
+        level = logging.WARNING if exc.status == 403 else logging.INFO
+        log.log(level, "admin center request refused", extra={"peer": peer_of(request), "path": request.path, "reason": exc.code})
+        raise ApiError(exc.status, exc.code, exc.detail) from None
 
 
 async def connector_identity(request: web.Request) -> Connector:

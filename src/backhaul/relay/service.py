@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, TlsSettings, UdpLimits, default_workers
+from backhaul.config import AdminCenterSettings, ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, TlsSettings, UdpLimits, default_workers
+from backhaul.center.oidc import parse_claim
 from backhaul.errors import ConfigError
 from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
@@ -30,6 +31,19 @@ def udp_limits(max_flows: int | None, idle_timeout: float | None) -> UdpLimits:
     if changes.get("max_flows", 1) < 1 or changes.get("idle_timeout", 1) <= 0:
         raise ConfigError("--udp-max-flows must be at least 1 and --udp-idle-timeout above 0")
     return UdpLimits(**changes)
+
+
+def admin_center_settings(args: argparse.Namespace) -> AdminCenterSettings:
+    """The admin center's settings from --admin-oidc-claim (which needs --oidc-issuer)."""
+    claim = getattr(args, "admin_oidc_claim", None)
+    if claim is None:
+        return AdminCenterSettings()
+    if args.oidc_issuer is None:
+        raise ConfigError("--admin-oidc-claim needs --oidc-issuer URL (the issuer admins sign in with)")
+    try:
+        return AdminCenterSettings(oidc_claim=parse_claim(claim))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def oidc_settings(args: argparse.Namespace) -> OidcSettings | None:
@@ -134,6 +148,7 @@ def service_run(args: argparse.Namespace) -> int:
         keepalive=keepalive, tls=tls,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),
+        admin_center=admin_center_settings(args),
     )
     with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
         _warn_loose_modes(data_dir)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from backhaul import __version__, tls_kernel, tlsconfig
 from backhaul.config import (
-    ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
+    AdminCenterSettings, ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
 )
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
@@ -85,6 +85,8 @@ class RelaySettings:
     stats_interval: float = 1.0
     #: The OpenID Connect issuer of ``--preauth oidc`` apps (None: such apps are refused).
     oidc: OidcSettings | None = None
+    #: The admin center at /admin/ (its OIDC sign-in uses ``oidc``).
+    admin_center: AdminCenterSettings = AdminCenterSettings()
     #: Relay-to-relay links: dial timeout, redial backoff, links accepted at most.
     peering: PeeringLimits = PeeringLimits()
     #: This relay node's id (service.json's; "": read it from the data dir).
@@ -200,7 +202,9 @@ class RelayWorker:
         control = ControlContext.load(
             self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )
-        app = build_app(control, update_reports=self.metrics.update_reports)
+        app = build_app(
+            control, update_reports=self.metrics.update_reports, admin_center=self.settings.admin_center, oidc=self.settings.oidc
+        )
         limits = self.settings.listen_limits
         # aiohttp's keep-alive timeout closes a control connection idle between requests;
         # ControlGuard adds the idle-before-the-first-request, head and body timers aiohttp

@@ -428,6 +428,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def admin_token_hash(self) -> str | None: ...
 
+    # -- the admin center's sessions (store/sql_center.py)
+
+    @abc.abstractmethod
+    def center_state(self) -> tuple[str, dict[str, float]]:
+        """The admin center's session key (hex) and the sessions signed out (id: expiry)."""
+
+    @abc.abstractmethod
+    def center_sign_out(self, session_id: str, expires: float, most: int) -> bool:
+        """End a session; True when the list was full and the key was replaced instead."""
+
     # -- groups
     @abc.abstractmethod
     def list_groups(self) -> list[Group]: ...

@@ -31,6 +31,7 @@ from backhaul.store.dbapi import Db
 from backhaul.store.sql_nodes import LIVE_TUNNELS, NodeTables
 from backhaul.store.sql_releases import ReleaseTables
 from backhaul.store.sql_rollout import RolloutTables
+from backhaul.store.sql_center import CenterTables
 
 #: A write the database refused for a key or constraint (both backends raise Conflict with
 #: it). SqlStore checks names and ports before it writes, under the write lock, so this is
@@ -84,7 +85,7 @@ def _app_values(app: App) -> tuple:
     )
 
 
-class SqlStore(NodeTables, ReleaseTables, RolloutTables, Store):
+class SqlStore(NodeTables, ReleaseTables, RolloutTables, CenterTables, Store):
     """The Store's logic, in the SQL that SQLite and PostgreSQL both run.
 
     A backend supplies the plumbing: ``_write()`` (a transaction that holds the store's one
