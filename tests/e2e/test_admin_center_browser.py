@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 
 import pytest
 
@@ -33,6 +35,22 @@ def browser():
             yield browser
         finally:
             browser.close()
+
+
+def _bulk_echoes(port: int, stop: threading.Event) -> None:
+    """1 MiB echoed through the app at a time, until ``stop`` (bounded: 60 rounds)."""
+    payload = os.urandom(1 << 20)
+    for _ in range(60):
+        if stop.is_set():
+            return
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            got = 0
+            while chunk := sock.recv(1 << 16):
+                got += len(chunk)
+        assert got == len(payload)
+        stop.wait(0.2)
 
 
 def test_the_admin_center_in_a_browser(system, backend, browser, tmp_path):
@@ -97,10 +115,23 @@ def test_the_admin_center_in_a_browser(system, backend, browser, tmp_path):
     expect(row).to_have_count(0)
     assert system.api("/v1/tokens") == []
 
-    # A stopped connector goes inactive on the page by itself (the live refresh).
+    # Bytes through the connector show as its rate and chart, from the relay's own counters
+    # (the connector's heartbeat counters would not move within this test).
     page.goto(f"{system.url}/admin/connectors")
     connector_row = page.locator('tr[data-connector="site-a"]')
     expect(connector_row.locator("td.status-active")).to_be_visible()
+    stop_load = threading.Event()
+    load = threading.Thread(target=_bulk_echoes, args=(port, stop_load), daemon=True)
+    load.start()
+    try:
+        # A rate takes two samples and a chart three (sample_interval apart, on the live refresh).
+        expect(connector_row.locator("td.traffic svg.chart")).to_be_visible(timeout=30_000)
+        expect(connector_row.locator("td.traffic")).to_contain_text(re.compile(r"[KMG]B/s"), timeout=15_000)
+    finally:
+        stop_load.set()
+        load.join(10)
+
+    # A stopped connector goes inactive on the page by itself (the live refresh).
     connector.stop()
     expect(connector_row.locator("td.status-inactive")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(shots / "connectors.png"), full_page=True)

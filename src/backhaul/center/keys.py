@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from aiohttp import web
 
 from backhaul.center import adminlog, oidc
@@ -14,3 +16,5 @@ SIGN_IN_LIMITER = web.AppKey("backhaul_center_sign_in_limiter", AddressLimiter)
 SAMPLES = web.AppKey("backhaul_center_samples", ByteSamples)
 RECORDS = web.AppKey("backhaul_center_records", adminlog.RecordRing)
 OIDC = web.AppKey("backhaul_center_oidc", oidc.AdminOidc)
+#: bytes per connector id from the relay's own counters (blocking; absent: the store's)
+TRAFFIC = web.AppKey("backhaul_center_traffic", Callable)

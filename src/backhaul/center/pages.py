@@ -10,14 +10,26 @@ from typing import Any
 from aiohttp import web
 
 from backhaul.center import adminlog, views
-from backhaul.center.keys import RECORDS, SAMPLES, SETTINGS
+from backhaul.center.keys import RECORDS, SAMPLES, SETTINGS, TRAFFIC
 from backhaul.center.samples import ByteSamples
 from backhaul.control.web import blocking, context_of
 
 
-def _sample(request: web.Request, connectors) -> ByteSamples:
+async def _sample(request: web.Request, connectors) -> ByteSamples:
+    """The charts' samples, with one more taken unless the last is recent: the relay's own
+    counters of the connectors' tunnels through this node, as they carry the bytes (the
+    heartbeat counters in the store move only every heartbeat), else the store's."""
     samples = request.app[SAMPLES]
-    samples.record(time.monotonic(), ((c.id, c.bytes_in + c.bytes_out) for c in connectors if not c.revoked))
+    now = time.monotonic()
+    if not samples.due(now):
+        return samples
+    traffic = request.app.get(TRAFFIC)
+    if traffic is not None:
+        counted = await blocking(request, traffic)
+        counters = ((c.id, counted.get(c.id, 0)) for c in connectors if not c.revoked)
+    else:
+        counters = ((c.id, c.bytes_in + c.bytes_out) for c in connectors if not c.revoked)
+    samples.record(now, counters)
     return samples
 
 
@@ -28,7 +40,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
     groups = await blocking(request, store.list_groups)
     apps = await blocking(request, store.list_apps)
     tokens = await blocking(request, store.list_tokens)
-    samples = _sample(request, connectors)
+    samples = await _sample(request, connectors)
     rates = samples.rates(samples.totals)
     recent, source = adminlog.entries(request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, "warning")
     return {
@@ -49,7 +61,7 @@ async def connectors_page(request: web.Request) -> dict[str, Any]:
     q = request.query
     connectors = await blocking(request, store.list_connectors)
     groups = await blocking(request, store.list_groups)
-    samples = _sample(request, connectors)
+    samples = await _sample(request, connectors)
     rows = views.connector_rows(connectors, views.filter_text(q, "group"), views.filter_text(q, "status"), views.filter_text(q, "q"))
     paged = views.paginate(rows, *views.page_args(q, request.app[SETTINGS]))
     listed = []

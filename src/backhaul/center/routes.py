@@ -16,7 +16,7 @@ import jinja2
 from aiohttp import web
 
 from backhaul.center import adminlog, csrf, oidc, pages, sessions
-from backhaul.center.keys import OIDC, RECORDS, SAMPLES, SETTINGS, SIGN_IN_LIMITER
+from backhaul.center.keys import OIDC, RECORDS, SAMPLES, SETTINGS, SIGN_IN_LIMITER, TRAFFIC
 from backhaul.center.samples import HEIGHT, WIDTH, ByteSamples
 from backhaul.config import AdminCenterSettings, OidcSettings
 from backhaul.control.ratelimit import AddressLimiter
@@ -268,12 +268,20 @@ async def _close_oidc(app: web.Application):
     await app[OIDC].close()
 
 
-def setup(app: web.Application, settings: AdminCenterSettings, issuer: OidcSettings | None = None) -> None:
+def setup(
+    app: web.Application,
+    settings: AdminCenterSettings,
+    issuer: OidcSettings | None = None,
+    traffic: Callable[[], dict[str, int]] | None = None,
+) -> None:
     """Mount the admin center on the control API's app (before it starts); with ``issuer``
-    and ``settings.oidc_claim`` it also signs admins in through OpenID Connect."""
+    and ``settings.oidc_claim`` it also signs admins in through OpenID Connect. ``traffic``
+    (blocking) gives each connector's bytes from the relay's own counters for the charts."""
     app[SETTINGS] = settings
     app[SIGN_IN_LIMITER] = AddressLimiter(settings.sign_in, app[CONTEXT].clock)
     app[SAMPLES] = ByteSamples(settings)
+    if traffic is not None:
+        app[TRAFFIC] = traffic
     app[RECORDS] = adminlog.RecordRing(settings.log_records)
     app.middlewares.insert(0, security_headers)
     _environment(app)

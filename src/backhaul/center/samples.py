@@ -1,8 +1,10 @@
 """Byte-counter samples for the admin center's charts: a bounded ring per worker.
 
-The store holds each connector's byte counters (from its heartbeats); a sample is taken
-when a page is rendered and the last one is older than ``sample_interval``, so nothing is
-sampled while nobody looks. Rates are the difference of two samples over their time.
+The counters are the relay's own, for each connector's tunnels through this node (every
+worker's published figures, relay.metrics.node_traffic), or else the connectors' heartbeat
+counters in the store; a sample is taken when a page is rendered and the last one is older
+than ``sample_interval``, so nothing is sampled while nobody looks (an open page's live
+refresh keeps sampling). Rates are the difference of two samples over their time.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ class ByteSamples:
         self.totals: collections.deque[tuple[float, int]] = collections.deque(maxlen=settings.samples)
         self.per_connector: dict[str, collections.deque[tuple[float, int]]] = {}
 
+    def due(self, now: float) -> bool:
+        """Whether the last sample is old enough for another."""
+        return not self.totals or now - self.totals[-1][0] >= self.settings.sample_interval
+
     def record(self, now: float, counters: Iterable[tuple[str, int]]) -> None:
         """Sample ``(connector id, bytes in + out)`` pairs, unless the last sample is recent."""
-        if self.totals and now - self.totals[-1][0] < self.settings.sample_interval:
+        if not self.due(now):
             return
         total = 0
         seen: dict[str, collections.deque[tuple[float, int]]] = {}

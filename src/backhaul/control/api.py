@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -452,12 +452,15 @@ def build_app(
     update_reports: dict[str, int] | None = None,
     admin_center: AdminCenterSettings = AdminCenterSettings(),
     oidc: OidcSettings | None = None,
+    traffic: Callable[[], dict[str, int]] | None = None,
 ) -> web.Application:
     """The control API as an aiohttp Application (no socket of its own).
 
     ``update_reports`` is where update reports are counted by step (the relay's metrics);
     None: a table of the app's own. The admin center (backhaul.center) is mounted at /admin/;
-    ``oidc``: the relay's issuer, for its OpenID Connect sign-in."""
+    ``oidc``: the relay's issuer, for its OpenID Connect sign-in; ``traffic``: bytes per
+    connector from the relay's own counters, for the admin center's charts (None: the
+    connectors' heartbeat counters in the store)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=ctx.settings.max_body)
     app[CONTEXT] = ctx
     app[ENROLL_LIMITER] = AddressLimiter(ctx.settings.enroll, ctx.clock)
@@ -487,6 +490,6 @@ def build_app(
     r.add_put("/v1/connectors/{id}/group", assign_connector)
     releases_api.add_routes(app)
     rollout_api.add_routes(app, rollout, update_reports)
-    center.setup(app, admin_center, oidc)
+    center.setup(app, admin_center, oidc, traffic)
     app.cleanup_ctx.append(_housekeeping)
     return app

@@ -20,11 +20,13 @@ app) goes through ``count(event)``, published as ``events_total{event}``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backhaul.metrics import OPEN_LATENCY_BUCKETS
 from backhaul.protocol.constants import ErrorCode, error_name
-from backhaul.runstats import Histogram, MetricSpec, cpu_seconds, rss_bytes
+from backhaul.reporter import STATS_DIR
+from backhaul.runstats import Histogram, MetricSpec, StatsDir, cpu_seconds, rss_bytes
 
 if TYPE_CHECKING:
     from backhaul.transport.pipe import Pipe
@@ -262,3 +264,16 @@ class RelayMetrics:
             "known": {"app": sorted(self.apps), "connector": sorted(per_connector)},
             "series": series,
         }
+
+
+def node_traffic(run_dir: Path) -> dict[str, int]:
+    """Bytes each connector's tunnels carried through this node, both ways, from the
+    relay's own counters: every worker's last published snapshot (the run dir's stats,
+    as /metrics reads them) and the retired figures of workers that exited. Blocking
+    file reads; the admin center calls it off the loop, once per sample."""
+    merged, _ = StatsDir(run_dir / STATS_DIR, SPECS).collect()
+    totals: dict[str, int] = {}
+    for name in (P + "tunnel_received_bytes_total", P + "tunnel_sent_bytes_total"):
+        for key, value in merged.get(name, {}).items():
+            totals[key[0]] = totals.get(key[0], 0) + int(value)
+    return totals

@@ -191,13 +191,16 @@ def _warn_loose_modes(data_dir: Path) -> None:
 
 
 def _supervise(args: argparse.Namespace, data_dir: Path, settings: RelaySettings, workers: int) -> int:
-    if not getattr(args, "metrics", None):
-        return supervise(functools.partial(_run, settings), workers, "relay")
     from backhaul import metrics
     from backhaul.relay.metrics import SPECS
     from backhaul.reporter import prepare_run_dir
 
+    # Every worker publishes its figures to the run dir, --metrics or not: the admin
+    # center's traffic charts read the relay's own counters from there (relay.metrics.node_traffic).
+    run_dir = prepare_run_dir(data_dir, SPECS)
+    settings = dataclasses.replace(settings, run_dir=run_dir)
+    if not getattr(args, "metrics", None):
+        return supervise(functools.partial(_run, settings), workers, "relay")
     with metrics.listen(args.metrics) as sock:
-        run_dir = prepare_run_dir(data_dir, SPECS)
-        settings = dataclasses.replace(settings, run_dir=run_dir, metrics_fd=sock.fileno())
+        settings = dataclasses.replace(settings, metrics_fd=sock.fileno())
         return supervise(functools.partial(_run, settings), workers, "relay")

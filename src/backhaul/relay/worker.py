@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -36,7 +37,7 @@ from backhaul.relay.admission import Admission, raise_open_file_limit
 from backhaul.relay.control_guard import ControlGuard
 from backhaul.relay.http.edge import HttpEdge
 from backhaul.relay.membership import Membership
-from backhaul.relay.metrics import SPECS, RelayMetrics
+from backhaul.relay.metrics import SPECS, RelayMetrics, node_traffic
 from backhaul.relay.opening import Edge, StreamOpener
 from backhaul.relay.peering import PeerLinks
 from backhaul.relay.preauth.oidc import OidcGate
@@ -202,8 +203,10 @@ class RelayWorker:
         control = ControlContext.load(
             self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )
+        run_dir = self.settings.run_dir
         app = build_app(
-            control, update_reports=self.metrics.update_reports, admin_center=self.settings.admin_center, oidc=self.settings.oidc
+            control, update_reports=self.metrics.update_reports, admin_center=self.settings.admin_center, oidc=self.settings.oidc,
+            traffic=functools.partial(node_traffic, run_dir) if run_dir is not None else None,
         )
         limits = self.settings.listen_limits
         # aiohttp's keep-alive timeout closes a control connection idle between requests;
