@@ -156,3 +156,48 @@ def add_admin_log(files: LogFiles) -> Path | None:
     handler.addFilter(_NotPerStream())
     root.addHandler(handler)
     return path
+
+
+#: Bytes of one admin log file read at most by ``read_admin_log`` (a file is about
+#: LogFiles.max_bytes; a larger one was not written by us and is read only this far).
+READ_LIMIT = 64 * 1024 * 1024
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def read_admin_log(
+    directory: str | os.PathLike, *, text: str | None = None, level: str | None = None, limit: int = 100
+) -> list[dict]:
+    """The newest ``limit`` entries of the admin log in ``directory`` (``admin.log`` and its
+    rotated files), newest first: only those at ``level`` or above, and whose line contains
+    ``text`` (case-insensitive) when given. Lines that are not JSON objects are skipped."""
+    if level is not None and level not in _LEVELS:
+        raise ValueError(f"level must be one of {', '.join(_LEVELS)}")
+    floor = _LEVELS.index(level) if level else 0
+    needle = text.lower() if text else None
+    base = Path(directory) / ADMIN_LOG
+    found: list[dict] = []
+    index = 0
+    while len(found) < limit:
+        path = base if index == 0 else base.with_name(f"{ADMIN_LOG}.{index}")
+        try:
+            with open(path, "rb") as f:
+                lines = f.read(READ_LIMIT).splitlines()
+        except FileNotFoundError:
+            break
+        for raw in reversed(lines):
+            if needle is not None and needle not in raw.decode("utf-8", "replace").lower():
+                continue
+            try:
+                entry = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            entry_level = entry.get("level")
+            if floor and (entry_level not in _LEVELS or _LEVELS.index(entry_level) < floor):
+                continue
+            found.append(entry)
+            if len(found) >= limit:
+                break
+        index += 1
+    return found
