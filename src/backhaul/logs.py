@@ -139,8 +139,28 @@ def rotating_file(path: Path, files: LogFiles) -> SharedRotatingFileHandler:
     return handler
 
 
-def add_admin_log(files: LogFiles) -> Path | None:
-    """Also write key events (INFO and up, no per-stream lines) to ``admin.log`` in ``files.directory``.
+class _QuietBelowWarning(logging.Filter):
+    """Drops INFO and DEBUG records of the given loggers (and their children): their lines are
+    one per connection or request, their warnings and errors are still admin events."""
+
+    def __init__(self, loggers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.loggers = loggers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == name or record.name.startswith(name + ".") for name in self.loggers)
+
+
+#: The relay's loggers that write a line per connection or request at INFO (the edges, the
+#: listen port): the relay's admin log keeps only their warnings and errors.
+RELAY_PER_CONNECTION = ("backhaul.relay.http", "backhaul.relay.edge", "backhaul.relay.udp", "backhaul.relay.accept", "backhaul.relay.control")
+
+
+def add_admin_log(files: LogFiles, quiet: tuple[str, ...] = ()) -> Path | None:
+    """Also write key events (INFO and up, no per-stream lines) to ``admin.log`` in ``files.directory``;
+    of the ``quiet`` loggers only warnings and errors.
 
     Idempotent: a process that calls it again (a worker after the supervisor) keeps one handler.
     """
@@ -154,6 +174,8 @@ def add_admin_log(files: LogFiles) -> Path | None:
     handler = rotating_file(path, files)
     handler.setLevel(logging.INFO)
     handler.addFilter(_NotPerStream())
+    if quiet:
+        handler.addFilter(_QuietBelowWarning(quiet))
     root.addHandler(handler)
     return path
 

@@ -49,7 +49,7 @@ def test_admin_cli_finds_the_relay_and_settings_reload_on_sighup(tmp_path):
         assert recorded["service_url"] == system.url
         listed = system.cli("admin", "--data-dir", str(system.data_dir), "--json", "group", "list")
         assert json.loads(listed.stdout)[0]["name"] == "default"
-        assert (system.data_dir / "logs" / "admin.log").is_file(), "the relay's admin log is in DATA_DIR/logs"
+        system.cli("admin", "--data-dir", str(system.data_dir), "group", "create", "ops")
 
         # The file's limit holds in every worker: one connection per address per worker.
         assert _refused(system.http_port) >= CONNECTIONS - 2
@@ -77,6 +77,14 @@ def test_admin_cli_finds_the_relay_and_settings_reload_on_sighup(tmp_path):
         assert _refused(system.http_port) == 0, "the running limit is kept"
         system.wait_healthy()
         assert relay.alive()
+
+        # The admin log in DATA_DIR/logs: the control API's events, not a line per connection.
+        from backhaul.logs import read_admin_log
+
+        events = read_admin_log(system.data_dir / "logs", limit=1000)
+        assert [e["group"] for e in events if e["msg"] == "group created"] == ["ops"]
+        assert any(e["msg"] == "settings file refused; the relay keeps its running settings" for e in events)
+        assert not [e for e in events if e["msg"] == "http connection closed"], "per-connection lines stay out"
 
         # The admin CLI says where the URL came from when the relay is gone.
         relay.stop()

@@ -14,7 +14,7 @@ from backhaul.config import (
     default_workers,
 )
 from backhaul.errors import ConfigError
-from backhaul.logs import add_admin_log
+from backhaul.logs import RELAY_PER_CONNECTION, add_admin_log
 from backhaul.relay.settings import SettingsFile, apply_log_level
 from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
@@ -24,7 +24,7 @@ log = logging.getLogger("backhaul.relay")
 
 def _run(settings: RelaySettings, index: int) -> None:
     # The child's logging was set up anew (stderr only): the admin log file again.
-    add_admin_log(settings.log_files)
+    add_admin_log(settings.log_files, quiet=RELAY_PER_CONNECTION)
     run_worker(dataclasses.replace(settings, worker=index))
 
 
@@ -101,7 +101,7 @@ def service_run(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, settings_file=source, given=given, rebuild=build_settings)
     with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
         apply_log_level(given.log_level or "info")
-        add_admin_log(settings.log_files)
+        add_admin_log(settings.log_files, quiet=RELAY_PER_CONNECTION)
         _warn_loose_modes(data_dir)
         if settings.workers > 1:
             # Before any worker counts a tunnel on this node (worker 0 registers again at its
