@@ -15,7 +15,7 @@ from backhaul.config import LogFiles
 from backhaul.errors import ConfigError
 from backhaul.logs import ADMIN_LOG, read_admin_log, rotating_file
 from backhaul.relay.settings import SCALARS, TABLES, SettingsFile, read_file, split_changes
-from backhaul.relay.where import RELAY_FILE, read_service_url, service_url, write_relay_file
+from backhaul.relayfile import RELAY_FILE, read_service_url, service_url, write_relay_file
 
 pytestmark = pytest.mark.codec_independent
 
@@ -77,13 +77,13 @@ def test_changed_keys_split_into_live_and_restart(tmp_path):
 
 
 def test_relay_file_and_the_admin_clis_order_of_precedence(tmp_path):
-    assert service_url("0.0.0.0:9443") == "https://127.0.0.1:9443"
-    assert service_url("[::]:9443") == "https://[::1]:9443"
-    assert service_url("relay.example:443") == "https://relay.example:443"
+    assert service_url("0.0.0.0", 9443) == "https://127.0.0.1:9443"
+    assert service_url("::", 9443) == "https://[::1]:9443"
+    assert service_url("relay.example", 443) == "https://relay.example:443"
     (tmp_path / "admin.token").write_text("t\n")
     (tmp_path / "ca.pem").write_text("ca")
     assert resolve_target(service=None, token_file=None, data_dir=str(tmp_path), environ={}).service_source == "the default"
-    write_relay_file(tmp_path, "0.0.0.0:9555", "relay.example:9555")
+    write_relay_file(tmp_path, "0.0.0.0", 9555, "0.0.0.0:9555", "relay.example:9555")
     assert json.loads((tmp_path / RELAY_FILE).read_text())["advertise"] == "relay.example:9555"
     target = resolve_target(service=None, token_file=None, data_dir=str(tmp_path), environ={})
     assert (target.service_url, target.service_source) == ("https://127.0.0.1:9555", str(tmp_path / RELAY_FILE))

@@ -83,7 +83,7 @@ def _service_url(service: str | None, data_dir: str | None, environ) -> tuple[st
     if environ.get("BACKHAUL_SERVICE"):
         return environ["BACKHAUL_SERVICE"], "BACKHAUL_SERVICE"
     if data_dir:
-        from backhaul.relay.where import RELAY_FILE, read_service_url
+        from backhaul.relayfile import RELAY_FILE, read_service_url
 
         recorded = read_service_url(Path(data_dir))
         if recorded:

@@ -46,8 +46,8 @@ from backhaul.relay.preauth.oidc import OidcGate
 from backhaul.relay.routing import TunnelRecord, TunnelRegistry
 from backhaul.relay.settings import SettingsFile, apply_log_level, split_changes
 from backhaul.relay.tcp_edge import TcpEdge
-from backhaul.relay.where import write_relay_file
 from backhaul.relay.udp_edge import UdpEdge
+from backhaul.relayfile import write_relay_file
 from backhaul.reporter import Reporter
 from backhaul.store import POSTGRES_SCHEMES, Node, open_store
 from backhaul.transport import rotation
@@ -267,8 +267,8 @@ class RelayWorker:
             self._reporter = Reporter(self.settings.run_dir, SPECS, self._snapshot, self.settings.stats_interval)
             await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
         if self.settings.worker == 0:
-            # The listen port is bound: tell the admin CLI on this host where (relay/where.py).
-            write_relay_file(self.settings.data_dir, self.settings.listen, self.settings.advertise)
+            # The listen port is bound: tell the admin CLI on this host where (backhaul/relayfile.py).
+            write_relay_file(self.settings.data_dir, self._host, self._port, self.settings.listen, self.settings.advertise)
         log.info(
             "relay worker ready",
             extra={

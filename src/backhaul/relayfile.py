@@ -1,4 +1,4 @@
-"""relay.json in the data dir: where the running relay listens, for the admin CLI on the same host.
+"""relay.json in a relay's data dir: where the running relay listens, for the admin CLI on the same host.
 
 Worker 0 writes it once its listen port is bound (atomically: a temporary file renamed over
 the old one), so `backhaul admin --data-dir DIR` reaches a relay on any port without
@@ -15,7 +15,6 @@ from pathlib import Path
 
 from backhaul.errors import ConfigError
 from backhaul.files import read_bounded
-from backhaul.transport.sockets import parse_hostport
 
 RELAY_FILE = "relay.json"
 #: Largest relay.json read: a few short fields.
@@ -23,16 +22,16 @@ MAX_RELAY_FILE = 4096
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-def service_url(listen: str) -> str:
-    """The https:// URL a client on this host dials to reach ``listen`` (HOST:PORT)."""
-    host, port = parse_hostport(listen, "--listen")
+def service_url(host: str, port: int) -> str:
+    """The https:// URL a client on this host dials to reach a relay listening on ``host``:``port``."""
     host = _LOOPBACK.get(host, host)
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
-def write_relay_file(data_dir: Path, listen: str, advertise: str = "") -> Path:
-    """Record where this relay listens; returns the file's path."""
-    record = {"service_url": service_url(listen), "listen": listen, "advertise": advertise or None, "pid": os.getpid()}
+def write_relay_file(data_dir: Path, host: str, port: int, listen: str, advertise: str = "") -> Path:
+    """Record where this relay listens (``listen`` as given, parsed into ``host`` and ``port``);
+    returns the file's path."""
+    record = {"service_url": service_url(host, port), "listen": listen, "advertise": advertise or None, "pid": os.getpid()}
     path = Path(data_dir) / RELAY_FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".relay.", suffix=".tmp")
     try:
