@@ -48,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_handler("backhaul.control.init:service_init"))
-    p = service.add_parser("run", help="run the relay")
+    p = service.add_parser(
+        "run", help="run the relay",
+        description="Flags win over the --config file, which wins over the defaults. SIGTERM drains, SIGHUP reloads "
+        "the file (what needs a restart is refused and logged).",
+    )
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--listen", default="127.0.0.1:8443", help="HOST:PORT connectors dial (control API + tunnels)")
+    p.add_argument("--config", default=None, metavar="FILE", help="TOML settings file, read again on SIGHUP (deploy/relay.toml.example)")
+    p.add_argument("--listen", default=None, help="HOST:PORT connectors dial (control API + tunnels; default 127.0.0.1:8443)")
     p.add_argument(
         "--advertise", default=None, metavar="HOST:PORT",
         help="what connectors dial to reach this node (default: --listen, or the service certificate's first name "
@@ -119,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let users of --oidc-issuer whose id_token has this claim (or a list claim holding VALUE) "
         "sign in to the admin center, e.g. groups=backhaul-admins (default: admin token only)",
     )
+    p.add_argument("--log-dir", default=None, metavar="DIR", help="the relay's admin log file (default DATA_DIR/logs)")
+    p.add_argument(
+        "--log-max-bytes", type=int, default=None, metavar="N",
+        help=f"rotate the admin log at this size (default {LogFiles.max_bytes // (1024 * 1024)} MiB)",
+    )
+    p.add_argument("--log-backups", type=int, default=None, metavar="N", help=f"rotated admin log files kept (default {LogFiles.backups})")
     p.set_defaults(func=_handler("backhaul.relay.service:service_run"))
 
     connector = commands.add_parser("connector", help="the connector agent").add_subparsers(dest="action", required=True)

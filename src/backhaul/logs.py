@@ -139,8 +139,28 @@ def rotating_file(path: Path, files: LogFiles) -> SharedRotatingFileHandler:
     return handler
 
 
-def add_admin_log(files: LogFiles) -> Path | None:
-    """Also write key events (INFO and up, no per-stream lines) to ``admin.log`` in ``files.directory``.
+class _QuietBelowWarning(logging.Filter):
+    """Drops INFO and DEBUG records of the given loggers (and their children): their lines are
+    one per connection or request, their warnings and errors are still admin events."""
+
+    def __init__(self, loggers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.loggers = loggers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == name or record.name.startswith(name + ".") for name in self.loggers)
+
+
+#: The relay's loggers that write a line per connection or request at INFO (the edges, the
+#: listen port): the relay's admin log keeps only their warnings and errors.
+RELAY_PER_CONNECTION = ("backhaul.relay.http", "backhaul.relay.edge", "backhaul.relay.udp", "backhaul.relay.accept", "backhaul.relay.control")
+
+
+def add_admin_log(files: LogFiles, quiet: tuple[str, ...] = ()) -> Path | None:
+    """Also write key events (INFO and up, no per-stream lines) to ``admin.log`` in ``files.directory``;
+    of the ``quiet`` loggers only warnings and errors.
 
     Idempotent: a process that calls it again (a worker after the supervisor) keeps one handler.
     """
@@ -154,5 +174,52 @@ def add_admin_log(files: LogFiles) -> Path | None:
     handler = rotating_file(path, files)
     handler.setLevel(logging.INFO)
     handler.addFilter(_NotPerStream())
+    if quiet:
+        handler.addFilter(_QuietBelowWarning(quiet))
     root.addHandler(handler)
     return path
+
+
+#: Bytes of one admin log file read at most by ``read_admin_log`` (a file is about
+#: LogFiles.max_bytes; a larger one was not written by us and is read only this far).
+READ_LIMIT = 64 * 1024 * 1024
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def read_admin_log(
+    directory: str | os.PathLike, *, text: str | None = None, level: str | None = None, limit: int = 100
+) -> list[dict]:
+    """The newest ``limit`` entries of the admin log in ``directory`` (``admin.log`` and its
+    rotated files), newest first: only those at ``level`` or above, and whose line contains
+    ``text`` (case-insensitive) when given. Lines that are not JSON objects are skipped."""
+    if level is not None and level not in _LEVELS:
+        raise ValueError(f"level must be one of {', '.join(_LEVELS)}")
+    floor = _LEVELS.index(level) if level else 0
+    needle = text.lower() if text else None
+    base = Path(directory) / ADMIN_LOG
+    found: list[dict] = []
+    index = 0
+    while len(found) < limit:
+        path = base if index == 0 else base.with_name(f"{ADMIN_LOG}.{index}")
+        try:
+            with open(path, "rb") as f:
+                lines = f.read(READ_LIMIT).splitlines()
+        except FileNotFoundError:
+            break
+        for raw in reversed(lines):
+            if needle is not None and needle not in raw.decode("utf-8", "replace").lower():
+                continue
+            try:
+                entry = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            entry_level = entry.get("level")
+            if floor and (entry_level not in _LEVELS or _LEVELS.index(entry_level) < floor):
+                continue
+            found.append(entry)
+            if len(found) >= limit:
+                break
+        index += 1
+    return found

@@ -65,3 +65,53 @@ def test_updater_unit_names_the_updater_command():
     argv = shlex.split(unit["ExecStart"])
     assert argv[1:4] == ["updater", "run", "--state-dir"]
     assert argv[4] in unit["ReadOnlyPaths"].split() and unit["NoNewPrivileges"] == "yes"
+
+
+def test_relay_unit_runs_a_valid_command_with_its_own_user_and_the_hardening():
+    import shutil
+    import subprocess
+
+    from backhaul.relay.service import DEFAULT_LISTEN  # noqa: F401  (the module the unit runs)
+
+    unit = _unit("backhaul-relay.service")
+    args = _command(unit)
+    assert (args.command, args.action) == ("service", "run")
+    assert args.data_dir in unit["ReadWritePaths"].split() and args.config == "/etc/backhaul/relay.toml"
+    assert unit["User"] == "backhaul-relay" != _unit("backhaul-connector.service")["User"]
+    assert "u backhaul-relay " in (DEPLOY / "systemd" / "backhaul.sysusers").read_text()
+    assert "/var/lib/" + unit["StateDirectory"] == args.data_dir and unit["StateDirectoryMode"] == "0700"
+    assert unit["ExecReload"].endswith("-HUP $MAINPID") and unit["KillMode"] == "mixed"
+    connector = _unit("backhaul-connector.service")
+    hardening = [key for key in connector if key.startswith(("Protect", "Restrict", "Private", "NoNew", "Capability", "Ambient", "SystemCall", "Lock"))]
+    assert len(hardening) > 15
+    for key in hardening:
+        assert unit.get(key) == connector[key], f"{key} differs from the connector unit's"
+    if shutil.which("systemd-analyze"):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text = (DEPLOY / "systemd" / "backhaul-relay.service").read_text()
+            copy = Path(tmp) / "backhaul-relay.service"
+            copy.write_text(text.replace("/opt/backhaul/current/venv/bin/backhaul", "/bin/true"))  # no install here
+            result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+            complaints = [line for line in result.stderr.splitlines() if str(copy) in line]
+            assert result.returncode == 0 and not complaints, result.stderr
+
+
+def test_relay_example_settings_name_every_key_and_parse_uncommented(tmp_path):
+    from backhaul.relay.settings import SCALARS, TABLES, read_file
+
+    text = (DEPLOY / "relay.toml.example").read_text()
+    assert read_file(DEPLOY / "relay.toml.example") == {}, "every key is commented out, at its default"
+    for key in SCALARS:
+        assert f"\n# {key} = " in text, f"{key} is not in the example"
+    for key in TABLES:
+        assert f"\n# [{key}]\n" in text, f"[{key}] is not in the example"
+    import re
+
+    setting = re.compile(r"^# (\[\w+\]$|\w+ = )")
+    lines = [line[2:] if setting.match(line) else line for line in text.splitlines()]
+    uncommented = tmp_path / "relay.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    values = read_file(uncommented)
+    assert set(values) == set(SCALARS) | set(TABLES)

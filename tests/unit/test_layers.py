@@ -27,9 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "backhaul.release"),
     # moving bytes and keeping records: transports, figures, the store, processes
     ("backhaul.transport", "backhaul.metrics", "backhaul.reporter", "backhaul.store", "backhaul.supervisor",
-     "backhaul.admin", "backhaul.memory"),
+     "backhaul.admin", "backhaul.memory", "backhaul.oidc_client"),
     # the two sides' control planes and agents
-    ("backhaul.control", "backhaul.connector"),
+    ("backhaul.control", "backhaul.center", "backhaul.connector"),
     # what runs them: the relay's workers, the updater
     ("backhaul.relay", "backhaul.updater"),
     # entry points

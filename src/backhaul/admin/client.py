@@ -29,6 +29,9 @@ class AdminTarget:
     service_url: str
     token: str
     ca: bytes | Path
+    #: where the URL came from ("--service", "BACKHAUL_SERVICE", the relay.json path, "the default"),
+    #: said when a call cannot connect
+    service_source: str = "--service"
 
 
 def _read_token(path: Path) -> str:
@@ -51,9 +54,10 @@ def resolve_target(
     ca_file: str | None = None,
     environ: os._Environ | dict[str, str] = os.environ,
 ) -> AdminTarget:
-    """Service URL and token: flags, then BACKHAUL_SERVICE / BACKHAUL_TOKEN, then --data-dir.
+    """Service URL: --service, then BACKHAUL_SERVICE, then --data-dir's relay.json (where its
+    relay listens), then the default. Token: the flag, then BACKHAUL_TOKEN, then --data-dir.
     The CA: --ca, then BACKHAUL_CA (a path), then --data-dir/ca.pem."""
-    url = service or environ.get("BACKHAUL_SERVICE") or DEFAULT_SERVICE
+    url, source = _service_url(service, data_dir, environ)
     if not url.startswith("https://"):
         raise ConfigError(f"the service URL {url!r} must start with https://, e.g. {DEFAULT_SERVICE}")
     if token_file:
@@ -69,7 +73,22 @@ def resolve_target(
         raise ConfigError("no service CA to trust: pass --data-dir DIR or --ca FILE, or set BACKHAUL_CA to the service's ca.pem")
     if not Path(ca_path).is_file():
         raise ConfigError(f"the service CA {ca_path} is missing; pass the service's ca.pem")
-    return AdminTarget(service_url=url.rstrip("/"), token=token, ca=Path(ca_path))
+    return AdminTarget(service_url=url.rstrip("/"), token=token, ca=Path(ca_path), service_source=source)
+
+
+def _service_url(service: str | None, data_dir: str | None, environ) -> tuple[str, str]:
+    """(the URL, where it came from), in the order of precedence of ``resolve_target``."""
+    if service:
+        return service, "--service"
+    if environ.get("BACKHAUL_SERVICE"):
+        return environ["BACKHAUL_SERVICE"], "BACKHAUL_SERVICE"
+    if data_dir:
+        from backhaul.relayfile import RELAY_FILE, read_service_url
+
+        recorded = read_service_url(Path(data_dir))
+        if recorded:
+            return recorded, str(Path(data_dir) / RELAY_FILE)
+    return DEFAULT_SERVICE, "the default"
 
 
 async def request(target: AdminTarget, method: str, path: str, body: Any = None) -> Any:
@@ -88,7 +107,8 @@ async def request(target: AdminTarget, method: str, path: str, body: Any = None)
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise ServiceError(
-            f"cannot reach the service at {target.service_url} ({exc.strerror or exc}); check --service and that `backhaul service run` is up"
+            f"cannot reach the service at {target.service_url} (from {target.service_source}: {exc.strerror or exc}); "
+            "check --service and that `backhaul service run` is up"
         ) from exc
     except (aiohttp.ClientError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ServiceError(f"the request to {target.service_url} failed ({exc.__class__.__name__}: {exc}); try again") from exc

@@ -2,7 +2,7 @@
 (``service run --oidc-issuer``) and an admin claim (``--admin-oidc-claim NAME=VALUE``).
 
 The authorization code flow with PKCE and a nonce, through the relay's own issuer client
-(relay/preauth/oidc_client.py: discovery, JWKS, code exchange, id_token checks). The flow's
+(backhaul/oidc_client.py: discovery, JWKS, code exchange, id_token checks). The flow's
 secrets ride in a short-lived cookie signed with the center's key (SameSite=Lax: the
 issuer's redirect back is a cross-site navigation). Only an id_token whose claim NAME is
 VALUE, or a list holding VALUE (``groups=backhaul-admins``), starts a session.
@@ -22,7 +22,7 @@ from aiohttp import web
 from backhaul.center import sessions
 from backhaul.config import OidcSettings
 from backhaul.errors import IdentityProviderError, TokenError
-from backhaul.relay.preauth.oidc_client import IssuerClient
+from backhaul.oidc_client import IssuerClient
 
 log = logging.getLogger("backhaul.center")
 

@@ -9,9 +9,14 @@ import logging
 from pathlib import Path
 
 from backhaul import tlsconfig
-from backhaul.config import AdminCenterSettings, ClusterSettings, HttpLimits, Keepalive, ListenLimits, OidcSettings, TlsSettings, UdpLimits, default_workers
+from backhaul.config import (
+    AdminCenterSettings, ClusterSettings, FloodLimits, HttpLimits, Keepalive, ListenLimits, LogFiles, OidcSettings, TlsSettings,
+    UdpLimits, _replace_from, default_workers,
+)
 from backhaul.center.oidc import parse_claim
 from backhaul.errors import ConfigError
+from backhaul.logs import RELAY_PER_CONNECTION, add_admin_log
+from backhaul.relay.settings import SettingsFile, apply_log_level
 from backhaul.relay.worker import RelaySettings, register_node, run_worker
 from backhaul.supervisor import instance_lock, supervise
 from backhaul.transport.sockets import parse_hostport
@@ -19,8 +24,8 @@ from backhaul.transport.sockets import parse_hostport
 log = logging.getLogger("backhaul.relay")
 
 def _run(settings: RelaySettings, index: int) -> None:
-    import dataclasses
-
+    # The child's logging was set up anew (stderr only): the admin log file again.
+    add_admin_log(settings.log_files, quiet=RELAY_PER_CONNECTION)
     run_worker(dataclasses.replace(settings, worker=index))
 
 
@@ -95,15 +100,41 @@ def _refuse_shared_ports(addresses: dict[str, str | None]) -> None:
         seen.append((flag, host, port))
 
 
+#: Where the relay listens when neither --listen nor the settings file says.
+DEFAULT_LISTEN = "127.0.0.1:8443"
+#: The admin log's directory under the data dir when neither --log-dir nor the file says.
+LOG_DIR = "logs"
+
+
 def service_run(args: argparse.Namespace) -> int:
-    """Run the relay until SIGTERM."""
+    """Run the relay until SIGTERM; SIGHUP reads the settings file again."""
+    source = SettingsFile(args, Path(args.config) if getattr(args, "config", None) else None)
+    given = source.merged()  # a bad settings file fails here, before anything starts
+    settings = build_settings(given)
+    data_dir = settings.data_dir
+    settings = dataclasses.replace(settings, settings_file=source, given=given, rebuild=build_settings)
+    with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
+        apply_log_level(given.log_level or "info")
+        add_admin_log(settings.log_files, quiet=RELAY_PER_CONNECTION)
+        _warn_loose_modes(data_dir)
+        if settings.workers > 1:
+            # Before any worker counts a tunnel on this node (worker 0 registers again at its
+            # start, and says node_stopped at its clean stop).
+            register_node(settings)
+        return _supervise(given, data_dir, settings, settings.workers)
+
+
+def build_settings(args: argparse.Namespace) -> RelaySettings:
+    """RelaySettings from `service run`'s arguments (flags over the settings file); ConfigError,
+    in words, on anything wrong, before any worker starts (and at a reload)."""
     data_dir = Path(args.data_dir)
     if not (data_dir / "service.json").is_file():
         raise ConfigError(f"{data_dir} is not an initialized data dir; run `backhaul service init --data-dir {data_dir}`")
-    parse_hostport(args.listen, "--listen")
+    listen = args.listen or DEFAULT_LISTEN
+    parse_hostport(listen, "--listen")
     if args.http:
         parse_hostport(args.http, "--http")
-    _refuse_shared_ports({"--listen": args.listen, "--http": args.http, "--https": args.https})
+    _refuse_shared_ports({"--listen": listen, "--http": args.http, "--https": args.https})
     https_cert = https_key = None
     if args.https:
         parse_hostport(args.https, "--https")
@@ -117,6 +148,7 @@ def service_run(args: argparse.Namespace) -> int:
         http_limits = HttpLimits().replace_from(args.http_limit or [])
         listen_limits = ListenLimits().replace_from(getattr(args, "listen_limit", None) or [])
         tls = TlsSettings().replace_from(getattr(args, "tls", None) or [])
+        floods = _replace_from(FloodLimits(), getattr(args, "floods", None) or [], "[floods]")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     workers = args.workers or default_workers()
@@ -133,7 +165,7 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--keepalive-interval must be above 0 and below --keepalive-timeout")
     from backhaul.control.init import ensure_node_id, read_service, store_location
 
-    advertise = _advertise(args.listen, getattr(args, "advertise", None), read_service(data_dir).get("names") or [])
+    advertise = _advertise(listen, getattr(args, "advertise", None), read_service(data_dir).get("names") or [])
     peer_advertise = getattr(args, "peer_advertise", None) or advertise
     parse_hostport(peer_advertise, "--peer-advertise")
     cluster = ClusterSettings()
@@ -141,22 +173,30 @@ def service_run(args: argparse.Namespace) -> int:
         if args.drain_grace < 0:
             raise ConfigError("--drain-grace must not be negative")
         cluster = dataclasses.replace(cluster, drain_grace=args.drain_grace)
-    settings = RelaySettings(
-        data_dir=data_dir, listen=args.listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
+    return RelaySettings(
+        data_dir=data_dir, listen=listen, http=args.http, workers=workers, cert_validity=args.cert_validity,
         cluster=cluster, node_id=ensure_node_id(data_dir), store=store_location(data_dir), advertise=advertise, peer_advertise=peer_advertise,
         https=args.https, https_cert=https_cert, https_key=https_key, http_limits=http_limits, listen_limits=listen_limits,
-        keepalive=keepalive, tls=tls,
+        keepalive=keepalive, tls=tls, floods=floods,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),
         admin_center=admin_center_settings(args),
+        log_files=log_files(args, data_dir),
     )
-    with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
-        _warn_loose_modes(data_dir)
-        if workers > 1:
-            # Before any worker counts a tunnel on this node (worker 0 registers again at its
-            # start, and says node_stopped at its clean stop).
-            register_node(settings)
-        return _supervise(args, data_dir, settings, workers)
+
+
+def log_files(args: argparse.Namespace, data_dir: Path) -> LogFiles:
+    """The relay's admin log: --log-dir (default DATA_DIR/logs), its rotation."""
+    changes = {
+        key: value
+        for key, value in (("max_bytes", getattr(args, "log_max_bytes", None)), ("backups", getattr(args, "log_backups", None)))
+        if value is not None
+    }
+    log_dir = getattr(args, "log_dir", None)
+    try:
+        return LogFiles(directory=Path(log_dir) if log_dir else data_dir / LOG_DIR, **changes)
+    except ValueError as exc:
+        raise ConfigError(f"--log-max-bytes / --log-backups: {exc}") from None
 
 
 def _advertise(listen: str, given: str | None, names: list[str]) -> str:

@@ -11,6 +11,7 @@ tunnels, and the listen port accepts links other nodes dial.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import functools
@@ -18,17 +19,20 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import uvloop
 from aiohttp import web
 
 from backhaul import __version__, tls_kernel, tlsconfig
 from backhaul.config import (
-    AdminCenterSettings, ClusterSettings, FlowControl, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings, PeeringLimits, TlsSettings, UdpLimits,
+    AdminCenterSettings, ClusterSettings, FloodLimits, FlowControl, LogFiles, HttpLimits, Keepalive, ListenLimits, MemoryTrim, OidcSettings,
+    PeeringLimits, TlsSettings, UdpLimits,
 )
 from backhaul.control.api import build_app
 from backhaul.control.context import ControlContext, ControlSettings
 from backhaul.control.validate import Invalid, text
+from backhaul.errors import BackhaulError
 from backhaul.memory import QuietTrim
 from backhaul.protocol import mux
 from backhaul.protocol.constants import ALPN_HTTP, ALPN_PEER, ALPN_TUNNEL, ErrorCode
@@ -42,8 +46,10 @@ from backhaul.relay.opening import Edge, StreamOpener
 from backhaul.relay.peering import PeerLinks
 from backhaul.relay.preauth.oidc import OidcGate
 from backhaul.relay.routing import TunnelRecord, TunnelRegistry
+from backhaul.relay.settings import SettingsFile, apply_log_level, split_changes
 from backhaul.relay.tcp_edge import TcpEdge
 from backhaul.relay.udp_edge import UdpEdge
+from backhaul.relayfile import write_relay_file
 from backhaul.reporter import Reporter
 from backhaul.store import POSTGRES_SCHEMES, Node, open_store
 from backhaul.transport import rotation
@@ -104,6 +110,16 @@ class RelaySettings:
     memory: MemoryTrim = MemoryTrim()
     #: Tunnel TLS: suites and their order, kernel TLS, key rotation (``--tls NAME=VALUE``).
     tls: TlsSettings = TlsSettings()
+    #: What a connector may make the relay do for nothing, per tunnel (``[floods]``).
+    floods: FloodLimits = FloodLimits()
+    #: The relay's admin log (``--log-dir``; None directory: stderr only).
+    log_files: LogFiles = LogFiles()
+    #: The command line and the settings file under it, read again on SIGHUP (relay/settings.py);
+    #: ``given`` is what they said when these settings were built.
+    settings_file: SettingsFile | None = None
+    given: argparse.Namespace | None = None
+    #: Builds checked settings from such arguments (relay.service.build_settings, passed in).
+    rebuild: Callable[[argparse.Namespace], "RelaySettings"] | None = None
 
 
 def node_record(settings: RelaySettings, node_id: str) -> Node:
@@ -258,6 +274,9 @@ class RelayWorker:
         if self.settings.run_dir is not None:
             self._reporter = Reporter(self.settings.run_dir, SPECS, self._snapshot, self.settings.stats_interval)
             await self._reporter.start(self.settings.metrics_fd if self.settings.worker == 0 else None)
+        if self.settings.worker == 0:
+            # The listen port is bound: tell the admin CLI on this host where (backhaul/relayfile.py).
+            write_relay_file(self.settings.data_dir, self._host, self._port, self.settings.listen, self.settings.advertise)
         log.info(
             "relay worker ready",
             extra={
@@ -274,6 +293,7 @@ class RelayWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop_requested)
         await self.start()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_settings)
         while not self._stopping.is_set():
             try:
                 # Woken by a change notification (PostgreSQL) or a stop; else poll every poll_interval.
@@ -285,6 +305,49 @@ class RelayWorker:
                 self.rotate_keys()
                 await self._poll()
         await self.stop()
+
+    def reload_settings(self) -> None:
+        """SIGHUP: read the settings file again and apply what can change live; keys that need
+        a restart are refused (logged, the running values kept), and so is a bad file whole."""
+        source, given, rebuild = self.settings.settings_file, self.settings.given, self.settings.rebuild
+        if source is None or given is None or rebuild is None or self._stopping.is_set():
+            return
+        try:
+            new_given = source.merged()
+            new = rebuild(new_given)
+        except BackhaulError as exc:
+            log.error(
+                "settings file refused; the relay keeps its running settings",
+                extra={"worker": self.settings.worker, "file": str(source.config), "error": str(exc)},
+            )
+            return
+        live, restart = split_changes(given, new_given)
+        self.settings = dataclasses.replace(
+            self.settings, given=new_given, http_limits=new.http_limits, listen_limits=new.listen_limits,
+            floods=new.floods, keepalive=new.keepalive, cluster=new.cluster,
+        )
+        if restart:
+            # What is running keeps those keys; given keeps the old values, so the next
+            # reload says so again until the restart.
+            kept = {key: getattr(given, key, None) for key in restart}
+            self.settings = dataclasses.replace(self.settings, given=argparse.Namespace(**{**vars(new_given), **kept}))
+            log.warning(
+                "settings need a restart; the running values are kept",
+                extra={"worker": self.settings.worker, "file": str(source.config), "keys": restart, "needs": "a restart"},
+            )
+        if "log_level" in live:
+            apply_log_level(new_given.log_level or "info")
+        if self.http_edge is not None:
+            self.http_edge.limits = self.settings.http_limits
+        if self.admission is not None:
+            self.admission.limits = self.settings.listen_limits
+        if self._listener is not None:
+            self._listener.max_per_address = self.settings.listen_limits.max_per_address
+            self._listener.address_share = self.settings.listen_limits.address_share
+        log.info(
+            "settings reloaded",
+            extra={"worker": self.settings.worker, "file": str(source.config), "applied": sorted(live), "need_restart": restart},
+        )
 
     def _stop_requested(self) -> None:
         self._stopping.set()
@@ -479,7 +542,7 @@ class RelayWorker:
                 extra={"connector": connector_id, "peer": str(peer)},
             )
             return None
-        session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive)
+        session = mux.Session(mux.Role.RELAY, self.settings.flow, self.settings.keepalive, floods=self.settings.floods)
         tunnel = Tunnel(session, self, name=f"{connector_id}@{self.settings.worker}", flow=self.settings.flow)
         # The slot is released in tunnel_down, which every tunnel reaches once.
         tunnel.peer_id = connector_id

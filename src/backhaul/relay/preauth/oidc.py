@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from backhaul.config import OidcSettings
 from backhaul.errors import IdentityProviderError, TokenError
 from backhaul.relay.preauth.identity import RelayIdentity, User
-from backhaul.relay.preauth.oidc_client import IssuerClient
+from backhaul.oidc_client import IssuerClient
 from backhaul.relay.preauth.contract import (
     IDENTITY_HEADER_PREFIX,
     Allow,
