@@ -81,6 +81,25 @@ def _refuse_shared_ports(addresses: dict[str, str | None]) -> None:
         seen.append((flag, host, port))
 
 
+def inactive_settings(args: argparse.Namespace) -> dict[str, float]:
+    """The inactive-connector flags given (RelaySettings fields; the rest keep their defaults)."""
+    given = {}
+    for name, flag, least in (
+        # Keep it well above the connectors' heartbeat interval (30 s): a connector that is up
+        # without a tunnel is kept only by its heartbeats. Tests use a few seconds.
+        ("remove_inactive_after", "--remove-inactive-after", 1.0),
+        ("inactive_grace", "--inactive-grace", 0.0),
+        ("housekeeping_interval", "--housekeeping-interval", 0.0),
+    ):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not value >= least:  # also refuses nan
+            raise ConfigError(f"{flag} must be at least {least:g} seconds, not {value}")
+        given[name] = float(value)
+    return given
+
+
 def service_run(args: argparse.Namespace) -> int:
     """Run the relay until SIGTERM."""
     data_dir = Path(args.data_dir)
@@ -110,6 +129,7 @@ def service_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1")
     if args.cert_validity is not None and args.cert_validity < 10:
         raise ConfigError("--cert-validity must be at least 10 seconds")
+    lifecycle = inactive_settings(args)
     keepalive = Keepalive()
     keepalive = Keepalive(
         interval=args.keepalive_interval if args.keepalive_interval is not None else keepalive.interval,
@@ -134,6 +154,7 @@ def service_run(args: argparse.Namespace) -> int:
         keepalive=keepalive, tls=tls,
         udp=udp_limits(args.udp_max_flows, args.udp_idle_timeout),
         oidc=oidc_settings(args),
+        **lifecycle,
     )
     with instance_lock(data_dir / LOCK_FILE, f"a relay on data dir {data_dir}"):
         _warn_loose_modes(data_dir)
