@@ -252,8 +252,8 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             status={
                 "type": "string",
                 "enum": ["active", "inactive"],
-                "description": "active while a relay node that is up holds a tunnel of it, and for "
-                f"{settings.inactive_grace:g} s after its last tunnel went away (`service run --inactive-grace`)",
+                "description": "active while a relay node that is up holds a tunnel of it, and for a short grace "
+                "after its last tunnel went away (`service run --inactive-grace`, default 30 s)",
             },
             created=_N,
             last_seen={**_N, "description": "its last heartbeat or tunnel change"},
@@ -265,7 +265,7 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             removal_at={
                 "type": ["number", "null"],
                 "description": "from when housekeeping removes it: last_seen plus the removal period "
-                f"(`service run --remove-inactive-after`, {settings.remove_inactive_after:g} s here); null while active",
+                "(`service run --remove-inactive-after`, default 10 days); null while active",
             },
             source_addr=_S,
             cert_serial=_S,
