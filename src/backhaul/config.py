@@ -790,3 +790,12 @@ class TlsSettings:
             name, _, raw = item.partition("=")
             changed = dataclasses.replace(changed, **{name.strip().replace("-", "_"): raw.strip()})
         return changed
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressLine:
+    """The progress line of long operations on a terminal (backhaul.progress)."""
+
+    #: Least seconds between two redraws: ten a second reads as smooth, and the redraw costs
+    #: nothing next to the work it follows (an upload's chunk, a benchmark's run).
+    redraw_interval: float = 0.1
