@@ -34,6 +34,8 @@ import chart  # noqa: E402  (bench/ is not a package; the line above makes it im
 import peers  # noqa: E402
 from peers import BenchError, Route  # noqa: E402
 
+from backhaul.progress import Progress  # noqa: E402  (peers.py runs backhaul too: it is installed)
+
 REPO = Path(__file__).resolve().parent.parent
 PATH_KEYS = ("direct", "haproxy", "ssh", "stunnel", "v2ray", "backhaul")
 PROGRAMS = ("nginx", "haproxy", "iperf3", "wrk", "ssh", "sshd", "ssh-keygen")
@@ -323,18 +325,24 @@ def measure(routes: list[Route], args) -> dict[str, dict[str, list]]:
         ("bulk8", lambda route: run_iperf(route, args.iperf_duration, 8)),
     ]
     results: dict[str, dict[str, list]] = {r.key: {t: [] for t, _ in tests} for r in routes}
-    for rep in range(args.repeat):
-        for test, run in tests:
-            # Rotate the order each repeat so no path always runs first (or right after another).
-            shift = rep % len(routes)
-            for route in routes[shift:] + routes[:shift]:
-                try:
-                    outcome = with_cpu(route, run)
-                except BenchError as exc:
-                    outcome = {"error": str(exc)}
-                    print(f"[{route.key}] {test} run {rep + 1} failed: {exc}", file=sys.stderr)
-                results[route.key][test].append(outcome)
-                print(f"[{route.key}] {test} run {rep + 1}: {_brief(outcome)}", file=sys.stderr)
+    runs = args.repeat * len(tests) * len(routes)
+    # A line on a terminal (which run, how many left, the time); on a pipe only the run lines.
+    with Progress("measuring", total=runs, unit="runs") as progress:
+        for rep in range(args.repeat):
+            for test, run in tests:
+                # Rotate the order each repeat so no path always runs first (or right after another).
+                shift = rep % len(routes)
+                for route in routes[shift:] + routes[:shift]:
+                    progress.stage(f"[{route.key}] {test} run {rep + 1}/{args.repeat}")
+                    try:
+                        with progress.ticking():
+                            outcome = with_cpu(route, run)
+                    except BenchError as exc:
+                        outcome = {"error": str(exc)}
+                        progress.echo(f"[{route.key}] {test} run {rep + 1} failed: {exc}")
+                    results[route.key][test].append(outcome)
+                    progress.advance(1)
+                    progress.echo(f"[{route.key}] {test} run {rep + 1}: {_brief(outcome)}")
     return results
 
 

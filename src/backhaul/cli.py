@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime of the connector certificates this relay signs (default 90 days)",
     )
     p.add_argument(
+        "--remove-inactive-after", type=float, default=None, metavar="SECONDS",
+        help="remove a connector inactive and unseen (no heartbeat, no tunnel) this long, at the next "
+        "housekeeping run (default 864000: 10 days; keep it well above the connectors' 30 s heartbeat)",
+    )
+    p.add_argument(
+        "--inactive-grace", type=float, default=None, metavar="SECONDS",
+        help="a connector stays active this long after its last tunnel went away, so a redial is not a "
+        "status flap (default 30)",
+    )
+    p.add_argument(
+        "--housekeeping-interval", type=float, default=None, metavar="SECONDS",
+        help="seconds between two housekeeping runs, which remove long-inactive connectors, expired "
+        "revocations and used-up tokens (default 3600; 0: never)",
+    )
+    p.add_argument(
         "--keepalive-interval", type=float, default=None, metavar="SECONDS",
         help="PING a tunnel silent for this long (default 10)",
     )

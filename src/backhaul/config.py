@@ -857,3 +857,12 @@ class AdminCenterSettings:
             raise ValueError("admin center limits must be at least 1")
         if self.page_size > self.max_page_size:
             raise ValueError("admin center page_size must not exceed max_page_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressLine:
+    """The progress line of long operations on a terminal (backhaul.progress)."""
+
+    #: Least seconds between two redraws: ten a second reads as smooth, and the redraw costs
+    #: nothing next to the work it follows (an upload's chunk, a benchmark's run).
+    redraw_interval: float = 0.1

@@ -319,11 +319,14 @@ class System:
         self.ca_sha256 = out["ca_sha256"]
 
     def start_relay(self, workers: int = 1, extra: tuple[str, ...] = ()) -> Proc:
+        # No status grace unless a test asks for one: a stopped connector is listed inactive
+        # as soon as the relay saw its tunnels go (test_inactive_connectors tests the grace).
+        grace = [] if "--inactive-grace" in extra else ["--inactive-grace", "0"]
         self.relay = Proc(
             f"relay-{len(self.procs)}",
             BACKHAUL
             + ["service", "run", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers)]
-            + ["--http", f"127.0.0.1:{self.http_port}", *extra],
+            + ["--http", f"127.0.0.1:{self.http_port}", *grace, *extra],
             self.workdir,
             self.env,
         )

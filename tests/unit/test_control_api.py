@@ -599,3 +599,44 @@ def test_old_certificate_is_refused_after_the_grace_once_the_new_one_is_used(run
                     await control_client.heartbeat(new_state, new, {})
 
     run(go)
+
+
+def test_connector_list_shows_the_grace_inactive_since_and_removal_date(service_dir, clock, tmp_path):
+    from .conftest import TEST_NODE, count_tunnel
+
+    settings = ControlSettings(housekeeping_interval=0, inactive_grace=30.0, remove_inactive_after=5 * 86400.0)
+    ctx = ControlContext.load(service_dir, clock=clock, settings=settings)
+
+    async def main():
+        async with Service(service_dir, ctx) as s:
+            state = await s.register(tmp_path / "c")
+
+            async def listed() -> dict:
+                status, body, _ = await s.call("GET", "/v1/connectors")
+                assert status == 200, body
+                (entry,) = body
+                return entry
+
+            entry = await listed()
+            assert (entry["status"], entry["inactive_since"]) == ("inactive", entry["created"])
+            assert entry["removal_at"] == entry["last_seen"] + 5 * 86400
+            count_tunnel(s.store, state.connector_id, +1)
+            entry = await listed()
+            assert (entry["status"], entry["inactive_since"], entry["removal_at"]) == ("active", None, None)
+            s.store.tunnel_changed(state.connector_id, TEST_NODE, 0, -1, "p")
+            gone = s.store.get_connector(state.connector_id).inactive_since
+            clock.offset += 29  # a redial's worth: still active
+            s.store.node_heartbeat(TEST_NODE)
+            entry = await listed()
+            assert (entry["status"], entry["inactive_since"], entry["removal_at"]) == ("active", None, None)
+            clock.offset += 2
+            entry = await listed()
+            assert (entry["status"], entry["inactive_since"]) == ("inactive", gone)
+            assert entry["removal_at"] == entry["last_seen"] + 5 * 86400
+            status, assigned, _ = await s.call("PUT", f"/v1/connectors/{state.connector_id}/group", {"group": "default"})
+            assert status == 200 and (assigned["status"], assigned["inactive_since"]) == ("inactive", gone)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        ctx.store.close()

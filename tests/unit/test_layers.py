@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("backhaul.errors", "backhaul.protocol.constants", "backhaul.files", "backhaul.openssl_ctx", "backhaul.runstats",
      "backhaul.pki", "backhaul.jsonhttp", "backhaul"),
     # settings and sans-I/O cores: what every part is configured by, the protocol state machines
-    ("backhaul.config", "backhaul.protocol", "backhaul.logs", "backhaul.maintenance", "backhaul.tlsconfig",
+    ("backhaul.config", "backhaul.protocol", "backhaul.logs", "backhaul.maintenance", "backhaul.tlsconfig", "backhaul.progress",
      "backhaul.release"),
     # moving bytes and keeping records: transports, figures, the store, processes
     ("backhaul.transport", "backhaul.metrics", "backhaul.reporter", "backhaul.store", "backhaul.supervisor",

@@ -465,3 +465,113 @@ def test_store_files_are_private_whatever_the_umask(tmp_path, clock):
         s.close()
     finally:
         os.umask(old)
+
+
+# -- inactive connectors: when each became inactive, the grace, the removal date
+
+GRACE = 30.0
+
+
+def test_inactive_since_is_when_the_last_tunnel_went_and_the_next_one_clears_it(store, clock):
+    enrolled = clock.now
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    c = store.get_connector(cid)
+    # Never connected: inactive since its enrollment, and no grace (it never had a tunnel).
+    assert (c.inactive_since, c.tunnel_lost, c.status_at(clock.now, GRACE)) == (enrolled, False, "inactive")
+    assert c.removal_at(clock.now, GRACE, 10 * DAY) == c.last_seen + 10 * DAY
+    clock.now += 5
+    count_tunnel(store, cid, +1, worker=0)
+    count_tunnel(store, cid, +1, worker=1)
+    c = store.get_connector(cid)
+    assert (c.inactive_since, c.status_at(clock.now, GRACE), c.removal_at(clock.now, GRACE, 10 * DAY)) == (None, "active", None)
+    clock.now += 1
+    store.tunnel_changed(cid, TEST_NODE, 0, -1, "p")  # worker 1 still holds one
+    assert store.get_connector(cid).inactive_since is None
+    clock.now += 1
+    gone = clock.now
+    store.tunnel_changed(cid, TEST_NODE, 1, -1, "p")
+    store.tunnel_changed(cid, TEST_NODE, 1, -1, "p")  # a second loss moves nothing
+    c = store.get_connector(cid)
+    assert (c.tunnels, c.inactive_since, c.tunnel_lost, c.last_seen) == (0, gone, True, gone)
+    # Within the grace it is still listed active, with neither date; then inactive with both.
+    assert c.status == "inactive"
+    assert (c.status_at(gone + GRACE - 0.5, GRACE), c.removal_at(gone + GRACE - 0.5, GRACE, 10 * DAY)) == ("active", None)
+    assert (c.status_at(gone + GRACE, GRACE), c.removal_at(gone + GRACE, GRACE, 10 * DAY)) == ("inactive", gone + 10 * DAY)
+    assert c.status_at(gone + 1, 0.0) == "inactive"
+    data = c.lifecycle_dict(gone + 1, GRACE, 10 * DAY)
+    assert (data["status"], data["inactive_since"], data["removal_at"]) == ("active", None, None)
+    data = c.lifecycle_dict(gone + GRACE + 1, GRACE, 10 * DAY)
+    assert (data["status"], data["inactive_since"], data["removal_at"]) == ("inactive", gone, gone + 10 * DAY)
+    assert "tunnel_lost" not in data
+    # A redial clears it.
+    clock.now += 3
+    count_tunnel(store, cid, +1)
+    assert store.get_connector(cid).inactive_since is None
+
+
+def test_a_worker_or_node_stopping_records_when_its_connectors_became_inactive(store, clock):
+    both = _enroll(store, "c-aaaaaaaaaaaa").id
+    one = _enroll(store, "c-bbbbbbbbbbbb").id
+    count_tunnel(store, both, +1, worker=0)
+    count_tunnel(store, both, +1, worker=1)
+    count_tunnel(store, one, +1, worker=0)
+    clock.now += 2
+    store.mark_worker_down(TEST_NODE, 0)
+    assert (store.get_connector(one).inactive_since, store.get_connector(both).inactive_since) == (clock.now, None)
+    clock.now += 2
+    store.node_stopped(TEST_NODE)
+    assert (store.get_connector(one).inactive_since, store.get_connector(both).inactive_since) == (clock.now - 2, clock.now)
+    # Another node's tunnel keeps a connector active when this one stops.
+    count_tunnel(store, both, +1, node="n-othernodeaaa")
+    count_tunnel(store, both, +1)
+    clock.now += 1
+    store.node_stopped(TEST_NODE)
+    assert store.get_connector(both).inactive_since is None
+
+
+def test_a_dead_nodes_tunnels_make_a_connector_inactive_since_its_last_heartbeat(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    count_tunnel(store, cid, +1)
+    heard = clock.now
+    clock.now += store.cluster.node_fresh + 5  # the node dies without a word
+    c = store.get_connector(cid)
+    assert (c.tunnels, c.inactive_since, c.tunnel_lost) == (0, heard, True)
+    store.remove_node(TEST_NODE)  # its rows go: the time is kept
+    c = store.get_connector(cid)
+    assert (c.tunnels, c.inactive_since, c.tunnel_lost) == (0, heard, True)
+
+
+def test_a_node_that_is_up_cannot_be_removed_and_marks_nothing(store, clock):
+    cid = _enroll(store, "c-aaaaaaaaaaaa").id
+    count_tunnel(store, cid, +1)
+    with pytest.raises(Conflict):
+        store.remove_node(TEST_NODE)
+    assert store.get_connector(cid).inactive_since is None
+
+
+def test_migration_records_existing_inactive_connectors(store_location, clock):
+    """A store from before inactive_since: connectors without a tunnel row are inactive since
+    they were last seen; one with a tunnel stays active and gets its time when it goes."""
+    s = open_store(store_location, clock=clock)
+    try:
+        idle = _enroll(s, "c-aaaaaaaaaaaa").id
+        busy = _enroll(s, "c-bbbbbbbbbbbb").id
+        count_tunnel(s, busy, +1)
+        clock.now += 60
+        s.heartbeat(idle, ConnectorStats(), "p")
+        s.node_heartbeat(TEST_NODE)
+    finally:
+        s.close()
+    step = 3 if is_postgres(store_location) else 8
+    raw_execute(store_location, "ALTER TABLE connectors DROP COLUMN inactive_since")
+    raw_execute(store_location, f"DELETE FROM schema_migrations WHERE version = {step}")
+    clock.now += 5
+    s = open_store(store_location, clock=clock)
+    try:
+        c = s.get_connector(idle)
+        assert (c.inactive_since, c.tunnel_lost) == (clock.now - 5, True)
+        assert s.get_connector(busy).inactive_since is None
+        s.tunnel_changed(busy, TEST_NODE, 0, -1, "p")
+        assert s.get_connector(busy).inactive_since == clock.now
+    finally:
+        s.close()

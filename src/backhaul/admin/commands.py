@@ -79,6 +79,7 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
     tls.add_argument(
         "--backend-insecure", action="store_true", help="do not verify the https app's certificate (testing only)"
     )
+    _app_update_parser(leaf(app, "update", app_update, "change some fields of a published app (only those given)"))
     leaf(app, "list", app_list, "list apps")
     leaf(app, "delete", app_delete, "delete an app").add_argument("name")
 
@@ -108,6 +109,31 @@ def add_parser(admin: argparse.ArgumentParser) -> None:
 
     # -- rollout
     _rollout_parsers(objects, group, leaf)
+
+
+def _app_update_parser(p: argparse.ArgumentParser) -> None:
+    """`app update NAME`: every option defaults to None, and only those given are sent."""
+    p.add_argument("name")
+    p.add_argument("--rename", metavar="NEW_NAME", help="the app's new name")
+    p.add_argument("--group", help="connector group serving the app")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--tcp", type=int, metavar="PORT", help="relay TCP port users connect to (a tcp app)")
+    kind.add_argument("--udp", type=int, metavar="PORT", help="relay UDP port users send to (a udp app)")
+    kind.add_argument("--http", metavar="EXTERNAL_HOST", help="host name users reach the web app at (an http app)")
+    p.add_argument("--target", help="HOST:PORT the connector dials (tcp/udp apps)")
+    p.add_argument("--internal-url", help="URL of the web app inside the private network (http apps)")
+    p.add_argument("--preauth", choices=["passthrough", "oidc"], help="pre-authentication (http apps)")
+    p.add_argument("--health-path", metavar="PATH", help="path connectors GET to check the web app (http apps)")
+    p.add_argument(
+        "--keep-host", action=argparse.BooleanOptionalAction, default=None,
+        help="the app gets the external Host header, not its own (http apps)",
+    )
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--backend-ca", metavar="FILE", help="PEM CA bundle the connector verifies an https app with")
+    tls.add_argument(
+        "--backend-insecure", action=argparse.BooleanOptionalAction, default=None,
+        help="do not verify the https app's certificate (testing only)",
+    )
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
@@ -234,6 +260,36 @@ def app_publish(args: argparse.Namespace) -> int:
     return _emit(args, data, f"published {data['name']} at {where} via group {data['group']} -> {data['internal_url'] or data['target']}")
 
 
+def app_update(args: argparse.Namespace) -> int:
+    """PATCH /v1/apps/NAME with the fields given; the relay checks them against the app (a
+    kind that does not fit, a port in use) and its refusal is printed as it says it."""
+    changes: dict[str, Any] = {}
+    # proto with the port or host, so the relay refuses a change of kind in its own words.
+    if args.tcp is not None:
+        changes.update(proto="tcp", port=args.tcp)
+    elif args.udp is not None:
+        changes.update(proto="udp", port=args.udp)
+    elif args.http is not None:
+        changes.update(proto="http", external_host=args.http)
+    for field in ("group", "target", "internal_url", "preauth", "health_path", "keep_host", "backend_insecure"):
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = value
+    if args.rename is not None:
+        changes["name"] = args.rename
+    if args.backend_ca is not None:
+        changes["backend_ca"] = _read_text(args.backend_ca, "--backend-ca")
+    if not changes:
+        return _usage(f"nothing to change for app {args.name}; give what changes, e.g. --target HOST:PORT (see --help)")
+    data = call(args, "PATCH", f"/v1/apps/{_quote(args.name)}", changes)
+    where = f"http://{data['external_host']}" if data["proto"] == "http" else f"{data['proto']} port {data['port']}"
+    given = ", ".join(sorted(changes))
+    return _emit(
+        args, data,
+        f"updated app {data['name']} ({given}): at {where} via group {data['group']} -> {data['internal_url'] or data['target']}",
+    )
+
+
 def _reachable(app: dict[str, Any]) -> str:
     """'1/2 (down: b)': active connectors of the group that report reaching the app, and who does not."""
     reach = app.get("reachability")
@@ -273,12 +329,17 @@ def connector_list(args: argparse.Namespace) -> int:
             c["status"],
             c["version"],
             when(c["last_seen"]),
+            # .get: a relay older than these fields lists none (empty cells).
+            when(c.get("inactive_since")),
+            when(c.get("removal_at")),
             c["tunnels"],
             f"{c['cpu']:.0f}%" + (" !" if c.get("cpu_warning") else ""),
         ]
         for c in data
     ]
-    human = table(["ID", "NAME", "GROUP", "STATUS", "VERSION", "LAST SEEN", "TUNNELS", "CPU"], rows)
+    human = table(
+        ["ID", "NAME", "GROUP", "STATUS", "VERSION", "LAST SEEN", "INACTIVE SINCE", "REMOVED ON", "TUNNELS", "CPU"], rows
+    )
     hot = [c for c in data if c.get("cpu_warning")]
     for c in hot:
         human += f"\nwarning: connector {c['id']} ({c['name']}) is at {c['cpu']:.0f}% CPU (over {CPU_WARNING:.0f}%); add a connector to group {c['group']}"

@@ -15,6 +15,11 @@ from backhaul.center.samples import ByteSamples
 from backhaul.control.web import blocking, context_of
 
 
+def _lifecycle(request: web.Request) -> views.Lifecycle:
+    ctx = context_of(request)
+    return views.Lifecycle(ctx.clock(), ctx.settings)
+
+
 async def _sample(request: web.Request, connectors) -> ByteSamples:
     """The charts' samples, with one more taken unless the last is recent: the relay's own
     counters of the connectors' tunnels through this node, as they carry the bytes (the
@@ -45,7 +50,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
     recent, source = adminlog.entries(request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, "warning")
     return {
         "nodes": [n.to_dict() for n in nodes],
-        "counts": views.status_counts(connectors),
+        "counts": views.status_counts(connectors, _lifecycle(request)),
         "groups": groups,
         "apps": len(apps),
         "tokens": len(tokens),
@@ -62,16 +67,17 @@ async def connectors_page(request: web.Request) -> dict[str, Any]:
     connectors = await blocking(request, store.list_connectors)
     groups = await blocking(request, store.list_groups)
     samples = await _sample(request, connectors)
-    rows = views.connector_rows(connectors, views.filter_text(q, "group"), views.filter_text(q, "status"), views.filter_text(q, "q"))
+    life = _lifecycle(request)
+    rows = views.connector_rows(connectors, views.filter_text(q, "group"), views.filter_text(q, "status"), views.filter_text(q, "q"), life)
     paged = views.paginate(rows, *views.page_args(q, request.app[SETTINGS]))
     listed = []
     for connector in paged.rows:
-        row = views.connector_row(connector)
+        row = life.row(connector)
         row["rate"] = samples.rate_of(connector.id)
         row["chart"] = samples.chart_of(connector.id)
         listed.append(row)
     paged = dataclasses.replace(paged, rows=listed)
-    return {"paged": paged, "groups": groups, "counts": views.status_counts(connectors)}
+    return {"paged": paged, "groups": groups, "counts": views.status_counts(connectors, _lifecycle(request))}
 
 
 async def apps_page(request: web.Request) -> dict[str, Any]:
@@ -90,7 +96,7 @@ async def groups_page(request: web.Request) -> dict[str, Any]:
     store = context_of(request).store
     groups = await blocking(request, store.list_groups)
     connectors = await blocking(request, store.list_connectors)
-    return {"groups": groups, "counts": views.status_counts(connectors)}
+    return {"groups": groups, "counts": views.status_counts(connectors, _lifecycle(request))}
 
 
 async def tokens_page(request: web.Request) -> dict[str, Any]:

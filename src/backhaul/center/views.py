@@ -56,29 +56,41 @@ def matching(items: Iterable[T], text: str, fields: Callable[[T], Iterable[Any]]
     return [item for item in items if any(needle in str(f).lower() for f in fields(item) if f is not None)]
 
 
-def connector_rows(connectors: Iterable[Connector], group: str, status: str, text: str) -> list[Connector]:
+class Lifecycle:
+    """Connectors' status as the admin API gives it at one moment: with the inactive grace,
+    the inactive-since and removal dates (ControlSettings), so the page and `connector list` agree."""
+
+    def __init__(self, now: float, settings) -> None:
+        self.now = now  # wall-clock seconds the page is rendered at
+        self.grace = settings.inactive_grace  # seconds a redialing connector stays "active"
+        self.remove_after = settings.remove_inactive_after  # seconds unseen before housekeeping removes it
+
+    def status(self, connector: Connector) -> str:
+        return connector.status_at(self.now, self.grace)
+
+    def row(self, connector: Connector) -> dict[str, Any]:
+        return connector.lifecycle_dict(self.now, self.grace, self.remove_after)
+
+
+def connector_rows(connectors: Iterable[Connector], group: str, status: str, text: str, life: Lifecycle) -> list[Connector]:
     """The connectors the page lists, filtered, by group then name (rows: ``connector_row``)."""
     picked = [
         c for c in connectors
-        if not c.revoked and (not group or c.group == group) and (not status or c.status == status)
+        if not c.revoked and (not group or c.group == group) and (not status or life.status(c) == status)
     ]
     picked = matching(picked, text, lambda c: (c.name, c.id, c.hostname, c.version))
     picked.sort(key=lambda c: (c.group, c.name))
     return picked
 
 
-def connector_row(connector: Connector) -> dict[str, Any]:
-    """A listed connector: its API fields, including any a newer relay adds (inactive_since, removal_at)."""
-    return connector.to_dict()
-
-
-def status_counts(connectors: Iterable[Connector]) -> dict[str, dict[str, int]]:
+def status_counts(connectors: Iterable[Connector], life: Lifecycle) -> dict[str, dict[str, int]]:
     """Per group: active and inactive connectors."""
     counts: dict[str, dict[str, int]] = {}
     for c in connectors:
         if not c.revoked:
             slot = counts.setdefault(c.group, {"active": 0, "inactive": 0})
-            slot[c.status] = slot.get(c.status, 0) + 1
+            status = life.status(c)
+            slot[status] = slot.get(status, 0) + 1
     return counts
 
 

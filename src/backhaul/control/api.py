@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import time
 from typing import Any, Callable
 
 from aiohttp import web
@@ -368,8 +369,12 @@ async def delete_app(request: web.Request) -> web.Response:
     return json_response({"deleted": name})
 
 
-def connector_dict(connector: Connector, settings) -> dict[str, Any]:
-    data = connector.to_dict()
+def connector_dict(connector: Connector, settings, now: float | None = None) -> dict[str, Any]:
+    """A connector as the admin API shows it at ``now`` (default: the wall clock): its status
+    with ``settings.inactive_grace``, ``inactive_since`` and ``removal_at``."""
+    data = connector.lifecycle_dict(
+        time.time() if now is None else now, settings.inactive_grace, settings.remove_inactive_after
+    )
     data["cpu_warning"] = connector.cpu > settings.cpu_warning
     return data
 
@@ -378,7 +383,8 @@ def connector_dict(connector: Connector, settings) -> dict[str, Any]:
 async def list_connectors(request: web.Request) -> web.Response:
     ctx = context_of(request)
     connectors = await blocking(request, ctx.store.list_connectors)
-    return json_response([connector_dict(c, ctx.settings) for c in connectors])
+    now = ctx.clock()
+    return json_response([connector_dict(c, ctx.settings, now) for c in connectors])
 
 
 @require_admin
@@ -396,7 +402,7 @@ async def assign_connector(request: web.Request) -> web.Response:
     group = validate.name(body.get("group"), "group")
     connector = await blocking(request, ctx.store.assign_connector, request.match_info["id"], group)
     log.info("connector assigned", extra={"connector_id": connector.id, "group": group})
-    return json_response(connector_dict(connector, ctx.settings))
+    return json_response(connector_dict(connector, ctx.settings, ctx.clock()))
 
 
 # -- relay nodes
@@ -429,7 +435,7 @@ async def _housekeeping(app: web.Application):
         while True:
             try:
                 removed = await asyncio.get_running_loop().run_in_executor(
-                    None, ctx.store.prune, ctx.settings.remove_unseen_after
+                    None, ctx.store.prune, ctx.settings.remove_inactive_after
                 )
                 if removed:
                     log.info("removed unseen connectors", extra={"connectors": removed})

@@ -26,8 +26,17 @@ class ControlSettings:
     #: Longest lifetime and most uses an enrollment token may be created with.
     token_max_ttl: int = 7 * 86400
     token_max_uses: int = 1000
-    #: Connectors unseen (and without a tunnel) for this long are removed.
-    remove_unseen_after: float = 10 * DAY
+    #: Inactive connectors unseen this long (no heartbeat, no tunnel) are removed at the next
+    #: housekeeping run (`service run --remove-inactive-after`): Entra's connectors go after
+    #: 10 days, long enough for a machine off over a long weekend and a holiday to come back
+    #: as itself, short enough that a decommissioned one does not linger in the list.
+    remove_inactive_after: float = 10 * DAY
+    #: Seconds a connector stays "active" after its last tunnel went away (`service run
+    #: --inactive-grace`). A connector redials at once after a dropped connection, a relay's
+    #: GOAWAY (drain, key rotation) or a relay restart, with a backoff from 0.2 s doubling
+    #: (config.Backoff): 30 s covers its first seven tries, so a redial is not a status flap,
+    #: and is still short next to the keepalive's 20 s to notice a dead tunnel at all.
+    inactive_grace: float = 30.0
     #: Seconds between two housekeeping runs (pruning); 0 disables them.
     housekeeping_interval: float = 3600.0
     #: Ports the relay itself listens on: apps may not be published there.

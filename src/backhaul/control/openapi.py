@@ -243,15 +243,30 @@ def _schemas(settings: ControlSettings) -> dict[str, dict[str, Any]]:
             },
         ),
         "Connector": _obj(
-            ["id", "name", "group", "status", "version", "last_seen"],
+            ["id", "name", "group", "status", "version", "last_seen", "inactive_since", "removal_at"],
             id=_S,
             name=_S,
             hostname=_S,
             version=_S,
             group=_S,
-            status={"type": "string", "enum": ["active", "inactive"]},
+            status={
+                "type": "string",
+                "enum": ["active", "inactive"],
+                "description": "active while a relay node that is up holds a tunnel of it, and for a short grace "
+                "after its last tunnel went away (`service run --inactive-grace`, default 30 s)",
+            },
             created=_N,
-            last_seen=_N,
+            last_seen={**_N, "description": "its last heartbeat or tunnel change"},
+            inactive_since={
+                "type": ["number", "null"],
+                "description": "when it became inactive (its last tunnel went away, or its enrollment when it never "
+                "had one), seconds since the epoch; null while active",
+            },
+            removal_at={
+                "type": ["number", "null"],
+                "description": "from when housekeeping removes it: last_seen plus the removal period "
+                "(`service run --remove-inactive-after`, default 10 days); null while active",
+            },
             source_addr=_S,
             cert_serial=_S,
             cert_expires=_N,

@@ -106,6 +106,25 @@ DEFAULT_LISTEN = "127.0.0.1:8443"
 LOG_DIR = "logs"
 
 
+def inactive_settings(args: argparse.Namespace) -> dict[str, float]:
+    """The inactive-connector flags given (RelaySettings fields; the rest keep their defaults)."""
+    given = {}
+    for name, flag, least in (
+        # Keep it well above the connectors' heartbeat interval (30 s): a connector that is up
+        # without a tunnel is kept only by its heartbeats. Tests use a few seconds.
+        ("remove_inactive_after", "--remove-inactive-after", 1.0),
+        ("inactive_grace", "--inactive-grace", 0.0),
+        ("housekeeping_interval", "--housekeeping-interval", 0.0),
+    ):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not value >= least:  # also refuses nan
+            raise ConfigError(f"{flag} must be at least {least:g} seconds, not {value}")
+        given[name] = float(value)
+    return given
+
+
 def service_run(args: argparse.Namespace) -> int:
     """Run the relay until SIGTERM; SIGHUP reads the settings file again."""
     source = SettingsFile(args, Path(args.config) if getattr(args, "config", None) else None)
@@ -156,6 +175,7 @@ def build_settings(args: argparse.Namespace) -> RelaySettings:
         raise ConfigError("--workers must be at least 1")
     if args.cert_validity is not None and args.cert_validity < 10:
         raise ConfigError("--cert-validity must be at least 10 seconds")
+    lifecycle = inactive_settings(args)
     keepalive = Keepalive()
     keepalive = Keepalive(
         interval=args.keepalive_interval if args.keepalive_interval is not None else keepalive.interval,
@@ -182,6 +202,7 @@ def build_settings(args: argparse.Namespace) -> RelaySettings:
         oidc=oidc_settings(args),
         admin_center=admin_center_settings(args),
         log_files=log_files(args, data_dir),
+        **lifecycle,
     )
 
 

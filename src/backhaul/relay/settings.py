@@ -36,6 +36,7 @@ SCALARS: dict[str, type] = {
     "listen": str, "advertise": str, "peer_advertise": str, "drain_grace": float,
     "http": str, "https": str, "https_cert": str, "https_key": str,
     "workers": int, "metrics": str, "cert_validity": float,
+    "remove_inactive_after": float, "inactive_grace": float, "housekeeping_interval": float,
     "keepalive_interval": float, "keepalive_timeout": float,
     "udp_max_flows": int, "udp_idle_timeout": float,
     "oidc_issuer": str, "oidc_client_id": str, "oidc_client_secret_file": str, "oidc_ca": str,

@@ -84,6 +84,11 @@ class RelaySettings:
     drain_timeout: float = 10.0
     #: Lifetime of the connector certificates this relay signs, seconds (None: the control plane's default).
     cert_validity: float | None = None
+    #: Inactive connectors: removal period, status grace and housekeeping interval, seconds
+    #: (None: the control plane's defaults, control.context.ControlSettings).
+    remove_inactive_after: float | None = None
+    inactive_grace: float | None = None
+    housekeeping_interval: float | None = None
     #: The run dir the supervisor prepared for figures; None: no metrics.
     run_dir: Path | None = None
     #: The metrics listening socket the supervisor made, served by worker 0.
@@ -213,9 +218,12 @@ class RelayWorker:
             reserved.add(parse_hostport(self.settings.http, "--http")[1])
         if self.settings.https:
             reserved.add(parse_hostport(self.settings.https, "--https")[1])
-        control_settings = ControlSettings(reserved_ports=frozenset(reserved))
-        if self.settings.cert_validity is not None:
-            control_settings = dataclasses.replace(control_settings, cert_validity=self.settings.cert_validity)
+        given = {
+            name: getattr(self.settings, name)
+            for name in ("cert_validity", "remove_inactive_after", "inactive_grace", "housekeeping_interval")
+            if getattr(self.settings, name) is not None
+        }
+        control_settings = ControlSettings(reserved_ports=frozenset(reserved), **given)
         control = ControlContext.load(
             self.settings.data_dir, worker=self.settings.worker, store=self.store, settings=control_settings
         )

@@ -19,11 +19,12 @@ import time
 import urllib.parse
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 
 from backhaul import tlsconfig
+from backhaul.progress import Progress
 from backhaul.errors import CertificateError, ConfigError, ServiceError
 from backhaul.release import keys
 from backhaul.release.manifest import PROJECT, FileEntry, Manifest, ReleaseRefused, check_file_name, key_id, sign
@@ -154,6 +155,14 @@ async def _json(session: aiohttp.ClientSession, method: str, url: str, headers: 
     return decoded
 
 
+async def _read_counted(path: Path, progress: Progress) -> AsyncIterator[bytes]:
+    """The file's bytes from disk (read off the event loop), each chunk counted on ``progress``."""
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _CHUNK):
+            progress.advance(len(chunk))
+            yield chunk
+
+
 async def upload(target, manifest_bytes: bytes, signature: bytes, public_pem: bytes, auto: bool, files: dict[str, Path]) -> dict[str, Any]:
     """Store the manifest, then every file the relay still misses; the relay's last answer."""
     ctx = tlsconfig.admin_context(target.ca)
@@ -169,11 +178,14 @@ async def upload(target, manifest_bytes: bytes, signature: bytes, public_pem: by
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), timeout=timeout) as session:
             release = await _json(session, "POST", f"{target.service_url}/v1/releases", auth, json=body)
             answer = release
-            for name in release["missing"]:
-                url = f"{target.service_url}/v1/releases/{urllib.parse.quote(release['version'], safe='')}/files/{urllib.parse.quote(name, safe='')}"
-                with files[name].open("rb") as f:
-                    # A file object: aiohttp streams it from disk with its Content-Length.
-                    answer = await _json(session, "PUT", url, {**auth, "Content-Type": "application/octet-stream"}, data=f)
+            missing = release["missing"]
+            sizes = {name: files[name].stat().st_size for name in missing}
+            with Progress(f"uploading release {release['version']}", total=sum(sizes.values())) as progress:
+                for i, name in enumerate(missing, 1):
+                    url = f"{target.service_url}/v1/releases/{urllib.parse.quote(release['version'], safe='')}/files/{urllib.parse.quote(name, safe='')}"
+                    progress.stage(f"uploading release {release['version']}: file {i} of {len(missing)}")
+                    headers = {**auth, "Content-Type": "application/octet-stream", "Content-Length": str(sizes[name])}
+                    answer = await _json(session, "PUT", url, headers, data=_read_counted(files[name], progress))
             return answer
     except aiohttp.ClientConnectorCertificateError as exc:
         raise CertificateError(

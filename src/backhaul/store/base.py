@@ -163,10 +163,33 @@ class Connector:
     bytes_out: int = 0
     cpu: float = 0.0
     memory: float = 0.0
+    #: When it became inactive: when its last tunnel went away, or its enrollment if it never
+    #: had one; None while a relay node that is up counts a tunnel of it.
+    inactive_since: float | None = None
+    #: True when ``inactive_since`` is the loss of its last tunnel (the grace of ``status_at``
+    #: applies), False when it never had a tunnel since its enrollment.
+    tunnel_lost: bool = False
 
     @property
     def status(self) -> str:
+        """"active" while it has a tunnel (no grace: see ``status_at``)."""
         return "active" if self.tunnels > 0 else "inactive"
+
+    def status_at(self, now: float, grace: float) -> str:
+        """"active" while it has a tunnel or its last one went away less than ``grace`` seconds
+        before ``now`` (a connector redialing after a drop is not a status flap), else "inactive"."""
+        if self.tunnels > 0:
+            return "active"
+        if self.tunnel_lost and self.inactive_since is not None and now - self.inactive_since < grace:
+            return "active"
+        return "inactive"
+
+    def removal_at(self, now: float, grace: float, remove_after: float) -> float | None:
+        """When housekeeping may remove it (``Store.prune``: unseen, no heartbeat and no tunnel,
+        for ``remove_after``); None while it is active."""
+        if self.status_at(now, grace) == "active":
+            return None
+        return self.last_seen + remove_after
 
     def accepts_serial(self, serial: int | None, now: float) -> bool:
         """True when a certificate with ``serial`` may act as this connector right now."""
@@ -181,6 +204,17 @@ class Connector:
         data["cert_serial"] = format(self.cert_serial, "x")
         data["previous_serial"] = format(self.previous_serial, "x") if self.previous_serial is not None else None
         data["status"] = self.status
+        data.pop("tunnel_lost")
+        return data
+
+    def lifecycle_dict(self, now: float, grace: float, remove_after: float) -> dict[str, Any]:
+        """``to_dict`` as the admin API lists it at ``now``: the status with the grace,
+        ``inactive_since`` (None while active) and ``removal_at``."""
+        data = self.to_dict()
+        status = self.status_at(now, grace)
+        data["status"] = status
+        data["inactive_since"] = None if status == "active" else self.inactive_since
+        data["removal_at"] = self.removal_at(now, grace, remove_after)
         return data
 
 

@@ -243,4 +243,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # -- inactive connectors
+    (
+        8,
+        (
+            # When a connector became inactive (its last tunnel went away); NULL while it has a
+            # tunnel, or when it never had one (then it is inactive since it was created).
+            "ALTER TABLE connectors ADD COLUMN inactive_since REAL",
+            # A connector of an existing store with no tunnel row: inactive since it was last
+            # seen, as near as the old schema knows.
+            "UPDATE connectors SET inactive_since = last_seen "
+            "WHERE NOT EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = connectors.id AND t.count > 0)",
+        ),
+    ),
 )

@@ -197,4 +197,13 @@ PG_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # -- inactive connectors (SQLite's step 8)
+    (
+        3,
+        (
+            "ALTER TABLE connectors ADD COLUMN inactive_since DOUBLE PRECISION",
+            "UPDATE connectors SET inactive_since = last_seen "
+            "WHERE NOT EXISTS (SELECT 1 FROM tunnels t WHERE t.connector_id = connectors.id AND t.count > 0)",
+        ),
+    ),
 )

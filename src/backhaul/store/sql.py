@@ -43,7 +43,10 @@ _CONNECTOR_COLUMNS = (
     "c.cert_expires, c.revoked, c.prev_serial, c.prev_expires, "
     # The one parameter of these columns: the oldest fresh node heartbeat (NodeTables._fresh_since).
     f"COALESCE((SELECT SUM(t.count) {LIVE_TUNNELS} AND t.connector_id = c.id), 0), "
-    "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory"
+    "c.active_streams, c.bytes_in, c.bytes_out, c.cpu, c.memory, c.inactive_since, "
+    # The last heartbeat of a node that died holding tunnel rows of it: when those stopped
+    # counting (nothing writes inactive_since for them until the node is removed or back).
+    "(SELECT MAX(dn.last_seen) FROM tunnels dt JOIN nodes dn ON dn.id = dt.node_id WHERE dt.connector_id = c.id AND dt.count > 0)"
 )
 _APP_COLUMNS = (
     "name, grp, proto, port, target, external_host, internal_url, preauth, keep_host, backend_ca, backend_insecure, health_path"
@@ -51,6 +54,10 @@ _APP_COLUMNS = (
 
 
 def _connector(row: tuple) -> Connector:
+    tunnels = int(row[13])
+    # When its last tunnel went away: recorded, or its dead node's last heartbeat; None when
+    # it never had one since its enrollment (then inactive since it was created).
+    lost = row[19] if row[19] is not None else row[20]
     return Connector(
         id=row[0],
         name=row[1],
@@ -65,12 +72,14 @@ def _connector(row: tuple) -> Connector:
         revoked=bool(row[10]),
         previous_serial=int(row[11], 16) if row[11] is not None else None,
         previous_expires=row[12],
-        tunnels=int(row[13]),
+        tunnels=tunnels,
         active_streams=row[14],
         bytes_in=row[15],
         bytes_out=row[16],
         cpu=row[17],
         memory=row[18],
+        inactive_since=None if tunnels > 0 else (lost if lost is not None else row[5]),
+        tunnel_lost=tunnels == 0 and lost is not None,
     )
 
 

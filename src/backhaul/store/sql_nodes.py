@@ -5,6 +5,11 @@ Freshness, not flags: a node is up while its heartbeat is younger than
 ``ClusterSettings.node_fresh`` and it has not stopped, and a tunnel row counts only while its
 node is up. A node that dies clears nothing, yet within ``node_fresh`` its tunnels stop
 making connectors active, keeping them from removal, or letting a group update.
+
+A connector's ``inactive_since`` is written where its last live tunnel goes away (a tunnel
+down, a worker or node stopping or removed) and cleared by its next tunnel; while its tunnels
+are on a node that died, nothing is written and the read takes that node's last heartbeat
+(sql._CONNECTOR_COLUMNS).
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ from backhaul.store.dbapi import Db
 LIVE_TUNNELS = "FROM tunnels t JOIN nodes n ON n.id = t.node_id AND n.state = 'running' AND n.last_seen >= ? WHERE t.count > 0"
 
 _NODE_COLUMNS = "n.id, n.listen, n.peer, n.version, n.started, n.last_seen, n.state"
+
+#: Sets ``inactive_since`` (the first parameter) on the connectors with tunnel rows on one
+#: node (the second) that have no live tunnel but those rows and none recorded yet: run just
+#: before the node's rows (or, with _ON_WORKER, one worker's) are deleted. Binds: lost_at,
+#: node_id[, worker], fresh_since, node_id[, worker].
+_GOING_INACTIVE = (
+    "UPDATE connectors SET inactive_since = ? WHERE inactive_since IS NULL "
+    "AND id IN (SELECT connector_id FROM tunnels WHERE node_id = ?{worker} AND count > 0) "
+    "AND NOT EXISTS (SELECT 1 FROM tunnels t JOIN nodes n ON n.id = t.node_id AND n.state = 'running' AND n.last_seen >= ? "
+    "WHERE t.count > 0 AND t.connector_id = connectors.id AND NOT (t.node_id = ?{t_worker}))"
+)
+_ON_NODE = _GOING_INACTIVE.format(worker="", t_worker="")
+_ON_WORKER = _GOING_INACTIVE.format(worker=" AND worker = ?", t_worker=" AND t.worker = ?")
 
 
 class NodeTables:
@@ -72,14 +90,26 @@ class NodeTables:
 
     def node_stopped(self, node_id: str) -> None:
         with self._write() as db:
+            db.execute(_ON_NODE, (self._lost_at(db, node_id), node_id, self._fresh_since(), node_id))
             db.execute("UPDATE nodes SET state = 'stopped', last_seen = ? WHERE id = ?", (self._clock(), node_id))
             db.execute("DELETE FROM tunnels WHERE node_id = ?", (node_id,))
+
+    def _lost_at(self, db: Db, node_id: str) -> float:
+        """When the tunnels a node counts stop counting if it drops them now: now while it is
+        up, its last heartbeat once it is down (it died then, as far as anyone knows)."""
+        now = self._clock()
+        row = db.execute("SELECT last_seen, state FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None or (row[1] == "running" and row[0] >= self._fresh_since()):
+            return now
+        return min(now, row[0])
 
     def remove_node(self, node_id: str) -> None:
         """Forget a node that is down, with its tunnel rows (it registers again if it comes back);
         NotFound when there is no such node, Conflict when it is up."""
         since = self._fresh_since()
         with self._write() as db:
+            # Rolled back with the rest when the node turns out to be up (Conflict below).
+            db.execute(_ON_NODE, (self._lost_at(db, node_id), node_id, since, node_id))
             removed = db.execute(
                 "DELETE FROM nodes WHERE id = ? AND (state = 'stopped' OR last_seen < ?)", (node_id, since)
             ).rowcount
@@ -153,10 +183,21 @@ class NodeTables:
                 "DELETE FROM tunnels WHERE connector_id = ? AND node_id = ? AND worker = ? AND count = 0",
                 (connector_id, node_id, worker),
             )
+            now = self._clock()
+            if delta > 0:
+                db.execute(
+                    "UPDATE connectors SET last_seen = ?, source_addr = ?, inactive_since = NULL WHERE id = ?",
+                    (now, peer, connector_id),
+                )
+                return
+            db.execute("UPDATE connectors SET last_seen = ?, source_addr = ? WHERE id = ?", (now, peer, connector_id))
             db.execute(
-                "UPDATE connectors SET last_seen = ?, source_addr = ? WHERE id = ?", (self._clock(), peer, connector_id)
+                "UPDATE connectors SET inactive_since = ? WHERE id = ? AND inactive_since IS NULL "
+                f"AND NOT EXISTS (SELECT 1 {LIVE_TUNNELS} AND t.connector_id = connectors.id)",
+                (now, connector_id, self._fresh_since()),
             )
 
     def mark_worker_down(self, node_id: str, worker: int) -> None:
         with self._write() as db:
+            db.execute(_ON_WORKER, (self._lost_at(db, node_id), node_id, worker, self._fresh_since(), node_id, worker))
             db.execute("DELETE FROM tunnels WHERE node_id = ? AND worker = ?", (node_id, worker))

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
@@ -104,8 +104,10 @@ def install_version(
     install_timeout: float,
     selftest_timeout: float,
     python: str = sys.executable,
+    on_step: Callable[[str], None] | None = None,
 ) -> Path:
-    """Install ``wheels`` (all in ``wheelhouse``) as ``version``; returns its venv.
+    """Install ``wheels`` (all in ``wheelhouse``) as ``version``; returns its venv. ``on_step``
+    hears each step's name as it starts (the progress line).
 
     An existing dir of that version that is not current is a leftover (a crash during an
     earlier install) and is made again from scratch.
@@ -122,9 +124,12 @@ def install_version(
     try:
         # --without-pip, then a pip from outside with --python: no pip copied into every venv
         # (ensurepip costs ~6 s here) and nothing in it that the release did not ship.
+        step = on_step or (lambda _name: None)
+        step("creating the venv")
         _run([python, "-m", "venv", "--without-pip", str(venv)], install_timeout, "creating the venv", env)
         reqs = target / "requirements.txt"
         reqs.write_text(requirements(wheels))
+        step(f"pip install of {len(wheels)} wheels")
         _run(
             [
                 *pip_command(python), "--isolated", "--disable-pip-version-check", "--no-input", "--python", str(venv / "bin" / "python"),
@@ -133,6 +138,7 @@ def install_version(
             ],
             install_timeout, "pip install of the release", env,
         )
+        step("self-test")
         selftest(venv, version, selftest_timeout)
     except BaseException:
         layout.remove_version(version)

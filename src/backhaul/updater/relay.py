@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from backhaul.progress import Progress
 from backhaul.connector.control_client import MAX_RESPONSE, connector_session
 from backhaul.connector.state import ConnectorState
 from backhaul.errors import ServiceError
@@ -133,7 +134,10 @@ class RelayClient:
     async def report(self, version: str, step: str, reason: str = "", token: int | None = None) -> None:
         await self._json("POST", "/v1/updates/report", {"version": version, "step": step, "reason": reason, "token": token})
 
-    async def download(self, version: str, name: str, size: int, directory: Path, stall: float, total: float) -> Path:
+    async def download(
+        self, version: str, name: str, size: int, directory: Path, stall: float, total: float,
+        progress: Progress | None = None,
+    ) -> Path:
         """Stream one release file to ``directory/NAME.unverified``; at most ``size`` bytes are taken.
 
         The caller checks it (size, sha256) and renames it; a relay sending more than the
@@ -155,6 +159,8 @@ class RelayClient:
                         if got > size:
                             raise UpdateRefused("bad_size", f"the relay sent more than the {size} bytes the signed manifest lists for {name}")
                         os.write(fd, chunk)
+                        if progress is not None:
+                            progress.advance(len(chunk))
                     os.fsync(fd)
                 finally:
                     os.close(fd)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backhaul.progress import Progress
 from backhaul.config import UpdaterLimits
 from backhaul.connector import control_socket
 from backhaul.errors import BackhaulError, ConfigError
@@ -211,24 +212,27 @@ class Updater:
         directory = self.layout.downloads(manifest.version)
         directory.mkdir(parents=True, exist_ok=True)
         fetched = 0
-        for entry in manifest.files:
-            final = directory / entry.name
-            if final.exists():
+        with Progress(f"downloading release {manifest.version}", total=sum(f.size for f in manifest.files)) as progress:
+            for entry in manifest.files:
+                final = directory / entry.name
+                if final.exists():
+                    try:
+                        check_file(entry, final)  # kept from an earlier attempt: checked again, not trusted
+                        progress.advance(entry.size)
+                        continue
+                    except ReleaseRefused:
+                        final.unlink()
+                path = await client.download(
+                    manifest.version, entry.name, entry.size, directory, self.limits.download_stall,
+                    self.limits.download_timeout, progress,
+                )
                 try:
-                    check_file(entry, final)  # kept from an earlier attempt: checked again, not trusted
-                    continue
+                    check_file(entry, path)
                 except ReleaseRefused:
-                    final.unlink()
-            path = await client.download(
-                manifest.version, entry.name, entry.size, directory, self.limits.download_stall, self.limits.download_timeout
-            )
-            try:
-                check_file(entry, path)
-            except ReleaseRefused:
-                path.unlink(missing_ok=True)
-                raise
-            path.rename(final)
-            fetched += 1
+                    path.unlink(missing_ok=True)
+                    raise
+                path.rename(final)
+                fetched += 1
         return directory, fetched
 
     async def _apply(self, client: RelayClient, state: State, offer: Offer, manifest: Manifest, installed: str, *, force: bool) -> Outcome:
@@ -294,10 +298,13 @@ class Updater:
     ) -> Outcome:
         wheels = [Wheel(f.name, f.sha256) for f in manifest.files]
         try:
-            await asyncio.to_thread(
-                install_version, self.layout, version, wheelhouse, wheels,
-                install_timeout=self.limits.install_timeout, selftest_timeout=self.limits.selftest_timeout,
-            )
+            # The install is subprocesses (venv, pip, self-test): the line shows the step and its time.
+            with Progress(f"installing release {version}", unit="") as progress, progress.ticking():
+                await asyncio.to_thread(
+                    install_version, self.layout, version, wheelhouse, wheels,
+                    install_timeout=self.limits.install_timeout, selftest_timeout=self.limits.selftest_timeout,
+                    on_step=lambda step: progress.stage(f"installing release {version}: {step}"),
+                )
         except UpdateRefused as exc:
             self._note(state, version, "failed", f"{exc.reason}: {exc}", logging.ERROR)
             state.failed.append(version)
