@@ -842,7 +842,8 @@ class AdminCenterSettings:
     #: The relay's own log records kept per worker for the admin log view (when there is
     #: no admin log file to read): the newest, ~1 KiB each, so about 2 MiB per worker.
     log_records: int = 2000
-    #: Bytes read from the end of an admin log file for the log view: the newest lines only.
+    #: Bytes read from the end of each admin log file for the log view (logs.read_admin_log):
+    #: the newest few thousand lines, on every refresh of the page, never a whole 10 MiB file.
     log_tail_bytes: int = 1024 * 1024
     #: (claim, value) an OpenID Connect id_token must carry to sign in to the admin center
     #: (``service run --admin-oidc-claim groups=backhaul-admins``); None: admin token only.

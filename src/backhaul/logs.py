@@ -187,11 +187,18 @@ _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def read_admin_log(
-    directory: str | os.PathLike, *, text: str | None = None, level: str | None = None, limit: int = 100
+    directory: str | os.PathLike,
+    *,
+    text: str | None = None,
+    level: str | None = None,
+    limit: int = 100,
+    most_bytes: int = READ_LIMIT,
 ) -> list[dict]:
     """The newest ``limit`` entries of the admin log in ``directory`` (``admin.log`` and its
     rotated files), newest first: only those at ``level`` or above, and whose line contains
-    ``text`` (case-insensitive) when given. Lines that are not JSON objects are skipped."""
+    ``text`` (case-insensitive) when given. Of each file only its last ``most_bytes`` are
+    read (the admin center's page reads a little, often). Lines that are not JSON objects
+    are skipped."""
     if level is not None and level not in _LEVELS:
         raise ValueError(f"level must be one of {', '.join(_LEVELS)}")
     floor = _LEVELS.index(level) if level else 0
@@ -203,9 +210,13 @@ def read_admin_log(
         path = base if index == 0 else base.with_name(f"{ADMIN_LOG}.{index}")
         try:
             with open(path, "rb") as f:
-                lines = f.read(READ_LIMIT).splitlines()
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - most_bytes))
+                lines = f.read(most_bytes).splitlines()
         except FileNotFoundError:
             break
+        if size > most_bytes:
+            lines = lines[1:]  # the first was cut by the seek
         for raw in reversed(lines):
             if needle is not None and needle not in raw.decode("utf-8", "replace").lower():
                 continue

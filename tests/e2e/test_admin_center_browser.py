@@ -150,6 +150,10 @@ def test_the_admin_center_in_a_browser(system, backend, browser, tmp_path):
         page.goto(f"{system.url}/admin/{name}")
         expect(page.locator("h1")).to_be_visible()
         page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    # The log view reads the relay's admin log file: the app published from the page is there.
+    page.goto(f"{system.url}/admin/log?q=browser-echo")
+    expect(page.locator("main")).to_contain_text("app published")
+    expect(page.locator("main")).to_contain_text("admin.log")
 
     # A page of another site posting to the relay changes nothing.
     evil = context.new_page()

@@ -151,19 +151,19 @@ def test_the_log_ring_is_bounded_filtered_and_newest_first(tmp_path):
     finally:
         logger.removeHandler(ring)
     assert len(ring.entries) == 3
-    found, source = adminlog.entries(ring, tmp_path, 1024)
+    found, source = adminlog.entries(ring, tmp_path, 100, 1024)
     assert [e["msg"] for e in found] == ["bad thing", "step 4", "step 3"] and "worker" in source
-    assert [e["msg"] for e in adminlog.entries(ring, tmp_path, 1024, "warning")[0]] == ["bad thing"]
-    assert [e["msg"] for e in adminlog.entries(ring, tmp_path, 1024, "", "APP3")[0]] == ["step 3"]
+    assert [e["msg"] for e in adminlog.entries(ring, tmp_path, 100, 1024, "warning")[0]] == ["bad thing"]
+    assert [e["msg"] for e in adminlog.entries(ring, tmp_path, 100, 1024, "", "APP3")[0]] == ["step 3"]
+    assert [e["msg"] for e in adminlog.entries(ring, None, 2, 1024)[0]] == ["bad thing", "step 4"], "at most limit"
 
 
 def test_an_admin_log_file_is_read_from_its_end_only(tmp_path):
-    (tmp_path / "logs").mkdir()
     lines = [f'{{"ts": {i}, "level": "info", "msg": "line {i}"}}' for i in range(1000)]
-    (tmp_path / "logs" / "admin.log").write_text("\n".join(lines) + "\nnot json\n")
-    found, source = adminlog.entries(adminlog.RecordRing(1), tmp_path, 200)
-    assert source.endswith("admin.log") and found[0]["msg"] == "not json" and found[1]["msg"] == "line 999"
-    assert 1 < len(found) < 10
+    (tmp_path / "admin.log").write_text("\n".join(lines) + "\nnot json\n")
+    found, source = adminlog.entries(adminlog.RecordRing(1), tmp_path, 100, 200)
+    assert source.endswith("admin.log") and found[0]["msg"] == "line 999", "a line that is not JSON is skipped"
+    assert 1 < len(found) < 10, "only the last 200 bytes were read"
 
 
 def test_paging_is_clamped():

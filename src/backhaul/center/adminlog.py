@@ -1,34 +1,23 @@
 """The relay's admin log as the admin center shows it: newest first, filtered by level and text.
 
-Two sources, one interface: the relay's admin log file when there is one (read from its
-end, at most ``log_tail_bytes``), else a bounded ring of this worker's own log records,
-kept by a logging handler the center installs while it runs. This module is the one place
-that knows where the file is (``log_file``): a relay that writes its admin log elsewhere
-changes only that.
+Two sources, one interface: the relay's admin log files in its log dir (``service run
+--log-dir``, read by logs.read_admin_log from each file's end), else a bounded ring of this
+worker's own log records, kept by a logging handler the center installs while it runs.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from backhaul.logs import ADMIN_LOG, STREAM_LOGGER, JsonLineFormatter
+from backhaul.logs import ADMIN_LOG, STREAM_LOGGER, JsonLineFormatter, read_admin_log
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 log = logging.getLogger(__name__)
-
-
-def log_file(data_dir: Path) -> Path | None:
-    """The relay's admin log file, if it writes one (DATA_DIR/logs/admin.log)."""
-    for candidate in (data_dir / "logs" / ADMIN_LOG, data_dir / ADMIN_LOG):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 class RecordRing(logging.Handler):
@@ -48,45 +37,29 @@ class RecordRing(logging.Handler):
             self.handleError(record)
 
 
-def _tail(path: Path, most: int) -> list[dict[str, Any]]:
-    with path.open("rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - most))
-        data = f.read(most)
-    lines = data.split(b"\n")
-    if size > most:
-        lines = lines[1:]  # the first is cut
-    entries = []
-    for line in lines:
-        if line.strip():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                entry = {"level": "info", "msg": line.decode("utf-8", "replace")}
-            if isinstance(entry, dict):
-                entries.append(entry)
-    return entries
-
-
-def entries(ring: RecordRing, data_dir: Path, tail_bytes: int, level: str = "", text: str = "") -> tuple[list[dict[str, Any]], str]:
-    """The matching entries, newest first, and where they come from (a file or this worker)."""
-    path = log_file(data_dir)
-    if path is not None:
+def entries(
+    ring: RecordRing, log_dir: Path | None, limit: int, tail_bytes: int, level: str = "", text: str = ""
+) -> tuple[list[dict[str, Any]], str]:
+    """The newest ``limit`` matching entries, newest first, and where they come from: the
+    relay's admin log in ``log_dir`` (logs.read_admin_log, the last ``tail_bytes`` of each
+    file), else this worker's records."""
+    level = level if level in LEVELS else ""
+    if log_dir is not None and (log_dir / ADMIN_LOG).is_file():
         try:
-            found, source = _tail(path, tail_bytes), str(path)
+            found = read_admin_log(log_dir, text=text or None, level=level or None, limit=limit, most_bytes=tail_bytes)
+            return found, str(log_dir / ADMIN_LOG)
         except OSError as exc:
-            log.warning("the admin log file cannot be read; showing this worker's records", extra={"path": str(path), "error": str(exc)})
-            found, source = list(ring.entries), "this worker's recent records"
-    else:
-        found, source = list(ring.entries), "this worker's recent records"
-    low = LEVELS.index(level) if level in LEVELS else 0
+            log.warning("the admin log file cannot be read; showing this worker's records", extra={"path": str(log_dir), "error": str(exc)})
+    low = LEVELS.index(level) if level else 0
     needle = text.lower()
     picked = []
-    for entry in reversed(found):
+    for entry in reversed(ring.entries):
         entry_level = str(entry.get("level", "info")).lower()
         if (LEVELS.index(entry_level) if entry_level in LEVELS else 1) < low:
             continue
         if needle and needle not in orjson.dumps(entry, default=str).decode().lower():
             continue
         picked.append(entry)
-    return picked, source
+        if len(picked) >= limit:
+            break
+    return picked, "this worker's recent records"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
@@ -18,3 +19,5 @@ RECORDS = web.AppKey("backhaul_center_records", adminlog.RecordRing)
 OIDC = web.AppKey("backhaul_center_oidc", oidc.AdminOidc)
 #: bytes per connector id from the relay's own counters (blocking; absent: the store's)
 TRAFFIC = web.AppKey("backhaul_center_traffic", Callable)
+#: the relay's admin log dir (service run --log-dir; absent: this worker's records only)
+LOG_DIR = web.AppKey("backhaul_center_log_dir", Path)

@@ -10,9 +10,14 @@ from typing import Any
 from aiohttp import web
 
 from backhaul.center import adminlog, views
-from backhaul.center.keys import RECORDS, SAMPLES, SETTINGS, TRAFFIC
+from backhaul.center.keys import LOG_DIR, RECORDS, SAMPLES, SETTINGS, TRAFFIC
 from backhaul.center.samples import ByteSamples
 from backhaul.control.web import blocking, context_of
+
+
+def _log_entries(request: web.Request, level: str, text: str, limit: int) -> tuple[list[dict[str, Any]], str]:
+    settings = request.app[SETTINGS]
+    return adminlog.entries(request.app[RECORDS], request.app.get(LOG_DIR), limit, settings.log_tail_bytes, level, text)
 
 
 def _lifecycle(request: web.Request) -> views.Lifecycle:
@@ -47,7 +52,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
     tokens = await blocking(request, store.list_tokens)
     samples = await _sample(request, connectors)
     rates = samples.rates(samples.totals)
-    recent, source = adminlog.entries(request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, "warning")
+    recent, source = _log_entries(request, "warning", "", 10)
     return {
         "nodes": [n.to_dict() for n in nodes],
         "counts": views.status_counts(connectors, _lifecycle(request)),
@@ -117,9 +122,7 @@ async def releases_page(request: web.Request) -> dict[str, Any]:
 async def log_page(request: web.Request) -> dict[str, Any]:
     q = request.query
     level = views.filter_text(q, "level")
-    found, source = adminlog.entries(
-        request.app[RECORDS], context_of(request).data_dir, request.app[SETTINGS].log_tail_bytes, level, views.filter_text(q, "q")
-    )
+    found, source = _log_entries(request, level, views.filter_text(q, "q"), request.app[SETTINGS].log_records)
     rows = [
         {"ts": e.get("ts"), "level": e.get("level", ""), "msg": e.get("msg", ""),
          "fields": {k: v for k, v in e.items() if k not in ("ts", "level", "msg", "logger", "pid")}}

@@ -16,7 +16,7 @@ import jinja2
 from aiohttp import web
 
 from backhaul.center import adminlog, csrf, oidc, pages, sessions
-from backhaul.center.keys import OIDC, RECORDS, SAMPLES, SETTINGS, SIGN_IN_LIMITER, TRAFFIC
+from backhaul.center.keys import OIDC, RECORDS, SAMPLES, SETTINGS, SIGN_IN_LIMITER, LOG_DIR, TRAFFIC
 from backhaul.center.samples import HEIGHT, WIDTH, ByteSamples
 from backhaul.config import AdminCenterSettings, OidcSettings
 from backhaul.control.ratelimit import AddressLimiter
@@ -273,15 +273,19 @@ def setup(
     settings: AdminCenterSettings,
     issuer: OidcSettings | None = None,
     traffic: Callable[[], dict[str, int]] | None = None,
+    log_dir: Path | None = None,
 ) -> None:
     """Mount the admin center on the control API's app (before it starts); with ``issuer``
     and ``settings.oidc_claim`` it also signs admins in through OpenID Connect. ``traffic``
-    (blocking) gives each connector's bytes from the relay's own counters for the charts."""
+    (blocking) gives each connector's bytes from the relay's own counters for the charts;
+    ``log_dir`` is where the relay writes its admin log, for the log view."""
     app[SETTINGS] = settings
     app[SIGN_IN_LIMITER] = AddressLimiter(settings.sign_in, app[CONTEXT].clock)
     app[SAMPLES] = ByteSamples(settings)
     if traffic is not None:
         app[TRAFFIC] = traffic
+    if log_dir is not None:
+        app[LOG_DIR] = log_dir
     app[RECORDS] = adminlog.RecordRing(settings.log_records)
     app.middlewares.insert(0, security_headers)
     _environment(app)

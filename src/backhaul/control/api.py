@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
@@ -459,6 +460,7 @@ def build_app(
     admin_center: AdminCenterSettings = AdminCenterSettings(),
     oidc: OidcSettings | None = None,
     traffic: Callable[[], dict[str, int]] | None = None,
+    admin_log_dir: Path | None = None,
 ) -> web.Application:
     """The control API as an aiohttp Application (no socket of its own).
 
@@ -466,7 +468,8 @@ def build_app(
     None: a table of the app's own. The admin center (backhaul.center) is mounted at /admin/;
     ``oidc``: the relay's issuer, for its OpenID Connect sign-in; ``traffic``: bytes per
     connector from the relay's own counters, for the admin center's charts (None: the
-    connectors' heartbeat counters in the store)."""
+    connectors' heartbeat counters in the store); ``admin_log_dir``: where the relay writes
+    its admin log, which the admin center shows."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=ctx.settings.max_body)
     app[CONTEXT] = ctx
     app[ENROLL_LIMITER] = AddressLimiter(ctx.settings.enroll, ctx.clock)
@@ -496,6 +499,6 @@ def build_app(
     r.add_put("/v1/connectors/{id}/group", assign_connector)
     releases_api.add_routes(app)
     rollout_api.add_routes(app, rollout, update_reports)
-    center.setup(app, admin_center, oidc, traffic)
+    center.setup(app, admin_center, oidc, traffic, admin_log_dir)
     app.cleanup_ctx.append(_housekeeping)
     return app

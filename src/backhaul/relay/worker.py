@@ -231,6 +231,7 @@ class RelayWorker:
         app = build_app(
             control, update_reports=self.metrics.update_reports, admin_center=self.settings.admin_center, oidc=self.settings.oidc,
             traffic=functools.partial(node_traffic, run_dir) if run_dir is not None else None,
+            admin_log_dir=self.settings.log_files.directory,
         )
         limits = self.settings.listen_limits
         # aiohttp's keep-alive timeout closes a control connection idle between requests;
