@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 tools/bootstrap.sh test
 tools/test-deps.sh
 echo "== test suite, Cython codec"
-BACKHAUL_REQUIRE_EXT=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests bench/test_bench_codec.py --benchmark-disable "$@"
+BACKHAUL_REQUIRE_EXT=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests bench/test_bench_codec.py --benchmark-disable --durations=15 "$@"
 echo "== test suite, pure-Python codec"
-BACKHAUL_PURE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -m "not codec_independent" tests "$@"
+BACKHAUL_PURE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -m "not codec_independent" tests --durations=15 "$@"

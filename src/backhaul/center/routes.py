@@ -191,12 +191,20 @@ async def signout(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def oidc_login(request: web.Request) -> web.StreamResponse:
+async def _oidc_key(request: web.Request) -> bytes | web.Response:
+    """The signing key for an OIDC step, or the page that says why there is none."""
     if OIDC not in request.app:
         raise web.HTTPNotFound()
     key = await _key(request)
     if key is None:
         return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
+    return key
+
+
+async def oidc_login(request: web.Request) -> web.StreamResponse:
+    key = await _oidc_key(request)
+    if isinstance(key, web.Response):
+        return key
     try:
         location, flow = await request.app[OIDC].login(key, request.host, context_of(request).clock())
     except IdentityProviderError as exc:
@@ -208,11 +216,9 @@ async def oidc_login(request: web.Request) -> web.StreamResponse:
 
 
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
-    if OIDC not in request.app:
-        raise web.HTTPNotFound()
-    key = await _key(request)
-    if key is None:
-        return _signin_page(request, "the relay has no admin token; run `backhaul service init`", 503)
+    key = await _oidc_key(request)
+    if isinstance(key, web.Response):
+        return key
     try:
         subject = await request.app[OIDC].finish(
             key, request.query, request.cookies.get(oidc.FLOW_COOKIE, ""), context_of(request).clock()
